@@ -1,0 +1,161 @@
+"""From MedRegion shards to training batches.
+
+:class:`RegionSampleDataset` turns a record into tensors (boxes sanitised and
+counted), :func:`collate` pads ROIs, and :class:`StepBatchSampler` gives a
+deterministic, resumable order: the global batch of step ``s`` depends only on
+``(seed, s)``, and rank ``r`` takes its slice of it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .schema import BoxStats, sanitize_regions
+from .shards import DatasetError, MedRegionDataset
+from .transforms import Preprocessor
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, S, S)
+    boxes: torch.Tensor  # (B, K, 4) in [0, 1]
+    roi_mask: torch.Tensor  # (B, K) bool
+    roi_crops: torch.Tensor | None  # (N_valid, 3, r, r), order of roi_mask.nonzero()
+    reports: list[str]
+    summaries: list[str]
+    captions: list[str]  # N_valid, same order as the crops
+    roi_negatives: list[list[str]]  # N_valid lists
+    image_negatives: list[list[str]]  # B lists
+    ids: list[str]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        self.images = self.images.to(device, non_blocking=True)
+        self.boxes = self.boxes.to(device, non_blocking=True)
+        self.roi_mask = self.roi_mask.to(device, non_blocking=True)
+        if self.roi_crops is not None:
+            self.roi_crops = self.roi_crops.to(device, non_blocking=True)
+        return self
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class RegionSampleDataset(Dataset):
+    """Map-style dataset over one split: ``ds[i]`` → a dict of tensors and texts."""
+
+    def __init__(self, root: str, split: str, preprocessor: Preprocessor, max_negatives: int = 3, use_rois: bool = True):
+        self.data = MedRegionDataset(root, split)
+        self.pre = preprocessor
+        self.max_negatives = max_negatives
+        self.use_rois = use_rois
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        image, record = self.data[index]
+        regions = sanitize_regions(record)[0][: self.pre.max_rois] if self.use_rois else []
+        out = self.pre(image, [r["box"] for r in regions])
+        return {
+            "id": record["id"],
+            "image": out["image"],
+            "boxes": out["boxes"],
+            "crops": out["crops"],
+            "report": record["report"],
+            "summary": record["summary"],
+            "captions": [r["caption"] for r in regions],
+            "roi_negatives": [[n["text"] for n in r.get("negatives", [])][: self.max_negatives] for r in regions],
+            "image_negatives": [n["text"] for n in record.get("negatives", [])][: self.max_negatives],
+        }
+
+    def audit(self) -> Counter:
+        """Count, once over all records (JSON only), the boxes that will be clipped or
+        dropped and the regions beyond ``max_rois``."""
+        counts: Counter = Counter()
+        stats = BoxStats()
+        for i in range(len(self.data)):
+            record = self.data.record(i)
+            regions, _ = sanitize_regions(record, stats)
+            counts["samples"] += 1
+            counts["regions"] += len(regions)
+            counts["rois_over_max"] += max(0, len(regions) - self.pre.max_rois)
+        counts.update({f"boxes_{k}": v for k, v in stats.as_dict().items()})
+        return counts
+
+
+def collate(samples: list[dict]) -> Batch:
+    k = max((s["boxes"].shape[0] for s in samples), default=0)
+    b = len(samples)
+    boxes = torch.zeros(b, k, 4)
+    mask = torch.zeros(b, k, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = s["boxes"].shape[0]
+        boxes[i, :n] = s["boxes"]
+        mask[i, :n] = True
+    crops = None
+    if samples and samples[0]["crops"] is not None:
+        crops = torch.cat([s["crops"] for s in samples]) if k else samples[0]["crops"][:0]
+    return Batch(
+        images=torch.stack([s["image"] for s in samples]),
+        boxes=boxes,
+        roi_mask=mask,
+        roi_crops=crops,
+        reports=[s["report"] for s in samples],
+        summaries=[s["summary"] for s in samples],
+        captions=[c for s in samples for c in s["captions"]],
+        roi_negatives=[n for s in samples for n in s["roi_negatives"]],
+        image_negatives=[s["image_negatives"] for s in samples],
+        ids=[s["id"] for s in samples],
+    )
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields this rank's indices for steps ``start_step .. total_steps - 1``.
+
+    Each epoch is a permutation seeded by ``(seed, epoch)``; global batch ``s`` is
+    the ``s``-th block of ``global_batch`` indices (the incomplete tail of an epoch
+    is dropped); rank ``r`` takes the ``r``-th of ``world`` equal slices.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, total_steps: int, start_step: int = 0, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"batch size {global_batch} is not divisible by the world size {world}")
+        if n < global_batch:
+            raise DatasetError(f"the dataset has {n} samples, fewer than one batch of {global_batch}")
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.total_steps, self.start_step = total_steps, start_step
+        self.rank, self.world = rank, world
+        self.steps_per_epoch = n // global_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def global_indices(self, step: int) -> list[int]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen), epoch
+        return self._perm[pos * self.global_batch : (pos + 1) * self.global_batch].tolist()
+
+    def __iter__(self):
+        per_rank = self.global_batch // self.world
+        for step in range(self.start_step, self.total_steps):
+            batch = self.global_indices(step)
+            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+
+def make_loader(dataset: Dataset, sampler: StepBatchSampler, num_workers: int = 0, seed: int = 0) -> DataLoader:
+    # A private generator: creating the iterator must not consume the global RNG (exact resume).
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )

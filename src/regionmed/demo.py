@@ -1,0 +1,155 @@
+"""``regionmed demo``: phantoms → full method vs global-only CLIP → report.
+
+Reads the packaged configs ``demo.yaml`` (full method) and ``demo_global.yaml``
+(baseline). Writes into ``out_dir``: ``data/`` (phantom shards), ``region/`` and
+``global/`` (training runs with their model folders), ``results.json``,
+``loss_curves.png`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .config import load_run_config
+from .data.phantoms import write_phantom_dataset
+from .data.shards import DatasetError, read_manifest, write_json_atomic
+from .eval.embed import SplitEmbeddings, embed_split
+from .eval.location import hard_negative_accuracy
+from .eval.retrieval import retrieval_recall
+from .model.clip import load
+from .train.metrics import plot_loss_curves
+from .train.trainer import train
+
+RULES = ("laterality", "zone", "finding", "size")
+
+
+def packaged_config(name: str) -> Path:
+    return Path(str(resources.files("regionmed") / "configs" / name))
+
+
+def _ensure_phantoms(data_dir: Path, n_train: int, n_test: int, seed: int) -> None:
+    try:
+        manifest = read_manifest(data_dir)
+        prov = manifest.get("provenance", {})
+        if (manifest["splits"].get("train", {}).get("samples") == n_train and manifest["splits"].get("test", {}).get("samples") == n_test
+                and prov.get("seed") == seed):
+            print(f"[demo] reusing phantoms in {data_dir}")
+            return
+    except DatasetError:
+        pass
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    write_phantom_dataset(data_dir, n_train=n_train, n_test=n_test, seed=seed)
+
+
+def evaluate_models(models: dict[str, Path], data_dir: Path, split: str = "test") -> dict[str, dict]:
+    """Retrieval and the location/side test for each saved model folder."""
+    results = {}
+    for label, folder in models.items():
+        model = load(folder)
+        emb = embed_split(model, str(data_dir), split)
+        region_aware = emb.region_emb is not None
+        image = emb.image_fused if region_aware else emb.image_global
+        row = {"retrieval": retrieval_recall(image, emb.report_emb, list(range(len(emb.reports))), emb.reports, ks=(1, 5, 10))}
+        if region_aware:
+            row["location"] = hard_negative_accuracy(emb.region_emb, emb.caption_emb, emb.negative_emb, emb.negative_rules)
+            row["location_scored_with"] = "ROI embedding (given boxes)"
+        else:
+            whole = emb.image_global[emb.region_image]
+            row["location"] = hard_negative_accuracy(whole, emb.caption_emb, emb.negative_emb, emb.negative_rules)
+            row["location_scored_with"] = "whole-image embedding"
+            if emb.crop_emb is not None:
+                row["location_crop"] = hard_negative_accuracy(emb.crop_emb, emb.caption_emb, emb.negative_emb, emb.negative_rules)
+        results[label] = row
+    return results
+
+
+def _table(results: dict[str, dict]) -> str:
+    head = "| model | scored with | i→t R@1 | i→t R@5 | t→i R@1 | t→i R@5 | location/side (all negatives) | " + \
+        " | ".join(f"vs {r}" for r in RULES) + " |"
+    lines = [head, "|" + "---|" * (8 + len(RULES))]
+
+    def row(label: str, scored: str, ret: dict | None, loc: dict) -> str:
+        r = (lambda k: f"{100 * ret[k]:.1f}") if ret else (lambda k: "–")
+        rules = " | ".join(f"{100 * loc[f'rule:{x}']:.1f}" if f"rule:{x}" in loc else "–" for x in RULES)
+        return (f"| {label} | {scored} | {r('i2t_R@1')} | {r('i2t_R@5')} | {r('t2i_R@1')} | {r('t2i_R@5')} | "
+                f"**{100 * loc['all']:.1f}** (chance {100 * loc['chance']:.1f}) | {rules} |")
+
+    for label, res in results.items():
+        lines.append(row(label, res["location_scored_with"], res["retrieval"], res["location"]))
+        if "location_crop" in res:
+            lines.append(row(label, "ROI crop as an image", None, res["location_crop"]))
+    return "\n".join(lines)
+
+
+def run_demo(out_dir: str | Path = "runs/demo", n_train: int = 2000, n_test: int = 300, steps_scale: float = 1.0,
+             seed: int = 0, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    t0 = time.perf_counter()
+    data_dir = out / "data"
+    _ensure_phantoms(data_dir, n_train, n_test, seed)
+    timings["phantoms_s"] = time.perf_counter() - t0
+
+    region_cfg = load_run_config(packaged_config("demo.yaml"), {"data.train": str(data_dir), "train.output_dir": str(out / "region"), "seed": seed})
+    for stage in region_cfg.train.stages:
+        stage.steps = max(1, round(stage.steps * steps_scale))
+        stage.warmup_steps = min(stage.warmup_steps, stage.steps - 1)
+    total = sum(s.steps for s in region_cfg.train.stages)
+    global_cfg = load_run_config(packaged_config("demo_global.yaml"), {"data.train": str(data_dir), "train.output_dir": str(out / "global"), "seed": seed})
+    (only,) = global_cfg.train.stages
+    global_cfg.train.stages = [dataclasses.replace(only, steps=total, warmup_steps=min(only.warmup_steps, total - 1))]
+
+    runs = {"region-aware (full method)": region_cfg, "global-only CLIP": global_cfg}
+    for label, cfg in runs.items():
+        shutil.rmtree(cfg.train.output_dir, ignore_errors=True)  # a fresh run: the comparison must not mix runs
+        print(f"[demo] training {label}: {total} steps, batch {cfg.train.batch_size}")
+        t = time.perf_counter()
+        torch.manual_seed(seed)
+        train(cfg, progress=progress)
+        timings[f"train {label} s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print("[demo] evaluating on held-out phantoms")
+    results = evaluate_models({label: Path(cfg.train.output_dir) / "model" for label, cfg in runs.items()}, data_dir)
+    timings["eval_s"] = time.perf_counter() - t
+    plot = plot_loss_curves({label: Path(cfg.train.output_dir) / "metrics.jsonl" for label, cfg in runs.items()}, out / "loss_curves.png")
+    timings["total_s"] = time.perf_counter() - t0
+    table = _table(results)
+    region = results["region-aware (full method)"]["location"]["all"]
+    baseline = results["global-only CLIP"]["location"]["all"]
+    report = f"""# regionmed demo
+
+Synthetic phantoms ({n_train} train / {n_test} held-out test images, seed {seed}); both models trained
+with the same data, {total} steps, batch {region_cfg.train.batch_size}, seed {seed}, on this machine's CPU.
+Image tower `{region_cfg.model.image.name}` at {region_cfg.model.image.image_size} px from random init, text tower
+`{region_cfg.model.text.name}` (pretrained). The region-aware model uses ROI mode `{region_cfg.model.roi.mode}` and
+stages {", ".join(s.name for s in region_cfg.train.stages)}.
+
+{table}
+
+* Retrieval: held-out images against their reports (identical report texts count as one caption with
+  several images); the region-aware model is evaluated with given boxes (fused embedding).
+* Location/side: each held-out region's true caption ranked against its own hard negatives
+  (another side, zone, finding or size); "all" = the caption beats every negative; per-rule columns
+  are pairwise accuracies (chance 50%).
+* Location/side accuracy: region-aware {100 * region:.1f}% vs global-only {100 * baseline:.1f}%
+  (difference {100 * (region - baseline):+.1f} points).
+
+![loss curves](loss_curves.png)
+
+Timings (s): {", ".join(f"{k} {v:.0f}" for k, v in timings.items())}
+"""
+    (out / "report.md").write_text(report, encoding="utf-8")
+    write_json_atomic(out / "results.json", {"results": results, "timings": timings, "steps": total})
+    print(table)
+    print(f"[demo] report: {out / 'report.md'}  plot: {plot}  ({timings['total_s']:.0f} s)")
+    return {"results": results, "timings": timings}

@@ -1,0 +1,100 @@
+"""Embed one split of a MedRegion dataset with a model (no gradients, batched)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..data.loader import RegionSampleDataset, collate
+from ..data.transforms import Preprocessor
+from ..model.clip import RegionMedCLIP
+
+
+@dataclass
+class SplitEmbeddings:
+    ids: list[str]
+    image_global: torch.Tensor  # (N, D)
+    image_fused: torch.Tensor  # (N, D); == image_global without ROIs
+    reports: list[str]
+    report_emb: torch.Tensor  # (N, D)
+    region_image: torch.Tensor  # (R,) index of each region's image
+    region_emb: torch.Tensor | None  # (R, D) ROI embeddings (given boxes), None without an ROI path
+    crop_emb: torch.Tensor | None  # (R, D) each ROI crop embedded as a whole image (crop mode data)
+    captions: list[str]
+    caption_emb: torch.Tensor  # (R, D)
+    negatives: list[list[str]]  # R lists
+    negative_rules: list[list[str]]
+    negative_emb: list[torch.Tensor]  # R tensors (n_r, D)
+
+
+@torch.no_grad()
+def embed_split(
+    model: RegionMedCLIP, root: str, split: str = "test", batch_size: int = 64, max_negatives: int = 8,
+    crop_size: int = 64, progress: bool = True,
+) -> SplitEmbeddings:
+    """Read ``root``'s ``split``; boxes come from the records (given boxes).
+
+    ROI crops are prepared for every model (``crop_size`` when the model has no ROI
+    path) so a global-only model can also be scored on the crop as an image."""
+    model.eval()
+    device = model.logit_scale.device
+    pre = Preprocessor.from_model(model)
+    if pre.roi_mode != "crop":
+        pre.roi_mode, pre.roi_size = "crop", pre.roi_size if model.roi_processor is not None else crop_size
+    data = RegionSampleDataset(root, split, pre, max_negatives=max_negatives, use_rois=True)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    out = {k: [] for k in ("g", "f", "roi", "crop", "rimg")}
+    ids, reports, captions, negatives, rules = [], [], [], [], []
+    offset = 0
+    for batch in tqdm(loader, desc=f"embed {split}", disable=not progress, leave=False):
+        batch = batch.to(device)
+        uses_rois = model.roi_processor is not None
+        crops = batch.roi_crops if model.cfg.roi.mode == "crop" else None
+        img = model.encode_image(batch.images, batch.boxes, batch.roi_mask, crops, use_rois=uses_rois)
+        out["g"].append(img.global_.cpu())
+        out["f"].append(img.fused.cpu())
+        if img.roi is not None:
+            out["roi"].append(img.roi[img.roi_mask].cpu())
+        if batch.roi_crops is not None and batch.roi_crops.shape[0]:
+            out["crop"].append(model.encode_image(batch.roi_crops, use_rois=False).global_.cpu())
+        b_idx = batch.roi_mask.nonzero(as_tuple=True)[0]
+        out["rimg"].append(b_idx.cpu() + offset)
+        offset += len(batch)
+        ids += batch.ids
+        reports += batch.reports
+        captions += batch.captions
+    # negatives with their rules come from the records (collate keeps only the texts)
+    for i in range(len(data)):
+        record = data.data.record(i)
+        from ..data.schema import sanitize_regions
+
+        for region in sanitize_regions(record)[0][: pre.max_rois]:
+            negs = region.get("negatives", [])[:max_negatives]
+            negatives.append([n["text"] for n in negs])
+            rules.append([n.get("rule", "unknown") for n in negs])
+    report_emb = model.encode_text(reports, batch_size=256).cpu()
+    caption_emb = model.encode_text(captions, batch_size=256).cpu()
+    flat = [t for negs in negatives for t in negs]
+    flat_emb = model.encode_text(flat, batch_size=256).cpu()
+    negative_emb, start = [], 0
+    for negs in negatives:
+        negative_emb.append(flat_emb[start : start + len(negs)])
+        start += len(negs)
+    return SplitEmbeddings(
+        ids=ids,
+        image_global=torch.cat(out["g"]),
+        image_fused=torch.cat(out["f"]),
+        reports=reports,
+        report_emb=report_emb,
+        region_image=torch.cat(out["rimg"]) if out["rimg"] else torch.zeros(0, dtype=torch.long),
+        region_emb=torch.cat(out["roi"]) if out["roi"] else None,
+        crop_emb=torch.cat(out["crop"]) if out["crop"] else None,
+        captions=captions,
+        caption_emb=caption_emb,
+        negatives=negatives,
+        negative_rules=rules,
+        negative_emb=negative_emb,
+    )

