@@ -27,7 +27,7 @@ from .model.clip import load
 from .train.metrics import plot_loss_curves
 from .train.trainer import train
 
-RULES = ("laterality", "zone", "finding", "size")
+LOCATION_RULES = ("laterality", "zone")
 
 
 def packaged_config(name: str) -> Path:
@@ -58,34 +58,41 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, split: str = "test"
         region_aware = emb.region_emb is not None
         image = emb.image_fused if region_aware else emb.image_global
         row = {"retrieval": retrieval_recall(image, emb.report_emb, list(range(len(emb.reports))), emb.reports, ks=(1, 5, 10))}
+
+        def scores(region_side: torch.Tensor) -> dict:
+            args = (region_side, emb.caption_emb, emb.negative_emb, emb.negative_rules)
+            return {"location": hard_negative_accuracy(*args, only_rules=LOCATION_RULES), "all_negatives": hard_negative_accuracy(*args)}
+
         if region_aware:
-            row["location"] = hard_negative_accuracy(emb.region_emb, emb.caption_emb, emb.negative_emb, emb.negative_rules)
-            row["location_scored_with"] = "ROI embedding (given boxes)"
+            row.update(scores(emb.region_emb), scored_with="ROI embedding (given boxes)")
         else:
-            whole = emb.image_global[emb.region_image]
-            row["location"] = hard_negative_accuracy(whole, emb.caption_emb, emb.negative_emb, emb.negative_rules)
-            row["location_scored_with"] = "whole-image embedding"
+            row.update(scores(emb.image_global[emb.region_image]), scored_with="whole-image embedding")
             if emb.crop_emb is not None:
-                row["location_crop"] = hard_negative_accuracy(emb.crop_emb, emb.caption_emb, emb.negative_emb, emb.negative_rules)
+                row["crop"] = {**scores(emb.crop_emb), "scored_with": "ROI crop as an image"}
         results[label] = row
     return results
 
 
 def _table(results: dict[str, dict]) -> str:
-    head = "| model | scored with | i→t R@1 | i→t R@5 | t→i R@1 | t→i R@5 | location/side (all negatives) | " + \
-        " | ".join(f"vs {r}" for r in RULES) + " |"
-    lines = [head, "|" + "---|" * (8 + len(RULES))]
+    rules = sorted({k[5:] for res in results.values() for k in res["all_negatives"] if k.startswith("rule:")})
+    head = ("| model | scored with | i→t R@1 | i→t R@5 | t→i R@1 | t→i R@5 | location/side | all negatives | "
+            + " | ".join(f"vs {r}" for r in rules) + " |")
+    lines = [head, "|" + "---|" * (8 + len(rules))]
 
-    def row(label: str, scored: str, ret: dict | None, loc: dict) -> str:
-        r = (lambda k: f"{100 * ret[k]:.1f}") if ret else (lambda k: "–")
-        rules = " | ".join(f"{100 * loc[f'rule:{x}']:.1f}" if f"rule:{x}" in loc else "–" for x in RULES)
-        return (f"| {label} | {scored} | {r('i2t_R@1')} | {r('i2t_R@5')} | {r('t2i_R@1')} | {r('t2i_R@5')} | "
-                f"**{100 * loc['all']:.1f}** (chance {100 * loc['chance']:.1f}) | {rules} |")
+    def pct(d: dict, k: str) -> str:
+        return f"{100 * d[k]:.1f}" if d and k in d else "–"
+
+    def row(label: str, res: dict, ret: dict | None) -> str:
+        loc, alln = res["location"], res["all_negatives"]
+        per_rule = " | ".join(pct(alln, f"rule:{r}") for r in rules)
+        return (f"| {label} | {res['scored_with']} | {pct(ret, 'i2t_R@1')} | {pct(ret, 'i2t_R@5')} | {pct(ret, 't2i_R@1')} | "
+                f"{pct(ret, 't2i_R@5')} | **{pct(loc, 'all')}** (chance {pct(loc, 'chance')}) | {pct(alln, 'all')} "
+                f"(chance {pct(alln, 'chance')}) | {per_rule} |")
 
     for label, res in results.items():
-        lines.append(row(label, res["location_scored_with"], res["retrieval"], res["location"]))
-        if "location_crop" in res:
-            lines.append(row(label, "ROI crop as an image", None, res["location_crop"]))
+        lines.append(row(label, res, res["retrieval"]))
+        if "crop" in res:
+            lines.append(row(label, res["crop"], None))
     return "\n".join(lines)
 
 
@@ -138,9 +145,10 @@ stages {", ".join(s.name for s in region_cfg.train.stages)}.
 
 * Retrieval: held-out images against their reports (identical report texts count as one caption with
   several images); the region-aware model is evaluated with given boxes (fused embedding).
-* Location/side: each held-out region's true caption ranked against its own hard negatives
-  (another side, zone, finding or size); "all" = the caption beats every negative; per-rule columns
-  are pairwise accuracies (chance 50%).
+* Location/side: each held-out region's true caption ranked against its own negatives that move it to
+  the other side or another zone (rules laterality, zone): correct when the caption beats all of them.
+  "All negatives" also counts the finding/size/severity/negation negatives; per-rule columns are
+  pairwise accuracies (chance 50%). n = {results["region-aware (full method)"]["location"]["n"]} held-out regions.
 * Location/side accuracy: region-aware {100 * region:.1f}% vs global-only {100 * baseline:.1f}%
   (difference {100 * (region - baseline):+.1f} points).
 

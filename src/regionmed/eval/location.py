@@ -13,12 +13,18 @@ import torch
 
 
 def hard_negative_accuracy(
-    region_emb: torch.Tensor, caption_emb: torch.Tensor, negative_emb: list[torch.Tensor], negative_rules: list[list[str]]
+    region_emb: torch.Tensor,
+    caption_emb: torch.Tensor,
+    negative_emb: list[torch.Tensor],
+    negative_rules: list[list[str]],
+    only_rules: tuple[str, ...] | None = None,
 ) -> dict[str, float | int]:
     """region_emb, caption_emb (R, D); negative_emb[r] (n_r, D); negative_rules[r] (n_r names).
 
-    Returns ``{"all": acc, "rule:<name>": acc, "n": R, "n:<name>": count}``; chance is
-    ``1/(1+n_r)`` for "all" and 0.5 per rule."""
+    Returns ``{"all": acc, "chance": ..., "n": regions scored, "rule:<name>": acc, "n:<name>": count}``.
+    "all" = the caption beats every negative (of ``only_rules``, when given; regions
+    with none of them are not scored); its chance level is the mean of ``1/(1+n_r)``.
+    Per-rule accuracies are pairwise (chance 0.5) over all negatives."""
     if region_emb.shape[0] != len(negative_emb):
         raise ValueError("one list of negatives per region is needed")
     pos = (region_emb * caption_emb).sum(-1)
@@ -30,9 +36,11 @@ def hard_negative_accuracy(
         if negs.shape[0] == 0:
             continue
         scores = negs @ region_emb[r]
-        all_correct += int(bool((pos[r] > scores).all()))
-        chance += 1.0 / (1 + negs.shape[0])
-        n += 1
+        chosen = [i for i, rule in enumerate(rules) if only_rules is None or rule in only_rules]
+        if chosen:
+            all_correct += int(bool((pos[r] > scores[chosen]).all()))
+            chance += 1.0 / (1 + len(chosen))
+            n += 1
         for s, rule in zip(scores.tolist(), rules):
             counts[rule] += 1
             wins[rule] += int(pos[r].item() > s)

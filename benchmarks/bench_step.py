@@ -1,0 +1,129 @@
+"""Train-step time at the demo recipe: global-only vs ROI modes `align` and `crop`.
+
+    python benchmarks/bench_step.py [--rounds 5] [--batch 32] [--rois 4]
+
+K ROIs per image, ROI crops at half the image size, one process. Two comparisons,
+both measured in the same run, modes interleaved round by round (the machine is
+noisy), median step time reported:
+
+* "same losses": every mode optimises global + summary; align/crop also run the
+  ROI path (features + ROI processor). This isolates what the ROI path costs.
+* "full method": align/crop add the region and hard-negative losses (region
+  captions and 3 negatives per ROI go through the text tower too).
+
+A step = forward, backward, gradient clipping and an AdamW update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from regionmed.config import load_run_config  # noqa: E402
+from regionmed.data.loader import Batch  # noqa: E402
+from regionmed.data.phantoms import generate_phantom  # noqa: E402
+from regionmed.losses import compute_losses  # noqa: E402
+from regionmed.model.clip import RegionMedCLIP  # noqa: E402
+from regionmed.train.trainer import batch_loss_inputs, build_optimizer  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def make_batch(b: int, k: int, image_size: int, roi_size: int, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    records = [generate_phantom(i, seed, "train")[1] for i in range(b)]
+    captions, negatives = [], []
+    for rec in records:
+        regions = rec["regions"] or [{"caption": "no focal abnormality", "negatives": [{"text": "left upper zone nodule"}]}]
+        for j in range(k):
+            region = regions[j % len(regions)]
+            captions.append(region["caption"])
+            negatives.append([n["text"] for n in region.get("negatives", [])][:3])
+    xy = torch.rand(b, k, 2, generator=g) * 0.6
+    wh = torch.rand(b, k, 2, generator=g) * 0.3 + 0.05
+    return Batch(
+        images=torch.randn(b, 3, image_size, image_size, generator=g),
+        boxes=torch.cat([xy, xy + wh], dim=-1),
+        roi_mask=torch.ones(b, k, dtype=torch.bool),
+        roi_crops=torch.randn(b * k, 3, roi_size, roi_size, generator=g),
+        reports=[r["report"] for r in records],
+        summaries=[r["summary"] for r in records],
+        captions=captions,
+        roi_negatives=negatives,
+        image_negatives=[[n["text"] for n in r.get("negatives", [])][:3] for r in records],
+        ids=[r["id"] for r in records],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rois", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_run_config(CONFIG)
+    size = cfg.model.image.image_size
+    roi_size = size // 2
+    base = {"global": 1.0, "summary": 0.5}
+    full = {**base, "region": 1.0, "hard_negative": 1.0}
+    variants = {  # name: (roi mode, losses, use_rois)
+        "global-only": ("none", base, False),
+        "align, same losses": ("align", base, True),
+        "crop, same losses": ("crop", base, True),
+        "align, full method": ("align", full, True),
+        "crop, full method": ("crop", full, True),
+    }
+    models, optims = {}, {}
+    for name, (mode, _, _) in variants.items():
+        if mode in models:
+            continue
+        torch.manual_seed(0)
+        cfg.model.roi.mode, cfg.model.roi.roi_size, cfg.model.roi.max_rois = mode, roi_size, args.rois
+        models[mode] = RegionMedCLIP(cfg.model).train()
+        optims[mode] = build_optimizer(models[mode], cfg)
+    batch = make_batch(args.batch, args.rois, size, roi_size)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+
+    def step(name: str) -> float:
+        mode, losses, use_rois = variants[name]
+        model, opt = models[mode], optims[mode]
+        t = time.perf_counter()
+        total = compute_losses(batch_loss_inputs(model, batch, losses, use_rois), losses)["total"]
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    for name in variants:  # warm-up
+        step(name)
+    for r in range(args.rounds):
+        for name in variants:
+            times[name].append(step(name))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in variants), file=sys.stderr)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    g = med["global-only"]
+    print(f"\nTrain step, demo recipe ({cfg.model.image.name} @ {size} px + {cfg.model.text.name}), batch {args.batch}, "
+          f"K = {args.rois} ROIs/image, ROI size {roi_size}, torch threads {torch.get_num_threads()}, median of {args.rounds}:")
+    print("| variant | step (s) | × global-only | goal |")
+    print("|---|---|---|---|")
+    goals = {"align, same losses": 1.15, "crop, same losses": 2.0}
+    for n, v in med.items():
+        goal = f"≤ {goals[n]:.2f}× ({'met' if v / g <= goals[n] else 'NOT met'})" if n in goals else ""
+        print(f"| {n} | {v:.3f} | {v / g:.2f} | {goal} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
