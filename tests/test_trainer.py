@@ -126,3 +126,40 @@ def test_cli_train_reports_missing_data(tmp_path, capsys):
     cfg.write_text("train:\n  stages:\n    - {name: a, steps: 1}\n")
     assert main(["train", "--config", str(cfg), "--data", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_boxes_and_long_texts_are_reported_when_training(tmp_path, caplog):
+    """A box outside the image and one of zero area are dropped, a partial one clipped,
+    an over-long report truncated: training goes on and says so (log + metrics)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from regionmed.data.shards import MedRegionWriter, write_manifest
+
+    def png():
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    with MedRegionWriter(tmp_path / "data", "train") as w:
+        for i in range(8):
+            boxes = [[10, 10, 30, 30], [100, 100, 120, 120], [5, 5, 5, 40], [50, 50, 80, 70]] if i == 0 else [[10, 10, 30, 30]]
+            w.write({"schema_version": 1, "id": f"x{i}", "split": "train", "width": 64, "height": 64, "summary": f"s{i}",
+                     "report": "word " * (200 if i == 1 else 3) + str(i),
+                     "regions": [{"box": b, "caption": f"c{i}{j}", "negatives": [{"text": f"n{i}{j}", "rule": "laterality"}]}
+                                 for j, b in enumerate(boxes)]}, png())
+    write_manifest(tmp_path / "data", {"train": w.summary()})
+    cfg = tiny_run_config(str(tmp_path / "data"), str(tmp_path / "run"), steps=(1, 1), batch_size=8)
+    with caplog.at_level("WARNING"):
+        summary = Trainer(cfg, progress=False).fit()
+    assert summary["data"]["boxes_dropped_outside"] == 1 and summary["data"]["boxes_dropped_zero_area"] == 1
+    assert summary["data"]["boxes_clipped"] == 1
+    assert summary["counters"]["text_truncated"] == 1
+    text = caplog.text
+    assert "1 box(es) reached past the image and were clipped" in text
+    assert "2 box(es) dropped: 1 outside the image, 1 of zero area" in text
+    assert "1 distinct text(s) were longer than model.text.context_length = 32 tokens" in text
+    data_event = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "data"][0]
+    assert data_event["boxes_dropped_outside"] == 1

@@ -93,13 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     try:  # the dataset builder's commands (regionmed.build)
-        from .build.cli import add_build_parser, add_check_leakage_parser, add_stats_parser
-    except ImportError:
-        pass
+        from .build.cli import add_build_parser, add_check_leakage_parser, add_preview_parser, add_stats_parser
+    except ImportError as err:  # the builder's optional dependencies (pip install 'regionmed[build]')
+        missing = str(err)
+
+        def _unavailable(args: argparse.Namespace) -> int:
+            print(f"regionmed {args.command}: the dataset builder needs its extras ({missing}): "
+                  "pip install 'regionmed[build]'", file=sys.stderr)
+            return 2
+
+        for name in ("build", "stats", "check-leakage", "preview"):
+            sub.add_parser(name, help=f"(unavailable: {missing})").set_defaults(func=_unavailable)
     else:
         add_build_parser(sub)
         add_stats_parser(sub)
         add_check_leakage_parser(sub)
+        add_preview_parser(sub)
     return parser
 
 

@@ -73,7 +73,8 @@ class DataConfig:
     train: str = ""  # MedRegion dataset folder
     split: str = "train"
     num_workers: int = 0
-    max_negatives: int = 3  # negative captions kept per region / image
+    max_negatives: int = 3  # negative captions kept per region
+    max_image_negatives: int = 2  # negative reports kept per image (long texts: each costs a report's encoding)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class StageConfig:
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the end of the stage
     weight_decay: float = 0.05
     trainable: list[str] = field(default_factory=lambda: ["all"])
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per module group, e.g. {text_tower: 0.1}
     losses: dict[str, float] = field(default_factory=lambda: {"global": 1.0})
     use_rois: bool = False  # ROI processor on in this stage
 
@@ -222,8 +224,8 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: train.batch_size must be >= 1")
     if not t.stages:
         raise ConfigError(f"{source}: train.stages is empty: give at least one stage")
-    if cfg.data.max_negatives < 0:
-        raise ConfigError(f"{source}: data.max_negatives must be >= 0")
+    if cfg.data.max_negatives < 0 or cfg.data.max_image_negatives < 0:
+        raise ConfigError(f"{source}: data.max_negatives and data.max_image_negatives must be >= 0")
     names = set()
     for i, st in enumerate(t.stages):
         where = f"train.stages[{i}]"
@@ -243,6 +245,11 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
         for module in st.trainable:
             if module != "all" and module not in MODULE_NAMES:
                 raise ConfigError(f"{source}: {where}.trainable: unknown module {module!r} (known: all, {', '.join(MODULE_NAMES)})")
+        for module, scale in st.lr_scale.items():
+            if module not in MODULE_NAMES:
+                raise ConfigError(f"{source}: {where}.lr_scale: unknown module {module!r} (known: {', '.join(MODULE_NAMES)})")
+            if scale < 0:
+                raise ConfigError(f"{source}: {where}.lr_scale.{module} must be >= 0")
         if not st.losses:
             raise ConfigError(f"{source}: {where}.losses is empty")
         for loss, weight in st.losses.items():

@@ -8,7 +8,6 @@ Reads the packaged configs ``demo.yaml`` (full method) and ``demo_global.yaml``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -112,8 +111,13 @@ def run_demo(out_dir: str | Path = "runs/demo", n_train: int = 2000, n_test: int
         stage.warmup_steps = min(stage.warmup_steps, stage.steps - 1)
     total = sum(s.steps for s in region_cfg.train.stages)
     global_cfg = load_run_config(packaged_config("demo_global.yaml"), {"data.train": str(data_dir), "train.output_dir": str(out / "global"), "seed": seed})
-    (only,) = global_cfg.train.stages
-    global_cfg.train.stages = [dataclasses.replace(only, steps=total, warmup_steps=min(only.warmup_steps, total - 1))]
+    first, last = global_cfg.train.stages[0], global_cfg.train.stages[-1]
+    first.steps = region_cfg.train.stages[0].steps  # the same warm-up, then the rest of the steps
+    first.warmup_steps = min(first.warmup_steps, first.steps - 1)
+    last.steps = total - sum(s.steps for s in global_cfg.train.stages[:-1])
+    last.warmup_steps = min(last.warmup_steps, last.steps - 1)
+    if last.steps < 1:
+        raise ValueError("demo_global.yaml: its first stages take more steps than the region model has")
 
     runs = {"region-aware (full method)": region_cfg, "global-only CLIP": global_cfg}
     for label, cfg in runs.items():

@@ -9,7 +9,7 @@ deterministic, resumable order: the global batch of step ``s`` depends only on
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -31,6 +31,7 @@ class Batch:
     roi_negatives: list[list[str]]  # N_valid lists
     image_negatives: list[list[str]]  # B lists
     ids: list[str]
+    roi_negative_rules: list[list[str]] = field(default_factory=list)  # N_valid lists, parallel to roi_negatives
 
     def to(self, device: torch.device | str) -> "Batch":
         self.images = self.images.to(device, non_blocking=True)
@@ -47,10 +48,12 @@ class Batch:
 class RegionSampleDataset(Dataset):
     """Map-style dataset over one split: ``ds[i]`` → a dict of tensors and texts."""
 
-    def __init__(self, root: str, split: str, preprocessor: Preprocessor, max_negatives: int = 3, use_rois: bool = True):
+    def __init__(self, root: str, split: str, preprocessor: Preprocessor, max_negatives: int = 3, use_rois: bool = True,
+                 max_image_negatives: int | None = None):
         self.data = MedRegionDataset(root, split)
         self.pre = preprocessor
         self.max_negatives = max_negatives
+        self.max_image_negatives = max_negatives if max_image_negatives is None else max_image_negatives
         self.use_rois = use_rois
 
     def __len__(self) -> int:
@@ -69,7 +72,8 @@ class RegionSampleDataset(Dataset):
             "summary": record["summary"],
             "captions": [r["caption"] for r in regions],
             "roi_negatives": [[n["text"] for n in r.get("negatives", [])][: self.max_negatives] for r in regions],
-            "image_negatives": [n["text"] for n in record.get("negatives", [])][: self.max_negatives],
+            "roi_negative_rules": [[n.get("rule", "unknown") for n in r.get("negatives", [])][: self.max_negatives] for r in regions],
+            "image_negatives": [n["text"] for n in record.get("negatives", [])][: self.max_image_negatives],
         }
 
     def audit(self) -> Counter:
@@ -110,6 +114,7 @@ def collate(samples: list[dict]) -> Batch:
         roi_negatives=[n for s in samples for n in s["roi_negatives"]],
         image_negatives=[s["image_negatives"] for s in samples],
         ids=[s["id"] for s in samples],
+        roi_negative_rules=[n for s in samples for n in s["roi_negative_rules"]],
     )
 
 

@@ -66,15 +66,8 @@ def embed_split(
         ids += batch.ids
         reports += batch.reports
         captions += batch.captions
-    # negatives with their rules come from the records (collate keeps only the texts)
-    for i in range(len(data)):
-        record = data.data.record(i)
-        from ..data.schema import sanitize_regions
-
-        for region in sanitize_regions(record)[0][: pre.max_rois]:
-            negs = region.get("negatives", [])[:max_negatives]
-            negatives.append([n["text"] for n in negs])
-            rules.append([n.get("rule", "unknown") for n in negs])
+        negatives += batch.roi_negatives
+        rules += batch.roi_negative_rules
     report_emb = model.encode_text(reports, batch_size=256).cpu()
     caption_emb = model.encode_text(captions, batch_size=256).cpu()
     flat = [t for negs in negatives for t in negs]

@@ -116,19 +116,27 @@ class RegionMedCLIP(nn.Module):
         return ImageEmbeddings(global_, fused_emb, roi_emb, roi_mask)
 
     def encode_text(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
-        """L2-normalised text embeddings (N, D). Identical texts are encoded once."""
+        """L2-normalised text embeddings (N, D). Identical texts are encoded once, and
+        texts are batched by token length (``batch_size`` per chunk, default 64) so a
+        short caption is never padded to the length of a report."""
         unique = list(dict.fromkeys(texts))
         if not unique:
             return self.projections["text"].weight.new_zeros(0, self.cfg.embed_dim)
         device = self.logit_scale.device
-        step = batch_size or len(unique)
-        chunks = []
-        for start in range(0, len(unique), step):
-            ids, mask = self.text_tower.tokenizer(unique[start : start + step])
-            feats = self.text_tower(ids.to(device), mask.to(device))
+        tokenizer = self.text_tower.tokenizer
+        ids = tokenizer.ids(unique)
+        order = sorted(range(len(unique)), key=lambda i: len(ids[i]))
+        step = batch_size or 64
+        chunks, placed = [], []
+        for start in range(0, len(order), step):
+            part = order[start : start + step]
+            input_ids, mask = tokenizer.pad([ids[i] for i in part])
+            feats = self.text_tower(input_ids.to(device), mask.to(device))
             chunks.append(F.normalize(self.projections["text"](feats), dim=-1))
+            placed += part
         emb = torch.cat(chunks)
-        position = {t: i for i, t in enumerate(unique)}
+        row_of = {u: r for r, u in enumerate(placed)}
+        position = {t: row_of[i] for i, t in enumerate(unique)}
         return emb[torch.tensor([position[t] for t in texts], device=emb.device)]
 
     # -- folder format ---------------------------------------------------------------

@@ -215,7 +215,10 @@ class TextTokenizer:
         return [self._cache[t] for t in texts]
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.ids(texts)
+        return self.pad(self.ids(texts))
+
+    def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad token id lists to their longest: ``(input_ids, attention_mask)``."""
         length = max((len(x) for x in ids), default=1)
         input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(ids), length), dtype=torch.long)

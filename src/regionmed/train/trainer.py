@@ -53,12 +53,15 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(model: RegionMedCLIP, cfg: RunConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW with one parameter group per (module group, decay / no decay), so stages
+    can scale the learning rate of each module group (``lr_scale``)."""
+    owner = {id(p): name for name, params in model.module_groups().items() for p in params}
+    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": 0.0, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    first = cfg.train.stages[0]
-    return torch.optim.AdamW(groups, lr=first.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps)
+        buckets.setdefault((owner[id(p)], not _no_decay(name, p)), []).append(p)
+    groups = [{"params": params, "weight_decay": 0.0, "module": module, "decay": decay}
+              for (module, decay), params in sorted(buckets.items())]
+    return torch.optim.AdamW(groups, lr=cfg.train.stages[0].lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps)
 
 
 def _pad_negatives(model: RegionMedCLIP, lists: list[list[str]], emb_of: dict[str, int], emb: torch.Tensor):
@@ -133,7 +136,8 @@ class Trainer:
         self.model = create_model(cfg.model).to(self.device)
         self.pre = Preprocessor.from_model(self.model)
         self.data = RegionSampleDataset(
-            cfg.data.train, cfg.data.split, self.pre, cfg.data.max_negatives, use_rois=cfg.model.roi.mode != "none"
+            cfg.data.train, cfg.data.split, self.pre, cfg.data.max_negatives, use_rois=cfg.model.roi.mode != "none",
+            max_image_negatives=cfg.data.max_image_negatives,
         )
         self.steps_per_epoch = len(self.data) // cfg.train.batch_size
         if self.steps_per_epoch == 0:
@@ -165,7 +169,7 @@ class Trainer:
         self.model.set_trainable(plan.config.trainable)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         for group in self.optimizer.param_groups:
-            group["weight_decay"] = plan.config.weight_decay if group.get("name") == "decay" else 0.0
+            group["weight_decay"] = plan.config.weight_decay if group["decay"] else 0.0
         message = (
             f"stage {plan.index + 1}/{len(self.plans)} '{plan.name}': steps {plan.start}-{plan.end - 1}, "
             f"losses {plan.config.losses}, ROIs {'on' if plan.config.use_rois else 'off'}, "
@@ -192,7 +196,7 @@ class Trainer:
         st = plan.config
         lr = learning_rate(plan, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * st.lr_scale.get(group["module"], 1.0)
         self.model.train()
         batch = batch.to(self.device)
         with self._autocast():
@@ -205,7 +209,7 @@ class Trainer:
             self.nonfinite_in_row += 1
             self.counters["nonfinite_steps"] += 1
             self.optimizer.zero_grad(set_to_none=True)
-            message = f"step {self.step}: non-finite loss ({ {k: float(v) for k, v in losses.items()} }), step skipped"
+            message = f"step {self.step}: non-finite loss ({ {k: float(v.detach()) for k, v in losses.items()} }), step skipped"
             log.warning(message)
             if self.progress:
                 tqdm.write(message)
@@ -262,7 +266,7 @@ class Trainer:
                     last = losses
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps - 1:
                         record = {f"loss.{k}": v for k, v in losses.items()}
-                        record.update(step=self.step, stage=plan.name, lr=self.optimizer.param_groups[0]["lr"],
+                        record.update(step=self.step, stage=plan.name, lr=learning_rate(plan, self.step),
                                       samples_per_s=cfg.train.batch_size / dt, samples_per_s_per_rank=per_rank / dt,
                                       step_time_s=dt, logit_scale=float(self.model.scale().detach()))
                         if self.model.roi_processor is not None:

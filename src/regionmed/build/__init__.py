@@ -1,0 +1,41 @@
+"""The MedRegion dataset builder (``regionmed build``).
+
+Turns real images and their text (reports, clinical notes, VQA question–answer
+facts) into region-annotated, multi-caption MedRegion shards that the trainer
+reads with :class:`regionmed.data.shards.MedRegionDataset`.
+
+Pieces:
+
+* :mod:`.sources` — small adapters behind one interface (:class:`.sources.Source`)
+  that iterate raw items: ``generic`` (folder + CSV/JSONL table, COCO boxes),
+  ``dicom``, ``slake``, ``vqa_rad``, ``covid_cxr``;
+* :mod:`.captions` — summary / report / region captions and rule-based hard negatives;
+* :mod:`.proposers` — ROI proposers by name: ``annotation``, ``unsupervised``, ``detector``;
+* :mod:`.builder` — streaming, parallel, resumable build with rejects and a manifest;
+* :mod:`.leakage`, :mod:`.stats` — dataset checks; :mod:`.cli` — the subcommands.
+
+Records written by the builder add these optional fields to schema v1:
+``sha256`` (hex digest of the stored image bytes), ``phash`` (16 hex digits,
+64-bit DCT perceptual hash of the image) and, on regions, ``location``
+({"side", "vertical", "radial"}).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BUILDER_VERSION = "1.0.0"
+DATA_ENV = "REGIONMED_DATA"
+
+
+def data_root() -> Path:
+    """The shared data folder: ``$REGIONMED_DATA``, else ``../shared/data`` beside the repository root."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    repo_root = Path(__file__).resolve().parents[3]
+    return (repo_root / ".." / "shared" / "data").resolve()
+
+
+__all__ = ["BUILDER_VERSION", "DATA_ENV", "data_root"]
