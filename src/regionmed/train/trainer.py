@@ -64,7 +64,8 @@ def build_optimizer(model: RegionMedCLIP, cfg: RunConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.train.stages[0].lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps)
 
 
-def _pad_negatives(model: RegionMedCLIP, lists: list[list[str]], emb_of: dict[str, int], emb: torch.Tensor):
+def _pad_negatives(lists: list[list[str]], emb_of: dict[str, int], emb: torch.Tensor):
+    """Each row's own negatives as (rows, max_n, D) plus a validity mask (rows, max_n)."""
     n = max((len(x) for x in lists), default=0)
     out = emb.new_zeros(len(lists), n, emb.shape[-1])
     mask = torch.zeros(len(lists), n, dtype=torch.bool, device=emb.device)
@@ -113,8 +114,8 @@ def batch_loss_inputs(model: RegionMedCLIP, batch: Batch, losses: dict[str, floa
         inputs.caption_ids = text_ids(batch.captions).to(device)
     if "hard_negative" in active:
         if need_region:
-            inputs.roi_negatives, inputs.roi_negatives_mask = _pad_negatives(model, batch.roi_negatives, index, emb)
-        inputs.image_negatives, inputs.image_negatives_mask = _pad_negatives(model, batch.image_negatives, index, emb)
+            inputs.roi_negatives, inputs.roi_negatives_mask = _pad_negatives(batch.roi_negatives, index, emb)
+        inputs.image_negatives, inputs.image_negatives_mask = _pad_negatives(batch.image_negatives, index, emb)
     return inputs
 
 
