@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rois", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or this process's CPU time (steadier on a shared machine; use with --threads 1)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variants (names as printed)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -96,14 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         model = RegionMedCLIP(cfg.model).train()
         return model, build_optimizer(model, cfg)
 
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+
     def step(model, opt, losses, use_rois) -> float:
-        t = time.perf_counter()
+        t = clock()
         total = compute_losses(batch_loss_inputs(model, batch, losses, use_rois), losses)["total"]
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
+        return clock() - t
 
     # Each variant is paired with its own global-only baseline in a process holding just
     # those two models: with all five models in one process the ROI variants measured
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         del base_model, base_opt, model, opt
         gc.collect()
     print(f"\nTrain step, demo recipe ({cfg.model.image.name} @ {size} px + {cfg.model.text.name}), batch {args.batch}, "
-          f"K = {args.rois} ROIs/image, ROI size {roi_size}, torch threads {torch.get_num_threads()}, median of {args.rounds} "
+          f"K = {args.rois} ROIs/image, ROI size {roi_size}, torch threads {torch.get_num_threads()}, {args.clock} clock, median of {args.rounds} "
           "(each variant interleaved with its own global-only baseline):")
     print("| variant | global-only step (s) | variant step (s) | × global-only | goal |")
     print("|---|---|---|---|---|")
