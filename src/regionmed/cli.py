@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
+    from .eval.cli import add_ablate_parser, add_eval_parser
+
+    add_eval_parser(sub)
+    add_ablate_parser(sub)
+
     try:  # the dataset builder's commands (regionmed.build)
         from .build.cli import add_build_parser, add_check_leakage_parser, add_preview_parser, add_stats_parser
     except ImportError as err:  # the builder's optional dependencies (pip install 'regionmed[build]')

@@ -115,6 +115,13 @@ class RegionMedCLIP(nn.Module):
         roi_emb = F.normalize(proj(rois), dim=-1) * roi_mask.unsqueeze(-1)
         return ImageEmbeddings(global_, fused_emb, roi_emb, roi_mask)
 
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Each cell of the image tower's patch grid projected into the joint space:
+        (B, h, w, D), L2-normalised (for patch–text similarity maps, grounding)."""
+        _, grid = self.image_tower(images)
+        cells = grid.permute(0, 2, 3, 1)
+        return F.normalize(self.projections["image"](cells), dim=-1)
+
     def encode_text(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
         """L2-normalised text embeddings (N, D). Identical texts are encoded once, and
         texts are batched by token length (``batch_size`` per chunk, default 64) so a

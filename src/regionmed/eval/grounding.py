@@ -1,0 +1,155 @@
+"""Grounding: phrase → patch–text similarity map → a point and a box.
+
+The map is the cosine similarity between the phrase embedding and every cell of
+the image tower's patch grid projected into the joint space
+(:meth:`RegionMedCLIP.patch_embeddings`). It is upsampled (bilinear) to the
+letterboxed input, the padding is excluded, and it is mapped back to the pixels of
+the original image. The **point** is the map's maximum; the **box** bounds the
+connected component (8-connectivity) around the maximum of the map thresholded at
+``min + threshold * (max - min)``.
+
+Metrics against annotated boxes (SLAKE ``detection.json``): pointing game (the
+point falls inside a box of the phrase's class) and IoU ≥ 0.3 / 0.5 of the box
+with the best-matching box of that class. A fixed centre point / whole-image box
+is scored alongside as the reference a map must beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+
+@dataclass
+class Geometry:
+    """Letterbox placement of an original ``width`` x ``height`` image in a ``size`` square."""
+
+    width: int
+    height: int
+    size: int
+
+    @property
+    def scale(self) -> float:
+        return self.size / max(self.width, self.height)
+
+    @property
+    def content(self) -> tuple[int, int, int, int]:
+        nw, nh = max(1, round(self.width * self.scale)), max(1, round(self.height * self.scale))
+        ox, oy = (self.size - nw) // 2, (self.size - nh) // 2
+        return ox, oy, nw, nh
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        ox, oy, _, _ = self.content
+        return (x - ox) / self.scale, (y - oy) / self.scale
+
+
+@torch.no_grad()
+def similarity_maps(model, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) normalised images, (T, D) text embeddings → (B, T, h, w) cosine maps."""
+    patches = model.patch_embeddings(images)  # (B, h, w, D)
+    return torch.einsum("bhwd,td->bthw", patches, text_emb.to(patches.dtype))
+
+
+def locate(sim: torch.Tensor, geom: Geometry, threshold: float = 0.5) -> dict:
+    """One (h, w) map → {"point": (x, y), "box": [x0, y0, x1, y1] (original pixels), "peak"}."""
+    size = geom.size
+    up = F.interpolate(sim[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    ox, oy, nw, nh = geom.content
+    content = up[oy : oy + nh, ox : ox + nw]
+    peak_idx = np.unravel_index(int(np.argmax(content)), content.shape)
+    lo, hi = float(content.min()), float(content.max())
+    mask = content >= lo + threshold * (hi - lo)
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    comp = labels == labels[peak_idx]
+    ys, xs = np.nonzero(comp)
+    s = geom.scale
+    point = ((peak_idx[1] + 0.5) / s, (peak_idx[0] + 0.5) / s)
+    box = [xs.min() / s, ys.min() / s, (xs.max() + 1) / s, (ys.max() + 1) / s]
+    box = [min(max(v, 0.0), float(geom.width if i % 2 == 0 else geom.height)) for i, v in enumerate(box)]
+    return {"point": point, "box": box, "peak": hi, "map": content}
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def point_in_box(p, box) -> bool:
+    return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
+
+
+def score_prediction(point, box, gt_boxes: list) -> dict:
+    best = max((box_iou(box, g) for g in gt_boxes), default=0.0)
+    return {"hit": any(point_in_box(point, g) for g in gt_boxes), "iou": best}
+
+
+def nms(boxes: list, scores: list, iou: float = 0.5) -> list[int]:
+    order = sorted(range(len(boxes)), key=lambda i: -scores[i])
+    keep: list[int] = []
+    for i in order:
+        if all(box_iou(boxes[i], boxes[j]) < iou for j in keep):
+            keep.append(i)
+    return keep
+
+
+def propose_from_maps(maps: torch.Tensor, geom: Geometry, k: int, threshold: float = 0.5, min_side: float = 2.0) -> list[list[float]]:
+    """Self-proposed ROIs: one box per phrase map (T, h, w), ranked by the map's peak,
+    de-duplicated by NMS, at most ``k``."""
+    cands, scores = [], []
+    for t in range(maps.shape[0]):
+        loc = locate(maps[t], geom, threshold)
+        b = loc["box"]
+        if b[2] - b[0] >= min_side and b[3] - b[1] >= min_side:
+            cands.append(b)
+            scores.append(loc["peak"])
+    keep = nms(cands, scores)[:k]
+    return [cands[i] for i in keep]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Pointing game and IoU hit rates over scored phrases (+ the centre baseline)."""
+    n = len(rows)
+    if n == 0:
+        return {"n": 0}
+    out = {
+        "n": n,
+        "pointing_game": float(sum(bool(r["hit"]) for r in rows) / n),
+        "iou@0.3": float(sum(r["iou"] >= 0.3 for r in rows) / n),
+        "iou@0.5": float(sum(r["iou"] >= 0.5 for r in rows) / n),
+        "mean_iou": float(np.mean([r["iou"] for r in rows])),
+        "baseline_centre_pointing": float(sum(bool(r["base_hit"]) for r in rows) / n),
+        "baseline_whole_image_iou@0.3": float(sum(r["base_iou"] >= 0.3 for r in rows) / n),
+        "baseline_whole_image_iou@0.5": float(sum(r["base_iou"] >= 0.5 for r in rows) / n),
+    }
+    return out
+
+
+def save_overlay(image, result: dict, gt_boxes: list, phrase: str, path) -> None:
+    """Image + similarity heat map + annotated box(es) (green) + predicted box (red) and point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    w, h = image.size
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(image.convert("L"), cmap="gray")
+    ax.imshow(result["map"], cmap="jet", alpha=0.35, extent=(0, w, h, 0))
+    for g in gt_boxes:
+        ax.add_patch(Rectangle((g[0], g[1]), g[2] - g[0], g[3] - g[1], fill=False, color="lime", lw=2))
+    b = result["box"]
+    ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="red", lw=2, ls="--"))
+    ax.plot([result["point"][0]], [result["point"][1]], "r+", ms=14, mew=3)
+    ax.set_title(phrase, fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,193 @@
+"""Embed a list of images (files or PIL images) with test-time ROIs: none / given / self.
+
+* ``none``: the whole image only (fused == global);
+* ``given``: the boxes that come with the images (e.g. SLAKE ``detection.json``);
+* ``self``: boxes the model proposes itself: for each phrase of the prompt file's
+  ``proposal_phrases`` the patch–text similarity map gives a box
+  (:mod:`.grounding`); boxes are ranked by their map's peak, NMS'd, at most
+  ``max_rois``.
+
+A model without an ROI path always runs as ``none``; the effective mode is stated in
+:attr:`ImageSetEmbeddings.rois`. Images that cannot be read are skipped, counted and
+named in ``missing`` (never a crash halfway through).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.schema import sanitize_box
+from ..data.transforms import Preprocessor, to_rgb
+from .grounding import Geometry, propose_from_maps, similarity_maps
+
+log = logging.getLogger(__name__)
+ROI_MODES = ("none", "given", "self")
+
+
+@dataclass
+class ImageRef:
+    key: str
+    path: str | None = None
+    image: Image.Image | None = None
+    boxes: list[list[float]] = field(default_factory=list)  # pixel xyxy, given boxes
+    box_labels: list[str] = field(default_factory=list)
+    opener: object = None  # picklable callable returning a PIL image (e.g. a MedRegion sample)
+
+
+@dataclass
+class ImageSetEmbeddings:
+    keys: list[str]
+    global_: torch.Tensor  # (N, D)
+    fused: torch.Tensor  # (N, D)
+    roi_pooled: torch.Tensor  # (N, D): mean of the ROI embeddings, re-normalised; == fused without ROIs
+    n_rois: torch.Tensor  # (N,)
+    rois: str  # effective test-time ROI mode
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    boxes: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    def index(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+    def get(self, kind: str) -> torch.Tensor:
+        table = {"global": self.global_, "fused": self.fused, "roi": self.roi_pooled}
+        if kind not in table:
+            raise ValueError(f"image embedding {kind!r} is not one of {sorted(table)}")
+        return table[kind]
+
+
+def open_image(ref: ImageRef) -> Image.Image:
+    if ref.image is not None:
+        return to_rgb(ref.image)
+    if ref.opener is not None:
+        return to_rgb(ref.opener())
+    if not ref.path:
+        raise FileNotFoundError("no image path")
+    with Image.open(ref.path) as im:
+        im.load()
+        return to_rgb(im)
+
+
+class _Images(Dataset):
+    def __init__(self, refs: list[ImageRef], pre: Preprocessor, boxes: dict[str, list] | None):
+        self.refs, self.pre, self.boxes = refs, pre, boxes
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> dict:
+        ref = self.refs[i]
+        try:
+            image = open_image(ref)
+        except Exception as err:  # noqa: BLE001 - a bad file is reported, not fatal
+            return {"key": ref.key, "error": f"{type(err).__name__}: {err}"}
+        boxes = []
+        if self.boxes is not None:
+            w, h = image.size
+            boxes = [b for b in (sanitize_box(list(b), w, h)[0] for b in self.boxes.get(ref.key, [])) if b is not None]
+            boxes = boxes[: self.pre.max_rois]
+        out = self.pre(image, boxes)
+        return {"key": ref.key, "image": out["image"], "boxes": out["boxes"], "crops": out["crops"], "size": image.size,
+                "pixel_boxes": [list(b) for b in boxes]}
+
+
+def _collate(samples: list[dict]) -> dict:
+    ok = [s for s in samples if "error" not in s]
+    bad = [(s["key"], s["error"]) for s in samples if "error" in s]
+    if not ok:
+        return {"ok": [], "bad": bad}
+    k = max(s["boxes"].shape[0] for s in ok)
+    boxes = torch.zeros(len(ok), k, 4)
+    mask = torch.zeros(len(ok), k, dtype=torch.bool)
+    for i, s in enumerate(ok):
+        n = s["boxes"].shape[0]
+        boxes[i, :n], mask[i, :n] = s["boxes"], True
+    crops = None
+    if ok[0]["crops"] is not None:
+        crops = torch.cat([s["crops"] for s in ok])
+    return {"ok": ok, "bad": bad, "images": torch.stack([s["image"] for s in ok]), "boxes": boxes, "mask": mask, "crops": crops}
+
+
+def _loader(refs, pre, boxes, batch_size, num_workers):
+    return DataLoader(_Images(refs, pre, boxes), batch_size=batch_size, shuffle=False, collate_fn=_collate,
+                      num_workers=num_workers)
+
+
+@torch.no_grad()
+def propose_boxes(model, refs: list[ImageRef], phrases: list[str], k: int | None = None, batch_size: int = 32,
+                  num_workers: int = 0, threshold: float = 0.5) -> dict[str, list[list[float]]]:
+    """Self-proposed boxes (original pixels) per image key, from patch–text similarity."""
+    if not phrases:
+        raise ValueError("self-proposed ROIs need at least one proposal phrase")
+    pre = Preprocessor.from_model(model)
+    k = k or pre.max_rois
+    text = model.encode_text(phrases)
+    device = model.logit_scale.device
+    out: dict[str, list[list[float]]] = {}
+    for batch in _loader(refs, pre, None, batch_size, num_workers):
+        if not batch["ok"]:
+            continue
+        maps = similarity_maps(model, batch["images"].to(device), text)
+        for s, m in zip(batch["ok"], maps):
+            out[s["key"]] = propose_from_maps(m, Geometry(*s["size"], pre.image_size), k, threshold)
+    return out
+
+
+@torch.no_grad()
+def embed_images(model, refs: list[ImageRef], rois: str = "none", batch_size: int = 32, num_workers: int = 0,
+                 phrases: list[str] | None = None, progress: bool = False) -> ImageSetEmbeddings:
+    """Embed ``refs`` with ``model`` (eval mode, no gradients) using test-time ROIs ``rois``."""
+    if rois not in ROI_MODES:
+        raise ValueError(f"test-time ROIs {rois!r} is not one of {ROI_MODES}")
+    model.eval()
+    device = model.logit_scale.device
+    has_roi_path = model.roi_processor is not None
+    effective = rois if has_roi_path else "none"
+    pre = Preprocessor.from_model(model)
+    if effective == "none":
+        pre.roi_mode = "none"  # no crops to prepare
+    boxes = None
+    if effective == "given":
+        boxes = {r.key: r.boxes for r in refs}
+    elif effective == "self":
+        boxes = propose_boxes(model, refs, phrases or [], batch_size=batch_size, num_workers=num_workers)
+    keys, g, f, rp, nr, missing, used = [], [], [], [], [], [], {}
+    from tqdm import tqdm
+
+    for batch in tqdm(_loader(refs, pre, boxes, batch_size, num_workers), desc="embed images", disable=not progress, leave=False):
+        missing += batch["bad"]
+        if not batch["ok"]:
+            continue
+        images = batch["images"].to(device)
+        if effective == "none":
+            emb = model.encode_image(images, use_rois=False)
+        else:
+            crops = batch["crops"].to(device) if (batch["crops"] is not None and model.cfg.roi.mode == "crop") else None
+            emb = model.encode_image(images, batch["boxes"].to(device), batch["mask"].to(device), crops, use_rois=True)
+        g.append(emb.global_.cpu())
+        f.append(emb.fused.cpu())
+        if emb.roi is not None and emb.roi_mask is not None and emb.roi_mask.shape[1] > 0:
+            m = emb.roi_mask.unsqueeze(-1).float()
+            n = emb.roi_mask.sum(1)
+            pooled = (emb.roi * m).sum(1) / n.clamp_min(1).unsqueeze(-1)
+            pooled = torch.where((n > 0).unsqueeze(-1), F.normalize(pooled, dim=-1), emb.fused)
+            rp.append(pooled.cpu())
+            nr.append(n.cpu())
+        else:
+            rp.append(emb.fused.cpu())
+            nr.append(torch.zeros(len(batch["ok"]), dtype=torch.long))
+        for s in batch["ok"]:
+            keys.append(s["key"])
+            used[s["key"]] = s["pixel_boxes"]
+    for key, why in missing:
+        log.warning("image %s skipped: %s", key, why)
+    d = model.cfg.embed_dim
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, d)  # noqa: E731
+    return ImageSetEmbeddings(keys, cat(g), cat(f), cat(rp), torch.cat(nr) if nr else torch.zeros(0, dtype=torch.long),
+                              effective + ("" if effective == rois else f" (asked {rois}; the model has no ROI path)"),
+                              missing, used)

@@ -1,0 +1,279 @@
+"""Run a set of evaluation tasks on one model and collect results + problems.
+
+Tasks (names used by ``regionmed eval --tasks``):
+
+* ``zeroshot`` — SLAKE test: modality, organ, abnormality (see
+  :func:`.datasets.slake_zero_shot_tasks`); plus a labelled MedRegion dataset
+  (``medregion``) and/or a folder per class (``class_folder``) when given;
+* ``retrieval`` — image↔report R@1/5/10 on a MedRegion split (``medregion``);
+* ``vqa_rad`` — VQA-RAD 3,064 / 451; ``slake_vqa`` — SLAKE English train / validate / test;
+* ``grounding`` — SLAKE test boxes: each box class of an image is a phrase.
+
+Every image-side result states its test-time ROIs (``none`` / ``given`` / ``self``).
+A task that fails is recorded as a problem with its message; the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .datasets import (
+    folder_task,
+    medregion_task,
+    restrict_task,
+    slake_grounding_items,
+    slake_questions,
+    slake_zero_shot_tasks,
+    vqa_rad_image_refs,
+    vqa_rad_questions,
+    slake_image_refs,
+)
+from .grounding import Geometry, locate, save_overlay, score_prediction, similarity_maps, summarise
+from .images import ImageSetEmbeddings, embed_images, open_image
+from .prompts import load_prompts, proposal_phrases
+from .vqa import VQAConfig, run_vqa
+from .zeroshot import run_task
+
+log = logging.getLogger(__name__)
+TASKS = ("zeroshot", "retrieval", "vqa_rad", "slake_vqa", "grounding")
+
+
+@dataclass
+class EvalOptions:
+    data_root: str = "../shared/data"
+    tasks: list[str] = field(default_factory=lambda: ["zeroshot", "vqa_rad", "slake_vqa", "grounding"])
+    rois: str = "given"  # none | given | self (models without an ROI path run as none)
+    image_feature: str = "auto"  # global | fused | roi | auto (fused for ROI models, global otherwise)
+    prompts: str | None = None
+    medregion: str | None = None
+    medregion_split: str = "test"
+    class_folder: str | None = None
+    n_boot: int = 1000
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 0
+    vqa: VQAConfig = field(default_factory=VQAConfig)
+    vqa_use_val: bool = True
+    grounding_threshold: float = 0.5
+    grounding_contrast: bool = False  # subtract the mean map over all phrases (removes the phrase-independent part)
+    overlays: int = 8
+    min_positives: int = 5
+    limit_images: int | None = None  # keep the first N images per benchmark (smoke runs)
+    limit_questions: int | None = None
+
+
+class Problems:
+    """Bad inputs and failed tasks: counted, with their messages (the report shows them)."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def add(self, task: str, message: str, kind: str = "input") -> None:
+        log.warning("%s: %s", task, message)
+        self.items.append({"task": task, "kind": kind, "message": message})
+
+    def summary(self) -> dict:
+        counts: dict[str, int] = {}
+        for it in self.items:
+            counts[it["task"]] = counts.get(it["task"], 0) + 1
+        return {"count": len(self.items), "per_task": counts, "messages": [f"[{i['task']}] {i['message']}" for i in self.items[:200]]}
+
+
+def _feature(model, opts: EvalOptions) -> str:
+    if opts.image_feature != "auto":
+        return opts.image_feature
+    return "fused" if model.roi_processor is not None else "global"
+
+
+def _limit(seq, n):
+    return seq if n is None else seq[:n]
+
+
+def _embed(model, refs, opts: EvalOptions, problems: Problems, task: str, rois: str | None = None) -> ImageSetEmbeddings:
+    emb = embed_images(model, refs, rois or opts.rois, opts.batch_size, opts.num_workers,
+                       phrases=proposal_phrases(opts.prompts))
+    for key, why in emb.missing:
+        problems.add(task, f"image {key} could not be read ({why}); skipped")
+    return emb
+
+
+def eval_zeroshot(model, opts: EvalOptions, out: Path, problems: Problems) -> dict:
+    results = {}
+    jobs = []
+    slake = Path(opts.data_root) / "slake"
+    try:
+        refs, tasks, notes = slake_zero_shot_tasks(slake, "test", opts.min_positives)
+        results["slake_notes"] = notes
+        jobs += [(f"slake_{name}", name, refs, t, "slake") for name, t in tasks.items()]
+    except Exception as err:  # noqa: BLE001
+        problems.add("zeroshot", f"SLAKE zero-shot tasks not built: {err}")
+    if opts.medregion:
+        try:
+            refs, t = medregion_task(opts.medregion, opts.medregion_split)
+            jobs.append((t.name.replace(":", "_"), "medregion", refs, t, "medregion"))
+        except Exception as err:  # noqa: BLE001
+            problems.add("zeroshot", f"MedRegion task not built: {err}")
+    if opts.class_folder:
+        try:
+            refs, t = folder_task(opts.class_folder)
+            jobs.append((t.name.replace(":", "_"), "folder", refs, t, "folder"))
+        except Exception as err:  # noqa: BLE001
+            problems.add("zeroshot", f"class-folder task not built: {err}")
+    cache: dict[str, ImageSetEmbeddings] = {}  # the SLAKE tasks share their images: embed them once
+    feature = _feature(model, opts)
+    for label, dataset, refs, task, group in jobs:
+        try:
+            refs = _limit(refs, opts.limit_images)
+            if group not in cache:
+                cache.clear()
+                cache[group] = _embed(model, refs, opts, problems, "zeroshot")
+            emb = cache[group]
+            task, _ = restrict_task(task, {r.key for r in refs})  # --limit-images: not a problem
+            task, dropped = restrict_task(task, set(emb.keys))
+            if dropped:
+                problems.add("zeroshot", f"{label}: {len(dropped)} image(s) without an embedding left out")
+            idx = emb.index()
+            x = emb.get(feature)[torch.tensor([idx[k] for k in task.keys], dtype=torch.long)]
+            res = run_task(model, x, task, load_prompts(opts.prompts, dataset), opts.n_boot, opts.seed,
+                           roc_png=str(out / f"roc_{label}.png"))
+            res.update(rois=emb.rois, image_feature=feature)
+            results[label] = res
+        except Exception as err:  # noqa: BLE001
+            problems.add("zeroshot", f"{label}: {err}", "task_failed")
+    return results
+
+
+def eval_vqa(model, opts: EvalOptions, which: str, problems: Problems) -> dict:
+    root = Path(opts.data_root) / ("vqa_rad" if which == "vqa_rad" else "slake")
+    if which == "vqa_rad":
+        train, test, val = vqa_rad_questions(root, "train"), vqa_rad_questions(root, "test"), None
+    else:
+        train, test = slake_questions(root, "train"), slake_questions(root, "test")
+        val = slake_questions(root, "validate") if opts.vqa_use_val else None
+    train, test = _limit(train, opts.limit_questions), _limit(test, opts.limit_questions)
+    val = _limit(val, opts.limit_questions) if val else val
+    keys = list(dict.fromkeys(q.image_key for q in train + test + (val or [])))
+    refs = vqa_rad_image_refs(root, keys) if which == "vqa_rad" else slake_image_refs(root, keys)[0]
+    rois = opts.rois
+    note = ""
+    if rois == "given" and not any(r.boxes for r in refs):
+        rois, note = "none", "no boxes come with these images: given ROIs = none"
+    emb = _embed(model, refs, opts, problems, which, rois)
+    cfg = VQAConfig(**{**opts.vqa.__dict__, "image_feature": _feature(model, opts), "seed": opts.seed, "n_boot": opts.n_boot})
+    res = run_vqa(model, train, test, emb, cfg, val, which)
+    for msg in res.pop("problems"):
+        problems.add(which, msg)
+    oos = res["out_of_set"]
+    if oos["count"]:
+        problems.add(which, f"{oos['count']} test answer(s) ({100 * oos['share']:.1f}%) are outside the training answer set "
+                            f"and count as wrong, e.g. {oos['examples'][:5]}", "answer_outside_set")
+    if note:
+        res["rois_note"] = note
+    return res
+
+
+def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> dict:
+    from ..data.transforms import Preprocessor
+
+    refs = _limit(slake_grounding_items(Path(opts.data_root) / "slake", "test"), opts.limit_images)
+    pre = Preprocessor.from_model(model)
+    pre.roi_mode = "none"
+    device = model.logit_scale.device
+    phrases = sorted({lab for r in refs for lab in r.box_labels})
+    if not phrases:
+        raise ValueError("no SLAKE test image with boxes")
+    text = model.encode_text([p.lower() for p in phrases])
+    pidx = {p: i for i, p in enumerate(phrases)}
+    rows, per_class, n_overlay = [], {}, 0
+    odir = out / "grounding_overlays"
+    for ref in refs:
+        try:
+            image = open_image(ref)
+        except Exception as err:  # noqa: BLE001
+            problems.add("grounding", f"image {ref.key} could not be read ({type(err).__name__}: {err}); skipped")
+            continue
+        x = pre(image)["image"][None].to(device)
+        labels = list(dict.fromkeys(ref.box_labels))
+        if opts.grounding_contrast:
+            every = similarity_maps(model, x, text)[0]  # (P, h, w) for every phrase of the benchmark
+            maps = (every - every.mean(0, keepdim=True))[[pidx[lab] for lab in labels]]
+        else:
+            maps = similarity_maps(model, x, text[[pidx[lab] for lab in labels]])[0]
+        geom = Geometry(*image.size, pre.image_size)
+        w, h = image.size
+        for lab, m in zip(labels, maps):
+            gt = [b for b, l2 in zip(ref.boxes, ref.box_labels) if l2 == lab]
+            res = locate(m, geom, opts.grounding_threshold)
+            sc = score_prediction(res["point"], res["box"], gt)
+            base = score_prediction((w / 2, h / 2), [0, 0, w, h], gt)
+            row = {"image": ref.key, "phrase": lab.lower(), **sc, "base_hit": base["hit"], "base_iou": base["iou"]}
+            rows.append(row)
+            per_class.setdefault(lab, []).append(row)
+            if n_overlay < opts.overlays:
+                odir.mkdir(parents=True, exist_ok=True)
+                save_overlay(image, res, gt, f"{ref.key}: {lab.lower()}", odir / f"{n_overlay:02d}_{ref.key.replace('/', '_')}_{lab.replace(' ', '_')}.png")
+                n_overlay += 1
+    return {
+        "rois": "none (similarity maps from the whole-image patch grid)",
+        "threshold": opts.grounding_threshold,
+        "contrast": opts.grounding_contrast,
+        "grid": list(model.patch_embeddings(torch.zeros(1, 3, pre.image_size, pre.image_size, device=device)).shape[1:3]),
+        "overall": summarise(rows),
+        "per_class": {c: summarise(r) for c, r in sorted(per_class.items())},
+        "overlays": str(odir) if n_overlay else None,
+    }
+
+
+def eval_retrieval(model, opts: EvalOptions, problems: Problems) -> dict:
+    from .embed import embed_split
+    from .retrieval import retrieval_recall
+
+    if not opts.medregion:
+        raise ValueError("retrieval needs a MedRegion dataset (--medregion DIR)")
+    emb = embed_split(model, opts.medregion, opts.medregion_split, batch_size=opts.batch_size, progress=False)
+    region_aware = emb.region_emb is not None
+    image = emb.image_fused if region_aware else emb.image_global
+    res = {"reports": retrieval_recall(image, emb.report_emb, list(range(len(emb.reports))), emb.reports)}
+    if len(emb.captions):
+        region_side = emb.region_emb if region_aware else emb.image_global[emb.region_image]
+        res["region_captions"] = retrieval_recall(region_side, emb.caption_emb, list(range(len(emb.captions))), emb.captions)
+    res["rois"] = "given" if region_aware else "none"
+    res["n_images"] = len(emb.ids)
+    return res
+
+
+def evaluate(model, opts: EvalOptions, out_dir: str | Path) -> dict:
+    """Run ``opts.tasks`` on ``model``; returns the results dict (also see :mod:`.report`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = Problems()
+    unknown = [t for t in opts.tasks if t not in TASKS]
+    for t in unknown:
+        problems.add("eval", f"unknown task {t!r} (known: {', '.join(TASKS)}); skipped", "task_failed")
+    model.eval()
+    results: dict = {"tasks": {}, "timings_s": {}}
+    for task in [t for t in opts.tasks if t in TASKS]:
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                if task == "zeroshot":
+                    results["tasks"][task] = eval_zeroshot(model, opts, out, problems)
+                elif task in ("vqa_rad", "slake_vqa"):
+                    with torch.enable_grad():
+                        results["tasks"][task] = eval_vqa(model, opts, task, problems)
+                elif task == "grounding":
+                    results["tasks"][task] = eval_grounding(model, opts, out, problems)
+                elif task == "retrieval":
+                    results["tasks"][task] = eval_retrieval(model, opts, problems)
+        except Exception as err:  # noqa: BLE001 - one failed task must not stop the others
+            problems.add(task, f"task failed: {type(err).__name__}: {err}", "task_failed")
+            log.debug(traceback.format_exc())
+        results["timings_s"][task] = round(time.perf_counter() - t0, 2)
+    results["problems"] = problems.summary()
+    return results

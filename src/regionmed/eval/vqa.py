@@ -1,0 +1,202 @@
+"""VQA as classification over the training answer set, with a small head on frozen encoders.
+
+**Answer normalisation** (:func:`normalize_answer`), applied to training and test
+answers alike before they are compared:
+
+1. the answer is read as text (VQA-RAD has a few integer answers) and Unicode
+   NFKC-normalised;
+2. lower case;
+3. every punctuation character becomes a space, except a ``.`` between two digits
+   (a decimal point: ``"2.5 cm"`` stays), and a ``,`` between two digits is removed
+   (``"1,000"`` → ``"1000"``);
+4. runs of whitespace become one space; leading/trailing space is removed.
+
+So ``"X-Ray"``, ``"x ray"`` and ``" X-ray. "`` are one answer (``"x ray"``).
+
+**Answer set**: the normalised answers of the TRAINING questions only. Test answers
+outside it cannot be predicted; they count as wrong, and their share is reported
+(``out_of_set``), together with the accuracy on the in-set questions.
+
+**Head**: an MLP on ``[image embedding ; question embedding]`` (both from the frozen
+model, precomputed once): Linear(2D, hidden) → GELU → Dropout → Linear(hidden,
+n_answers), AdamW, cross-entropy. With validation questions, the epoch with the
+best validation accuracy is kept. Fine-tuning the encoders is not implemented.
+
+Questions whose image could not be read are skipped and counted (``skipped``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import unicodedata
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .datasets import Question
+from .images import ImageSetEmbeddings
+from .stats import bootstrap_counts, mean_with_ci
+
+_PUNCT = re.compile(r"[^\w\s]|_")
+
+
+def _is_decimal_point(m: re.Match) -> bool:
+    s, i = m.string, m.start()
+    return m.group(0) == "." and 0 < i < len(s) - 1 and s[i - 1].isdigit() and s[i + 1].isdigit()
+
+
+def normalize_answer(answer) -> str:
+    """Normalise an answer (see the module docstring for the exact rules)."""
+    text = unicodedata.normalize("NFKC", str(answer)).lower()
+    text = re.sub(r"(?<=\d),(?=\d)", "", text)
+    text = _PUNCT.sub(lambda m: m.group(0) if _is_decimal_point(m) else " ", text)
+    return " ".join(text.split())
+
+
+def answer_vocabulary(train: list[Question]) -> list[str]:
+    """Sorted normalised answers of the training questions."""
+    return sorted({normalize_answer(q.answer) for q in train} - {""})
+
+
+@dataclass
+class VQAConfig:
+    image_feature: str = "fused"  # global | fused | roi
+    hidden: int = 512
+    dropout: float = 0.2
+    epochs: int = 60
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    seed: int = 0
+    n_boot: int = 1000
+
+
+class VQAHead(nn.Module):
+    def __init__(self, dim_in: int, n_answers: int, hidden: int = 512, dropout: float = 0.2):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_answers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _features(model, questions: list[Question], images: ImageSetEmbeddings, kind: str):
+    """(features, kept questions, skipped questions)."""
+    index = images.index()
+    kept = [q for q in questions if q.image_key in index]
+    skipped = [q for q in questions if q.image_key not in index]
+    if not kept:
+        return torch.zeros(0, 2 * images.global_.shape[1]), kept, skipped
+    with torch.no_grad():
+        qemb = model.encode_text([q.question for q in kept]).float().cpu()
+    img = images.get(kind)[torch.tensor([index[q.image_key] for q in kept])].float()
+    return torch.cat([img, qemb], dim=1), kept, skipped
+
+
+def _accuracy(head, x, y) -> float:
+    head.eval()
+    with torch.no_grad():
+        return float((head(x).argmax(1) == y).float().mean()) if len(y) else 0.0
+
+
+def train_head(x: torch.Tensor, y: torch.Tensor, n_answers: int, cfg: VQAConfig,
+               val: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[VQAHead, dict]:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    head = VQAHead(x.shape[1], n_answers, cfg.hidden, cfg.dropout)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    best, best_state, best_epoch, history = -1.0, None, cfg.epochs, []
+    for epoch in range(cfg.epochs):
+        head.train()
+        perm = torch.randperm(len(y), generator=gen)
+        total = 0.0
+        for start in range(0, len(y), cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            loss = loss_fn(head(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        rec = {"epoch": epoch + 1, "loss": total / max(1, len(y))}
+        if val is not None and len(val[1]):
+            acc = _accuracy(head, *val)
+            rec["val_accuracy"] = acc
+            if acc > best:
+                best, best_state, best_epoch = acc, copy.deepcopy(head.state_dict()), epoch + 1
+        history.append(rec)
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval()
+    return head, {"epochs_run": cfg.epochs, "epoch_kept": best_epoch, "history": history}
+
+
+def run_vqa(model, train: list[Question], test: list[Question], images: ImageSetEmbeddings, cfg: VQAConfig | None = None,
+            val: list[Question] | None = None, name: str = "vqa") -> dict:
+    """Train the head on ``train`` (best epoch on ``val`` when given) and score ``test``."""
+    cfg = cfg or VQAConfig()
+    problems: list[str] = []
+    vocab = answer_vocabulary(train)
+    if not vocab:
+        raise ValueError(f"{name}: the training split has no answers")
+    pos = {a: i for i, a in enumerate(vocab)}
+    empty = [q for q in train if not normalize_answer(q.answer)]
+    for q in empty:
+        problems.append(f"training question {q.qid}: answer {q.answer!r} is empty after normalisation (skipped)")
+    xtr, qtr, sktr = _features(model, [q for q in train if normalize_answer(q.answer)], images, cfg.image_feature)
+    if not qtr:
+        raise ValueError(f"{name}: no training question has a readable image")
+    ytr = torch.tensor([pos[normalize_answer(q.answer)] for q in qtr])
+    val_xy = None
+    if val:
+        xv, qv, _ = _features(model, val, images, cfg.image_feature)
+        in_set = [i for i, q in enumerate(qv) if normalize_answer(q.answer) in pos]
+        val_xy = (xv[in_set], torch.tensor([pos[normalize_answer(qv[i].answer)] for i in in_set], dtype=torch.long))
+    head, training = train_head(xtr, ytr, len(vocab), cfg, val_xy)
+    xte, qte, skte = _features(model, test, images, cfg.image_feature)
+    for q in sktr + skte:
+        problems.append(f"question {q.qid}: image {q.image_key} is missing or unreadable (skipped)")
+    with torch.no_grad():
+        pred = head(xte).argmax(1).tolist() if qte else []
+    gold = [normalize_answer(q.answer) for q in qte]
+    correct = np.array([float(vocab[p] == g) for p, g in zip(pred, gold)])
+    in_set = np.array([g in pos for g in gold], dtype=bool)
+    counts = bootstrap_counts(len(qte), cfg.n_boot, cfg.seed)
+
+    def acc(mask: np.ndarray) -> dict:
+        sub = correct[mask]
+        if mask.sum() == 0:
+            return {"value": None, "ci": [None, None], "n": 0}
+        return mean_with_ci(sub, bootstrap_counts(int(mask.sum()), cfg.n_boot, cfg.seed))
+
+    types = np.array([q.answer_type for q in qte])
+    per_type: dict[str, list[int]] = defaultdict(list)
+    for i, q in enumerate(qte):
+        for t in q.qtypes:
+            per_type[t].append(i)
+    return {
+        "name": name,
+        "image_feature": cfg.image_feature,
+        "rois": images.rois,
+        "answers": len(vocab),
+        "train_questions": len(qtr),
+        "test_questions": len(qte),
+        "overall": mean_with_ci(correct, counts) if len(qte) else {"value": None, "ci": [None, None], "n": 0},
+        "open": acc(types == "OPEN"),
+        "closed": acc(types == "CLOSED"),
+        "per_question_type": {t: {"accuracy": float(correct[idx].mean()), "n": len(idx)} for t, idx in sorted(per_type.items())},
+        "out_of_set": {"count": int((~in_set).sum()), "share": float((~in_set).mean()) if len(in_set) else 0.0,
+                       "examples": sorted({g for g, ok in zip(gold, in_set) if not ok})[:10],
+                       "note": "test answers outside the training answer set count as wrong"},
+        "in_set_accuracy": float(correct[in_set].mean()) if in_set.any() else None,
+        "skipped": {"train": len(sktr), "test": len(skte)},
+        "val_questions_used": int(len(val_xy[1])) if val_xy else 0,
+        "problems": problems[:50],
+        "n_problems": len(problems),
+        "training": {k: v for k, v in training.items() if k != "history"},
+        "config": asdict(cfg),
+    }
