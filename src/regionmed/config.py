@@ -266,18 +266,24 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
             )
 
 
-def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a run config YAML, apply dotted ``overrides`` ({"train.batch_size": 8}), validate."""
+def load_yaml_config(cls: type, path: str | Path, overrides: dict[str, Any] | None = None, what: str = "config file") -> Any:
+    """Read YAML ``path``, apply dotted ``overrides`` ({"train.batch_size": 8}) and build
+    dataclass ``cls`` from it, checking keys and types (errors name the file and field)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
-    cfg = from_dict(RunConfig, data, "", str(path))
+    return from_dict(cls, data, "", str(path))
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a run config YAML, apply dotted ``overrides`` ({"train.batch_size": 8}), validate."""
+    cfg = load_yaml_config(RunConfig, path, overrides)
     validate_run_config(cfg, str(path))
     return cfg
 

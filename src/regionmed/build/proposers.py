@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..data.boxes import box_iou, nms
 from .items import RawItem
 
 PROPOSERS = ("annotation", "unsupervised", "detector", "none")
@@ -52,23 +53,6 @@ class ProposerConfig:
     device: str = "cpu"
     label: str = "region"  # label for boxes without a class name
     options: dict[str, Any] = field(default_factory=dict)
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def nms(boxes: list[list[float]], scores: list[float], iou: float = 0.6) -> list[int]:
-    order = sorted(range(len(boxes)), key=lambda i: -scores[i])
-    keep: list[int] = []
-    for i in order:
-        if all(box_iou(boxes[i], boxes[j]) < iou for j in keep):
-            keep.append(i)
-    return keep
 
 
 class Proposer:

@@ -34,9 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import ConfigError, RunConfig, StageConfig, from_dict, load_run_config, set_dotted, validate_run_config
+from ..config import ConfigError, RunConfig, StageConfig, load_run_config, load_yaml_config, validate_run_config
 from .report import pct, with_ci, write_json, write_report
 from .run import EvalOptions, evaluate
 from .vqa import VQAConfig
@@ -102,15 +100,7 @@ class AblationConfig:
 
 def load_ablation_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AblationConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ablation config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    for dotted, value in (overrides or {}).items():
-        set_dotted(data, dotted, value)
-    cfg = from_dict(AblationConfig, data, "", str(path))
+    cfg = load_yaml_config(AblationConfig, path, overrides, what="ablation config")
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad or not cfg.variants:
         raise ConfigError(f"{path}: variants {bad or cfg.variants} (known: {', '.join(VARIANTS)})")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..data.boxes import box_iou, nms
+
 
 @dataclass
 class Geometry:
@@ -73,14 +75,6 @@ def locate(sim: torch.Tensor, geom: Geometry, threshold: float = 0.5) -> dict:
     return {"point": point, "box": box, "peak": hi, "map": content}
 
 
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def point_in_box(p, box) -> bool:
     return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
 
@@ -88,15 +82,6 @@ def point_in_box(p, box) -> bool:
 def score_prediction(point, box, gt_boxes: list) -> dict:
     best = max((box_iou(box, g) for g in gt_boxes), default=0.0)
     return {"hit": any(point_in_box(point, g) for g in gt_boxes), "iou": best}
-
-
-def nms(boxes: list, scores: list, iou: float = 0.5) -> list[int]:
-    order = sorted(range(len(boxes)), key=lambda i: -scores[i])
-    keep: list[int] = []
-    for i in order:
-        if all(box_iou(boxes[i], boxes[j]) < iou for j in keep):
-            keep.append(i)
-    return keep
 
 
 def propose_from_maps(maps: torch.Tensor, geom: Geometry, k: int, threshold: float = 0.5, min_side: float = 2.0) -> list[list[float]]:
