@@ -210,10 +210,7 @@ class Trainer:
             self.nonfinite_in_row += 1
             self.counters["nonfinite_steps"] += 1
             self.optimizer.zero_grad(set_to_none=True)
-            message = f"step {self.step}: non-finite loss ({ {k: float(v.detach()) for k, v in losses.items()} }), step skipped"
-            log.warning(message)
-            if self.progress:
-                tqdm.write(message)
+            self._say(f"step {self.step}: non-finite loss ({ {k: float(v.detach()) for k, v in losses.items()} }), step skipped")
             if self.nonfinite_in_row >= self.cfg.train.max_nonfinite:
                 raise TrainingError(
                     f"{self.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite = {self.cfg.train.max_nonfinite}) "
@@ -245,9 +242,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
         if self.dist.is_main:
             for note in self._input_notes():
-                log.warning(note)
-                if self.progress:
-                    tqdm.write(note)
+                self._say(note)
             logger.write("data", step=self.step, steps_per_epoch=self.steps_per_epoch, **{"samples": len(self.data), **dict(self.audit)})
         plan = stage_at(self.plans, self.step)
         self._enter_stage(plan, logger)
@@ -289,9 +284,7 @@ class Trainer:
             self.model.save_pretrained(self.out / "model")
             logger.write("end", **summary)
             for note in self._input_notes(end=True):
-                log.warning(note)
-                if self.progress:
-                    tqdm.write(note)
+                self._say(note)
             try:
                 from .metrics import plot_loss_curves
 
@@ -300,6 +293,13 @@ class Trainer:
                 log.warning("loss plot not written: %s", err)
         logger.close()
         return summary
+
+    def _say(self, message: str) -> None:
+        """A warning: above the progress bar when there is one, else to the log."""
+        if self.progress:
+            tqdm.write(message)
+        else:
+            log.warning(message)
 
     def _input_notes(self, end: bool = False) -> list[str]:
         """Human-readable notes on input problems: boxes and ROIs (at the start), texts and skipped steps (at the end)."""
