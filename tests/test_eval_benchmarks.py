@@ -37,7 +37,7 @@ def test_slake_zero_shot_tasks_and_grounding_items(data_dir):  # noqa: F811
     refs, tasks, notes = slake_zero_shot_tasks(data_dir / "slake", "test")
     assert tasks["modality"].classes == ["CT", "MRI", "X-Ray"] and len(tasks["modality"].keys) == 180
     organ = tasks["organ"]
-    assert organ.mode == "pairs" and organ.labels.shape == (len(organ.keys), len(organ.classes))
+    assert organ.mode == "similarity" and organ.labels.shape == (len(organ.keys), len(organ.classes))
     assert not set(organ.classes) & SLAKE_FINDINGS and (organ.labels.sum(0) >= 5).all()
     ab = tasks["abnormality"]
     assert set(ab.labels.tolist()) == {0, 1} and len(ab.keys) + sum(notes["abnormality_left_out"].values()) == 180

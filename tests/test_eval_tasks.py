@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from conftest import tiny_model_config
 from regionmed.eval.datasets import Question
@@ -79,6 +80,18 @@ def test_zero_shot_softmax_and_pairs(tiny_model, tmp_path):
         run_task(tiny_model, emb, ZeroShotTask("e", [], np.zeros(30), [str(i) for i in range(30)]), load_prompts())
 
 
+def test_similarity_mode_top1_accuracy_leaves_out_images_without_a_class():
+    labels = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0], [0, 0, 1], [1, 1, 0]])
+    scores = np.array([[.9, .1, .2], [.1, .2, .8], [.5, .4, .3], [.7, .1, .2], [.1, .3, .2]])
+    res = evaluate_scores(scores, ZeroShotTask("s", ["a", "b", "c"], labels, list("vwxyz"), "similarity"), n_boot=300)
+    # top-1 classes a, c, (x has none: left out), a (wrong), b: 3 of 4
+    assert res["accuracy"]["n"] == 4 and res["accuracy"]["value"] == pytest.approx(0.75)
+    assert res["accuracy_kind"] == "top-1 class present"
+    lo, hi = res["accuracy"]["ci"]
+    assert 0 <= lo <= 0.75 <= hi <= 1  # resample means over the four counted images only
+    assert res["per_class_auc"]["a"]["auc"] == pytest.approx(roc_auc_score(labels[:, 0], scores[:, 0]))
+
+
 def test_perfect_scores_give_auc_one():
     y = np.array([0, 1, 2, 1, 0, 2])
     scores = np.eye(3)[y] * 0.9 + 0.05
@@ -129,7 +142,8 @@ def test_retrieval_and_medregion_labels_through_evaluate(tiny_model, phantom_dat
     assert ret["rois"] == "given" and ret["n_images"] == 16 and 0 <= ret["reports"]["i2t_R@1"] <= ret["reports"]["i2t_R@10"] <= 1
     zs = res["tasks"]["zeroshot"]
     name = next(k for k in zs if k.startswith("medregion_"))
-    assert zs[name]["mode"] == "pairs" and zs[name]["n_images"] == 16  # multi-label phantom findings
+    assert zs[name]["mode"] == "similarity" and zs[name]["n_images"] == 16  # multi-label phantom findings
+    assert zs[f"{name}_pairs"]["mode"] == "pairs" and zs[f"{name}_pairs"]["n_images"] == 16  # reported beside it
     msgs = " ".join(res["problems"]["messages"])
     assert "unknown task 'bogus'" in msgs and "SLAKE zero-shot tasks not built" in msgs  # counted, not fatal
     _, md = write_report(res, tmp_path / "out")

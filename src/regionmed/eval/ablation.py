@@ -292,6 +292,7 @@ COLUMNS = [
     ("VQA-RAD closed", ("vqa_rad", "closed", "value")),
     ("ZS modality AUC", ("zeroshot", "slake_modality", "macro_auc", "auc")),
     ("ZS organ AUC", ("zeroshot", "slake_organ", "macro_auc", "auc")),
+    ("ZS organ AUC (pairs)", ("zeroshot", "slake_organ_pairs", "macro_auc", "auc")),
     ("ZS abnormality AUC", ("zeroshot", "slake_abnormality", "macro_auc", "auc")),
     ("pointing game", ("grounding", "overall", "pointing_game")),
     ("IoU≥0.3", ("grounding", "overall", "iou@0.3")),
@@ -386,8 +387,8 @@ Every variant: base recipe `{t["base"]}`, {t["steps"]} steps, batch {t["batch_si
 * VQA: an MLP head on [image ; question] embeddings of the frozen model, answers = the training answer set;
   SLAKE English train (best epoch on validate) → test, VQA-RAD 3,064 → 451. Test-time ROIs: {json.dumps(rois)}
   (SLAKE images come with boxes; VQA-RAD images have none, so every VQA-RAD result uses the whole image).
-* Zero-shot on SLAKE test: modality (softmax over CT/MRI/X-Ray), organ (multi-label, pos/neg prompt pairs,
-  box classes), abnormality (normal vs abnormal from finding boxes and whole-image QA facts).
+* Zero-shot on SLAKE test: modality (softmax over CT/MRI/X-Ray), organ (multi-label box classes: cosine with each
+  class's prompt ensemble; "(pairs)" = softmax over a positive/negative prompt pair), abnormality (normal vs abnormal from finding boxes and whole-image QA facts).
 * Grounding on SLAKE test boxes: pointing game and IoU of the thresholded patch–text similarity map.
 * Problems counted per variant: {json.dumps(problems)} (details in each `<variant>/eval/report.md`).
 

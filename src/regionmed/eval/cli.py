@@ -23,7 +23,8 @@ OUT/report.md with its plots (ROC curves, grounding overlays).
 
 Tasks (--tasks, comma-separated):
   zeroshot   SLAKE test: modality (CT/MRI/X-Ray, softmax), organ (box classes,
-             multi-label with positive/negative prompt pairs), abnormality (normal
+             multi-label: cosine with each class's prompts; the positive/negative
+             prompt-pair score is reported beside it), abnormality (normal
              vs abnormal from finding boxes and QA facts); plus --medregion (labels
              of a built dataset) and --class-folder (a folder per class).
              Per-class and macro AUC and accuracy with bootstrap 95% CIs.

@@ -136,7 +136,7 @@ def slake_zero_shot_tasks(root: str | Path, split: str = "test", min_positives: 
     """The SLAKE zero-shot tasks on the images of ``split``:
 
     * ``modality`` (softmax): CT / MRI / X-Ray, from the QA ``modality`` field;
-    * ``organ`` (pairs): organ/structure box classes (``detection.json``) with at least
+    * ``organ`` (multi-label, ``similarity``): organ/structure box classes (``detection.json``) with at least
       ``min_positives`` images, on the images that have a box file;
     * ``abnormality`` (softmax normal / abnormal): abnormal when a finding box is
       present or a whole-image QA fact says so ("Are there abnormalities in this
@@ -163,7 +163,7 @@ def slake_zero_shot_tasks(root: str | Path, split: str = "test", min_positives: 
             counts[c] = counts.get(c, 0) + 1
     organs = sorted(c for c, n in counts.items() if n >= min_positives and n < len(okeys))
     notes["organ_classes_dropped_few_positives"] = sorted(c for c, n in counts.items() if n < min_positives)
-    tasks["organ"] = ZeroShotTask("organ", organs, np.array([[int(c in p) for c in organs] for p in present]).reshape(len(okeys), len(organs)), okeys, "pairs")
+    tasks["organ"] = ZeroShotTask("organ", organs, np.array([[int(c in p) for c in organs] for p in present]).reshape(len(okeys), len(organs)), okeys, "similarity")
     # abnormality
     akeys, alabels, conflicts, unknown = [], [], 0, 0
     for k in keys:
@@ -224,7 +224,7 @@ class _MedRegionOpener:
 
 def medregion_task(root: str | Path, split: str = "test", mode: str = "auto", classes: list[str] | None = None) -> tuple[list[ImageRef], ZeroShotTask]:
     """A zero-shot task from the ``labels`` of a built MedRegion dataset. ``mode`` auto:
-    softmax when every record has exactly one positive label, else pairs (multi-label)."""
+    softmax when every record has exactly one positive label, else similarity (multi-label)."""
     from ..data.shards import MedRegionDataset
 
     ds = MedRegionDataset(root, split)
@@ -234,7 +234,7 @@ def medregion_task(root: str | Path, split: str = "test", mode: str = "auto", cl
         raise ZeroShotError(f"{root} split {split!r}: the class list is empty (no record has a positive label)")
     pos = [[c for c in names if r.get("labels", {}).get(c)] for r in records]
     if mode == "auto":
-        mode = "softmax" if all(len(p) == 1 for p in pos) else "pairs"
+        mode = "softmax" if all(len(p) == 1 for p in pos) else "similarity"
     refs = [ImageRef(f"medregion/{r['id']}", opener=_MedRegionOpener(ds, i),
                      boxes=[list(x["box"]) for x in r.get("regions", [])], box_labels=[x.get("label", "") for x in r.get("regions", [])])
             for i, r in enumerate(records)]

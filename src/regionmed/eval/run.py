@@ -38,7 +38,7 @@ from .grounding import Geometry, locate, save_overlay, score_prediction, similar
 from .images import ImageSetEmbeddings, embed_images, open_image
 from .prompts import load_prompts, proposal_phrases
 from .vqa import VQAConfig, run_vqa
-from .zeroshot import run_task
+from .zeroshot import ZeroShotTask, run_task
 
 log = logging.getLogger(__name__)
 TASKS = ("zeroshot", "retrieval", "vqa_rad", "slake_vqa", "grounding")
@@ -144,6 +144,11 @@ def eval_zeroshot(model, opts: EvalOptions, out: Path, problems: Problems) -> di
                            roc_png=str(out / f"roc_{label}.png"))
             res.update(rois=emb.rois, image_feature=feature)
             results[label] = res
+            if task.mode == "similarity":  # the positive/negative prompt-pair score beside it
+                pairs = ZeroShotTask(task.name, task.classes, task.labels, task.keys, "pairs")
+                alt = run_task(model, x, pairs, load_prompts(opts.prompts, dataset), opts.n_boot, opts.seed)
+                alt.update(rois=emb.rois, image_feature=feature)
+                results[f"{label}_pairs"] = alt
         except Exception as err:  # noqa: BLE001
             problems.add("zeroshot", f"{label}: {err}", "task_failed")
     return results

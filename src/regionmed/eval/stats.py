@@ -85,9 +85,14 @@ def macro_auc_with_ci(score_matrix: np.ndarray, label_matrix: np.ndarray, counts
 
 
 def mean_with_ci(values, counts: np.ndarray) -> dict:
-    """A mean of per-example values (e.g. 0/1 correct) with its bootstrap CI."""
+    """A mean of per-example values (e.g. 0/1 correct) with its bootstrap CI.
+
+    ``counts`` may be the columns of a larger resample (a subset of its examples):
+    each resample's mean is then over the subset's draws in it."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return {"value": None, "ci": [None, None], "n": 0}
-    boot = counts @ values / values.size
+    drawn = counts.sum(1)
+    keep = drawn > 0
+    boot = counts[keep] @ values / drawn[keep]
     return {"value": float(values.mean()), "ci": _ci(boot), "n": int(values.size)}
