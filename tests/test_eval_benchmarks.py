@@ -69,7 +69,9 @@ def test_eval_command_end_to_end_with_bad_inputs(data_dir, tmp_path):  # noqa: F
     assert tasks["zeroshot"]["slake_modality"]["rois"] == "given"
     assert tasks["vqa_rad"]["rois"] == "none" and "no boxes" in tasks["vqa_rad"]["rois_note"]
     assert tasks["slake_vqa"]["test_questions"] > 0 and tasks["slake_vqa"]["rois"] == "given"
-    assert tasks["grounding"]["overall"]["n"] > 0 and len(list((out / "grounding_overlays").glob("*.png"))) == 2
+    g = tasks["grounding"]
+    assert g["overall"]["n"] > 0 and g["windows"]["overall"]["n"] == g["overall"]["n"]
+    assert sorted(p.name.rsplit("_", 1)[1] for p in (out / "grounding_overlays").glob("*.png")) == ["patch.png", "patch.png", "windows.png", "windows.png"]
     assert (out / "roc_slake_modality.png").is_file()
     # the empty class folder is a counted problem, not a crash
     assert any("class list is empty" in m for m in res["problems"]["messages"])
@@ -93,3 +95,14 @@ def test_grounding_with_contrast_maps(data_dir, tmp_path):  # noqa: F811
         o = res["overall"]
         assert res["contrast"] is contrast and o["n"] >= 3 and 0 <= o["pointing_game"] <= 1 and 0 <= o["mean_iou"] <= 1
         assert set(res["per_class"]) and res["grid"] == [4, 4]
+        w = res["windows"]
+        assert w["overall"]["n"] == o["n"] and w["windows_per_image"] > 10 and w["embedding"].startswith("ROI path")
+        # the location prior comes from SLAKE *train* boxes and sees no test pixels
+        assert res["prior"]["classes"] > 10 and 0 <= o["baseline_prior_pointing"] <= 1
+        assert o["baseline_prior_pointing"] == w["overall"]["baseline_prior_pointing"]
+    glob = RegionMedCLIP(tiny_model_config(mode="none")).eval()
+    res = eval_grounding(glob, EvalOptions(data_root=str(data_dir), limit_images=2, overlays=0, grounding_readouts=["windows"]),
+                         tmp_path, Problems())
+    assert res["readouts"] == ["windows"] and "overall" not in res and res["windows"]["embedding"] == "window crop as a whole image"
+    with pytest.raises(ValueError, match="read-out"):
+        eval_grounding(glob, EvalOptions(data_root=str(data_dir), limit_images=1, grounding_readouts=["pixels"]), tmp_path, Problems())

@@ -10,10 +10,10 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import tiny_model_config
 from regionmed.eval.datasets import Question
-from regionmed.eval.grounding import Geometry, locate, score_prediction, summarise
+from regionmed.eval.grounding import Geometry, locate, locate_windows, location_prior, score_prediction, summarise, window_boxes
 from regionmed.eval.images import ImageRef, embed_images
 from regionmed.eval.prompts import load_prompts
-from regionmed.eval.vqa import VQAConfig, run_vqa
+from regionmed.eval.vqa import VQAConfig, run_vqa, run_vqa_finetune
 from regionmed.eval.zeroshot import ZeroShotError, ZeroShotTask, evaluate_scores, run_task
 from regionmed.model.clip import RegionMedCLIP
 
@@ -131,6 +131,28 @@ def test_vqa_head_counts_missing_images_and_out_of_set_answers(tiny_model, image
     assert set(res["per_question_type"]) == {"PRES", "ABN", "ORGAN"}
 
 
+def test_vqa_finetune_trains_a_copy_of_the_encoders(tiny_model, image_files):
+    qs = ["is this normal?", "what organ is shown?", "is there a mass?"]
+    train = [Question(f"t{i}", f"k{i % 6}", qs[i % 3], ["Yes", "no", "Liver"][i % 3], ["CLOSED", "CLOSED", "OPEN"][i % 3], ["PRES"]) for i in range(30)]
+    train.append(Question("tm", "gone", "is this normal?", "yes", "CLOSED", ["PRES"]))  # image missing
+    test = [Question(f"s{i}", f"k{i % 6}", qs[i % 3], ["yes", "No", "liver"][i % 3], ["CLOSED", "CLOSED", "OPEN"][i % 3], ["PRES"]) for i in range(9)]
+    test.append(Question("s-new", "k0", "what organ is shown?", "Spleen", "OPEN", ["ORGAN"]))  # outside the answer set
+    val = test[:6]
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    cfg = VQAConfig(finetune=True, finetune_epochs=4, finetune_lr=1e-3, lr=1e-2, hidden=32, n_boot=50, finetune_batch_size=8)
+    res = run_vqa_finetune(tiny_model, train, test, _refs(image_files), "given", cfg, val, name="toy")
+    assert res["encoders"] == "fine-tuned" and res["rois"] == "given" and res["answers"] == 3
+    assert res["train_questions"] == 30 and res["skipped"] == {"train": 1, "test": 0} and res["val_questions_used"] == 6
+    assert res["out_of_set"]["count"] == 1 and res["test_questions"] == 10
+    losses = res["training"]["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0] and 1 <= res["training"]["epoch_kept"] <= 4
+    assert res["training"]["encoder_weight_change"] > 0  # the encoders moved ...
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())  # ... in a copy, not the caller's model
+    frozen_encoders = run_vqa_finetune(tiny_model, train, test, _refs(image_files), "none",
+                                       VQAConfig(finetune=True, finetune_epochs=1, finetune_lr=0.0, hidden=32, n_boot=20), name="toy")
+    assert frozen_encoders["training"]["encoder_weight_change"] == 0 and frozen_encoders["rois"] == "none"
+
+
 def test_retrieval_and_medregion_labels_through_evaluate(tiny_model, phantom_data, tmp_path):
     from regionmed.eval.report import write_report
     from regionmed.eval.run import EvalOptions, evaluate
@@ -148,3 +170,22 @@ def test_retrieval_and_medregion_labels_through_evaluate(tiny_model, phantom_dat
     assert "unknown task 'bogus'" in msgs and "SLAKE zero-shot tasks not built" in msgs  # counted, not fatal
     _, md = write_report(res, tmp_path / "out")
     assert "Retrieval" in md.read_text()
+
+
+def test_windows_cover_the_image_and_the_best_window_is_the_box():
+    wins = window_boxes(300, 200, scales=(0.25, 0.5), stride=0.5)
+    arr = np.array(wins)
+    assert (arr[:, 0] >= 0).all() and (arr[:, 2] <= 300).all() and (arr[:, 1] >= 0).all() and (arr[:, 3] <= 200).all()
+    assert arr[:, 0].min() == 0 and arr[:, 2].max() == 300 and arr[:, 3].max() == 200  # reaches every edge
+    assert len({tuple(b) for b in wins}) == len(wins)
+    # a score that is high only for windows over the point (240, 150): the box contains it, the point is near it
+    scores = torch.tensor([1.0 if (b[0] <= 240 <= b[2] and b[1] <= 150 <= b[3]) else 0.0 for b in wins])
+    scores += torch.tensor([-(b[2] - b[0]) / 1000 for b in wins])  # ties go to the smaller window
+    res = locate_windows(scores, wins, 300, 200)
+    assert res["box"][0] <= 240 <= res["box"][2] and res["box"][1] <= 150 <= res["box"][3]
+    assert abs(res["point"][0] - 240) < 60 and abs(res["point"][1] - 150) < 40 and res["map"].shape == (64, 64)
+
+
+def test_location_prior_is_the_mean_relative_box():
+    prior = location_prior([([[0, 0, 50, 50]], ["liver"], (100, 100)), ([[100, 100, 200, 200]], ["liver"], (200, 200))])
+    assert prior["liver"] == pytest.approx([0.25, 0.25, 0.75, 0.75])

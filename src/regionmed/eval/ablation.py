@@ -81,6 +81,10 @@ class AblationEval:
     batch_size: int = 32
     vqa_epochs: int = 60
     vqa_hidden: int = 512
+    vqa_finetune: bool = False  # fine-tune the encoders with the VQA head (slow on CPU: see the README)
+    vqa_finetune_epochs: int = 3
+    vqa_finetune_lr: float = 1.0e-5
+    grounding_readouts: list[str] = field(default_factory=lambda: ["patch", "windows"])
     overlays: int = 6
     limit_images: int | None = None
     limit_questions: int | None = None
@@ -230,7 +234,9 @@ def variant_config(cfg: AblationConfig, variant: str, data: Path, out: Path) -> 
 def _eval_options(cfg: AblationConfig) -> EvalOptions:
     e = cfg.eval
     return EvalOptions(data_root=str(_data_root(cfg)), tasks=list(e.tasks), rois=e.rois, n_boot=e.n_boot, seed=cfg.seed,
-                       batch_size=e.batch_size, vqa=VQAConfig(epochs=e.vqa_epochs, hidden=e.vqa_hidden), overlays=e.overlays,
+                       batch_size=e.batch_size, overlays=e.overlays, grounding_readouts=list(e.grounding_readouts),
+                       vqa=VQAConfig(epochs=e.vqa_epochs, hidden=e.vqa_hidden, finetune=e.vqa_finetune,
+                                     finetune_epochs=e.vqa_finetune_epochs, finetune_lr=e.vqa_finetune_lr),
                        limit_images=e.limit_images, limit_questions=e.limit_questions)
 
 
@@ -283,21 +289,25 @@ def run_ablation(cfg: AblationConfig, log=print) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-COLUMNS = [
+VQA_COLUMNS = [
     ("SLAKE VQA overall", ("slake_vqa", "overall", "value")),
     ("SLAKE open", ("slake_vqa", "open", "value")),
     ("SLAKE closed", ("slake_vqa", "closed", "value")),
     ("VQA-RAD overall", ("vqa_rad", "overall", "value")),
     ("VQA-RAD open", ("vqa_rad", "open", "value")),
     ("VQA-RAD closed", ("vqa_rad", "closed", "value")),
+]
+ZS_GROUNDING_COLUMNS = [
     ("ZS modality AUC", ("zeroshot", "slake_modality", "macro_auc", "auc")),
     ("ZS organ AUC", ("zeroshot", "slake_organ", "macro_auc", "auc")),
     ("ZS organ AUC (pairs)", ("zeroshot", "slake_organ_pairs", "macro_auc", "auc")),
     ("ZS abnormality AUC", ("zeroshot", "slake_abnormality", "macro_auc", "auc")),
-    ("pointing game", ("grounding", "overall", "pointing_game")),
-    ("IoU≥0.3", ("grounding", "overall", "iou@0.3")),
-    ("IoU≥0.5", ("grounding", "overall", "iou@0.5")),
+    ("pointing (patch)", ("grounding", "overall", "pointing_game")),
+    ("IoU≥0.3 (patch)", ("grounding", "overall", "iou@0.3")),
+    ("pointing (windows)", ("grounding", "windows", "overall", "pointing_game")),
+    ("IoU≥0.3 (windows)", ("grounding", "windows", "overall", "iou@0.3")),
 ]
+COLUMNS = VQA_COLUMNS + ZS_GROUNDING_COLUMNS
 
 
 def _get(d, path):
@@ -318,13 +328,31 @@ def _cell(tasks, path) -> str:
     return pct(value)
 
 
-def ablation_table(results: dict) -> str:
-    head = "| variant | " + " | ".join(c for c, _ in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
-    for v, r in results["variants"].items():
+def _ordered(results: dict) -> list[str]:
+    """The variants in the config's order (results.json is written with sorted keys)."""
+    order = [v for v in results.get("config", {}).get("variants", []) if v in results["variants"]]
+    return order + [v for v in results["variants"] if v not in order]
+
+
+def ablation_table(results: dict, columns=None) -> str:
+    columns = columns or COLUMNS
+    head = "| variant | " + " | ".join(c for c, _ in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for v in _ordered(results):
+        r = results["variants"][v]
         tasks = r["eval"]["tasks"]
-        lines.append(f"| {r['label']} | " + " | ".join(_cell(tasks, p) for _, p in COLUMNS) + " |")
+        lines.append(f"| {r['label']} | " + " | ".join(_cell(tasks, p) for _, p in columns) + " |")
     return "\n".join(lines)
+
+
+def _grounding_references(results: dict) -> str:
+    """The no-pixel references of the grounding benchmark (the same for every variant)."""
+    for r in results["variants"].values():
+        o = _get(r["eval"]["tasks"], ("grounding", "overall")) or _get(r["eval"]["tasks"], ("grounding", "windows", "overall"))
+        if o and o.get("n"):
+            return (f"centre point: pointing {pct(o['baseline_centre_pointing'])}; the phrase's mean SLAKE-train box: pointing "
+                    f"{pct(o.get('baseline_prior_pointing'))}, IoU≥0.3 {pct(o.get('baseline_prior_iou@0.3'))} (n = {o['n']} phrases)")
+    return "not computed"
 
 
 def make_plots(results: dict, out: Path) -> dict:
@@ -337,7 +365,7 @@ def make_plots(results: dict, out: Path) -> dict:
     from ..train.metrics import plot_loss_curves
 
     plots = {}
-    variants = list(results["variants"])
+    variants = _ordered(results)
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(COLUMNS)), 4))
     width = 0.8 / max(1, len(variants))
     for j, v in enumerate(variants):
@@ -381,15 +409,23 @@ Pretraining data: the `train` split of a MedRegion dataset built from {", ".join
 of SLAKE test/validate or VQA-RAD test ({results["data"]["held_out_images_checked"]} held-out images checked).
 Every variant: base recipe `{t["base"]}`, {t["steps"]} steps, batch {t["batch_size"]}, seed {c["seed"]}.
 
-{ablation_table(results)}
+**VQA** (accuracy, %)
+
+{ablation_table(results, VQA_COLUMNS)}
+
+**Zero-shot classification (macro AUC, %) and grounding (%)**
+
+{ablation_table(results, ZS_GROUNDING_COLUMNS)}
 
 * Percentages; [95% bootstrap CI] ({c["eval"]["n_boot"]} resamples) for VQA overall/open/closed and zero-shot macro AUC.
-* VQA: an MLP head on [image ; question] embeddings of the frozen model, answers = the training answer set;
+* VQA: an MLP head on [image ; question] embeddings of the {"model fine-tuned with it (" + str(c["eval"]["vqa_finetune_epochs"]) + " epochs)" if c["eval"].get("vqa_finetune") else "frozen model"}, answers = the training answer set;
   SLAKE English train (best epoch on validate) → test, VQA-RAD 3,064 → 451. Test-time ROIs: {json.dumps(rois)}
   (SLAKE images come with boxes; VQA-RAD images have none, so every VQA-RAD result uses the whole image).
 * Zero-shot on SLAKE test: modality (softmax over CT/MRI/X-Ray), organ (multi-label box classes: cosine with each
   class's prompt ensemble; "(pairs)" = softmax over a positive/negative prompt pair), abnormality (normal vs abnormal from finding boxes and whole-image QA facts).
-* Grounding on SLAKE test boxes: pointing game and IoU of the thresholded patch–text similarity map.
+* Grounding on SLAKE test boxes, each box class of an image a phrase: pointing game and IoU≥0.3 of the box from
+  (patch) the thresholded patch–text similarity map and (windows) the best of the sliding windows embedded as regions.
+  References that see no pixels: {_grounding_references(results)}.
 * Problems counted per variant: {json.dumps(problems)} (details in each `<variant>/eval/report.md`).
 
 ![metrics](ablation.png)

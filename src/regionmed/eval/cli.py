@@ -31,11 +31,14 @@ Tasks (--tasks, comma-separated):
   retrieval  image<->report and region<->caption R@1/5/10 on --medregion.
   vqa_rad    VQA-RAD 3,064 train / 451 test questions.
   slake_vqa  SLAKE English train / validate (best epoch) / test.
-             VQA = an MLP head on [image ; question] embeddings of the frozen model,
+             VQA = an MLP head on [image ; question] embeddings of the frozen model
+             (or, with --vqa-finetune, of a copy trained end to end with it),
              answers = the training answer set (normalised: case, whitespace,
              punctuation); the share of test answers outside it is reported.
-  grounding  SLAKE test boxes: pointing game, IoU>=0.3/0.5 of the thresholded
-             patch-text similarity map, overlay PNGs.
+  grounding  SLAKE test boxes: pointing game, IoU>=0.3/0.5 of two read-outs, the
+             thresholded patch-text similarity map ("patch") and sliding windows
+             embedded as regions ("windows"); beside them the centre point and a
+             location prior (each class's mean SLAKE-train box); overlay PNGs.
 
 Test-time ROIs (--rois): none, given (the dataset's boxes), self (proposed by the
 model from patch-text similarity); each result states which was used.
@@ -92,8 +95,10 @@ def _eval(args: argparse.Namespace) -> int:
         data_root=args.data_root, tasks=tasks, rois=args.rois, image_feature=args.image_feature, prompts=args.prompts,
         medregion=args.medregion, medregion_split=args.medregion_split, class_folder=args.class_folder,
         n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size, num_workers=args.workers,
-        vqa=VQAConfig(epochs=args.vqa_epochs, hidden=args.vqa_hidden), overlays=args.overlays,
+        vqa=VQAConfig(epochs=args.vqa_epochs, hidden=args.vqa_hidden, finetune=args.vqa_finetune,
+                      finetune_epochs=args.vqa_finetune_epochs, finetune_lr=args.vqa_finetune_lr), overlays=args.overlays,
         grounding_threshold=args.grounding_threshold, grounding_contrast=args.grounding_contrast,
+        grounding_readouts=[r.strip() for r in args.grounding_readouts.split(",") if r.strip()],
         limit_images=args.limit_images, limit_questions=args.limit_questions,
     )
     results = evaluate(model, opts, args.out)
@@ -134,11 +139,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0)")
     p.add_argument("--vqa-epochs", type=int, default=60, help="VQA head training epochs (default 60)")
     p.add_argument("--vqa-hidden", type=int, default=512, help="VQA head hidden width (default 512)")
+    p.add_argument("--vqa-finetune", action="store_true",
+                   help="fine-tune the encoders with the VQA head (a copy of the model; default: frozen encoders)")
+    p.add_argument("--vqa-finetune-epochs", type=int, default=3, help="epochs when fine-tuning (default 3)")
+    p.add_argument("--vqa-finetune-lr", type=float, default=1e-5, help="encoder learning rate when fine-tuning (default 1e-5)")
     p.add_argument("--overlays", type=int, default=8, help="grounding overlay PNGs to write (default 8)")
     p.add_argument("--grounding-threshold", type=float, default=0.5,
                    help="box = component around the peak of the map thresholded at min + T*(max-min) (default 0.5)")
     p.add_argument("--grounding-contrast", action="store_true",
                    help="subtract from each phrase's map the mean map over all phrases of the benchmark")
+    p.add_argument("--grounding-readouts", default="patch,windows",
+                   help="comma-separated grounding read-outs: patch, windows (default both)")
     p.add_argument("--limit-images", type=int, help="keep the first N images per benchmark (smoke runs)")
     p.add_argument("--limit-questions", type=int, help="keep the first N questions per VQA split (smoke runs)")
     p.set_defaults(func=_eval)

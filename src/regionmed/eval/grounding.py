@@ -1,4 +1,16 @@
-"""Grounding: phrase → patch–text similarity map → a point and a box.
+"""Grounding: phrase → similarity map → a point and a box.
+
+Two read-outs of the same model, each scored against the same boxes:
+
+* ``patch``: the patch–text map described below;
+* ``windows``: region-level scoring. Square windows at several scales slide over
+  the image; each is embedded the way the model embeds a region (its ROI path:
+  crop or RoIAlign feature + box geometry + context attention; a model without an
+  ROI path embeds the window's crop as a whole image) and scored against the
+  phrase. The **box** is the best-scoring window and the **point** the maximum of
+  the map that gives every pixel the mean score of the windows covering it. This
+  reads out what the region loss trains (region embeddings against region
+  captions); the patch grid is never trained directly by any loss.
 
 The map is the cosine similarity between the phrase embedding and every cell of
 the image tower's patch grid projected into the joint space
@@ -75,6 +87,81 @@ def locate(sim: torch.Tensor, geom: Geometry, threshold: float = 0.5) -> dict:
     return {"point": point, "box": box, "peak": hi, "map": content}
 
 
+def window_boxes(width: int, height: int, scales=(0.25, 0.4, 0.6), stride: float = 0.5) -> list[list[float]]:
+    """Square sliding windows (original pixels): side ``scale * max(width, height)``,
+    moved by ``stride`` of the side, clipped to the image, duplicates removed."""
+    side_ref = max(width, height)
+    out, seen = [], set()
+    for sc in scales:
+        side = max(2.0, sc * side_ref)
+        step = max(1.0, stride * side)
+
+        def starts(extent):
+            if side >= extent:
+                return [0.0]
+            n = int(np.ceil((extent - side) / step)) + 1
+            return list(np.linspace(0.0, extent - side, n))
+
+        for y in starts(height):
+            for x in starts(width):
+                b = [round(x, 1), round(y, 1), round(min(x + side, width), 1), round(min(y + side, height), 1)]
+                if tuple(b) not in seen:
+                    seen.add(tuple(b))
+                    out.append(b)
+    return out
+
+
+@torch.no_grad()
+def window_scores(model, pre, image, boxes: list[list[float]], text_emb: torch.Tensor) -> torch.Tensor:
+    """(K, T) cosine similarity of each window's region embedding with each phrase."""
+    device = model.logit_scale.device
+    if model.roi_processor is not None:
+        out = pre(image, boxes)
+        crops = out["crops"].to(device) if (out["crops"] is not None and model.cfg.roi.mode == "crop") else None
+        emb = model.encode_image(out["image"][None].to(device), out["boxes"][None].to(device),
+                                 torch.ones(1, len(boxes), dtype=torch.bool, device=device), crops, use_rois=True)
+        regions = emb.roi[0]
+    else:  # no ROI path: each window's crop as a whole image
+        mode = pre.roi_mode
+        pre.roi_mode = "none"
+        try:
+            xs = torch.stack([pre(image.crop(tuple(int(round(v)) for v in b)))["image"] for b in boxes]).to(device)
+        finally:
+            pre.roi_mode = mode
+        regions = torch.cat([model.encode_image(xs[i : i + 64], use_rois=False).global_ for i in range(0, len(xs), 64)])
+    return regions.float() @ text_emb.float().T
+
+
+def locate_windows(scores: torch.Tensor, boxes: list[list[float]], width: int, height: int, cells: int = 64) -> dict:
+    """One phrase's (K,) window scores → {"point", "box", "peak", "map"} (map: mean score per pixel)."""
+    sx, sy = cells / width, cells / height
+    acc = np.zeros((cells, cells))
+    cnt = np.zeros((cells, cells))
+    sc = scores.cpu().numpy()
+    for v, b in zip(sc, boxes):
+        x0, y0 = int(np.floor(b[0] * sx)), int(np.floor(b[1] * sy))
+        x1, y1 = max(x0 + 1, int(np.ceil(b[2] * sx))), max(y0 + 1, int(np.ceil(b[3] * sy)))
+        acc[y0:y1, x0:x1] += v
+        cnt[y0:y1, x0:x1] += 1
+    m = np.where(cnt > 0, acc / np.maximum(cnt, 1), sc.min())
+    py, px = np.unravel_index(int(np.argmax(m)), m.shape)
+    best = int(np.argmax(sc))
+    return {"point": ((px + 0.5) / sx, (py + 0.5) / sy), "box": list(boxes[best]), "peak": float(sc[best]), "map": m}
+
+
+def location_prior(refs) -> dict[str, list[float]]:
+    """Per phrase, the mean box of its training boxes in relative coordinates [0, 1]
+    (``refs``: ImageRefs with ``boxes``/``box_labels`` and a readable size in ``sizes``)."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for boxes, labels, (w, h) in refs:
+        for b, lab in zip(boxes, labels):
+            rel = np.array([b[0] / w, b[1] / h, b[2] / w, b[3] / h], dtype=np.float64)
+            sums[lab] = sums.get(lab, 0) + rel
+            counts[lab] = counts.get(lab, 0) + 1
+    return {lab: list(sums[lab] / counts[lab]) for lab in sums}
+
+
 def point_in_box(p, box) -> bool:
     return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
 
@@ -113,6 +200,14 @@ def summarise(rows: list[dict]) -> dict:
         "baseline_whole_image_iou@0.3": float(sum(r["base_iou"] >= 0.3 for r in rows) / n),
         "baseline_whole_image_iou@0.5": float(sum(r["base_iou"] >= 0.5 for r in rows) / n),
     }
+    prior = [r for r in rows if r.get("prior_hit") is not None]
+    if prior:  # the phrase's mean training box (a location prior that sees no pixels)
+        out.update({
+            "baseline_prior_n": len(prior),
+            "baseline_prior_pointing": float(sum(bool(r["prior_hit"]) for r in prior) / len(prior)),
+            "baseline_prior_iou@0.3": float(sum(r["prior_iou"] >= 0.3 for r in prior) / len(prior)),
+            "baseline_prior_iou@0.5": float(sum(r["prior_iou"] >= 0.5 for r in prior) / len(prior)),
+        })
     return out
 
 

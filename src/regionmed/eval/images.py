@@ -61,6 +61,17 @@ class ImageSetEmbeddings:
         return table[kind]
 
 
+def pool_rois(emb) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, D) mean of an ImageEmbeddings' ROI embeddings, re-normalised (the fused
+    embedding for an image without ROIs), and (B,) the ROI counts."""
+    if emb.roi is not None and emb.roi_mask is not None and emb.roi_mask.shape[1] > 0:
+        m = emb.roi_mask.unsqueeze(-1).to(emb.roi.dtype)
+        n = emb.roi_mask.sum(1)
+        pooled = (emb.roi * m).sum(1) / n.clamp_min(1).unsqueeze(-1)
+        return torch.where((n > 0).unsqueeze(-1), F.normalize(pooled, dim=-1), emb.fused), n
+    return emb.fused, torch.zeros(emb.fused.shape[0], dtype=torch.long, device=emb.fused.device)
+
+
 def open_image(ref: ImageRef) -> Image.Image:
     if ref.image is not None:
         return to_rgb(ref.image)
@@ -171,16 +182,9 @@ def embed_images(model, refs: list[ImageRef], rois: str = "none", batch_size: in
             emb = model.encode_image(images, batch["boxes"].to(device), batch["mask"].to(device), crops, use_rois=True)
         g.append(emb.global_.cpu())
         f.append(emb.fused.cpu())
-        if emb.roi is not None and emb.roi_mask is not None and emb.roi_mask.shape[1] > 0:
-            m = emb.roi_mask.unsqueeze(-1).float()
-            n = emb.roi_mask.sum(1)
-            pooled = (emb.roi * m).sum(1) / n.clamp_min(1).unsqueeze(-1)
-            pooled = torch.where((n > 0).unsqueeze(-1), F.normalize(pooled, dim=-1), emb.fused)
-            rp.append(pooled.cpu())
-            nr.append(n.cpu())
-        else:
-            rp.append(emb.fused.cpu())
-            nr.append(torch.zeros(len(batch["ok"]), dtype=torch.long))
+        pooled, n = pool_rois(emb)
+        rp.append(pooled.cpu())
+        nr.append(n.cpu())
         for s in batch["ok"]:
             keys.append(s["key"])
             used[s["key"]] = s["pixel_boxes"]

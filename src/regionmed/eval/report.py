@@ -78,14 +78,20 @@ def vqa_md(name: str, r: dict) -> list[str]:
 
 
 def grounding_md(r: dict) -> list[str]:
-    o = r["overall"]
     lines = ["## Grounding (SLAKE test boxes)", "",
-             f"Patch grid {r.get('grid')}, threshold {r['threshold']}, contrast (mean map subtracted) {r.get('contrast', False)}; test-time ROIs: {r['rois']}. Reference: centre point / whole-image box.",
-             "", "| phrases | pointing game | IoU≥0.3 | IoU≥0.5 | mean IoU | centre pointing | whole-image IoU≥0.3 | whole-image IoU≥0.5 |",
-             "|---|---|---|---|---|---|---|---|"]
-    if o.get("n"):
-        lines.append(f"| {o['n']} | {pct(o['pointing_game'])} | {pct(o['iou@0.3'])} | {pct(o['iou@0.5'])} | {o['mean_iou']:.3f} | "
-                     f"{pct(o['baseline_centre_pointing'])} | {pct(o['baseline_whole_image_iou@0.3'])} | {pct(o['baseline_whole_image_iou@0.5'])} |")
+             f"Read-outs: **patch** = patch–text map over the {r.get('grid')} patch grid, thresholded at {r['threshold']}; "
+             "**windows** = sliding windows embedded as regions, best window = box, mean-score map = point "
+             f"(contrast, mean over phrases subtracted: {r.get('contrast', False)}). Test-time ROIs: {r['rois']}.",
+             "References that see no pixels: the centre point / whole-image box, and the class's mean box over the SLAKE "
+             "train boxes (location prior).", "",
+             "| read-out | phrases | pointing game | IoU≥0.3 | IoU≥0.5 | mean IoU | centre pointing | prior pointing | prior IoU≥0.3 | prior IoU≥0.5 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for readout in r.get("readouts", ["patch"]):
+        o = (r.get(readout) or {}).get("overall") or (r["overall"] if readout == "patch" else {})
+        if o.get("n"):
+            lines.append(f"| {readout} | {o['n']} | {pct(o['pointing_game'])} | {pct(o['iou@0.3'])} | {pct(o['iou@0.5'])} | "
+                         f"{o['mean_iou']:.3f} | {pct(o['baseline_centre_pointing'])} | {pct(o.get('baseline_prior_pointing'))} | "
+                         f"{pct(o.get('baseline_prior_iou@0.3'))} | {pct(o.get('baseline_prior_iou@0.5'))} |")
     if r.get("overlays"):
         lines += ["", f"Overlays (green: annotated, red: predicted box and point): `{Path(r['overlays']).name}/`"]
     return lines

@@ -21,7 +21,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from .datasets import (
     folder_task,
@@ -34,13 +36,25 @@ from .datasets import (
     vqa_rad_questions,
     slake_image_refs,
 )
-from .grounding import Geometry, locate, save_overlay, score_prediction, similarity_maps, summarise
+from .grounding import (
+    Geometry,
+    locate,
+    locate_windows,
+    location_prior,
+    save_overlay,
+    score_prediction,
+    similarity_maps,
+    summarise,
+    window_boxes,
+    window_scores,
+)
 from .images import ImageSetEmbeddings, embed_images, open_image
 from .prompts import load_prompts, proposal_phrases
-from .vqa import VQAConfig, run_vqa
+from .vqa import VQAConfig, run_vqa, run_vqa_finetune
 from .zeroshot import ZeroShotTask, run_task
 
 log = logging.getLogger(__name__)
+GROUNDING_READOUTS = ("patch", "windows")
 TASKS = ("zeroshot", "retrieval", "vqa_rad", "slake_vqa", "grounding")
 
 
@@ -62,6 +76,8 @@ class EvalOptions:
     vqa_use_val: bool = True
     grounding_threshold: float = 0.5
     grounding_contrast: bool = False  # subtract the mean map over all phrases (removes the phrase-independent part)
+    grounding_readouts: list[str] = field(default_factory=lambda: ["patch", "windows"])
+    grounding_window_scales: tuple[float, ...] = (0.25, 0.4, 0.6)
     overlays: int = 8
     min_positives: int = 5
     limit_images: int | None = None  # keep the first N images per benchmark (smoke runs)
@@ -169,9 +185,12 @@ def eval_vqa(model, opts: EvalOptions, which: str, problems: Problems) -> dict:
     note = ""
     if rois == "given" and not any(r.boxes for r in refs):
         rois, note = "none", "no boxes come with these images: given ROIs = none"
-    emb = _embed(model, refs, opts, problems, which, rois)
     cfg = VQAConfig(**{**opts.vqa.__dict__, "image_feature": _feature(model, opts), "seed": opts.seed, "n_boot": opts.n_boot})
-    res = run_vqa(model, train, test, emb, cfg, val, which)
+    if cfg.finetune:
+        res = run_vqa_finetune(model, train, test, refs, rois, cfg, val, which, phrases=proposal_phrases(opts.prompts), progress=True)
+    else:
+        emb = _embed(model, refs, opts, problems, which, rois)
+        res = run_vqa(model, train, test, emb, cfg, val, which)
     for msg in res.pop("problems"):
         problems.add(which, msg)
     oos = res["out_of_set"]
@@ -183,56 +202,106 @@ def eval_vqa(model, opts: EvalOptions, which: str, problems: Problems) -> dict:
     return res
 
 
+def _slake_location_prior(root: Path, problems: Problems) -> dict[str, list[float]]:
+    """Mean relative box per class over the SLAKE *train* boxes (the prior baseline)."""
+    from PIL import Image
+
+    items = []
+    for ref in slake_grounding_items(root, "train"):
+        try:
+            with Image.open(ref.path) as im:
+                size = im.size
+        except Exception as err:  # noqa: BLE001
+            problems.add("grounding", f"train image {ref.key} not readable for the location prior ({type(err).__name__}); skipped")
+            continue
+        items.append((ref.boxes, ref.box_labels, size))
+    return location_prior(items)
+
+
 def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> dict:
     from ..data.transforms import Preprocessor
 
-    refs = _limit(slake_grounding_items(Path(opts.data_root) / "slake", "test"), opts.limit_images)
+    root = Path(opts.data_root) / "slake"
+    refs = _limit(slake_grounding_items(root, "test"), opts.limit_images)
     pre = Preprocessor.from_model(model)
     pre.roi_mode = "none"
+    wpre = Preprocessor.from_model(model)  # windows: the model's own ROI preparation (crops in crop mode)
     device = model.logit_scale.device
     phrases = sorted({lab for r in refs for lab in r.box_labels})
     if not phrases:
         raise ValueError("no SLAKE test image with boxes")
+    unknown = [r for r in opts.grounding_readouts if r not in GROUNDING_READOUTS]
+    if unknown:
+        raise ValueError(f"grounding read-out(s) {unknown} not in {GROUNDING_READOUTS}")
+    prior = _slake_location_prior(root, problems)
     text = model.encode_text([p.lower() for p in phrases])
     pidx = {p: i for i, p in enumerate(phrases)}
-    rows, per_class, n_overlay = [], {}, 0
+    rows: dict[str, list] = {r: [] for r in opts.grounding_readouts}
+    per_class: dict[str, dict] = {r: {} for r in opts.grounding_readouts}
+    n_overlay, n_windows = 0, []
     odir = out / "grounding_overlays"
-    for ref in refs:
+    for ref in tqdm(refs, desc="grounding", leave=False):
         try:
             image = open_image(ref)
         except Exception as err:  # noqa: BLE001
             problems.add("grounding", f"image {ref.key} could not be read ({type(err).__name__}: {err}); skipped")
             continue
-        x = pre(image)["image"][None].to(device)
         labels = list(dict.fromkeys(ref.box_labels))
-        if opts.grounding_contrast:
-            every = similarity_maps(model, x, text)[0]  # (P, h, w) for every phrase of the benchmark
-            maps = (every - every.mean(0, keepdim=True))[[pidx[lab] for lab in labels]]
-        else:
-            maps = similarity_maps(model, x, text[[pidx[lab] for lab in labels]])[0]
-        geom = Geometry(*image.size, pre.image_size)
         w, h = image.size
-        for lab, m in zip(labels, maps):
+        found = {}
+        if "patch" in rows:
+            x = pre(image)["image"][None].to(device)
+            if opts.grounding_contrast:
+                every = similarity_maps(model, x, text)[0]  # (P, h, w) for every phrase of the benchmark
+                maps = (every - every.mean(0, keepdim=True))[[pidx[lab] for lab in labels]]
+            else:
+                maps = similarity_maps(model, x, text[[pidx[lab] for lab in labels]])[0]
+            geom = Geometry(w, h, pre.image_size)
+            found["patch"] = [locate(m, geom, opts.grounding_threshold) for m in maps]
+        if "windows" in rows:
+            wins = window_boxes(w, h, opts.grounding_window_scales)
+            n_windows.append(len(wins))
+            scores = window_scores(model, wpre, image, wins, text)  # (K, P)
+            if opts.grounding_contrast:
+                scores = scores - scores.mean(1, keepdim=True)
+            found["windows"] = [locate_windows(scores[:, pidx[lab]], wins, w, h) for lab in labels]
+        for i, lab in enumerate(labels):
             gt = [b for b, l2 in zip(ref.boxes, ref.box_labels) if l2 == lab]
-            res = locate(m, geom, opts.grounding_threshold)
-            sc = score_prediction(res["point"], res["box"], gt)
             base = score_prediction((w / 2, h / 2), [0, 0, w, h], gt)
-            row = {"image": ref.key, "phrase": lab.lower(), **sc, "base_hit": base["hit"], "base_iou": base["iou"]}
-            rows.append(row)
-            per_class.setdefault(lab, []).append(row)
+            pb = prior.get(lab)
+            pri = score_prediction(((pb[0] + pb[2]) / 2 * w, (pb[1] + pb[3]) / 2 * h), [pb[0] * w, pb[1] * h, pb[2] * w, pb[3] * h], gt) if pb else None
+            for readout, res_list in found.items():
+                res = res_list[i]
+                sc = score_prediction(res["point"], res["box"], gt)
+                row = {"image": ref.key, "phrase": lab.lower(), **sc, "base_hit": base["hit"], "base_iou": base["iou"],
+                       "prior_hit": pri["hit"] if pri else None, "prior_iou": pri["iou"] if pri else None}
+                rows[readout].append(row)
+                per_class[readout].setdefault(lab, []).append(row)
+                if n_overlay < opts.overlays:
+                    odir.mkdir(parents=True, exist_ok=True)
+                    save_overlay(image, res, gt, f"{ref.key}: {lab.lower()} ({readout})",
+                                 odir / f"{n_overlay:02d}_{ref.key.replace('/', '_')}_{lab.replace(' ', '_')}_{readout}.png")
             if n_overlay < opts.overlays:
-                odir.mkdir(parents=True, exist_ok=True)
-                save_overlay(image, res, gt, f"{ref.key}: {lab.lower()}", odir / f"{n_overlay:02d}_{ref.key.replace('/', '_')}_{lab.replace(' ', '_')}.png")
                 n_overlay += 1
-    return {
-        "rois": "none (similarity maps from the whole-image patch grid)",
+    out_res: dict = {
+        "rois": "none (patch: the whole-image patch grid; windows: sliding windows as ROIs)",
+        "readouts": list(rows),
         "threshold": opts.grounding_threshold,
         "contrast": opts.grounding_contrast,
         "grid": list(model.patch_embeddings(torch.zeros(1, 3, pre.image_size, pre.image_size, device=device)).shape[1:3]),
-        "overall": summarise(rows),
-        "per_class": {c: summarise(r) for c, r in sorted(per_class.items())},
+        "prior": {"source": "SLAKE train boxes, mean relative box per class", "classes": len(prior),
+                  "test_phrases_without_prior": sorted(set(phrases) - set(prior))},
         "overlays": str(odir) if n_overlay else None,
     }
+    for readout in rows:
+        block = {"overall": summarise(rows[readout]), "per_class": {c: summarise(r) for c, r in sorted(per_class[readout].items())}}
+        if readout == "windows":
+            block.update(scales=list(opts.grounding_window_scales), windows_per_image=float(np.mean(n_windows)) if n_windows else 0.0,
+                         embedding="ROI path (given windows as boxes)" if model.roi_processor is not None else "window crop as a whole image")
+        out_res[readout] = block
+    if "patch" in rows:  # the issue's read-out stays the headline
+        out_res.update(overall=out_res["patch"]["overall"], per_class=out_res["patch"]["per_class"])
+    return out_res
 
 
 def eval_retrieval(model, opts: EvalOptions, problems: Problems) -> dict:

@@ -17,10 +17,17 @@ So ``"X-Ray"``, ``"x ray"`` and ``" X-ray. "`` are one answer (``"x ray"``).
 outside it cannot be predicted; they count as wrong, and their share is reported
 (``out_of_set``), together with the accuracy on the in-set questions.
 
-**Head**: an MLP on ``[image embedding ; question embedding]`` (both from the frozen
-model, precomputed once): Linear(2D, hidden) → GELU → Dropout → Linear(hidden,
-n_answers), AdamW, cross-entropy. With validation questions, the epoch with the
-best validation accuracy is kept. Fine-tuning the encoders is not implemented.
+**Head**: an MLP on ``[image embedding ; question embedding]``: Linear(2D, hidden)
+→ GELU → Dropout → Linear(hidden, n_answers), AdamW, cross-entropy. With validation
+questions, the epoch with the best validation accuracy is kept.
+
+* **frozen** (default, :func:`run_vqa`): both embeddings come from the frozen model,
+  precomputed once; the head trains for ``epochs`` on them.
+* **fine-tuned** (``VQAConfig.finetune``, :func:`run_vqa_finetune`): a copy of the
+  model is trained end to end with the head (image tower, ROI processor, text tower
+  and projections at ``finetune_lr``, the head at ``lr``) for ``finetune_epochs``;
+  the images are read and preprocessed once (kept in memory) and their test-time
+  ROIs are fixed before training. The caller's model is never changed.
 
 Questions whose image could not be read are skipped and counted (``skipped``).
 """
@@ -73,6 +80,10 @@ class VQAConfig:
     batch_size: int = 128
     seed: int = 0
     n_boot: int = 1000
+    finetune: bool = False  # train the encoders with the head (see run_vqa_finetune)
+    finetune_epochs: int = 3
+    finetune_lr: float = 1e-5  # encoders; the head keeps ``lr``
+    finetune_batch_size: int = 32
 
 
 class VQAHead(nn.Module):
@@ -162,6 +173,17 @@ def run_vqa(model, train: list[Question], test: list[Question], images: ImageSet
         problems.append(f"question {q.qid}: image {q.image_key} is missing or unreadable (skipped)")
     with torch.no_grad():
         pred = head(xte).argmax(1).tolist() if qte else []
+    out = score_answers(pred, qte, vocab, cfg, name)
+    out.update(rois=images.rois, train_questions=len(qtr), skipped={"train": len(sktr), "test": len(skte)},
+               val_questions_used=int(len(val_xy[1])) if val_xy else 0, problems=problems[:50], n_problems=len(problems),
+               training={k: v for k, v in training.items() if k != "history"})
+    return out
+
+
+def score_answers(pred: list[int], qte: list[Question], vocab: list[str], cfg: VQAConfig, name: str) -> dict:
+    """Accuracy (overall / open / closed, bootstrap CIs), per question type, and the
+    share of test answers outside the answer set, for predicted answer indices."""
+    pos = {a: i for i, a in enumerate(vocab)}
     gold = [normalize_answer(q.answer) for q in qte]
     correct = np.array([float(vocab[p] == g) for p, g in zip(pred, gold)])
     in_set = np.array([g in pos for g in gold], dtype=bool)
@@ -181,9 +203,8 @@ def run_vqa(model, train: list[Question], test: list[Question], images: ImageSet
     return {
         "name": name,
         "image_feature": cfg.image_feature,
-        "rois": images.rois,
+        "encoders": "fine-tuned" if cfg.finetune else "frozen",
         "answers": len(vocab),
-        "train_questions": len(qtr),
         "test_questions": len(qte),
         "overall": mean_with_ci(correct, counts) if len(qte) else {"value": None, "ci": [None, None], "n": 0},
         "open": acc(types == "OPEN"),
@@ -193,10 +214,157 @@ def run_vqa(model, train: list[Question], test: list[Question], images: ImageSet
                        "examples": sorted({g for g, ok in zip(gold, in_set) if not ok})[:10],
                        "note": "test answers outside the training answer set count as wrong"},
         "in_set_accuracy": float(correct[in_set].mean()) if in_set.any() else None,
-        "skipped": {"train": len(sktr), "test": len(skte)},
-        "val_questions_used": int(len(val_xy[1])) if val_xy else 0,
-        "problems": problems[:50],
-        "n_problems": len(problems),
-        "training": {k: v for k, v in training.items() if k != "history"},
         "config": asdict(cfg),
     }
+
+
+def _prepared_images(model, refs, rois: str, phrases: list[str] | None, batch_size: int):
+    """Read and preprocess every image once: ({key: sample}, [(key, why)], effective ROI mode)."""
+    from ..data.transforms import Preprocessor
+    from .images import ROI_MODES, _Images, propose_boxes
+
+    if rois not in ROI_MODES:
+        raise ValueError(f"test-time ROIs {rois!r} is not one of {ROI_MODES}")
+    effective = rois if model.roi_processor is not None else "none"
+    pre = Preprocessor.from_model(model)
+    boxes = None
+    if effective == "none":
+        pre.roi_mode = "none"
+    elif effective == "given":
+        boxes = {r.key: r.boxes for r in refs}
+    else:
+        boxes = propose_boxes(model, refs, phrases or [], batch_size=batch_size)
+    data = _Images(refs, pre, boxes)
+    cache, missing = {}, []
+    for i in range(len(data)):
+        s = data[i]
+        if "error" in s:
+            missing.append((s["key"], s["error"]))
+        else:
+            cache[s["key"]] = s
+    rois_text = effective + ("" if effective == rois else f" (asked {rois}; the model has no ROI path)")
+    return cache, missing, effective, rois_text
+
+
+def _image_batch(model, samples: list[dict], kind: str, use_rois: bool) -> torch.Tensor:
+    from .images import _collate, pool_rois
+
+    b = _collate(samples)
+    device = model.logit_scale.device
+    images = b["images"].to(device)
+    if not use_rois:
+        emb = model.encode_image(images, use_rois=False)
+    else:
+        crops = b["crops"].to(device) if (b["crops"] is not None and model.cfg.roi.mode == "crop") else None
+        emb = model.encode_image(images, b["boxes"].to(device), b["mask"].to(device), crops, use_rois=True)
+    if kind == "global":
+        return emb.global_
+    if kind == "fused":
+        return emb.fused
+    if kind == "roi":
+        return pool_rois(emb)[0]
+    raise ValueError(f"image embedding {kind!r} is not one of ['fused', 'global', 'roi']")
+
+
+def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, rois: str = "none",
+                     cfg: VQAConfig | None = None, val: list[Question] | None = None, name: str = "vqa",
+                     phrases: list[str] | None = None, progress: bool = False) -> dict:
+    """VQA with the encoders fine-tuned together with the head (a copy of ``model``).
+
+    ``refs``: the ImageRefs of every question's image; ``rois``: test-time ROIs
+    (none / given / self), fixed before training. Returns what :func:`run_vqa` does."""
+    from tqdm import tqdm
+
+    cfg = cfg or VQAConfig(finetune=True)
+    problems: list[str] = []
+    vocab = answer_vocabulary(train)
+    if not vocab:
+        raise ValueError(f"{name}: the training split has no answers")
+    pos = {a: i for i, a in enumerate(vocab)}
+    for q in train:
+        if not normalize_answer(q.answer):
+            problems.append(f"training question {q.qid}: answer {q.answer!r} is empty after normalisation (skipped)")
+    cache, missing, effective, rois_text = _prepared_images(model, refs, rois, phrases, cfg.finetune_batch_size)
+    for key, why in missing:
+        problems.append(f"image {key} could not be read ({why})")
+    qtr = [q for q in train if normalize_answer(q.answer) and q.image_key in cache]
+    sktr = [q for q in train if normalize_answer(q.answer) and q.image_key not in cache]
+    if not qtr:
+        raise ValueError(f"{name}: no training question has a readable image")
+    qv = [q for q in (val or []) if q.image_key in cache and normalize_answer(q.answer) in pos]
+    qte = [q for q in test if q.image_key in cache]
+    skte = [q for q in test if q.image_key not in cache]
+    for q in sktr + skte:
+        problems.append(f"question {q.qid}: image {q.image_key} is missing or unreadable (skipped)")
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tuned = copy.deepcopy(model)
+    start_weights = torch.cat([p.detach().flatten().float().cpu() for p in model.parameters()])
+    for prm in tuned.parameters():
+        prm.requires_grad_(True)
+    tuned.logit_scale.requires_grad_(False)  # no contrastive loss here: the temperature is unused
+    device = tuned.logit_scale.device
+    head = VQAHead(2 * tuned.cfg.embed_dim, len(vocab), cfg.hidden, cfg.dropout).to(device)
+    opt = torch.optim.AdamW([
+        {"params": [p for p in tuned.parameters() if p.requires_grad], "lr": cfg.finetune_lr},
+        {"params": list(head.parameters()), "lr": cfg.lr},
+    ], weight_decay=cfg.weight_decay)
+    use_rois = effective != "none"
+    loss_fn = nn.CrossEntropyLoss()
+    bs = cfg.finetune_batch_size
+
+    def predict(questions: list[Question]) -> list[int]:
+        tuned.eval()
+        head.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(questions), bs):
+                part = questions[start : start + bs]
+                img = _image_batch(tuned, [cache[q.image_key] for q in part], cfg.image_feature, use_rois)
+                txt = tuned.encode_text([q.question for q in part])
+                out += head(torch.cat([img, txt], dim=1)).argmax(1).tolist()
+        return out
+
+    ytr = torch.tensor([pos[normalize_answer(q.answer)] for q in qtr])
+    best, best_state, best_epoch, history = -1.0, None, cfg.finetune_epochs, []
+    steps = cfg.finetune_epochs * ((len(qtr) + bs - 1) // bs)
+    bar = tqdm(total=steps, desc=f"{name} fine-tune", disable=not progress, leave=False)
+    for epoch in range(cfg.finetune_epochs):
+        tuned.train()
+        head.train()
+        perm = torch.randperm(len(qtr), generator=gen).tolist()
+        total = 0.0
+        for start in range(0, len(perm), bs):
+            idx = perm[start : start + bs]
+            part = [qtr[i] for i in idx]
+            img = _image_batch(tuned, [cache[q.image_key] for q in part], cfg.image_feature, use_rois)
+            txt = tuned.encode_text([q.question for q in part])
+            loss = loss_fn(head(torch.cat([img, txt], dim=1)), ytr[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            bar.update(1)
+        rec = {"epoch": epoch + 1, "loss": total / len(qtr)}
+        if qv:
+            gold = [pos[normalize_answer(q.answer)] for q in qv]
+            acc = float(np.mean([p == g for p, g in zip(predict(qv), gold)]))
+            rec["val_accuracy"] = acc
+            if acc > best:
+                best, best_epoch = acc, epoch + 1
+                best_state = (copy.deepcopy(tuned.state_dict()), copy.deepcopy(head.state_dict()))
+        history.append(rec)
+    bar.close()
+    if best_state is not None:
+        tuned.load_state_dict(best_state[0])
+        head.load_state_dict(best_state[1])
+    out = score_answers(predict(qte), qte, vocab, cfg, name)
+    moved = torch.cat([p.detach().flatten().float().cpu() for p in tuned.parameters()]) - start_weights
+    out.update(rois=rois_text, train_questions=len(qtr), skipped={"train": len(sktr), "test": len(skte)},
+               val_questions_used=len(qv), problems=problems[:50], n_problems=len(problems),
+               training={"epochs_run": cfg.finetune_epochs, "epoch_kept": best_epoch, "steps": steps,
+                         "losses": [round(h["loss"], 4) for h in history],
+                         "val_accuracy": [round(h["val_accuracy"], 4) for h in history if "val_accuracy" in h],
+                         "encoder_weight_change": float(moved.norm() / start_weights.norm().clamp_min(1e-12))})
+    return out
