@@ -240,7 +240,7 @@ def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> d
     per_class: dict[str, dict] = {r: {} for r in opts.grounding_readouts}
     n_overlay, n_windows = 0, []
     odir = out / "grounding_overlays"
-    for ref in tqdm(refs, desc="grounding", leave=False):
+    for ref in tqdm(refs, desc="grounding", leave=False, disable=None):  # no bar when not a terminal
         try:
             image = open_image(ref)
         except Exception as err:  # noqa: BLE001

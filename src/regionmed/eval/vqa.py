@@ -23,11 +23,13 @@ questions, the epoch with the best validation accuracy is kept.
 
 * **frozen** (default, :func:`run_vqa`): both embeddings come from the frozen model,
   precomputed once; the head trains for ``epochs`` on them.
-* **fine-tuned** (``VQAConfig.finetune``, :func:`run_vqa_finetune`): a copy of the
-  model is trained end to end with the head (image tower, ROI processor, text tower
-  and projections at ``finetune_lr``, the head at ``lr``) for ``finetune_epochs``;
-  the images are read and preprocessed once (kept in memory) and their test-time
-  ROIs are fixed before training. The caller's model is never changed.
+* **fine-tuned** (``VQAConfig.finetune``, :func:`run_vqa_finetune`): linear probe,
+  then fine-tune. The head first trains as above; then a copy of the model trains
+  end to end with it (image tower, ROI processor, text tower and projections at
+  ``finetune_lr``, the head at ``lr``) for ``finetune_epochs``, keeping the best
+  of the probe and each epoch on validation. The images are read and preprocessed
+  once (kept in memory), and their test-time ROIs are fixed before training. The
+  caller's model is never changed.
 
 Questions whose image could not be read are skipped and counted (``skipped``).
 """
@@ -271,8 +273,13 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
                      phrases: list[str] | None = None, progress: bool = False) -> dict:
     """VQA with the encoders fine-tuned together with the head (a copy of ``model``).
 
-    ``refs``: the ImageRefs of every question's image; ``rois``: test-time ROIs
-    (none / given / self), fixed before training. Returns what :func:`run_vqa` does."""
+    Linear probe, then fine-tune: the head first trains on the frozen embeddings
+    exactly as in :func:`run_vqa` (``epochs``), then head and encoders train end to
+    end for ``finetune_epochs``. With validation questions the best of the probe
+    (epoch 0) and every fine-tuning epoch is kept, so a fine-tuning that hurts on
+    validation is not kept. ``refs``: the ImageRefs of every question's image;
+    ``rois``: test-time ROIs (none / given / self), fixed before training. Returns
+    what :func:`run_vqa` does."""
     from tqdm import tqdm
 
     cfg = cfg or VQAConfig(finetune=True)
@@ -301,35 +308,50 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
     gen = torch.Generator().manual_seed(cfg.seed)
     tuned = copy.deepcopy(model)
     start_weights = torch.cat([p.detach().flatten().float().cpu() for p in model.parameters()])
-    for prm in tuned.parameters():
-        prm.requires_grad_(True)
-    tuned.logit_scale.requires_grad_(False)  # no contrastive loss here: the temperature is unused
     device = tuned.logit_scale.device
-    head = VQAHead(2 * tuned.cfg.embed_dim, len(vocab), cfg.hidden, cfg.dropout).to(device)
-    opt = torch.optim.AdamW([
-        {"params": [p for p in tuned.parameters() if p.requires_grad], "lr": cfg.finetune_lr},
-        {"params": list(head.parameters()), "lr": cfg.lr},
-    ], weight_decay=cfg.weight_decay)
     use_rois = effective != "none"
-    loss_fn = nn.CrossEntropyLoss()
     bs = cfg.finetune_batch_size
 
-    def predict(questions: list[Question]) -> list[int]:
+    def features(questions: list[Question]) -> torch.Tensor:
         tuned.eval()
-        head.eval()
         out = []
         with torch.no_grad():
             for start in range(0, len(questions), bs):
                 part = questions[start : start + bs]
                 img = _image_batch(tuned, [cache[q.image_key] for q in part], cfg.image_feature, use_rois)
-                txt = tuned.encode_text([q.question for q in part])
-                out += head(torch.cat([img, txt], dim=1)).argmax(1).tolist()
-        return out
+                out.append(torch.cat([img, tuned.encode_text([q.question for q in part])], dim=1).float())
+        return torch.cat(out) if out else torch.zeros(0, 2 * tuned.cfg.embed_dim, device=device)
 
+    def predict(questions: list[Question]) -> list[int]:
+        x = features(questions)
+        head.eval()
+        with torch.no_grad():
+            return head(x).argmax(1).tolist() if len(x) else []
+
+    def val_accuracy() -> float:
+        gold = [pos[normalize_answer(q.answer)] for q in qv]
+        return float(np.mean([p == g for p, g in zip(predict(qv), gold)]))
+
+    # 1. linear probe on the frozen embeddings (as run_vqa)
     ytr = torch.tensor([pos[normalize_answer(q.answer)] for q in qtr])
-    best, best_state, best_epoch, history = -1.0, None, cfg.finetune_epochs, []
+    val_xy = (features(qv).cpu(), torch.tensor([pos[normalize_answer(q.answer)] for q in qv], dtype=torch.long)) if qv else None
+    head, probe = train_head(features(qtr).cpu(), ytr, len(vocab), cfg, val_xy)
+    head = head.to(device)
+    history = [{"epoch": 0, "val_accuracy": val_accuracy()}] if qv else []
+    best, best_epoch = (history[0]["val_accuracy"], 0) if qv else (-1.0, cfg.finetune_epochs)
+    best_state = (copy.deepcopy(tuned.state_dict()), copy.deepcopy(head.state_dict())) if qv else None
+
+    # 2. end-to-end fine-tuning of encoders + head
+    for prm in tuned.parameters():
+        prm.requires_grad_(True)
+    tuned.logit_scale.requires_grad_(False)  # no contrastive loss here: the temperature is unused
+    opt = torch.optim.AdamW([
+        {"params": [p for p in tuned.parameters() if p.requires_grad], "lr": cfg.finetune_lr},
+        {"params": list(head.parameters()), "lr": cfg.lr},
+    ], weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
     steps = cfg.finetune_epochs * ((len(qtr) + bs - 1) // bs)
-    bar = tqdm(total=steps, desc=f"{name} fine-tune", disable=not progress, leave=False)
+    bar = tqdm(total=steps, desc=f"{name} fine-tune", disable=None if progress else True, leave=False)
     for epoch in range(cfg.finetune_epochs):
         tuned.train()
         head.train()
@@ -348,11 +370,9 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
             bar.update(1)
         rec = {"epoch": epoch + 1, "loss": total / len(qtr)}
         if qv:
-            gold = [pos[normalize_answer(q.answer)] for q in qv]
-            acc = float(np.mean([p == g for p, g in zip(predict(qv), gold)]))
-            rec["val_accuracy"] = acc
-            if acc > best:
-                best, best_epoch = acc, epoch + 1
+            rec["val_accuracy"] = val_accuracy()
+            if rec["val_accuracy"] > best:
+                best, best_epoch = rec["val_accuracy"], epoch + 1
                 best_state = (copy.deepcopy(tuned.state_dict()), copy.deepcopy(head.state_dict()))
         history.append(rec)
     bar.close()
@@ -363,8 +383,10 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
     moved = torch.cat([p.detach().flatten().float().cpu() for p in tuned.parameters()]) - start_weights
     out.update(rois=rois_text, train_questions=len(qtr), skipped={"train": len(sktr), "test": len(skte)},
                val_questions_used=len(qv), problems=problems[:50], n_problems=len(problems),
-               training={"epochs_run": cfg.finetune_epochs, "epoch_kept": best_epoch, "steps": steps,
-                         "losses": [round(h["loss"], 4) for h in history],
+               training={"probe_epochs": cfg.epochs, "probe_epoch_kept": probe["epoch_kept"],
+                         "finetune_epochs": cfg.finetune_epochs, "steps": steps,
+                         "epoch_kept": best_epoch, "epoch_kept_note": "0 = the linear probe (fine-tuning not kept)",
+                         "losses": [round(h["loss"], 4) for h in history if "loss" in h],
                          "val_accuracy": [round(h["val_accuracy"], 4) for h in history if "val_accuracy" in h],
                          "encoder_weight_change": float(moved.norm() / start_weights.norm().clamp_min(1e-12))})
     return out
