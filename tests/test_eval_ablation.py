@@ -95,9 +95,12 @@ def test_shortened_ablation_end_to_end(data_dir, tmp_path):  # noqa: F811
         assert {"zeroshot", "slake_vqa", "vqa_rad", "grounding"} <= set(tasks), (v, r["eval"]["problems"])
         assert tasks["slake_vqa"]["overall"]["value"] is not None
     assert res["variants"]["global"]["eval"]["tasks"]["slake_vqa"]["rois"].startswith("none")
-    assert res["variants"]["full"]["eval"]["tasks"]["slake_vqa"]["rois"] == "given"
+    assert res["variants"]["full"]["eval"]["tasks"]["slake_vqa"]["rois"] == "none"  # headline: the same input for all
+    given = res["variants"]["full"]["eval_given"]["tasks"]  # the region variants again with the boxes given
+    assert given["slake_vqa"]["rois"] == "given" and set(given) == {"zeroshot", "slake_vqa"}
+    assert "eval_given" not in res["variants"]["global"]
     md = (tmp_path / "abl" / "report.md").read_text()
-    assert "(d) + progressive schedule" in md and "SLAKE VQA overall" in md
+    assert "(d) + progressive schedule" in md and "SLAKE VQA overall" in md and "annotated boxes given at test time" in md
     assert all((tmp_path / "abl" / v / "eval" / "report.md").is_file() for v in VARIANTS)
     assert (tmp_path / "abl" / "ablation.png").is_file() and (tmp_path / "abl" / "loss_curves.png").is_file()
     bad = parser.parse_args(["ablate", "--config", str(tmp_path / "missing.yaml")])
