@@ -20,7 +20,11 @@
    (a)–(c) train everything from step 0 (text tower at ``text_lr_scale`` of the
    learning rate); (d) splits the same steps into the four stages.
 3. **evaluation** of each model (:func:`regionmed.eval.run.evaluate`): SLAKE test
-   (VQA, zero-shot modality / organ / abnormality, grounding) and VQA-RAD test (VQA).
+   (VQA, zero-shot modality / organ / abnormality, grounding) and VQA-RAD test (VQA),
+   every variant on the whole image (``eval.rois: none``, the same input for all);
+   the region variants again with SLAKE's annotated boxes given
+   (``eval.given_rois_tasks``), reported apart because those boxes carry label
+   information.
 4. **report** — ``<out>/report.md`` (table with 95% CIs, plots) and ``<out>/results.json``.
 """
 

@@ -54,8 +54,9 @@ The same-data ablation: build a MedRegion dataset whose training split holds no
 image of an official test/validation split (checked), pretrain (a) global-only
 CLIP, (b) + ROI processor, (c) + hard negatives, (d) + progressive schedule (the
 full method) with the same data, steps, batch and seed, evaluate all four on
-SLAKE test (VQA, zero-shot, grounding) and VQA-RAD test (VQA), and write
-OUT/report.md (table with 95% CIs, plots) and OUT/results.json.
+SLAKE test (VQA, zero-shot, grounding) and VQA-RAD test (VQA) on the whole image
+(plus the region variants with SLAKE's boxes given, in a separate table), and
+write OUT/report.md (tables with 95% CIs, plots) and OUT/results.json.
 
 Examples:
   regionmed ablate --config configs/ablation.yaml
