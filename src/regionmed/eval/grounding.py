@@ -113,21 +113,14 @@ def window_boxes(width: int, height: int, scales=(0.25, 0.4, 0.6), stride: float
 
 @torch.no_grad()
 def window_scores(model, pre, image, boxes: list[list[float]], text_emb: torch.Tensor) -> torch.Tensor:
-    """(K, T) cosine similarity of each window's region embedding with each phrase."""
-    device = model.logit_scale.device
+    """(K, T) cosine similarity of each window's region embedding with each phrase
+    (``pre``: the model's own :class:`~regionmed.data.transforms.Preprocessor`)."""
+    from .images import _collate, encode_batch  # images imports this module
+
     if model.roi_processor is not None:
-        out = pre(image, boxes)
-        crops = out["crops"].to(device) if (out["crops"] is not None and model.cfg.roi.mode == "crop") else None
-        emb = model.encode_image(out["image"][None].to(device), out["boxes"][None].to(device),
-                                 torch.ones(1, len(boxes), dtype=torch.bool, device=device), crops, use_rois=True)
-        regions = emb.roi[0]
+        regions = encode_batch(model, _collate([pre(image, boxes)]), use_rois=True).roi[0]
     else:  # no ROI path: each window's crop as a whole image
-        mode = pre.roi_mode
-        pre.roi_mode = "none"
-        try:
-            xs = torch.stack([pre(image.crop(tuple(int(round(v)) for v in b)))["image"] for b in boxes]).to(device)
-        finally:
-            pre.roi_mode = mode
+        xs = torch.stack([pre(image.crop(tuple(int(round(v)) for v in b)))["image"] for b in boxes]).to(model.logit_scale.device)
         regions = torch.cat([model.encode_image(xs[i : i + 64], use_rois=False).global_ for i in range(0, len(xs), 64)])
     return regions.float() @ text_emb.float().T
 
@@ -150,8 +143,8 @@ def locate_windows(scores: torch.Tensor, boxes: list[list[float]], width: int, h
 
 
 def location_prior(refs) -> dict[str, list[float]]:
-    """Per phrase, the mean box of its training boxes in relative coordinates [0, 1]
-    (``refs``: ImageRefs with ``boxes``/``box_labels`` and a readable size in ``sizes``)."""
+    """Per phrase, the mean of its training boxes in relative coordinates [0, 1].
+    ``refs``: ``(pixel boxes, labels, (width, height))`` per training image."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for boxes, labels, (w, h) in refs:

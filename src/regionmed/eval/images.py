@@ -55,10 +55,24 @@ class ImageSetEmbeddings:
         return {k: i for i, k in enumerate(self.keys)}
 
     def get(self, kind: str) -> torch.Tensor:
-        table = {"global": self.global_, "fused": self.fused, "roi": self.roi_pooled}
-        if kind not in table:
-            raise ValueError(f"image embedding {kind!r} is not one of {sorted(table)}")
-        return table[kind]
+        _check_feature(kind)
+        return {"global": self.global_, "fused": self.fused, "roi": self.roi_pooled}[kind]
+
+
+IMAGE_FEATURES = ("fused", "global", "roi")
+
+
+def _check_feature(kind: str) -> None:
+    if kind not in IMAGE_FEATURES:
+        raise ValueError(f"image embedding {kind!r} is not one of {list(IMAGE_FEATURES)}")
+
+
+def feature_of(emb, kind: str) -> torch.Tensor:
+    """(B, D) image feature ``kind`` of a model's ImageEmbeddings, as :meth:`ImageSetEmbeddings.get` names them."""
+    _check_feature(kind)
+    if kind == "roi":
+        return pool_rois(emb)[0]
+    return emb.global_ if kind == "global" else emb.fused
 
 
 def pool_rois(emb) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,37 +163,76 @@ def propose_boxes(model, refs: list[ImageRef], phrases: list[str], k: int | None
     return out
 
 
+@dataclass
+class RoiPlan:
+    """How a set of images gets its test-time ROIs (see :func:`resolve_rois`)."""
+
+    effective: str  # the ROI mode that runs: none / given / self
+    label: str  # the mode as results state it (says when a model without an ROI path ran as none)
+    pre: Preprocessor  # the model's preprocessing (no crops prepared when effective == none)
+    boxes: dict[str, list] | None  # pixel boxes per image key, None for none
+
+    @property
+    def use_rois(self) -> bool:
+        return self.effective != "none"
+
+
+def resolve_rois(model, refs: list[ImageRef], rois: str, phrases: list[str] | None = None, batch_size: int = 32,
+                 num_workers: int = 0) -> RoiPlan:
+    """The effective test-time ROIs of ``refs``: a model without an ROI path runs as
+    ``none``; ``given`` takes the refs' boxes; ``self`` proposes them (:func:`propose_boxes`)."""
+    if rois not in ROI_MODES:
+        raise ValueError(f"test-time ROIs {rois!r} is not one of {ROI_MODES}")
+    effective = rois if model.roi_processor is not None else "none"
+    pre = Preprocessor.from_model(model)
+    boxes = None
+    if effective == "none":
+        pre.roi_mode = "none"  # no crops to prepare
+    elif effective == "given":
+        boxes = {r.key: r.boxes for r in refs}
+    else:
+        boxes = propose_boxes(model, refs, phrases or [], batch_size=batch_size, num_workers=num_workers)
+    label = effective + ("" if effective == rois else f" (asked {rois}; the model has no ROI path)")
+    return RoiPlan(effective, label, pre, boxes)
+
+
+def encode_batch(model, batch: dict, use_rois: bool):
+    """``model.encode_image`` on a collated batch of prepared images (crops passed in crop mode)."""
+    device = model.logit_scale.device
+    images = batch["images"].to(device)
+    if not use_rois:
+        return model.encode_image(images, use_rois=False)
+    crops = batch["crops"].to(device) if (batch["crops"] is not None and model.cfg.roi.mode == "crop") else None
+    return model.encode_image(images, batch["boxes"].to(device), batch["mask"].to(device), crops, use_rois=True)
+
+
+def prepare_all(refs: list[ImageRef], plan: RoiPlan) -> tuple[dict[str, dict], list[tuple[str, str]]]:
+    """Read and preprocess every image once: ({key: prepared sample}, [(key, why unreadable)])."""
+    data = _Images(refs, plan.pre, plan.boxes)
+    cache, missing = {}, []
+    for i in range(len(data)):
+        s = data[i]
+        if "error" in s:
+            missing.append((s["key"], s["error"]))
+        else:
+            cache[s["key"]] = s
+    return cache, missing
+
+
 @torch.no_grad()
 def embed_images(model, refs: list[ImageRef], rois: str = "none", batch_size: int = 32, num_workers: int = 0,
                  phrases: list[str] | None = None, progress: bool = False) -> ImageSetEmbeddings:
     """Embed ``refs`` with ``model`` (eval mode, no gradients) using test-time ROIs ``rois``."""
-    if rois not in ROI_MODES:
-        raise ValueError(f"test-time ROIs {rois!r} is not one of {ROI_MODES}")
     model.eval()
-    device = model.logit_scale.device
-    has_roi_path = model.roi_processor is not None
-    effective = rois if has_roi_path else "none"
-    pre = Preprocessor.from_model(model)
-    if effective == "none":
-        pre.roi_mode = "none"  # no crops to prepare
-    boxes = None
-    if effective == "given":
-        boxes = {r.key: r.boxes for r in refs}
-    elif effective == "self":
-        boxes = propose_boxes(model, refs, phrases or [], batch_size=batch_size, num_workers=num_workers)
+    plan = resolve_rois(model, refs, rois, phrases, batch_size, num_workers)
     keys, g, f, rp, nr, missing, used = [], [], [], [], [], [], {}
     from tqdm import tqdm
 
-    for batch in tqdm(_loader(refs, pre, boxes, batch_size, num_workers), desc="embed images", disable=not progress, leave=False):
+    for batch in tqdm(_loader(refs, plan.pre, plan.boxes, batch_size, num_workers), desc="embed images", disable=not progress, leave=False):
         missing += batch["bad"]
         if not batch["ok"]:
             continue
-        images = batch["images"].to(device)
-        if effective == "none":
-            emb = model.encode_image(images, use_rois=False)
-        else:
-            crops = batch["crops"].to(device) if (batch["crops"] is not None and model.cfg.roi.mode == "crop") else None
-            emb = model.encode_image(images, batch["boxes"].to(device), batch["mask"].to(device), crops, use_rois=True)
+        emb = encode_batch(model, batch, plan.use_rois)
         g.append(emb.global_.cpu())
         f.append(emb.fused.cpu())
         pooled, n = pool_rois(emb)
@@ -193,5 +246,4 @@ def embed_images(model, refs: list[ImageRef], rois: str = "none", batch_size: in
     d = model.cfg.embed_dim
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, d)  # noqa: E731
     return ImageSetEmbeddings(keys, cat(g), cat(f), cat(rp), torch.cat(nr) if nr else torch.zeros(0, dtype=torch.long),
-                              effective + ("" if effective == rois else f" (asked {rois}; the model has no ROI path)"),
-                              missing, used)
+                              plan.label, missing, used)

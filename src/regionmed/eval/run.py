@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ from .grounding import (
 from .images import ImageSetEmbeddings, embed_images, open_image
 from .prompts import load_prompts, proposal_phrases
 from .vqa import VQAConfig, run_vqa, run_vqa_finetune
-from .zeroshot import ZeroShotTask, run_task
+from .zeroshot import run_task
 
 log = logging.getLogger(__name__)
 GROUNDING_READOUTS = ("patch", "windows")
@@ -156,13 +156,12 @@ def eval_zeroshot(model, opts: EvalOptions, out: Path, problems: Problems) -> di
                 problems.add("zeroshot", f"{label}: {len(dropped)} image(s) without an embedding left out")
             idx = emb.index()
             x = emb.get(feature)[torch.tensor([idx[k] for k in task.keys], dtype=torch.long)]
-            res = run_task(model, x, task, load_prompts(opts.prompts, dataset), opts.n_boot, opts.seed,
-                           roc_png=str(out / f"roc_{label}.png"))
+            prompts = load_prompts(opts.prompts, dataset)
+            res = run_task(model, x, task, prompts, opts.n_boot, opts.seed, roc_png=str(out / f"roc_{label}.png"))
             res.update(rois=emb.rois, image_feature=feature)
             results[label] = res
             if task.mode == "similarity":  # the positive/negative prompt-pair score beside it
-                pairs = ZeroShotTask(task.name, task.classes, task.labels, task.keys, "pairs")
-                alt = run_task(model, x, pairs, load_prompts(opts.prompts, dataset), opts.n_boot, opts.seed)
+                alt = run_task(model, x, replace(task, mode="pairs"), prompts, opts.n_boot, opts.seed)
                 alt.update(rois=emb.rois, image_feature=feature)
                 results[f"{label}_pairs"] = alt
         except Exception as err:  # noqa: BLE001
@@ -221,18 +220,16 @@ def _slake_location_prior(root: Path, problems: Problems) -> dict[str, list[floa
 def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> dict:
     from ..data.transforms import Preprocessor
 
+    unknown = [r for r in opts.grounding_readouts if r not in GROUNDING_READOUTS]
+    if unknown:
+        raise ValueError(f"grounding read-out(s) {unknown} not in {GROUNDING_READOUTS}")
     root = Path(opts.data_root) / "slake"
     refs = _limit(slake_grounding_items(root, "test"), opts.limit_images)
-    pre = Preprocessor.from_model(model)
-    pre.roi_mode = "none"
-    wpre = Preprocessor.from_model(model)  # windows: the model's own ROI preparation (crops in crop mode)
+    pre = Preprocessor.from_model(model)  # windows are prepared as the model prepares ROIs (crops in crop mode)
     device = model.logit_scale.device
     phrases = sorted({lab for r in refs for lab in r.box_labels})
     if not phrases:
         raise ValueError("no SLAKE test image with boxes")
-    unknown = [r for r in opts.grounding_readouts if r not in GROUNDING_READOUTS]
-    if unknown:
-        raise ValueError(f"grounding read-out(s) {unknown} not in {GROUNDING_READOUTS}")
     prior = _slake_location_prior(root, problems)
     text = model.encode_text([p.lower() for p in phrases])
     pidx = {p: i for i, p in enumerate(phrases)}
@@ -261,7 +258,7 @@ def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> d
         if "windows" in rows:
             wins = window_boxes(w, h, opts.grounding_window_scales)
             n_windows.append(len(wins))
-            scores = window_scores(model, wpre, image, wins, text)  # (K, P)
+            scores = window_scores(model, pre, image, wins, text)  # (K, P)
             if opts.grounding_contrast:
                 scores = scores - scores.mean(1, keepdim=True)
             found["windows"] = [locate_windows(scores[:, pidx[lab]], wins, w, h) for lab in labels]

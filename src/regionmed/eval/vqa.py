@@ -148,18 +148,21 @@ def train_head(x: torch.Tensor, y: torch.Tensor, n_answers: int, cfg: VQAConfig,
     return head, {"epochs_run": cfg.epochs, "epoch_kept": best_epoch, "history": history}
 
 
+def _answer_set(train: list[Question], name: str) -> tuple[list[str], dict[str, int], list[str]]:
+    """(answer vocabulary, answer → class index, problems) of the training questions."""
+    vocab = answer_vocabulary(train)
+    if not vocab:
+        raise ValueError(f"{name}: the training split has no answers")
+    problems = [f"training question {q.qid}: answer {q.answer!r} is empty after normalisation (skipped)"
+                for q in train if not normalize_answer(q.answer)]
+    return vocab, {a: i for i, a in enumerate(vocab)}, problems
+
+
 def run_vqa(model, train: list[Question], test: list[Question], images: ImageSetEmbeddings, cfg: VQAConfig | None = None,
             val: list[Question] | None = None, name: str = "vqa") -> dict:
     """Train the head on ``train`` (best epoch on ``val`` when given) and score ``test``."""
     cfg = cfg or VQAConfig()
-    problems: list[str] = []
-    vocab = answer_vocabulary(train)
-    if not vocab:
-        raise ValueError(f"{name}: the training split has no answers")
-    pos = {a: i for i, a in enumerate(vocab)}
-    empty = [q for q in train if not normalize_answer(q.answer)]
-    for q in empty:
-        problems.append(f"training question {q.qid}: answer {q.answer!r} is empty after normalisation (skipped)")
+    vocab, pos, problems = _answer_set(train, name)
     xtr, qtr, sktr = _features(model, [q for q in train if normalize_answer(q.answer)], images, cfg.image_feature)
     if not qtr:
         raise ValueError(f"{name}: no training question has a readable image")
@@ -220,54 +223,6 @@ def score_answers(pred: list[int], qte: list[Question], vocab: list[str], cfg: V
     }
 
 
-def _prepared_images(model, refs, rois: str, phrases: list[str] | None, batch_size: int):
-    """Read and preprocess every image once: ({key: sample}, [(key, why)], effective ROI mode)."""
-    from ..data.transforms import Preprocessor
-    from .images import ROI_MODES, _Images, propose_boxes
-
-    if rois not in ROI_MODES:
-        raise ValueError(f"test-time ROIs {rois!r} is not one of {ROI_MODES}")
-    effective = rois if model.roi_processor is not None else "none"
-    pre = Preprocessor.from_model(model)
-    boxes = None
-    if effective == "none":
-        pre.roi_mode = "none"
-    elif effective == "given":
-        boxes = {r.key: r.boxes for r in refs}
-    else:
-        boxes = propose_boxes(model, refs, phrases or [], batch_size=batch_size)
-    data = _Images(refs, pre, boxes)
-    cache, missing = {}, []
-    for i in range(len(data)):
-        s = data[i]
-        if "error" in s:
-            missing.append((s["key"], s["error"]))
-        else:
-            cache[s["key"]] = s
-    rois_text = effective + ("" if effective == rois else f" (asked {rois}; the model has no ROI path)")
-    return cache, missing, effective, rois_text
-
-
-def _image_batch(model, samples: list[dict], kind: str, use_rois: bool) -> torch.Tensor:
-    from .images import _collate, pool_rois
-
-    b = _collate(samples)
-    device = model.logit_scale.device
-    images = b["images"].to(device)
-    if not use_rois:
-        emb = model.encode_image(images, use_rois=False)
-    else:
-        crops = b["crops"].to(device) if (b["crops"] is not None and model.cfg.roi.mode == "crop") else None
-        emb = model.encode_image(images, b["boxes"].to(device), b["mask"].to(device), crops, use_rois=True)
-    if kind == "global":
-        return emb.global_
-    if kind == "fused":
-        return emb.fused
-    if kind == "roi":
-        return pool_rois(emb)[0]
-    raise ValueError(f"image embedding {kind!r} is not one of ['fused', 'global', 'roi']")
-
-
 def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, rois: str = "none",
                      cfg: VQAConfig | None = None, val: list[Question] | None = None, name: str = "vqa",
                      phrases: list[str] | None = None, progress: bool = False) -> dict:
@@ -282,16 +237,12 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
     what :func:`run_vqa` does."""
     from tqdm import tqdm
 
+    from .images import _collate, encode_batch, feature_of, prepare_all, resolve_rois
+
     cfg = cfg or VQAConfig(finetune=True)
-    problems: list[str] = []
-    vocab = answer_vocabulary(train)
-    if not vocab:
-        raise ValueError(f"{name}: the training split has no answers")
-    pos = {a: i for i, a in enumerate(vocab)}
-    for q in train:
-        if not normalize_answer(q.answer):
-            problems.append(f"training question {q.qid}: answer {q.answer!r} is empty after normalisation (skipped)")
-    cache, missing, effective, rois_text = _prepared_images(model, refs, rois, phrases, cfg.finetune_batch_size)
+    vocab, pos, problems = _answer_set(train, name)
+    plan = resolve_rois(model, refs, rois, phrases, cfg.finetune_batch_size)
+    cache, missing = prepare_all(refs, plan)
     for key, why in missing:
         problems.append(f"image {key} could not be read ({why})")
     qtr = [q for q in train if normalize_answer(q.answer) and q.image_key in cache]
@@ -309,8 +260,11 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
     tuned = copy.deepcopy(model)
     start_weights = torch.cat([p.detach().flatten().float().cpu() for p in model.parameters()])
     device = tuned.logit_scale.device
-    use_rois = effective != "none"
     bs = cfg.finetune_batch_size
+
+    def image_features(questions: list[Question]) -> torch.Tensor:
+        emb = encode_batch(tuned, _collate([cache[q.image_key] for q in questions]), plan.use_rois)
+        return feature_of(emb, cfg.image_feature)
 
     def features(questions: list[Question]) -> torch.Tensor:
         tuned.eval()
@@ -318,7 +272,7 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
         with torch.no_grad():
             for start in range(0, len(questions), bs):
                 part = questions[start : start + bs]
-                img = _image_batch(tuned, [cache[q.image_key] for q in part], cfg.image_feature, use_rois)
+                img = image_features(part)
                 out.append(torch.cat([img, tuned.encode_text([q.question for q in part])], dim=1).float())
         return torch.cat(out) if out else torch.zeros(0, 2 * tuned.cfg.embed_dim, device=device)
 
@@ -336,8 +290,8 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
     ytr = torch.tensor([pos[normalize_answer(q.answer)] for q in qtr])
     val_xy = (features(qv).cpu(), torch.tensor([pos[normalize_answer(q.answer)] for q in qv], dtype=torch.long)) if qv else None
     head, probe = train_head(features(qtr).cpu(), ytr, len(vocab), cfg, val_xy)
+    history = [{"epoch": 0, "val_accuracy": _accuracy(head, *val_xy)}] if qv else []  # the probe, on the features above
     head = head.to(device)
-    history = [{"epoch": 0, "val_accuracy": val_accuracy()}] if qv else []
     best, best_epoch = (history[0]["val_accuracy"], 0) if qv else (-1.0, cfg.finetune_epochs)
     best_state = (copy.deepcopy(tuned.state_dict()), copy.deepcopy(head.state_dict())) if qv else None
 
@@ -360,7 +314,7 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
         for start in range(0, len(perm), bs):
             idx = perm[start : start + bs]
             part = [qtr[i] for i in idx]
-            img = _image_batch(tuned, [cache[q.image_key] for q in part], cfg.image_feature, use_rois)
+            img = image_features(part)
             txt = tuned.encode_text([q.question for q in part])
             loss = loss_fn(head(torch.cat([img, txt], dim=1)), ytr[idx].to(device))
             opt.zero_grad()
@@ -381,7 +335,7 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
         head.load_state_dict(best_state[1])
     out = score_answers(predict(qte), qte, vocab, cfg, name)
     moved = torch.cat([p.detach().flatten().float().cpu() for p in tuned.parameters()]) - start_weights
-    out.update(rois=rois_text, train_questions=len(qtr), skipped={"train": len(sktr), "test": len(skte)},
+    out.update(rois=plan.label, train_questions=len(qtr), skipped={"train": len(sktr), "test": len(skte)},
                val_questions_used=len(qv), problems=problems[:50], n_problems=len(problems),
                training={"probe_epochs": cfg.epochs, "probe_epoch_kept": probe["epoch_kept"],
                          "finetune_epochs": cfg.finetune_epochs, "steps": steps,
