@@ -25,9 +25,9 @@ from pathlib import Path
 
 
 def _child(repeat: int, workers: int, out: str) -> None:
-    from regionmed.build import data_root
-    from regionmed.build.builder import build
-    from regionmed.build.config import BuildConfig, SourceSpec
+    from regionmed.apps import data_root
+    from regionmed.apps.curation.builder import build
+    from regionmed.apps.curation.config import BuildConfig, SourceSpec
 
     cfg = BuildConfig(out=out, workers=workers, progress=False,
                       sources=[SourceSpec("slake", str(data_root() / "slake"), repeat=repeat)])
@@ -43,8 +43,8 @@ def _child(repeat: int, workers: int, out: str) -> None:
 def _recall_pairs(limit):
     from PIL import Image
 
-    from regionmed.build import data_root
-    from regionmed.build.sources import get_source
+    from regionmed.apps import data_root
+    from regionmed.apps.curation.sources import get_source
 
     for item in get_source("slake", data_root() / "slake", limit=limit):
         if item.boxes:
@@ -57,7 +57,7 @@ _K = {"k": 8}
 
 
 def _recall_one(args):
-    from regionmed.build.proposers import ProposerConfig, make_proposer, proposal_recall
+    from regionmed.apps.curation.proposers import ProposerConfig, make_proposer, proposal_recall
 
     image, gts = args
     return proposal_recall([(image, gts)], make_proposer(ProposerConfig(name="unsupervised", max_proposals=_K["k"])))

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from regionmed.config import load_run_config  # noqa: E402
+from regionmed.apps.train.config import load_run_config  # noqa: E402
 from regionmed.data.schema import sanitize_box  # noqa: E402
 from regionmed.data.transforms import Preprocessor  # noqa: E402
 from regionmed.eval.images import ImageRef, embed_images  # noqa: E402
@@ -50,8 +50,8 @@ def rss_mb() -> float:
 
 
 def image_refs(n: int, tmp: Path) -> list[ImageRef]:
-    from regionmed.build import data_root
-    from regionmed.eval.datasets import slake_image_refs
+    from regionmed.apps import data_root
+    from regionmed.apps.evaluate.suites import slake_image_refs
 
     slake = data_root() / "slake"
     if (slake / "imgs").is_dir():

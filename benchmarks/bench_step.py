@@ -28,12 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from regionmed.config import load_run_config  # noqa: E402
+from regionmed.apps.curation.phantoms import generate_phantom  # noqa: E402
+from regionmed.apps.train.config import load_run_config  # noqa: E402
+from regionmed.apps.train.trainer import batch_loss_inputs, build_optimizer  # noqa: E402
 from regionmed.data.loader import Batch  # noqa: E402
-from regionmed.data.phantoms import generate_phantom  # noqa: E402
 from regionmed.losses import compute_losses  # noqa: E402
 from regionmed.model.clip import RegionMedCLIP  # noqa: E402
-from regionmed.train.trainer import batch_loss_inputs, build_optimizer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -12,7 +12,9 @@ import copy  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from regionmed.config import ModelConfig, RunConfig, StageConfig, from_dict  # noqa: E402
+from regionmed.apps.train.config import RunConfig, StageConfig  # noqa: E402
+from regionmed.config import from_dict  # noqa: E402
+from regionmed.model.config import ModelConfig  # noqa: E402
 
 TINY_MODEL = {
     "embed_dim": 64,
@@ -56,7 +58,7 @@ def tiny_run_config(data_dir: str, output_dir: str, mode: str = "crop", steps: t
 
 @pytest.fixture(scope="session")
 def phantom_data(tmp_path_factory):
-    from regionmed.data.phantoms import PhantomConfig, write_phantom_dataset
+    from regionmed.apps.curation.phantoms import PhantomConfig, write_phantom_dataset
 
     out = tmp_path_factory.mktemp("phantoms")
     write_phantom_dataset(out, n_train=48, n_test=16, seed=0, config=PhantomConfig(image_size=128), progress=False)

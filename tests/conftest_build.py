@@ -14,14 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from regionmed.build import DATA_ENV, data_root
-from regionmed.build.config import BuildConfig, SourceSpec
+from regionmed.apps import DATA_ENV, data_root
+from regionmed.apps.curation.config import BuildConfig, SourceSpec
+from regionmed.errors import RegionmedError
 
 SUBSET = 40  # items per public source in the shared small build
 
 
 def require_data() -> Path:
-    root = data_root()
+    try:
+        root = data_root()
+    except RegionmedError as err:
+        pytest.fail(f"{err} (see ../shared/data/README.md)", pytrace=False)
     missing = [n for n in ("slake", "vqa_rad", "covid_cxr") if not (root / n).is_dir()]
     if missing:
         pytest.fail(
@@ -49,7 +53,7 @@ def public_config(root: Path, out: Path, limit: int = SUBSET, workers: int = 2) 
 @pytest.fixture(scope="session")
 def public_build(data_dir, tmp_path_factory):
     """One small build from the first 40 items of each public source (shared by tests)."""
-    from regionmed.build.builder import build
+    from regionmed.apps.curation.builder import build
 
     out = tmp_path_factory.mktemp("public") / "ds"
     cfg = public_config(data_dir, out)

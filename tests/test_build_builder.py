@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_build import data_dir, jpeg_bytes, public_build, public_config, read_all_records, read_rejects  # noqa: F401
 from PIL import Image
 
-from regionmed.build.builder import STAGING, BuildError, build
-from regionmed.build.config import BuildConfig, ConfigError, ImageConfig, SourceSpec, load_config
-from regionmed.build.leakage import find_overlaps
+from conftest_build import data_dir, jpeg_bytes, public_build, public_config, read_all_records, read_rejects  # noqa: F401
+from regionmed.apps.curation.builder import STAGING, BuildError, build
+from regionmed.apps.curation.config import BuildConfig, ConfigError, ImageConfig, SourceSpec, load_config
+from regionmed.apps.curation.leakage import find_overlaps
 from regionmed.data.schema import validate_record
 from regionmed.data.shards import MedRegionDataset, read_manifest
 

@@ -6,9 +6,9 @@ import json
 import re
 
 import pytest
-from conftest_build import data_dir  # noqa: F401 - fixture
 
-from regionmed.build.captions import (
+from conftest_build import data_dir  # noqa: F401 - fixture
+from regionmed.apps.curation.captions import (
     RULES,
     CaptionConfig,
     clean_report,
@@ -18,7 +18,7 @@ from regionmed.build.captions import (
     normalize,
     region_caption,
 )
-from regionmed.build.sources import get_source
+from regionmed.apps.curation.sources import get_source
 
 
 def test_side_follows_radiological_convention_by_default():

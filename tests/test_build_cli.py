@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from conftest_build import data_dir, public_build  # noqa: F401
 
-from regionmed.build.cli import add_build_parser, add_check_leakage_parser, add_stats_parser
+from conftest_build import data_dir, public_build  # noqa: F401
+from regionmed.apps.curation.cli import add_build_parser, add_check_leakage_parser, add_stats_parser
 
 
 def parser():

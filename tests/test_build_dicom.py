@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
-import pytest
-from conftest_build import read_all_records, read_rejects
-from PIL import Image
-
 import pydicom  # noqa: E402,F401 - the "build" extra; missing means the test fails, not skips
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 
-from regionmed.build.builder import build  # noqa: E402
-from regionmed.build.config import BuildConfig, SourceSpec  # noqa: E402
-from regionmed.build.dicom import decode_dicom  # noqa: E402
-from regionmed.build.images import ItemReject  # noqa: E402
+from conftest_build import read_all_records, read_rejects
+from regionmed.apps.curation.builder import build  # noqa: E402
+from regionmed.apps.curation.config import BuildConfig, SourceSpec  # noqa: E402
+from regionmed.apps.curation.dicom import decode_dicom  # noqa: E402
+from regionmed.apps.curation.images import ItemReject  # noqa: E402
 
 PHI = {
     "PatientName": "Quixbury^Henrietta",

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest_build import data_dir  # noqa: F401
 from PIL import Image
 
-from regionmed.build.items import RawBox, RawItem
-from regionmed.build.proposers import ProposerConfig, ProposerError, box_iou, make_proposer, proposal_recall
-from regionmed.build.sources import get_source
+from conftest_build import data_dir  # noqa: F401
+from regionmed.apps.curation.items import RawBox, RawItem
+from regionmed.apps.curation.proposers import ProposerConfig, ProposerError, box_iou, make_proposer, proposal_recall
+from regionmed.apps.curation.sources import get_source
 
 
 def slake_pairs(root, limit):

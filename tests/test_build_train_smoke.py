@@ -9,7 +9,7 @@ from conftest_build import data_dir, public_build  # noqa: F401
 
 
 def test_train_smoke_on_built_public_data(public_build, tmp_path):  # noqa: F811
-    from regionmed.train.trainer import train
+    from regionmed.apps.train.trainer import train
 
     out, _, summary = public_build
     assert summary.built > 100

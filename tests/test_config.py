@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from regionmed.config import ConfigError, RunConfig, from_dict, load_run_config, parse_override
+from regionmed.apps.train.config import RunConfig, load_run_config
+from regionmed.config import ConfigError, from_dict, parse_override
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -17,7 +18,7 @@ def test_packaged_run_configs_load(name):
 
 
 def test_packaged_ablation_config_loads():
-    from regionmed.eval.ablation import load_ablation_config
+    from regionmed.apps.ablation import load_ablation_config
 
     assert load_ablation_config(CONFIGS / "ablation.yaml") is not None
 

@@ -4,7 +4,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from regionmed.data.loader import RegionSampleDataset, StepBatchSampler, collate

@@ -9,8 +9,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_run_config
+from regionmed.apps.train.metrics import read_metrics
 from regionmed.config import to_dict
-from regionmed.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def test_two_process_training_matches_single_process(phantom_data, tmp_path):
     cfg = tiny_run_config(str(phantom_data), "unused", steps=(2, 2), batch_size=8)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))
-    common = ["-m", "regionmed.cli", "train", "--config", str(config), "--no-progress"]
+    common = ["-m", "regionmed", "train", "--config", str(config), "--no-progress"]
     _run([sys.executable, *common, "--output-dir", str(tmp_path / "single")], tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
           "--output-dir", str(tmp_path / "ddp")], tmp_path)

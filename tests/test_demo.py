@@ -1,6 +1,6 @@
 import json
 
-from regionmed.demo import run_demo
+from regionmed.apps.demo import run_demo
 
 
 def test_demo_pipeline_end_to_end_smoke(tmp_path):

@@ -8,15 +8,15 @@ import json
 import pytest
 
 from conftest_build import data_dir, jpeg_bytes  # noqa: F401
-from regionmed.config import ConfigError
-from regionmed.eval.ablation import (
+from regionmed.apps.ablation import (
+    VARIANTS,
     AblationError,
     assert_training_only,
     held_out_images,
     load_ablation_config,
     variant_config,
 )
-from regionmed.eval.ablation import VARIANTS
+from regionmed.config import ConfigError
 
 CONFIG = "src/regionmed/configs/ablation.yaml"
 
@@ -78,7 +78,7 @@ def test_training_split_with_a_test_image_is_refused(data_dir, tmp_path):  # noq
 
 @pytest.mark.slow
 def test_shortened_ablation_end_to_end(data_dir, tmp_path):  # noqa: F811
-    from regionmed.eval.cli import add_ablate_parser
+    from regionmed.apps.evaluate.cli import add_ablate_parser
 
     parser = argparse.ArgumentParser()
     add_ablate_parser(parser.add_subparsers())

@@ -8,8 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from regionmed.eval.prompts import PromptError, load_prompts
 from regionmed.eval.stats import auc_with_ci, bootstrap_counts, macro_auc_with_ci, mean_with_ci, weighted_auc
-from regionmed.eval.vqa import answer_vocabulary, normalize_answer
-from regionmed.eval.datasets import Question
+from regionmed.eval.vqa import Question, answer_vocabulary, normalize_answer
 
 
 def test_weighted_auc_equals_sklearn_with_unit_and_integer_weights():

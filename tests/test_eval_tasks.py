@@ -9,11 +9,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from conftest import tiny_model_config
-from regionmed.eval.datasets import Question
 from regionmed.eval.grounding import Geometry, locate, locate_windows, location_prior, score_prediction, summarise, window_boxes
 from regionmed.eval.images import ImageRef, embed_images
 from regionmed.eval.prompts import load_prompts
-from regionmed.eval.vqa import VQAConfig, run_vqa, run_vqa_finetune
+from regionmed.eval.vqa import Question, VQAConfig, run_vqa, run_vqa_finetune
 from regionmed.eval.zeroshot import ZeroShotError, ZeroShotTask, evaluate_scores, run_task
 from regionmed.model.clip import RegionMedCLIP
 
@@ -159,8 +158,8 @@ def test_vqa_finetune_trains_a_copy_of_the_encoders(tiny_model, image_files):
 
 
 def test_retrieval_and_medregion_labels_through_evaluate(tiny_model, phantom_data, tmp_path):
-    from regionmed.eval.report import write_report
-    from regionmed.eval.run import EvalOptions, evaluate
+    from regionmed.apps.evaluate.report import write_report
+    from regionmed.apps.evaluate.run import EvalOptions, evaluate
 
     opts = EvalOptions(data_root=str(tmp_path / "no-data"), tasks=["retrieval", "zeroshot", "bogus"], medregion=str(phantom_data),
                        n_boot=50)

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model_config
 from regionmed import load
-from regionmed.config import ModelConfig, from_dict
+from regionmed.config import from_dict
 from regionmed.model.clip import RegionMedCLIP
 from regionmed.model.roi import align_roi_features
 
@@ -156,10 +156,10 @@ def test_full_scale_recipe_builds_and_steps_on_cpu():
     architecture, MiniLM's tokenizer since no hub is reachable), one step, batch 2."""
     from pathlib import Path
 
-    from regionmed.config import load_run_config
+    from regionmed.apps.train.config import load_run_config
+    from regionmed.apps.train.trainer import batch_loss_inputs
     from regionmed.data.loader import Batch
     from regionmed.losses import compute_losses
-    from regionmed.train.trainer import batch_loss_inputs
 
     cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "full_scale.yaml")
     m = cfg.model

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from regionmed.data.phantoms import (
+from regionmed.apps.curation.phantoms import (
     LEVELS,
-    NORMAL_REPORT,
     NODULE_RADIUS,
+    NORMAL_REPORT,
     NORMAL_SUMMARY,
     PhantomConfig,
     generate_phantom,

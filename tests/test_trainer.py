@@ -1,13 +1,12 @@
-import json
 
 import pytest
 import torch
 
-import regionmed.train.trainer as trainer_mod
+import regionmed.apps.train.trainer as trainer_mod
 from conftest import tiny_run_config
-from regionmed.config import StageConfig
-from regionmed.train.metrics import read_metrics
-from regionmed.train.trainer import Trainer, TrainingError
+from regionmed.apps.train.config import StageConfig
+from regionmed.apps.train.metrics import read_metrics
+from regionmed.apps.train.trainer import Trainer, TrainingError
 
 
 def _losses_by_step(path):
@@ -120,7 +119,7 @@ def test_too_small_dataset_is_a_clear_error(phantom_data, tmp_path):
 
 
 def test_cli_train_reports_missing_data(tmp_path, capsys):
-    from regionmed.cli import main
+    from regionmed.apps.cli import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  stages:\n    - {name: a, steps: 1}\n")

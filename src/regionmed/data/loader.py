@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .schema import BoxStats, sanitize_regions
-from .shards import DatasetError, MedRegionDataset
-from .transforms import Preprocessor
+from regionmed.data.schema import BoxStats, sanitize_regions
+from regionmed.data.shards import DatasetError, MedRegionDataset
+from regionmed.data.transforms import Preprocessor
 
 
 @dataclass

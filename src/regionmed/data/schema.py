@@ -38,13 +38,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from regionmed.errors import RegionmedError
+
 SCHEMA_VERSION = 1
 FORMAT_NAME = "medregion"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
 
-class RecordError(ValueError):
+class RecordError(RegionmedError, ValueError):
     """A record that does not follow the MedRegion schema."""
 
 

@@ -21,12 +21,13 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from .schema import FORMAT_NAME, IMAGE_EXTENSIONS, SCHEMA_VERSION, SPLITS, RecordError, validate_record
+from regionmed.data.schema import FORMAT_NAME, IMAGE_EXTENSIONS, SCHEMA_VERSION, SPLITS, RecordError, validate_record
+from regionmed.errors import RegionmedError
 
 MANIFEST_NAME = "manifest.json"
 
 
-class DatasetError(RuntimeError):
+class DatasetError(RegionmedError, RuntimeError):
     """A dataset folder that cannot be read (missing, empty or inconsistent)."""
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .schema import sanitize_box
+from regionmed.data.schema import sanitize_box
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

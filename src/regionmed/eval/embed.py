@@ -8,9 +8,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.loader import RegionSampleDataset, collate
-from ..data.transforms import Preprocessor
-from ..model.clip import RegionMedCLIP
+from regionmed.data.loader import RegionSampleDataset, collate
+from regionmed.data.transforms import Preprocessor
+from regionmed.model.clip import RegionMedCLIP
 
 
 @dataclass

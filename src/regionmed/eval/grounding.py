@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..data.boxes import box_iou, nms
+from regionmed.data.boxes import box_iou, nms
 
 
 @dataclass
@@ -109,20 +109,6 @@ def window_boxes(width: int, height: int, scales=(0.25, 0.4, 0.6), stride: float
                     seen.add(tuple(b))
                     out.append(b)
     return out
-
-
-@torch.no_grad()
-def window_scores(model, pre, image, boxes: list[list[float]], text_emb: torch.Tensor) -> torch.Tensor:
-    """(K, T) cosine similarity of each window's region embedding with each phrase
-    (``pre``: the model's own :class:`~regionmed.data.transforms.Preprocessor`)."""
-    from .images import _collate, encode_batch  # images imports this module
-
-    if model.roi_processor is not None:
-        regions = encode_batch(model, _collate([pre(image, boxes)]), use_rois=True).roi[0]
-    else:  # no ROI path: each window's crop as a whole image
-        xs = torch.stack([pre(image.crop(tuple(int(round(v)) for v in b)))["image"] for b in boxes]).to(model.logit_scale.device)
-        regions = torch.cat([model.encode_image(xs[i : i + 64], use_rois=False).global_ for i in range(0, len(xs), 64)])
-    return regions.float() @ text_emb.float().T
 
 
 def locate_windows(scores: torch.Tensor, boxes: list[list[float]], width: int, height: int, cells: int = 64) -> dict:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.schema import sanitize_box
-from ..data.transforms import Preprocessor, to_rgb
-from .grounding import Geometry, propose_from_maps, similarity_maps
+from regionmed.data.schema import sanitize_box
+from regionmed.data.transforms import Preprocessor, to_rgb
+from regionmed.eval.grounding import Geometry, propose_from_maps, similarity_maps
 
 log = logging.getLogger(__name__)
 ROI_MODES = ("none", "given", "self")
@@ -247,3 +247,15 @@ def embed_images(model, refs: list[ImageRef], rois: str = "none", batch_size: in
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, d)  # noqa: E731
     return ImageSetEmbeddings(keys, cat(g), cat(f), cat(rp), torch.cat(nr) if nr else torch.zeros(0, dtype=torch.long),
                               plan.label, missing, used)
+
+
+@torch.no_grad()
+def window_scores(model, pre, image, boxes: list[list[float]], text_emb: torch.Tensor) -> torch.Tensor:
+    """(K, T) cosine similarity of each window's region embedding with each phrase
+    (``pre``: the model's own :class:`~regionmed.data.transforms.Preprocessor`)."""
+    if model.roi_processor is not None:
+        regions = encode_batch(model, _collate([pre(image, boxes)]), use_rois=True).roi[0]
+    else:  # no ROI path: each window's crop as a whole image
+        xs = torch.stack([pre(image.crop(tuple(int(round(v)) for v in b)))["image"] for b in boxes]).to(model.logit_scale.device)
+        regions = torch.cat([model.encode_image(xs[i : i + 64], use_rois=False).global_ for i in range(0, len(xs), 64)])
+    return regions.float() @ text_emb.float().T

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import yaml
 
+from regionmed.errors import RegionmedError
+
 DEFAULT_PROMPTS = "default.yaml"
 
 
-class PromptError(ValueError):
+class PromptError(RegionmedError, ValueError):
     """A prompt file that cannot be used."""
 
 

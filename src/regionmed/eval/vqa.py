@@ -40,15 +40,27 @@ import copy
 import re
 import unicodedata
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .datasets import Question
-from .images import ImageSetEmbeddings
-from .stats import bootstrap_counts, mean_with_ci
+from regionmed.eval.images import ImageSetEmbeddings
+from regionmed.eval.stats import bootstrap_counts, mean_with_ci
+
+
+@dataclass
+class Question:
+    """One VQA question about one image (answers are compared after normalisation)."""
+
+    qid: str
+    image_key: str
+    question: str
+    answer: str
+    answer_type: str  # "OPEN" | "CLOSED"
+    qtypes: list[str] = field(default_factory=list)
+
 
 _PUNCT = re.compile(r"[^\w\s]|_")
 
@@ -237,7 +249,7 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
     what :func:`run_vqa` does."""
     from tqdm import tqdm
 
-    from .images import _collate, encode_batch, feature_of, prepare_all, resolve_rois
+    from regionmed.eval.images import _collate, encode_batch, feature_of, prepare_all, resolve_rois
 
     cfg = cfg or VQAConfig(finetune=True)
     vocab, pos, problems = _answer_set(train, name)

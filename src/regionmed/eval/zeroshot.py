@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .prompts import PromptSet
-from .stats import auc_with_ci, bootstrap_counts, macro_auc_with_ci, mean_with_ci
-
+from regionmed.errors import RegionmedError
+from regionmed.eval.prompts import PromptSet
+from regionmed.eval.stats import auc_with_ci, bootstrap_counts, macro_auc_with_ci, mean_with_ci
 
 MODES = ("softmax", "pairs", "similarity")
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(RegionmedError, ValueError):
     """A zero-shot task that cannot run (no classes, no labelled images)."""
 
 

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .. import __version__
-from ..config import ModelConfig, from_dict, to_dict, validate_model_config
-from .roi import ROIProcessor, align_roi_features, scatter_rois
-from .towers import ImageTower, TextTower, WeightsError
+from regionmed import __version__
+from regionmed.config import from_dict, to_dict
+from regionmed.model.config import ModelConfig, validate_model_config
+from regionmed.model.roi import ROIProcessor, align_roi_features, scatter_rois
+from regionmed.model.towers import ImageTower, TextTower, WeightsError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from ..config import RoiConfig
+from regionmed.model.config import RoiConfig
 
 GEOMETRY_FREQS = (1.0, 2.0, 4.0)
 

@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import ImageTowerConfig, TextTowerConfig
+from regionmed.errors import RegionmedError
+from regionmed.model.config import ImageTowerConfig, TextTowerConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 _TRUNK_PREFIXES = ("visual.trunk.", "module.visual.trunk.", "module.", "model.", "trunk.")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(RegionmedError, RuntimeError):
     """Pretrained weights that cannot be found or do not fit the model."""
 
 

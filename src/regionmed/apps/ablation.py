@@ -1,0 +1,481 @@
+"""The same-data ablation: four pretraining variants, one dataset, one seed, one step budget.
+
+``regionmed ablate --config configs/ablation.yaml``:
+
+1. **data** — a MedRegion dataset is built (:mod:`regionmed.apps.curation`) from SLAKE,
+   VQA-RAD and the chest radiographs in ``data_root``; the builder sends every image
+   asked about in an official test (or validation) split, and its near-duplicates,
+   to that split. Pretraining reads the ``train`` split ONLY, and this module checks
+   (:func:`assert_training_only`) that none of its images is named by SLAKE
+   ``test.json`` / ``validate.json`` or VQA-RAD ``testset.json``.
+2. **pretraining** (the CPU recipe's encoders: ``base`` run config, resnet18 @128 px
+   from random init + pretrained MiniLM), the same data, total steps, batch and seed:
+
+   * ``global`` (a) — global-only CLIP: no ROI path; ``global`` + ``summary`` losses;
+   * ``roi`` (b) — + ROI processor (crop ROIs) and the ``region`` loss; one stage;
+   * ``roi_hn`` (c) — + ``hard_negative`` loss; one stage;
+   * ``full`` (d) — + the progressive schedule (warmup → refine → region → joint):
+     the full method.
+
+   (a)–(c) train everything from step 0 (text tower at ``text_lr_scale`` of the
+   learning rate); (d) splits the same steps into the four stages.
+3. **evaluation** of each model (:func:`regionmed.eval.run.evaluate`): SLAKE test
+   (VQA, zero-shot modality / organ / abnormality, grounding) and VQA-RAD test (VQA),
+   every variant on the whole image (``eval.rois: none``, the same input for all);
+   the region variants again with SLAKE's annotated boxes given
+   (``eval.given_rois_tasks``), reported apart because those boxes carry label
+   information.
+4. **report** — ``<out>/report.md`` (table with 95% CIs, plots) and ``<out>/results.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from regionmed.apps.evaluate.report import pct, with_ci, write_json, write_report
+from regionmed.apps.evaluate.run import EvalOptions, evaluate
+from regionmed.apps.train.config import RunConfig, StageConfig, load_run_config, validate_run_config
+from regionmed.config import ConfigError, load_yaml_config
+from regionmed.errors import RegionmedError
+from regionmed.eval.vqa import VQAConfig
+
+VARIANTS = ("global", "roi", "roi_hn", "full")
+LABELS = {
+    "global": "(a) global-only CLIP",
+    "roi": "(b) + ROI processor",
+    "roi_hn": "(c) + hard negatives",
+    "full": "(d) + progressive schedule (full method)",
+}
+
+
+class AblationError(RegionmedError, RuntimeError):
+    pass
+
+
+@dataclass
+class AblationBuild:
+    sources: list[str] = field(default_factory=lambda: ["slake", "vqa_rad", "covid_cxr"])
+    limit: int | None = None  # items per source (smoke runs)
+    workers: int = 2
+
+
+@dataclass
+class AblationTrain:
+    base: str = "demo.yaml"  # packaged run config (model, data) or a path
+    steps: int = 120  # total steps of every variant
+    batch_size: int = 32
+    lr: float = 5.0e-4
+    joint_lr: float = 2.0e-4
+    text_lr_scale: float = 0.1
+    warmup_steps: int = 5
+    # the progressive variant's stage lengths, as fractions of `steps`
+    schedule: dict[str, float] = field(default_factory=lambda: {"warmup": 0.25, "refine": 0.15, "region": 0.35, "joint": 0.25})
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted run-config overrides for every variant
+
+
+@dataclass
+class AblationEval:
+    tasks: list[str] = field(default_factory=lambda: ["zeroshot", "slake_vqa", "vqa_rad", "grounding"])
+    # Test-time ROIs of the headline tables: "none" gives every variant the same input
+    # (the whole image). SLAKE's annotated boxes carry label information (a finding box
+    # means "abnormal"), so results with them given are a separate table.
+    rois: str = "none"
+    given_rois_tasks: list[str] = field(default_factory=lambda: ["zeroshot", "slake_vqa"])  # also run with given boxes ([] = no)
+    n_boot: int = 1000
+    batch_size: int = 32
+    vqa_epochs: int = 60
+    vqa_hidden: int = 512
+    vqa_finetune: bool = False  # fine-tune the encoders with the VQA head (slow on CPU: see the README)
+    vqa_finetune_epochs: int = 3
+    vqa_finetune_lr: float = 1.0e-5
+    grounding_readouts: list[str] = field(default_factory=lambda: ["patch", "windows"])
+    overlays: int = 6
+    limit_images: int | None = None
+    limit_questions: int | None = None
+
+
+@dataclass
+class AblationConfig:
+    out: str = "runs/ablation"
+    data_root: str | None = None  # default: $REGIONMED_DATA or ../shared/data
+    seed: int = 0
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    build: AblationBuild = field(default_factory=AblationBuild)
+    train: AblationTrain = field(default_factory=AblationTrain)
+    eval: AblationEval = field(default_factory=AblationEval)
+    progress: bool = True
+
+
+def load_ablation_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AblationConfig:
+    path = Path(path)
+    cfg = load_yaml_config(AblationConfig, path, overrides, what="ablation config")
+    bad = [v for v in cfg.variants if v not in VARIANTS]
+    if bad or not cfg.variants:
+        raise ConfigError(f"{path}: variants {bad or cfg.variants} (known: {', '.join(VARIANTS)})")
+    if cfg.train.steps < 4:
+        raise ConfigError(f"{path}: train.steps must be >= 4 (the progressive variant has four stages)")
+    if any(v <= 0 for v in cfg.train.schedule.values()) or set(cfg.train.schedule) != {"warmup", "refine", "region", "joint"}:
+        raise ConfigError(f"{path}: train.schedule needs positive fractions for warmup, refine, region, joint")
+    return cfg
+
+
+def _data_root(cfg: AblationConfig) -> Path:
+    from regionmed.apps import data_root
+
+    return Path(cfg.data_root) if cfg.data_root else data_root()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build_training_data(cfg: AblationConfig, out: Path, log=print) -> Path:
+    """Build the MedRegion dataset (all images, so that near-duplicates of held-out
+    images are pushed out of train) and check its train split."""
+    from regionmed.apps.curation.builder import build
+    from regionmed.apps.curation.config import BuildConfig, SourceSpec
+
+    root = _data_root(cfg)
+    missing = [s for s in cfg.build.sources if not (root / s).is_dir()]
+    if missing:
+        raise AblationError(f"data root {root} lacks {missing} (set data_root or REGIONMED_DATA)")
+    bcfg = BuildConfig(out=str(out), workers=cfg.build.workers, progress=cfg.progress,
+                       sources=[SourceSpec(s, str(root / s), limit=cfg.build.limit) for s in cfg.build.sources])
+    summary = build(bcfg, log=log)
+    assert_training_only(out, root)
+    return Path(summary.out)
+
+
+def held_out_images(root: Path) -> set[str]:
+    """Record ids of every image named by an official test or validation split."""
+    ids: set[str] = set()
+    for fname in ("test.json", "validate.json"):
+        path = root / "slake" / fname
+        if path.is_file():
+            ids |= {f"slake-{str(q['img_name']).split('/')[0]}" for q in json.loads(path.read_text(encoding="utf-8"))}
+    path = root / "vqa_rad" / "testset.json"
+    if path.is_file():
+        ids |= {f"vqa_rad-{Path(str(q['image_name'])).stem}" for q in json.loads(path.read_text(encoding="utf-8"))}
+    return ids
+
+
+def assert_training_only(dataset: Path, root: Path) -> dict:
+    """Fail unless the ``train`` split holds no image of an official test/validation split."""
+    from regionmed.data.shards import MedRegionDataset
+
+    ds = MedRegionDataset(dataset, "train")
+    held = held_out_images(root)
+    ids = [ds.record(i)["id"] for i in range(len(ds))]
+    ds.close()
+    leaked = sorted({i.split("~")[0] for i in ids} & held)
+    if leaked:
+        raise AblationError(f"{dataset}: {len(leaked)} image(s) of an official test/validation split are in the training split "
+                            f"(e.g. {leaked[:3]}); refusing to pretrain on them")
+    counts: dict[str, int] = {}
+    for i in ids:
+        counts[i.split("-")[0]] = counts.get(i.split("-")[0], 0) + 1
+    return {"train_images": len(ids), "per_source": counts, "held_out_images_checked": len(held)}
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def _base_config(cfg: AblationConfig) -> Path:
+    p = Path(cfg.train.base)
+    if p.is_file():
+        return p
+    from importlib import resources
+
+    packaged = Path(str(resources.files("regionmed") / "configs" / cfg.train.base))
+    if not packaged.is_file():
+        raise ConfigError(f"train.base {cfg.train.base!r} is neither a file nor a packaged config")
+    return packaged
+
+
+def _stage(name, steps, lr, t: AblationTrain, losses, use_rois, trainable=None, lr_scale=True) -> StageConfig:
+    return StageConfig(name=name, steps=steps, lr=lr, warmup_steps=min(t.warmup_steps, steps - 1), min_lr_ratio=1.0,
+                       trainable=trainable or ["all"], lr_scale={"text_tower": t.text_lr_scale} if lr_scale else {},
+                       losses=losses, use_rois=use_rois)
+
+
+def variant_config(cfg: AblationConfig, variant: str, data: Path, out: Path) -> RunConfig:
+    t = cfg.train
+    overrides = {"data.train": str(data), "data.split": "train", "train.output_dir": str(out), "seed": cfg.seed,
+                 "train.batch_size": t.batch_size, **t.overrides}
+    run = load_run_config(_base_config(cfg), overrides)
+    run = copy.deepcopy(run)
+    run.train.tensorboard = False
+    g = {"global": 1.0, "summary": 0.5}
+    if variant == "global":
+        run.model.roi.mode = "none"
+        run.train.stages = [_stage("clip", t.steps, t.lr, t, dict(g), False)]
+    elif variant == "roi":
+        run.train.stages = [_stage("roi", t.steps, t.lr, t, {**g, "region": 1.0}, True)]
+    elif variant == "roi_hn":
+        run.train.stages = [_stage("roi_hn", t.steps, t.lr, t, {**g, "region": 1.0, "hard_negative": 1.0}, True)]
+    elif variant == "full":
+        fr = t.schedule
+        total = sum(fr.values())
+        names = ["warmup", "refine", "region", "joint"]
+        steps = [max(1, round(t.steps * fr[n] / total)) for n in names]
+        steps[-1] = max(1, t.steps - sum(steps[:-1]))
+        allr = {**g, "region": 1.0, "hard_negative": 1.0}
+        run.train.stages = [
+            _stage("warmup", steps[0], t.lr, t, {"global": 1.0}, False, ["image_tower", "projections", "logit_scale"], False),
+            _stage("refine", steps[1], t.lr, t, dict(g), False),
+            _stage("region", steps[2], t.lr, t, allr, True),
+            _stage("joint", steps[3], t.joint_lr, t, allr, True),
+        ]
+    else:
+        raise ConfigError(f"unknown variant {variant!r}")
+    validate_run_config(run, f"ablation variant {variant}")
+    assert sum(s.steps for s in run.train.stages) == t.steps
+    return run
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _eval_options(cfg: AblationConfig) -> EvalOptions:
+    e = cfg.eval
+    return EvalOptions(data_root=str(_data_root(cfg)), tasks=list(e.tasks), rois=e.rois, n_boot=e.n_boot, seed=cfg.seed,
+                       batch_size=e.batch_size, overlays=e.overlays, grounding_readouts=list(e.grounding_readouts),
+                       vqa=VQAConfig(epochs=e.vqa_epochs, hidden=e.vqa_hidden, finetune=e.vqa_finetune,
+                                     finetune_epochs=e.vqa_finetune_epochs, finetune_lr=e.vqa_finetune_lr),
+                       limit_images=e.limit_images, limit_questions=e.limit_questions)
+
+
+def run_ablation(cfg: AblationConfig, log=print) -> dict:
+    import torch
+
+    from regionmed.apps.train.trainer import train
+    from regionmed.model.clip import load
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    log(f"[ablate] building the training data in {out / 'data'}")
+    data = build_training_data(cfg, out / "data", log=log)
+    data_info = assert_training_only(data, _data_root(cfg))
+    timings["build_s"] = time.perf_counter() - t0
+    log(f"[ablate] training split: {data_info}")
+    results: dict[str, Any] = {"config": asdict(cfg), "data": data_info, "variants": {}}
+    opts = _eval_options(cfg)
+    for variant in cfg.variants:
+        run_dir = out / variant
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: never mix runs in a comparison
+        run = variant_config(cfg, variant, data, run_dir)
+        log(f"[ablate] {LABELS[variant]}: {cfg.train.steps} steps, batch {run.train.batch_size}, seed {cfg.seed}, "
+            f"stages {[s.name for s in run.train.stages]}")
+        t = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        summary = train(run, progress=cfg.progress)
+        timings[f"train_{variant}_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        model = load(run_dir / "model")
+        res = evaluate(model, opts, run_dir / "eval")
+        res["model"] = str(run_dir / "model")
+        write_report(res, run_dir / "eval", f"evaluation: {LABELS[variant]}")
+        entry = {"label": LABELS[variant], "train": {"steps": summary["steps"], "final_losses": summary["final_losses"]},
+                 "stages": [asdict(s) for s in run.train.stages], "eval": res}
+        if cfg.eval.given_rois_tasks and cfg.eval.rois != "given" and model.roi_processor is not None:
+            given = replace(opts, rois="given", tasks=list(cfg.eval.given_rois_tasks), overlays=0)
+            entry["eval_given"] = evaluate(model, given, run_dir / "eval_given")
+            write_report(entry["eval_given"], run_dir / "eval_given", f"evaluation with given boxes: {LABELS[variant]}")
+        timings[f"eval_{variant}_s"] = time.perf_counter() - t
+        results["variants"][variant] = entry
+        write_json(out / "results.json", {**results, "timings_s": timings})
+        log(f"[ablate] {variant}: train {timings[f'train_{variant}_s']:.0f} s, eval {timings[f'eval_{variant}_s']:.0f} s")
+    timings["total_s"] = time.perf_counter() - t0
+    results["timings_s"] = timings
+    plots = make_plots(results, out)
+    results["plots"] = plots
+    write_json(out / "results.json", results)
+    (out / "report.md").write_text(ablation_report(results), encoding="utf-8")
+    log(f"[ablate] report: {out / 'report.md'} ({timings['total_s']:.0f} s)")
+    return results
+
+
+# --------------------------------------------------------------------------- report
+
+VQA_COLUMNS = [
+    ("SLAKE VQA overall", ("slake_vqa", "overall", "value")),
+    ("SLAKE open", ("slake_vqa", "open", "value")),
+    ("SLAKE closed", ("slake_vqa", "closed", "value")),
+    ("VQA-RAD overall", ("vqa_rad", "overall", "value")),
+    ("VQA-RAD open", ("vqa_rad", "open", "value")),
+    ("VQA-RAD closed", ("vqa_rad", "closed", "value")),
+]
+ZS_GROUNDING_COLUMNS = [
+    ("ZS modality AUC", ("zeroshot", "slake_modality", "macro_auc", "auc")),
+    ("ZS organ AUC", ("zeroshot", "slake_organ", "macro_auc", "auc")),
+    ("ZS organ AUC (pairs)", ("zeroshot", "slake_organ_pairs", "macro_auc", "auc")),
+    ("ZS abnormality AUC", ("zeroshot", "slake_abnormality", "macro_auc", "auc")),
+    ("pointing (patch)", ("grounding", "overall", "pointing_game")),
+    ("IoU≥0.3 (patch)", ("grounding", "overall", "iou@0.3")),
+    ("pointing (windows)", ("grounding", "windows", "overall", "pointing_game")),
+    ("IoU≥0.3 (windows)", ("grounding", "windows", "overall", "iou@0.3")),
+]
+COLUMNS = VQA_COLUMNS + ZS_GROUNDING_COLUMNS
+
+
+def _get(d, path):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _cell(tasks, path) -> str:
+    value = _get(tasks, path)
+    parent = _get(tasks, path[:-1])
+    if value is None:
+        return "–"
+    if isinstance(parent, dict) and parent.get("ci") and parent["ci"][0] is not None:
+        return with_ci(parent, path[-1])
+    return pct(value)
+
+
+def _ordered(results: dict) -> list[str]:
+    """The variants in the config's order (results.json is written with sorted keys)."""
+    order = [v for v in results.get("config", {}).get("variants", []) if v in results["variants"]]
+    return order + [v for v in results["variants"] if v not in order]
+
+
+def ablation_table(results: dict, columns=None) -> str:
+    columns = columns or COLUMNS
+    head = "| variant | " + " | ".join(c for c, _ in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for v in _ordered(results):
+        r = results["variants"][v]
+        tasks = r["eval"]["tasks"]
+        lines.append(f"| {r['label']} | " + " | ".join(_cell(tasks, p) for _, p in columns) + " |")
+    return "\n".join(lines)
+
+
+GIVEN_COLUMNS = [
+    ("SLAKE VQA overall", ("slake_vqa", "overall", "value")),
+    ("SLAKE open", ("slake_vqa", "open", "value")),
+    ("SLAKE closed", ("slake_vqa", "closed", "value")),
+    ("ZS modality AUC", ("zeroshot", "slake_modality", "macro_auc", "auc")),
+    ("ZS organ AUC", ("zeroshot", "slake_organ", "macro_auc", "auc")),
+    ("ZS abnormality AUC", ("zeroshot", "slake_abnormality", "macro_auc", "auc")),
+]
+
+
+def given_table(results: dict) -> str | None:
+    """The region variants again with SLAKE's annotated boxes given at test time."""
+    rows = [v for v in _ordered(results) if results["variants"][v].get("eval_given")]
+    if not rows:
+        return None
+    lines = ["| variant | " + " | ".join(c for c, _ in GIVEN_COLUMNS) + " |", "|" + "---|" * (len(GIVEN_COLUMNS) + 1)]
+    for v in rows:
+        tasks = results["variants"][v]["eval_given"]["tasks"]
+        lines.append(f"| {results['variants'][v]['label']} | " + " | ".join(_cell(tasks, p) for _, p in GIVEN_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _grounding_references(results: dict) -> str:
+    """The no-pixel references of the grounding benchmark (the same for every variant)."""
+    for r in results["variants"].values():
+        o = _get(r["eval"]["tasks"], ("grounding", "overall")) or _get(r["eval"]["tasks"], ("grounding", "windows", "overall"))
+        if o and o.get("n"):
+            return (f"centre point: pointing {pct(o['baseline_centre_pointing'])}; the phrase's mean SLAKE-train box: pointing "
+                    f"{pct(o.get('baseline_prior_pointing'))}, IoU≥0.3 {pct(o.get('baseline_prior_iou@0.3'))} (n = {o['n']} phrases)")
+    return "not computed"
+
+
+def make_plots(results: dict, out: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from regionmed.apps.train.metrics import plot_loss_curves
+
+    plots = {}
+    variants = _ordered(results)
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(COLUMNS)), 4))
+    width = 0.8 / max(1, len(variants))
+    for j, v in enumerate(variants):
+        tasks = results["variants"][v]["eval"]["tasks"]
+        vals, lo, hi = [], [], []
+        for _, path in COLUMNS:
+            x = _get(tasks, path)
+            parent = _get(tasks, path[:-1])
+            ci = parent.get("ci") if isinstance(parent, dict) else None
+            vals.append(np.nan if x is None else 100 * x)
+            lo.append(0 if not ci or ci[0] is None or x is None else 100 * (x - ci[0]))
+            hi.append(0 if not ci or ci[1] is None or x is None else 100 * (ci[1] - x))
+        ax.bar(np.arange(len(COLUMNS)) + j * width, vals, width, yerr=[lo, hi], capsize=2, label=results["variants"][v]["label"])
+    ax.set_xticks(np.arange(len(COLUMNS)) + width * (len(variants) - 1) / 2)
+    ax.set_xticklabels([c for c, _ in COLUMNS], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("% (95% CI where it applies)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=90)
+    plt.close(fig)
+    plots["metrics"] = "ablation.png"
+    try:
+        runs = {results["variants"][v]["label"]: out / v / "metrics.jsonl" for v in variants}
+        plot_loss_curves(runs, out / "loss_curves.png")
+        plots["loss_curves"] = "loss_curves.png"
+    except Exception as err:  # noqa: BLE001 - a plot must never fail a finished run
+        plots["loss_curves_error"] = str(err)
+    return plots
+
+
+def ablation_report(results: dict) -> str:
+    c = results["config"]
+    t = c["train"]
+    problems = {v: r["eval"]["problems"]["count"] for v, r in results["variants"].items()}
+    rois = {v: sorted({str(_get(r["eval"]["tasks"], (task, "rois"))) for task in ("slake_vqa", "vqa_rad")}) for v, r in results["variants"].items()}
+    timings = ", ".join(f"{k} {v:.0f}" for k, v in results.get("timings_s", {}).items())
+    given = given_table(results)
+    given_block = "" if not given else f"""
+**The region variants with SLAKE's annotated boxes given at test time** (not a fair comparison with (a),
+which cannot use them: the boxes carry label information, e.g. a finding box means "abnormal", and organ
+boxes name the organs present)
+
+{given}
+"""
+    return f"""# Same-data ablation
+
+Pretraining data: the `train` split of a MedRegion dataset built from {", ".join(c["build"]["sources"])}
+({results["data"]["train_images"]} images: {json.dumps(results["data"]["per_source"])}); checked to contain no image
+of SLAKE test/validate or VQA-RAD test ({results["data"]["held_out_images_checked"]} held-out images checked).
+Every variant: base recipe `{t["base"]}`, {t["steps"]} steps, batch {t["batch_size"]}, seed {c["seed"]}.
+
+**VQA** (accuracy, %)
+
+{ablation_table(results, VQA_COLUMNS)}
+
+**Zero-shot classification (macro AUC, %) and grounding (%)**
+
+{ablation_table(results, ZS_GROUNDING_COLUMNS)}
+{given_block}
+* Percentages; [95% bootstrap CI] ({c["eval"]["n_boot"]} resamples) for VQA overall/open/closed and zero-shot macro AUC.
+* VQA: an MLP head on [image ; question] embeddings of the {"model fine-tuned with it (" + str(c["eval"]["vqa_finetune_epochs"]) + " epochs)" if c["eval"].get("vqa_finetune") else "frozen model"}, answers = the training answer set;
+  SLAKE English train (best epoch on validate) → test, VQA-RAD 3,064 → 451. Test-time ROIs of the
+  headline tables: {json.dumps(rois)} (VQA-RAD images come without boxes in any case).
+* Zero-shot on SLAKE test: modality (softmax over CT/MRI/X-Ray), organ (multi-label box classes: cosine with each
+  class's prompt ensemble; "(pairs)" = softmax over a positive/negative prompt pair), abnormality (normal vs abnormal from finding boxes and whole-image QA facts).
+* Grounding on SLAKE test boxes, each box class of an image a phrase: pointing game and IoU≥0.3 of the box from
+  (patch) the thresholded patch–text similarity map and (windows) the best of the sliding windows embedded as regions.
+  References that see no pixels: {_grounding_references(results)}.
+* Problems counted per variant: {json.dumps(problems)} (details in each `<variant>/eval/report.md`).
+
+![metrics](ablation.png)
+
+![loss curves](loss_curves.png)
+
+Timings (s): {timings}
+"""

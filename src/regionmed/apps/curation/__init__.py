@@ -1,0 +1,29 @@
+"""Dataset curation: the MedRegion dataset builder (``regionmed build``) and the synthetic phantoms.
+
+Turns real images and their text (reports, clinical notes, VQA question–answer
+facts) into region-annotated, multi-caption MedRegion shards that the trainer
+reads with :class:`regionmed.data.shards.MedRegionDataset`.
+
+An application: it uses the library (:mod:`regionmed.data` for the shard format)
+and the library never imports it. Pieces:
+
+* :mod:`.sources` — small adapters behind one interface (:class:`.sources.Source`)
+  that iterate raw items: ``generic`` (folder + CSV/JSONL table, COCO boxes),
+  ``dicom``, ``slake``, ``vqa_rad``, ``covid_cxr``;
+* :mod:`.captions` — summary / report / region captions and rule-based hard negatives;
+* :mod:`.proposers` — ROI proposers by name: ``annotation``, ``unsupervised``, ``detector``;
+* :mod:`.builder` — streaming, parallel, resumable build with rejects and a manifest;
+* :mod:`.leakage`, :mod:`.stats` — dataset checks; :mod:`.cli` — the subcommands;
+* :mod:`.phantoms` — deterministic synthetic radiographs written as a MedRegion dataset.
+
+Records written by the builder add these optional fields to schema v1:
+``sha256`` (hex digest of the stored image bytes), ``phash`` (16 hex digits,
+64-bit DCT perceptual hash of the image) and, on regions, ``location``
+({"side", "vertical", "radial"}).
+"""
+
+from __future__ import annotations
+
+BUILDER_VERSION = "1.0.0"
+
+__all__ = ["BUILDER_VERSION"]

@@ -1,0 +1,132 @@
+"""The build configuration: typed dataclasses loaded from YAML.
+
+Example (``regionmed build --config build.yaml``)::
+
+    out: runs/medregion-public
+    workers: 2
+    sources:
+      - {name: slake, root: ../shared/data/slake}
+      - {name: vqa_rad, root: ../shared/data/vqa_rad, limit: 100}
+      - {name: covid_cxr, root: ../shared/data/covid_cxr}
+      - name: generic
+        root: /data/export
+        options: {table: reports.csv, coco: boxes.json, modality: xray, body: chest}
+    proposer: {name: annotation, fallback: unsupervised}
+    captions: {negatives_per_region: 3, laterality: {xray: radiological, default: radiological}}
+    split: {train: 0.8, val: 0.1, test: 0.1, near_dup_threshold: 4}
+    shards: {max_count: 1000, max_size: 256000000}
+    image: {max_pixels: 40000000, max_side: null}
+
+A key that is not a field is an error naming the field and the file; so is a
+value of the wrong type. Relative source roots are resolved against the config
+file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from regionmed.apps.curation.captions import CaptionConfig
+from regionmed.apps.curation.proposers import ProposerConfig
+from regionmed.config import ConfigError, from_dict  # one typed-config loader for the project
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    root: str
+    limit: int | None = None
+    repeat: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SplitConfig:
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    near_dup_threshold: int = 4  # max Hamming distance of 64-bit perceptual hashes
+    salt: str = "regionmed-split-v1"
+
+
+@dataclass
+class ShardConfig:
+    max_count: int = 1000
+    max_size: int = 256_000_000
+
+
+@dataclass
+class ImageConfig:
+    max_pixels: int = 40_000_000
+    max_side: int | None = None
+    dicom_window: str = "auto"  # "auto" (VOI LUT / window) or "minmax"
+
+
+@dataclass
+class BuildConfig:
+    out: str = ""
+    sources: list[SourceSpec] = field(default_factory=list)
+    workers: int = 2
+    proposer: ProposerConfig = field(default_factory=ProposerConfig)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    require_regions: bool = False
+    chunksize: int = 4
+    keep_staging: bool = False
+    progress: bool = True
+
+    # fields that do not change the output (left out of the config hash)
+    _RUNTIME = ("out", "workers", "chunksize", "keep_staging", "progress")
+
+    def config_hash(self) -> str:
+        data = dataclasses.asdict(self)
+        for name in self._RUNTIME:
+            data.pop(name, None)
+        blob = json.dumps(data, sort_keys=True, default=str).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def validate(self, where: str = "config") -> None:
+        if not self.sources:
+            raise ConfigError(f"{where}: no sources given")
+        ratios = (self.split.train, self.split.val, self.split.test)
+        if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+            raise ConfigError(f"{where}: split train/val/test must be >= 0 and sum to 1, got {ratios}")
+        if self.workers < 0:
+            raise ConfigError(f"{where}: workers must be >= 0")
+        for rule in self.captions.rules:
+            from regionmed.apps.curation.captions import RULES
+
+            if rule not in RULES:
+                raise ConfigError(f"{where}: captions.rules: unknown rule {rule!r}; known {list(RULES)}")
+        for mod, conv in self.captions.laterality.items():
+            if conv not in ("radiological", "image"):
+                raise ConfigError(f"{where}: captions.laterality.{mod} must be 'radiological' or 'image', got {conv!r}")
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> BuildConfig:
+    """Read a YAML build config (relative source roots resolve against its folder)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read build config {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    cfg = from_dict(BuildConfig, data, "", str(path))
+    for spec in cfg.sources:
+        root = Path(spec.root).expanduser()
+        if not root.is_absolute():
+            spec.root = str((path.parent / root).resolve())
+    for key, value in (overrides or {}).items():
+        setattr(cfg, key, value)
+    cfg.validate(str(path))
+    return cfg

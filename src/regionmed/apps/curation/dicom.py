@@ -1,0 +1,148 @@
+"""DICOM decoding for the builder (pydicom, imported lazily).
+
+Only an allow-list of non-identifying attributes leaves this module; patient,
+study, institution and date attributes are never read into records or logs.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from regionmed.apps.curation.images import ItemReject
+
+# The only DICOM attributes that may flow into records (as ``meta``).
+ALLOWED_ATTRIBUTES = (
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "ImageLaterality",
+    "Laterality",
+    "PhotometricInterpretation",
+    "BitsStored",
+    "Rows",
+    "Columns",
+)
+
+_UNCOMPRESSED = {
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+}
+
+
+def _pydicom():
+    try:
+        import pydicom  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("DICOM input needs pydicom: pip install 'regionmed[build]' (or pip install pydicom)") from err
+    return pydicom
+
+
+def _first(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        if hasattr(value, "__len__") and not isinstance(value, (str, bytes)):
+            value = value[0]
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def allowed_meta(ds) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for name in ALLOWED_ATTRIBUTES:
+        value = ds.get(name)
+        if value is None or value == "":
+            continue
+        if isinstance(value, (int, float)):
+            meta[name] = value
+        else:
+            text = str(value).strip()[:64]
+            if text:
+                meta[name] = text
+    return meta
+
+
+def decode_dicom(
+    raw: bytes,
+    max_pixels: int,
+    window: str = "auto",
+) -> tuple[np.ndarray, dict[str, Any], tuple[float, float] | None]:
+    """Return ``(uint8 array, allow-listed meta, pixel spacing mm)`` or raise :class:`ItemReject`.
+
+    ``window``: ``"auto"`` (VOI LUT sequence, else the first window centre/width,
+    else min–max), or ``"minmax"``.
+    """
+    pydicom = _pydicom()
+    try:
+        ds = pydicom.dcmread(io.BytesIO(raw), force=True)
+    except Exception as err:  # noqa: BLE001
+        raise ItemReject("unreadable_image", f"not a readable DICOM file ({type(err).__name__})") from err
+    if "PixelData" not in ds:
+        raise ItemReject("unsupported_dicom", "no pixel data")
+    frames = int(_first(ds.get("NumberOfFrames")) or 1)
+    if frames > 1:
+        raise ItemReject("unsupported_dicom", f"multi-frame DICOM ({frames} frames)")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB"):
+        raise ItemReject("unsupported_dicom", f"photometric interpretation {photometric}")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows <= 0 or cols <= 0:
+        raise ItemReject("unsupported_dicom", "no image size")
+    if rows * cols > max_pixels:
+        raise ItemReject("decompression_bomb", f"{cols}x{rows} exceeds max_image_pixels={max_pixels}")
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    tsyntax_name = getattr(tsyntax, "name", str(tsyntax)) if tsyntax else "unknown"
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # noqa: BLE001
+        if tsyntax is not None and str(tsyntax) not in _UNCOMPRESSED:
+            raise ItemReject("unsupported_dicom", f"transfer syntax {tsyntax_name} cannot be decoded here") from err
+        raise ItemReject("unreadable_image", f"DICOM pixel data cannot be decoded ({type(err).__name__})") from err
+    if photometric == "RGB":
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise ItemReject("unsupported_dicom", "RGB data of unexpected shape")
+        out = arr.astype(np.float64)
+        lo, hi = float(out.min()), float(out.max())
+        out = np.zeros_like(out) if hi <= lo else (out - lo) / (hi - lo)
+    else:
+        if arr.ndim != 2:
+            raise ItemReject("unsupported_dicom", f"pixel array of shape {arr.shape}")
+        out = _window(arr, ds, window)
+        if photometric == "MONOCHROME1":
+            out = 1.0 - out
+    img = np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+    spacing = None
+    for name in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(name)
+        if value is not None and len(value) == 2:
+            try:
+                spacing = (float(value[0]), float(value[1]))
+                break
+            except (TypeError, ValueError):
+                pass
+    meta = allowed_meta(ds)
+    return img, meta, spacing
+
+
+def _window(arr: np.ndarray, ds, window: str) -> np.ndarray:
+    """Modality LUT, then VOI LUT / window; return values in [0, 1]."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    data = apply_modality_lut(arr, ds).astype(np.float64)
+    if window == "auto" and "VOILUTSequence" in ds:
+        voi = np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
+        lo, hi = float(voi.min()), float(voi.max())
+        return np.zeros_like(voi) if hi <= lo else (voi - lo) / (hi - lo)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if window == "auto" and center is not None and width is not None and width >= 1:
+        # DICOM PS3.3 C.11.2.1.2.1 linear window.
+        low = center - 0.5 - (width - 1) / 2
+        return np.clip((data - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0) if width > 1 else (data > low).astype(np.float64)
+    lo, hi = float(data.min()), float(data.max())
+    return np.zeros_like(data) if hi <= lo else (data - lo) / (hi - lo)

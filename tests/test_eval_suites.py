@@ -1,0 +1,108 @@
+"""Benchmark readers on the real data (../shared/data or $REGIONMED_DATA; fail, not skip, when missing)
+and the `regionmed eval` command end to end on small subsets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from conftest import tiny_model_config
+from conftest_build import data_dir  # noqa: F401
+from regionmed.apps.evaluate.suites import (
+    SLAKE_FINDINGS,
+    slake_grounding_items,
+    slake_questions,
+    slake_zero_shot_tasks,
+    vqa_rad_questions,
+)
+from regionmed.eval.vqa import answer_vocabulary, normalize_answer
+
+
+def test_official_splits_and_answer_sets(data_dir):  # noqa: F811
+    slake = data_dir / "slake"
+    tr, va, te = (slake_questions(slake, s) for s in ("train", "validate", "test"))
+    assert (len(tr), len(va), len(te)) == (4919, 1053, 1061)  # English only
+    assert {q.answer_type for q in tr} == {"OPEN", "CLOSED"}
+    vtr, vte = vqa_rad_questions(data_dir / "vqa_rad", "train"), vqa_rad_questions(data_dir / "vqa_rad", "test")
+    assert (len(vtr), len(vte)) == (3064, 451)
+    assert {q.answer_type for q in vtr} == {"OPEN", "CLOSED"}  # "CLOSED " is stripped
+    vocab = set(answer_vocabulary(vtr))
+    outside = [q for q in vte if normalize_answer(q.answer) not in vocab]
+    assert 0 < len(outside) < 0.2 * len(vte)
+
+
+def test_slake_zero_shot_tasks_and_grounding_items(data_dir):  # noqa: F811
+    refs, tasks, notes = slake_zero_shot_tasks(data_dir / "slake", "test")
+    assert tasks["modality"].classes == ["CT", "MRI", "X-Ray"] and len(tasks["modality"].keys) == 180
+    organ = tasks["organ"]
+    assert organ.mode == "similarity" and organ.labels.shape == (len(organ.keys), len(organ.classes))
+    assert not set(organ.classes) & SLAKE_FINDINGS and (organ.labels.sum(0) >= 5).all()
+    ab = tasks["abnormality"]
+    assert set(ab.labels.tolist()) == {0, 1} and len(ab.keys) + sum(notes["abnormality_left_out"].values()) == 180
+    items = slake_grounding_items(data_dir / "slake", "test")
+    assert items and all(len(r.boxes) == len(r.box_labels) > 0 for r in items)
+
+
+@pytest.mark.slow
+def test_eval_command_end_to_end_with_bad_inputs(data_dir, tmp_path):  # noqa: F811
+    from regionmed.apps.evaluate.cli import add_ablate_parser, add_eval_parser
+    from regionmed.model.clip import RegionMedCLIP
+
+    RegionMedCLIP(tiny_model_config()).save_pretrained(tmp_path / "model")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_eval_parser(sub)
+    add_ablate_parser(sub)
+    empty = tmp_path / "classes"
+    empty.mkdir()
+    out = tmp_path / "eval"
+    args = parser.parse_args(["eval", str(tmp_path / "model"), "--out", str(out), "--data-root", str(data_dir),
+                              "--tasks", "zeroshot,vqa_rad,slake_vqa,grounding", "--class-folder", str(empty),
+                              "--limit-images", "24", "--limit-questions", "60", "--n-boot", "50", "--vqa-epochs", "3",
+                              "--overlays", "2"])
+    assert args.func(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    tasks = res["tasks"]
+    assert {"slake_modality", "slake_organ", "slake_abnormality"} <= set(tasks["zeroshot"])
+    assert tasks["zeroshot"]["slake_modality"]["rois"] == "given"
+    assert tasks["vqa_rad"]["rois"] == "none" and "no boxes" in tasks["vqa_rad"]["rois_note"]
+    assert tasks["slake_vqa"]["test_questions"] > 0 and tasks["slake_vqa"]["rois"] == "given"
+    g = tasks["grounding"]
+    assert g["overall"]["n"] > 0 and g["windows"]["overall"]["n"] == g["overall"]["n"]
+    assert sorted(p.name.rsplit("_", 1)[1] for p in (out / "grounding_overlays").glob("*.png")) == ["patch.png", "patch.png", "windows.png", "windows.png"]
+    assert (out / "roc_slake_modality.png").is_file()
+    # the empty class folder is a counted problem, not a crash
+    assert any("class list is empty" in m for m in res["problems"]["messages"])
+    md = (out / "report.md").read_text()
+    assert "Zero-shot" in md and "VQA: vqa_rad" in md and "Grounding" in md and "Problems" in md
+    # input errors exit with 2
+    bad = parser.parse_args(["eval", str(tmp_path / "nope"), "--out", str(out), "--data-root", str(data_dir)])
+    assert bad.func(bad) == 2
+    bad = parser.parse_args(["eval", str(tmp_path / "model"), "--tasks", "zeroshot,nonsense", "--data-root", str(data_dir)])
+    assert bad.func(bad) == 2
+
+
+def test_grounding_with_contrast_maps(data_dir, tmp_path):  # noqa: F811
+    from regionmed.apps.evaluate.run import EvalOptions, Problems, eval_grounding
+    from regionmed.model.clip import RegionMedCLIP
+
+    model = RegionMedCLIP(tiny_model_config()).eval()
+    for contrast in (False, True):
+        res = eval_grounding(model, EvalOptions(data_root=str(data_dir), limit_images=3, overlays=0, grounding_contrast=contrast),
+                             tmp_path, Problems())
+        o = res["overall"]
+        assert res["contrast"] is contrast and o["n"] >= 3 and 0 <= o["pointing_game"] <= 1 and 0 <= o["mean_iou"] <= 1
+        assert set(res["per_class"]) and res["grid"] == [4, 4]
+        w = res["windows"]
+        assert w["overall"]["n"] == o["n"] and w["windows_per_image"] > 10 and w["embedding"].startswith("ROI path")
+        # the location prior comes from SLAKE *train* boxes and sees no test pixels
+        assert res["prior"]["classes"] > 10 and 0 <= o["baseline_prior_pointing"] <= 1
+        assert o["baseline_prior_pointing"] == w["overall"]["baseline_prior_pointing"]
+    glob = RegionMedCLIP(tiny_model_config(mode="none")).eval()
+    res = eval_grounding(glob, EvalOptions(data_root=str(data_dir), limit_images=2, overlays=0, grounding_readouts=["windows"]),
+                         tmp_path, Problems())
+    assert res["readouts"] == ["windows"] and "overall" not in res and res["windows"]["embedding"] == "window crop as a whole image"
+    with pytest.raises(ValueError, match="read-out"):
+        eval_grounding(glob, EvalOptions(data_root=str(data_dir), limit_images=1, grounding_readouts=["pixels"]), tmp_path, Problems())
