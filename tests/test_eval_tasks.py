@@ -193,3 +193,33 @@ def test_windows_cover_the_image_and_the_best_window_is_the_box():
 def test_location_prior_is_the_mean_relative_box():
     prior = location_prior([([[0, 0, 50, 50]], ["liver"], (100, 100)), ([[100, 100, 200, 200]], ["liver"], (200, 200))])
     assert prior["liver"] == pytest.approx([0.25, 0.25, 0.75, 0.75])
+
+
+def test_vqa_finetune_uses_the_trainers_step_rules(tiny_model, image_files, monkeypatch):
+    """Non-finite fine-tuning losses are skipped and counted as the trainer does, then stop the run."""
+    import regionmed.eval.vqa as vqa_mod
+    from regionmed.optim import NonFiniteError
+
+    qs = ["is this normal?", "what organ is shown?"]
+    train = [Question(f"t{i}", f"k{i % 6}", qs[i % 2], ["yes", "liver"][i % 2], "CLOSED", ["PRES"]) for i in range(16)]
+    test = train[:4]
+    poison = {"mode": "once", "seen": 0}
+
+    class Poisoned(vqa_mod.nn.CrossEntropyLoss):
+        def forward(self, x, y):  # the probe trains on all 16 rows at once; fine-tuning batches hold 8
+            out = super().forward(x, y)
+            if len(y) == 8:
+                poison["seen"] += 1
+                if poison["mode"] == "always" or poison["seen"] == 1:
+                    return out * float("nan")
+            return out
+
+    monkeypatch.setattr(vqa_mod.nn, "CrossEntropyLoss", Poisoned)
+    cfg = VQAConfig(finetune=True, finetune_epochs=1, finetune_lr=1e-3, epochs=2, hidden=16, n_boot=20,
+                    finetune_batch_size=8, max_nonfinite=2)
+    res = run_vqa_finetune(tiny_model, train, test, _refs(image_files), "none", cfg, name="toy")
+    assert res["training"]["skipped_nonfinite_steps"] == 1 and poison["seen"] == 2
+    assert any("non-finite loss" in p for p in res["problems"])
+    poison.update(mode="always", seen=0)
+    with pytest.raises(NonFiniteError, match="2 non-finite steps in a row"):
+        run_vqa_finetune(tiny_model, train, test, _refs(image_files), "none", cfg, name="toy")

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regionmed.distributed import gather_with_grad
+import regionmed.losses as losses_mod
+from regionmed.distributed import gather_tensor, gather_with_grad
 from regionmed.losses import (
     LOSS_NAMES,
     LossInputs,
     compute_losses,
-    gather_loss_inputs,
+    local_infonce,
     multi_positive_infonce,
     text_ids,
 )
@@ -33,29 +34,46 @@ def clip_loss(a, b, scale):
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def make_inputs(B=4, R=5, N=3, M=2, D=8, requires_grad=False) -> LossInputs:
+ROIS_PER_IMAGE = (2, 0, 3, 1)  # ragged, with an image without any region
+
+
+def make_inputs(B=4, K=3, N=3, M=2, D=8, requires_grad=False, rois=ROIS_PER_IMAGE) -> LossInputs:
+    """Fixed-shape inputs: K ROI slots per image, ``rois[i]`` of them real; padding slots
+    hold random (finite) values, so a padding leak would change the results."""
+
     def leaf(t):
         return t.clone().requires_grad_(requires_grad)
 
-    roi_mask = torch.ones(R, N, dtype=torch.bool)
-    if R > 1:
-        roi_mask[1, 1:] = False
+    roi_mask = torch.zeros(B, K, dtype=torch.bool)
+    for i in range(B):
+        roi_mask[i, : rois[i % len(rois)]] = True
+    neg_mask = roi_mask[..., None].expand(B, K, N).clone()
+    neg_mask[0, 1, 1:] = False  # ragged negatives
+    img_neg_mask = torch.ones(B, M, dtype=torch.bool)
+    img_neg_mask[1, 1:] = False
+    caption_ids = torch.tensor([1, 2, 1, 3, 4, 5, 6, 7, 8, 9, 1, 2] * K)[: B * K].reshape(B, K)
     return LossInputs(
         logit_scale=leaf(torch.tensor(7.0)),
         image_fused=leaf(unit(B, D, seed=1)),
         image_global=leaf(unit(B, D, seed=2)),
         report=leaf(unit(B, D, seed=3)),
-        report_ids=torch.tensor([10, 11, 10, 12][:B]),
+        report_ids=torch.tensor([10, 11, 10, 12, 13, 11, 14, 15][:B]),
         summary=leaf(unit(B, D, seed=4)),
         summary_ids=torch.arange(B),
-        roi=leaf(unit(R, D, seed=5)),
-        caption=leaf(unit(R, D, seed=6)),
-        caption_ids=torch.tensor([1, 2, 1, 3, 4, 5, 6][:R]),
-        roi_negatives=leaf(unit(R, N, D, seed=7)),
-        roi_negatives_mask=roi_mask,
+        roi=leaf(unit(B, K, D, seed=5)),
+        roi_mask=roi_mask,
+        caption=leaf(unit(B, K, D, seed=6)),
+        caption_ids=caption_ids,
+        roi_negatives=leaf(unit(B, K, N, D, seed=7)),
+        roi_negatives_mask=neg_mask,
         image_negatives=leaf(unit(B, M, D, seed=8)),
-        image_negatives_mask=torch.ones(B, M, dtype=torch.bool),
+        image_negatives_mask=img_neg_mask,
     )
+
+
+def valid(inp: LossInputs, name: str) -> torch.Tensor:
+    """The real ROI rows of a per-slot field, flattened in batch order."""
+    return getattr(inp, name)[inp.roi_mask]
 
 
 # --- multi_positive_infonce: closed forms ------------------------------------
@@ -207,11 +225,11 @@ def test_compute_losses_terms_and_total():
         multi_positive_infonce(inp.image_global, inp.summary, None, inp.summary_ids, s),
     )
     torch.testing.assert_close(
-        out["region"], multi_positive_infonce(inp.roi, inp.caption, None, inp.caption_ids, s)
+        out["region"], multi_positive_infonce(valid(inp, "roi"), valid(inp, "caption"), None, valid(inp, "caption_ids"), s)
     )
     roi_part = multi_positive_infonce(
-        inp.roi, inp.caption, None, inp.caption_ids, s, inp.roi_negatives, inp.roi_negatives_mask,
-        symmetric=False,
+        valid(inp, "roi"), valid(inp, "caption"), None, valid(inp, "caption_ids"), s, valid(inp, "roi_negatives"),
+        valid(inp, "roi_negatives_mask"), symmetric=False,
     )  # fmt: skip
     img_part = multi_positive_infonce(
         inp.image_fused, inp.report, None, inp.report_ids, s, inp.image_negatives,
@@ -227,8 +245,8 @@ def test_hard_negative_uses_the_parts_that_exist():
     inp.image_negatives = inp.image_negatives_mask = None
     out = compute_losses(inp, {"hard_negative": 1.0})
     roi_part = multi_positive_infonce(
-        inp.roi, inp.caption, None, inp.caption_ids, inp.logit_scale, inp.roi_negatives,
-        inp.roi_negatives_mask, symmetric=False,
+        valid(inp, "roi"), valid(inp, "caption"), None, valid(inp, "caption_ids"), inp.logit_scale,
+        valid(inp, "roi_negatives"), valid(inp, "roi_negatives_mask"), symmetric=False,
     )  # fmt: skip
     torch.testing.assert_close(out["hard_negative"], roi_part)
     inp.roi_negatives = inp.roi_negatives_mask = None
@@ -245,7 +263,7 @@ def test_inactive_terms_are_left_out():
 
 
 def test_empty_rois_are_skipped_not_nan():
-    inp = make_inputs(R=0, requires_grad=True)
+    inp = make_inputs(rois=(0,), requires_grad=True)
     out = compute_losses(inp, ALL_WEIGHTS)
     assert "region" not in out
     # hard_negative keeps its image part only
@@ -260,7 +278,7 @@ def test_empty_rois_are_skipped_not_nan():
 
 
 def test_no_active_term_gives_a_backpropagating_zero():
-    inp = make_inputs(R=0, requires_grad=True)
+    inp = make_inputs(rois=(0,), requires_grad=True)
     out = compute_losses(inp, {"region": 1.0})
     assert set(out) == {"total"} and out["total"].item() == 0.0
     out["total"].backward()
@@ -284,14 +302,75 @@ def test_gradient_reaches_every_input():
     ):  # fmt: skip
         grad = getattr(inp, name).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
-    # A masked-out negative gets no gradient.
-    assert inp.roi_negatives.grad[1, 1:].abs().max() == 0
+    # Masked-out negatives and padding ROI slots get no gradient.
+    assert inp.roi_negatives.grad[0, 1, 1:].abs().max() == 0
+    assert inp.roi.grad[~inp.roi_mask].abs().max() == 0 and inp.caption.grad[~inp.roi_mask].abs().max() == 0
+    assert inp.roi_negatives.grad[~inp.roi_mask].abs().max() == 0
 
 
 def test_gather_is_identity_in_one_process():
     inp = make_inputs()
-    assert gather_loss_inputs(inp) is inp
-    assert gather_with_grad(inp.roi) is inp.roi
+    assert gather_with_grad(inp.roi) is inp.roi and gather_tensor(inp.roi_mask) is inp.roi_mask
+
+
+def test_local_infonce_in_one_process_is_multi_positive_infonce():
+    a, b = unit(6, 8, seed=11), unit(6, 8, seed=12)
+    ids = torch.tensor([1, 2, 1, 3, 4, 2])
+    extra, emask = unit(6, 2, 8, seed=13), torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1], [1, 0], [1, 1]]).bool()
+    for kw in ({}, {"extra_negatives": extra, "extra_mask": emask, "symmetric": False}):
+        ref = multi_positive_infonce(a, b, None, ids, 5.0, kw.get("extra_negatives"), kw.get("extra_mask"),
+                                     symmetric=kw.get("symmetric", True))
+        torch.testing.assert_close(local_infonce(a, b, ids, a, b, ids, 0, 6, 5.0, **kw), ref)
+
+
+def _split(inp: LossInputs, parts: int) -> list[LossInputs]:
+    """Cut fixed-shape inputs into equal per-rank slices along the batch."""
+    b = inp.image_fused.shape[0] // parts
+    out = []
+    for r in range(parts):
+        fields = {f: (v if f == "logit_scale" or v is None else v[r * b : (r + 1) * b]) for f, v in vars(inp).items()}
+        out.append(LossInputs(**fields))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_local_loss_summed_over_ranks_equals_the_union_batch(world, monkeypatch):
+    """The local loss, simulated in one process: each 'rank' scores its rows against the
+    gathered union; the per-rank terms sum to the union's terms, and the gradient of their
+    sum (what autograd all-gather + a sum over ranks gives) equals the union's gradient."""
+    union = make_inputs(B=8, requires_grad=True)
+    expected = compute_losses(union, ALL_WEIGHTS)
+    grads_expected = torch.autograd.grad(expected["total"], [union.image_fused, union.roi, union.caption, union.logit_scale,
+                                                             union.roi_negatives])
+    ranks = _split(union, world)
+    current = {"rank": 0}
+
+    def gather(x):
+        # Union of every rank's tensor for the same field; flattened ROI fields too.
+        for f, v in vars(ranks[current["rank"]]).items():
+            if v is x:
+                return torch.cat([getattr(p, f) for p in ranks])
+            if v is not None and v.dim() >= 2 and x.shape == (v.shape[0] * v.shape[1], *v.shape[2:]) and f.startswith(("roi", "caption")):
+                if torch.equal(x, v.reshape(x.shape)):
+                    return torch.cat([getattr(p, f).reshape(-1, *v.shape[2:]) for p in ranks])
+        raise AssertionError("unexpected gather")
+
+    monkeypatch.setattr(losses_mod, "gather_with_grad", gather)
+    monkeypatch.setattr(losses_mod, "gather_tensor", gather)
+    monkeypatch.setattr(losses_mod, "get_world_size", lambda: world)
+    summed = {}
+    for r in range(world):
+        current["rank"] = r
+        monkeypatch.setattr(losses_mod, "get_rank", lambda r=r: r)
+        for k, v in compute_losses(ranks[r], ALL_WEIGHTS).items():
+            summed[k] = summed.get(k, 0) + v
+    assert set(summed) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(summed[k], expected[k], rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(summed["total"], [union.image_fused, union.roi, union.caption, union.logit_scale,
+                                                  union.roi_negatives])
+    for g, e in zip(grads, grads_expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 # --- text_ids -----------------------------------------------------------------

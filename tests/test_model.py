@@ -1,4 +1,7 @@
 import dataclasses
+import json
+import math
+import random
 
 import pytest
 import torch
@@ -6,8 +9,11 @@ import torch
 from conftest import tiny_model_config
 from regionmed import load
 from regionmed.config import from_dict
-from regionmed.model.clip import RegionMedCLIP
+from regionmed.data.transforms import Preprocessor
+from regionmed.errors import RegionmedError
+from regionmed.model.clip import RegionMedCLIP, plan_text_chunks
 from regionmed.model.roi import align_roi_features
+from regionmed.model.towers import WeightsError
 
 
 def _inputs(model, b=3, k=2, seed=0):
@@ -116,6 +122,131 @@ def test_save_and_load_give_the_same_embeddings(tmp_path):
         ta, tb = model.encode_text(["right upper zone nodule"]), loaded.encode_text(["right upper zone nodule"])
     assert torch.equal(a.fused, b.fused) and torch.equal(a.roi, b.roi) and torch.equal(ta, tb)
     assert loaded.preprocess_config() == model.preprocess_config()
+    assert loaded.preprocessor == model.preprocessor == Preprocessor.from_folder(tmp_path / "m")
+
+
+def test_a_loaded_model_carries_the_preprocessor_read_from_its_folder(tmp_path, monkeypatch):
+    model = RegionMedCLIP(tiny_model_config(mode="crop", context_margin=0.3))
+    pre = Preprocessor.from_model(model)
+    assert pre is model.preprocessor is Preprocessor.from_model(model)  # derived from the config once
+    assert (pre.image_size, pre.context_margin, pre.max_rois, pre.context_length) == (64, 0.3, 3, 32)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pre.image_size = 32  # callers cannot change the model's preprocessing in place
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "preprocess.json").read_text()) == pre.to_dict()
+    read = []
+    original = Preprocessor.from_folder.__func__
+
+    def spy(cls, directory):
+        read.append(original(cls, directory))
+        return read[-1]
+
+    monkeypatch.setattr(Preprocessor, "from_folder", classmethod(spy))
+    loaded = load(tmp_path / "m")
+    assert len(read) == 1 and loaded.preprocessor is read[0] and Preprocessor.from_model(loaded) is read[0]
+    assert loaded.preprocessor == pre
+
+
+@pytest.mark.parametrize(
+    "field, value, why",
+    [
+        ("image_size", 96, "config.json implies 64"),  # disagrees with config.json
+        ("roi_mode", "align", "config.json implies 'crop'"),
+        ("context_margin", "0.15", "must be a number"),  # wrong type
+        ("max_rois", None, "is missing"),  # None: the field is deleted
+    ],
+)
+def test_a_tampered_preprocess_json_fails_loading_naming_file_and_field(tmp_path, field, value, why):
+    RegionMedCLIP(tiny_model_config(mode="crop")).save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "preprocess.json"
+    data = json.loads(path.read_text())
+    if value is None:
+        del data[field]
+    else:
+        data[field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(WeightsError) as err:
+        load(tmp_path / "m")
+    message = str(err.value)
+    assert str(path) in message and repr(field) in message and why in message, message
+    assert isinstance(err.value, RegionmedError)
+
+
+def test_a_missing_preprocess_json_fails_loading(tmp_path):
+    RegionMedCLIP(tiny_model_config(mode="none")).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "preprocess.json").unlink()
+    with pytest.raises(WeightsError, match=r"preprocess\.json is missing"):
+        load(tmp_path / "m")
+
+
+# A mix of lengths: region captions, short summaries and reports cut to the context length.
+_TEXTS = [
+    "left effusion", "nodule", "right upper zone nodule", "no focal abnormality",
+    "there is a dense opacity in the right lower zone. the heart size is normal.",
+    "small left apical pneumothorax without mediastinal shift",
+    " ".join(["opacity"] * 50), "the lungs are clear. no focal abnormality. the heart size is normal. no effusion.",
+    "left lower zone opacity", "cardiomegaly", "right lower zone consolidation with air bronchograms",
+    "there is a small nodule in the left upper zone and a moderate right effusion with basal atelectasis.",
+]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"pad_slack": 0.0}, {"batch_size": 3}, {"pad_slack": 100.0}, {"max_tokens": 40}])
+def test_encode_text_does_not_depend_on_chunking(kwargs):
+    torch.manual_seed(0)
+    model = RegionMedCLIP(tiny_model_config()).eval()
+    texts = _TEXTS + _TEXTS[::3]  # with repeats
+    with torch.no_grad():
+        together = model.encode_text(texts, **kwargs)
+        alone = torch.cat([model.encode_text([t]) for t in texts])
+    assert together.shape == (len(texts), model.cfg.embed_dim)
+    assert torch.allclose(together, alone, atol=1e-5), (together - alone).abs().max()
+
+
+def test_encode_text_padding_is_bounded(monkeypatch):
+    model = RegionMedCLIP(tiny_model_config()).eval()
+    seen = []
+    forward = model.text_tower.forward
+
+    def counting(input_ids, attention_mask):
+        seen.append((attention_mask.numel(), int(attention_mask.sum())))
+        return forward(input_ids, attention_mask)
+
+    monkeypatch.setattr(model.text_tower, "forward", counting)
+    with torch.no_grad():
+        model.encode_text(_TEXTS)
+    padded, real = sum(p for p, _ in seen), sum(r for _, r in seen)
+    assert len(seen) > 1 and padded <= 1.25 * real
+    for p, r in seen:  # the bound holds chunk by chunk
+        assert p <= 1.25 * r
+    lengths = [len(x) for x in model.text_tower.tokenizer.ids(_TEXTS)]
+    assert len(_TEXTS) * max(lengths) > 1.5 * sum(lengths)  # one fixed chunk would have padded far more
+
+
+def test_text_chunk_plan_bounds_padding_on_random_lengths():
+    rng = random.Random(0)
+    for trial in range(300):
+        n = rng.randint(0, 300)
+        lengths = [rng.choice([rng.randint(1, 12), rng.randint(2, 64), rng.randint(30, 512)]) for _ in range(n)]
+        slack = rng.choice([0.0, 0.1, 0.25, 0.5, 1.0])
+        max_rows = rng.choice([1, 7, 64, 1000])
+        max_tokens = rng.choice([None, 256, 4096])
+        plan = plan_text_chunks(lengths, slack, max_rows, max_tokens)
+        assert sorted(i for chunk in plan for i in chunk) == list(range(n))  # each text exactly once
+        padded = real = 0
+        for chunk in plan:
+            ls = [lengths[i] for i in chunk]
+            assert ls == sorted(ls) and len(chunk) <= max_rows
+            p, r = len(ls) * max(ls), sum(ls)
+            assert p <= (1 + slack) * r + 1e-9, (trial, ls)
+            assert max_tokens is None or p <= max_tokens or len(chunk) == 1
+            padded, real = padded + p, real + r
+        assert padded <= (1 + slack) * real + 1e-9
+        if n and slack > 0 and max_rows == 1000 and max_tokens is None:  # the padding rule alone
+            assert len(plan) <= 1 + math.log(max(lengths) / min(lengths)) / math.log(1 + slack) + 1e-9
+    assert plan_text_chunks([5, 5, 5, 5], 0.0, 64) == [[0, 1, 2, 3]]  # equal lengths never split
+    assert plan_text_chunks([10, 3, 10, 4], 0.25, 64) == [[1, 3], [0, 2]]
+    with pytest.raises(ValueError):
+        plan_text_chunks([1, 2], -0.1)
 
 
 def test_pretrained_text_tower_is_really_pretrained():
@@ -157,9 +288,8 @@ def test_full_scale_recipe_builds_and_steps_on_cpu():
     from pathlib import Path
 
     from regionmed.apps.train.config import load_run_config
-    from regionmed.apps.train.trainer import batch_loss_inputs
     from regionmed.data.loader import Batch
-    from regionmed.losses import compute_losses
+    from regionmed.task import TrainingTask
 
     cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "full_scale.yaml")
     m = cfg.model
@@ -176,9 +306,10 @@ def test_full_scale_recipe_builds_and_steps_on_cpu():
         reports=["report one", "report two"], summaries=["one", "two"], captions=["right upper zone nodule", "left effusion"],
         roi_negatives=[["left upper zone nodule"], ["right effusion"]], image_negatives=[[], []], ids=["a", "b"],
     )
-    losses = cfg.train.stages[-1].losses
+    task = TrainingTask(model, cfg.data.max_negatives, cfg.data.max_image_negatives)
+    task.set_stage(cfg.train.stages[-1].losses, use_rois=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        total = compute_losses(batch_loss_inputs(model, batch, losses, use_rois=True), losses)["total"]
+        total = task(batch)["total"]
     total.backward()
     assert torch.isfinite(total)
     assert model.image_tower.model.blocks[0].attn.qkv.weight.grad is not None

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import regionmed.apps.train.trainer as trainer_mod
+import regionmed.task as task_mod
 from conftest import tiny_run_config
 from regionmed.apps.train.config import StageConfig
 from regionmed.apps.train.metrics import read_metrics
@@ -74,7 +74,7 @@ def test_resume_mid_stage_continues_exactly(phantom_data, tmp_path, monkeypatch)
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(phantom_data, tmp_path, monkeypatch):
-    real = trainer_mod.compute_losses
+    real = task_mod.compute_losses
     poisoned_steps = {1}
 
     def poisoned(inputs, weights):
@@ -90,7 +90,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(phantom_data, tmp_path, 
         current["step"] = self.step
         return original_step(self, batch, plan)
 
-    monkeypatch.setattr(trainer_mod, "compute_losses", poisoned)
+    monkeypatch.setattr(task_mod, "compute_losses", poisoned)
     monkeypatch.setattr(Trainer, "train_step", tracking)
     cfg = tiny_run_config(str(phantom_data), str(tmp_path / "a"), mode="none", steps=(3, 1))
     cfg.train.max_nonfinite = 2
@@ -101,7 +101,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(phantom_data, tmp_path, 
 
     poisoned_steps.update(range(100))
     cfg.train.output_dir = str(tmp_path / "b")
-    with pytest.raises(TrainingError, match="2 non-finite losses in a row"):
+    with pytest.raises(TrainingError, match="2 non-finite steps in a row"):
         Trainer(cfg, progress=False).fit()
 
 

@@ -1,7 +1,12 @@
+import dataclasses
+import json
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from regionmed.config import ConfigError
 from regionmed.data.transforms import Preprocessor, to_rgb
 
 
@@ -57,3 +62,37 @@ def test_prepare_sanitises_and_limits_boxes():
     inputs = pre.prepare(image, [(10, 10, 30, 30), (500, 500, 600, 600), (0, 0, 5, 5), (50, 50, 60, 60)])
     assert inputs["boxes"].shape == (1, 2, 4) and inputs["roi_crops"].shape == (2, 3, 16, 16)
     assert torch.all(inputs["roi_mask"])
+
+
+def test_preprocessor_is_frozen_and_varied_with_replace():
+    pre = Preprocessor(image_size=64, mean=[0, 0, 0], std=[1, 1, 1])
+    assert pre.mean == (0.0, 0.0, 0.0) and isinstance(pre.std, tuple)  # lists become tuples
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pre.roi_mode = "none"
+    variant = dataclasses.replace(pre, roi_mode="none")
+    assert variant.roi_mode == "none" and pre.roi_mode == "crop"
+    assert hash(pre) == hash(Preprocessor(image_size=64, mean=(0, 0, 0), std=(1, 1, 1)))
+
+
+def test_preprocessor_dict_round_trip_is_strict(tmp_path):
+    pre = Preprocessor(image_size=96, roi_mode="align", context_margin=0.3)
+    data = pre.to_dict()
+    assert data["mean"] == [0.5, 0.5, 0.5]  # the JSON form
+    assert Preprocessor.from_dict(json.loads(json.dumps(data))) == pre
+    (tmp_path / "preprocess.json").write_text(json.dumps(data))
+    assert Preprocessor.from_folder(tmp_path) == pre
+    bad = {
+        "image_size": ({**data, "image_size": "96"}, "must be an integer"),
+        "mean": ({**data, "mean": [0.5, 0.5]}, "3 numbers"),
+        "roi_mode": ({**data, "roi_mode": "boxes"}, "one of"),
+        "max_rois": ({k: v for k, v in data.items() if k != "max_rois"}, "missing"),
+        "colour": ({**data, "colour": True}, "unknown field"),
+    }
+    for field, (broken, why) in bad.items():
+        (tmp_path / "preprocess.json").write_text(json.dumps(broken))
+        with pytest.raises(ConfigError, match=f"preprocess.json: .*{field}.*") as err:
+            Preprocessor.from_folder(tmp_path)
+        assert why in str(err.value)
+    (tmp_path / "preprocess.json").unlink()
+    with pytest.raises(ConfigError, match="preprocess.json is missing"):
+        Preprocessor.from_folder(tmp_path)

@@ -1,48 +1,39 @@
-"""Data-parallel helpers: process-group setup, feature gathering, gradient reduction.
+"""Data-parallel helpers: process-group setup, fixed-shape feature gathering, loss reduction.
 
-Why not ``DistributedDataParallel``
------------------------------------
-The trainer does not wrap the model in DDP, because the set of trainable modules
-changes between training stages (the ROI processor is off during warm-up, the
-encoders may be frozen in some stages), and DDP fixes its parameter set and
-gradient buckets once, at construction. Instead, data-parallel training works
-like this:
+Training uses PyTorch's own ``DistributedDataParallel`` (DDP) for gradient
+reduction (it overlaps the all-reduce with backward) and the *local loss* of
+open_clip for the contrastive terms (see :mod:`regionmed.losses`):
 
-1. every rank encodes its local batch;
-2. :func:`gather_with_grad` all-gathers the features, so every rank holds the
-   same union batch; only the rank's own slice stays attached to its autograd
-   graph (the other slices are plain copies);
-3. every rank computes the *same* loss on the union batch and calls
-   ``backward``: this yields the gradient of that loss through its local slice
-   only;
-4. :func:`all_reduce_gradients` SUM-reduces the parameter gradients.
+1. every rank encodes its local batch, padded to fixed shapes (``B`` images,
+   ``K`` ROIs per image, ``N`` negatives per ROI, ``M`` per image), so every
+   gathered field has the same shape on every rank: one all-gather per field, no
+   shape exchange;
+2. :func:`gather_with_grad` all-gathers the features *with* gradient (PyTorch's
+   autograd all-gather: its backward sums, for each rank's slice, the gradients
+   that every rank's loss sends to it);
+3. each rank scores only its own rows against all gathered columns (plus its own
+   hard negatives), normalised by the *global* number of rows, so the per-rank
+   losses sum to the single-process loss on the union batch;
+4. the trainer back-propagates ``world_size ×`` its local loss and DDP averages
+   the gradients: the result is the gradient of the single-process loss on the
+   union batch (tested with real processes).
 
-The loss is a function of the union features, and its gradient w.r.t. any
-parameter is the sum, over all feature rows, of the chain-rule term through that
-row. Each rank computes exactly the terms of its own rows, so the sum over ranks
-equals single-process training on the union batch, exactly (up to
-floating-point summation order), for any loss and any per-rank batch size.
-
-One caveat: a parameter used *after* the gather (the learnable temperature, for
-instance) receives the full gradient on every rank, so its SUM would be
-``world_size`` times too large. :func:`scale_grad` fixes that;
-:func:`regionmed.losses.gather_loss_inputs` applies it to the logit scale.
+The memory and compute of the loss per rank grow as ``B_local × B_global``
+instead of ``B_global²``.
 
 Launch with ``torchrun``: :func:`init_distributed` reads ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK``. Without them it is a single process and no
-process group is created; every helper here is then a no-op.
+process group is created; every helper here is then the identity.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch import Tensor
 
 __all__ = [
     "DistInfo",
@@ -52,11 +43,9 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "gather_with_grad",
-    "all_reduce_gradients",
-    "scale_grad",
+    "gather_tensor",
+    "all_reduce_sum",
 ]
-
-DEFAULT_BUCKET_MB = 25.0
 
 
 @dataclass(frozen=True)
@@ -135,137 +124,44 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # type: ignore[override]
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return grad * ctx.factor, None
-
-
-def scale_grad(x: Tensor, factor: float) -> Tensor:
-    """Identity in the forward pass; multiplies the incoming gradient by ``factor``."""
-    if factor == 1.0 or not x.requires_grad:
-        return x
-    return _ScaleGrad.apply(x, factor)
-
-
 def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather ``x`` along dim 0 over all ranks, in rank order.
+    """All-gather ``x`` ``(n, ...)`` along dim 0 over all ranks, in rank order → ``(world·n, ...)``.
 
-    The result is differentiable w.r.t. the *local* slice only: the other ranks'
-    slices are detached copies, and the local tensor itself is put back in its
-    slot (with ``torch.cat``), so ``backward`` reaches this rank's encoders.
-    Ranks may have different first-dim sizes (zero included); trailing dims,
-    dtype and device kind must agree, otherwise every rank raises the same
-    ``RuntimeError`` (no rank hangs). Every rank must call this collectively.
-    Integer and bool tensors are gathered too (without gradient). With one
-    process ``x`` is returned unchanged.
-    """
-    if not is_dist():
-        return x
-    world = dist.get_world_size()
-    if world == 1:
-        return x
-    rank = dist.get_rank()
-
-    # Shapes first (all dims, so a trailing-shape mismatch is caught on every rank).
-    shape = torch.tensor(list(x.shape), dtype=torch.long, device=x.device)
-    ndim = torch.tensor([x.dim()], dtype=torch.long, device=x.device)
-    ndims = [torch.empty_like(ndim) for _ in range(world)]
-    dist.all_gather(ndims, ndim)
-    if len({int(n) for n in ndims}) != 1:
-        raise RuntimeError(
-            f"gather_with_grad: ranks disagree on tensor rank: {[int(n) for n in ndims]}"
-        )
-    if x.dim() == 0:
-        raise RuntimeError("gather_with_grad needs at least one dimension (got a scalar)")
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    shapes_l = [tuple(int(v) for v in s.tolist()) for s in shapes]
-    if len({s[1:] for s in shapes_l}) != 1:
-        raise RuntimeError(f"gather_with_grad: trailing shapes differ between ranks: {shapes_l}")
-    sizes = [s[0] for s in shapes_l]
-    max_size = max(sizes)
-    if max_size == 0:
-        return x
-
-    # Collectives do not take bool everywhere; move it as uint8.
-    send = x.detach()
-    if send.dtype == torch.bool:
-        send = send.to(torch.uint8)
-    if send.shape[0] < max_size:
-        pad = send.new_zeros((max_size - send.shape[0], *send.shape[1:]))
-        send = torch.cat([send, pad], dim=0)
-    send = send.contiguous()
-    received = [torch.empty_like(send) for _ in range(world)]
-    dist.all_gather(received, send)
-
-    parts = [r[:n].to(x.dtype) for r, n in zip(received, sizes)]
-    parts[rank] = x
-    return torch.cat(parts, dim=0)
-
-
-def all_reduce_gradients(
-    params: Iterable[nn.Parameter],
-    bucket_mb: float = DEFAULT_BUCKET_MB,
-    restore_unused: bool = True,
-) -> None:
-    """SUM-all-reduce the ``.grad`` of every parameter with ``requires_grad``.
-
-    A missing gradient counts as zeros and is materialised first, so every rank
-    issues identical collectives even when a module saw no data on some rank.
-    Gradients are flattened into buckets of about ``bucket_mb`` MiB per
-    (device, dtype). With ``restore_unused``, a parameter that had no gradient
-    on *any* rank gets ``grad = None`` back afterwards, as it would have in
-    single-process training (optimisers skip such parameters; a zero gradient
-    would still move them through momentum and weight decay). This costs one
-    extra tiny collective. No-op without a process group.
+    Differentiable: PyTorch's autograd all-gather
+    (``torch.distributed._functional_collectives.all_gather_single_autograd``),
+    whose backward gives each rank the *sum* over ranks of the gradients that
+    reach its slice (a reduce-scatter). Every rank must call it with the same
+    shape and dtype (the training task pads every field to configured maxima).
+    With one process ``x`` is returned unchanged.
     """
     if not is_dist() or dist.get_world_size() == 1:
-        return
-    trainable = [p for p in params if p.requires_grad]
-    if not trainable:
-        return
-    for p in trainable:
-        if p.grad is not None and p.grad.is_sparse:
-            raise ValueError("all_reduce_gradients does not support sparse gradients")
+        return x
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
-    had_grad = [p.grad is not None for p in trainable]
-    for p in trainable:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for p in trainable:
-        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    cap = max(1, int(bucket_mb * 1024 * 1024))
-    for grads in groups.values():
-        bucket: list[Tensor] = []
-        nbytes = 0
-        for g in grads:
-            size = g.numel() * g.element_size()
-            if bucket and nbytes + size > cap:
-                _reduce_bucket(bucket)
-                bucket, nbytes = [], 0
-            bucket.append(g)
-            nbytes += size
-        if bucket:
-            _reduce_bucket(bucket)
-
-    if restore_unused:
-        flags = torch.tensor(had_grad, dtype=torch.int32, device=trainable[0].device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        for p, used in zip(trainable, flags.tolist()):
-            if not used:
-                p.grad = None
+    return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
-def _reduce_bucket(grads: list[Tensor]) -> None:
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(reduced)
+def gather_tensor(x: Tensor) -> Tensor:
+    """All-gather ``x`` along dim 0 without gradient (ids, masks; bool is moved as uint8).
+
+    Same contract as :func:`gather_with_grad`: equal shapes on every rank.
+    """
+    if not is_dist() or dist.get_world_size() == 1:
+        return x
+    send = x.detach()
+    is_bool = send.dtype == torch.bool
+    if is_bool:
+        send = send.to(torch.uint8)
+    send = send.contiguous()
+    out = send.new_empty((dist.get_world_size() * send.shape[0], *send.shape[1:]))
+    dist.all_gather_into_tensor(out, send)
+    return out.bool() if is_bool else out
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """The element-wise sum of ``x`` over ranks (a detached copy; ``x`` itself in one process)."""
+    if not is_dist() or dist.get_world_size() == 1:
+        return x
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out

@@ -7,16 +7,20 @@ Terms (see docs METHOD.md, "Losses"):
 * ``region``        symmetric InfoNCE, every valid ROI of the batch <-> its caption;
 * ``hard_negative`` image->text only: each ROI's own negative captions (and each
   image's own negative reports) are extra logit columns, so the true text must
-  beat its near-miss variants as well as the rest of the batch.
+  beat its near-miss variants as well as the rest of the batch; the term is the
+  mean of the ROI part and the image part (of those that have rows).
 
 Identical texts in a batch are positives, not negatives: texts carry ids
 (:func:`text_ids`, a stable hash), and every column whose text id equals the
 row's own text id shares the target probability (multi-positive InfoNCE).
 
-Data parallel: call :func:`gather_loss_inputs` on the local inputs, then
-:func:`compute_losses` on the result on every rank; see
-:mod:`regionmed.distributed` for why summed gradients then equal single-process
-training on the union batch.
+Data parallel, *local loss* (as open_clip's ``local_loss=True``): each rank scores
+its own rows against the columns gathered from every rank (with gradient) plus
+its own hard negatives, and divides by the *global* number of rows. The terms
+returned on each rank therefore sum over ranks to the single-process terms on the
+union batch, and so do their gradients (see :mod:`regionmed.distributed`). Every
+field has a fixed shape (``B`` images, ``K`` ROI slots, ``N`` / ``M`` negative
+slots, padding marked in masks), so each field is gathered by one collective.
 """
 
 from __future__ import annotations
@@ -24,20 +28,19 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from regionmed.distributed import gather_with_grad, get_world_size, is_dist, scale_grad
+from regionmed.distributed import gather_tensor, gather_with_grad, get_rank, get_world_size
 
 __all__ = [
     "LOSS_NAMES",
     "LossInputs",
     "multi_positive_infonce",
     "compute_losses",
-    "gather_loss_inputs",
+    "local_infonce",
     "text_ids",
 ]
 
@@ -48,20 +51,26 @@ _ID_MASK = (1 << 63) - 1
 
 @dataclass
 class LossInputs:
-    """Embeddings of one batch (all L2-normalised) and the ids of their texts."""
+    """One rank's embeddings (all L2-normalised), padded to fixed shapes, and text ids.
+
+    ``B`` images, ``K`` ROI slots per image, ``N`` negative slots per ROI, ``M`` per
+    image, ``D`` the embedding size. Padding slots are False in their mask (their
+    embeddings may hold anything finite). Text ids: equal ids = identical texts.
+    """
 
     logit_scale: Tensor  # scalar, already exp()'d and clamped
     image_fused: Tensor  # (B, D)
     image_global: Tensor  # (B, D)
     report: Tensor  # (B, D)
-    report_ids: Tensor  # (B,) int64; equal ids = identical texts
+    report_ids: Tensor  # (B,) int64
     summary: Tensor | None = None  # (B, D)
     summary_ids: Tensor | None = None  # (B,)
-    roi: Tensor | None = None  # (R, D): all valid ROIs of the batch, flattened
-    caption: Tensor | None = None  # (R, D): their region captions
-    caption_ids: Tensor | None = None  # (R,)
-    roi_negatives: Tensor | None = None  # (R, N, D): each ROI's own negative captions
-    roi_negatives_mask: Tensor | None = None  # (R, N) bool, True = a real negative
+    roi: Tensor | None = None  # (B, K, D)
+    roi_mask: Tensor | None = None  # (B, K) bool, True = a real ROI
+    caption: Tensor | None = None  # (B, K, D): each ROI's region caption
+    caption_ids: Tensor | None = None  # (B, K)
+    roi_negatives: Tensor | None = None  # (B, K, N, D): each ROI's own negative captions
+    roi_negatives_mask: Tensor | None = None  # (B, K, N) bool, True = a real negative
     image_negatives: Tensor | None = None  # (B, M, D): each image's own negative reports
     image_negatives_mask: Tensor | None = None  # (B, M) bool
 
@@ -173,69 +182,138 @@ def _check_weights(weights: Mapping[str, float]) -> None:
             raise ValueError(f"loss weight {name!r} must be a finite number >= 0, got {w!r}")
 
 
-def _nonempty(*tensors: Tensor | None) -> bool:
-    """All given and the first has at least one row."""
-    return all(t is not None for t in tensors) and tensors[0].shape[0] > 0  # type: ignore
+def local_infonce(
+    a: Tensor,
+    b: Tensor,
+    ids: Tensor,
+    a_all: Tensor,
+    b_all: Tensor,
+    ids_all: Tensor,
+    offset: int,
+    n_total: Tensor | float,
+    scale: Tensor | float,
+    valid: Tensor | None = None,
+    valid_all: Tensor | None = None,
+    extra_negatives: Tensor | None = None,
+    extra_mask: Tensor | None = None,
+    symmetric: bool = True,
+) -> Tensor:
+    """One rank's share of multi-positive InfoNCE: its rows against all columns.
+
+    ``a``, ``b`` (n, D) are this rank's rows (pair i <-> i), ``ids`` (n,) the text
+    ids of ``b``; ``a_all``, ``b_all`` (m, D) and ``ids_all`` (m,) the rows of every
+    rank, this rank's at ``offset .. offset + n``. ``valid`` (n,) / ``valid_all``
+    (m,) mark real rows (padding: False; None = all real). Row i's positives are the
+    valid columns j with ``ids_all[j] == ids[i]``, and j = offset + i.
+
+    Returns ``sum over valid local rows of CE / n_total`` for the a->b direction
+    (with ``extra_negatives`` (n, K, D) as extra columns of row i, -inf where
+    ``extra_mask`` (n, K) is False), averaged with the b->a direction when
+    ``symmetric``. With one rank, ``offset = 0`` and ``n_total`` = the number of
+    valid rows, this equals :func:`multi_positive_infonce` (tested); summed over
+    ranks it equals it on the union batch.
+    """
+    n, m = a.shape[0], a_all.shape[0]
+    col = torch.arange(m, device=a.device)
+    pos = (ids.to(a.device)[:, None] == ids_all.to(a.device)[None, :]) | (col[None, :] == (offset + torch.arange(n, device=a.device))[:, None])
+    col_ok = None
+    if valid_all is not None:
+        col_ok = valid_all.to(a.device).bool()
+        pos = pos & col_ok[None, :]
+    row_w = valid.to(a.dtype) if valid is not None else a.new_ones(n)
+
+    def direction(rows: Tensor, cols: Tensor, extra: Tensor | None, emask: Tensor | None) -> Tensor:
+        logits = scale * (rows @ cols.t())
+        if col_ok is not None:
+            logits = logits.masked_fill(~col_ok[None, :], -math.inf)
+        if extra is not None:
+            more = scale * torch.einsum("id,ikd->ik", rows, extra)
+            if emask is not None:
+                more = more.masked_fill(~emask.bool(), -math.inf)
+            logits = torch.cat([logits, more], dim=1)
+        log_prob = logits.log_softmax(dim=1)[:, :m]
+        target = pos.to(log_prob.dtype)
+        target = target / target.sum(dim=1, keepdim=True).clamp_min(1.0)
+        # where() rather than a product: 0 * -inf would give NaN for masked columns.
+        per_row = -torch.where(pos, target * log_prob, torch.zeros_like(log_prob)).sum(dim=1)
+        return (per_row * row_w).sum()
+
+    loss = direction(a, b_all, extra_negatives, extra_mask)
+    if symmetric:
+        loss = 0.5 * (loss + direction(b, a_all, None, None))
+    return loss / n_total
+
+
+def _flat(x: Tensor | None) -> Tensor | None:
+    """(B, K, ...) -> (B*K, ...)."""
+    return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def compute_losses(inputs: LossInputs, weights: Mapping[str, float]) -> dict[str, Tensor]:
-    """Named loss terms and their weighted sum.
+    """This rank's named loss terms and their weighted sum, under the local loss.
 
-    Returns one entry per *active* term (weight > 0 and its inputs present and
-    non-empty), keyed by its name in :data:`LOSS_NAMES`, plus ``"total"`` =
-    sum of weight * term. A name missing from ``weights`` has weight 0. When no
-    term is active, ``"total"`` is a zero that still backpropagates (to the
-    logit scale), so every rank can run the same backward/reduce steps.
-    Raises ``ValueError`` for an unknown name or a negative weight.
+    Gathers what the active terms need from every rank (one collective per field;
+    with one process nothing is gathered) and returns one entry per *active* term
+    (weight > 0 and rows somewhere in the union batch), keyed by its name in
+    :data:`LOSS_NAMES`, plus ``"total"`` = sum of weight * term. Summed over ranks,
+    each entry equals the single-process value on the union batch; in one process
+    it *is* that value. Which terms are active depends only on gathered data, so it
+    is the same on every rank. When no term is active, ``"total"`` is a zero that
+    still backpropagates (to the logit scale). Raises ``ValueError`` for an unknown
+    name or a negative weight.
     """
     _check_weights(weights)
     w = {name: float(weights.get(name, 0.0)) for name in LOSS_NAMES}
     s = inputs.logit_scale
+    b = inputs.image_fused.shape[0]
+    offset = get_rank() * b
+    n_images = b * get_world_size()
     terms: dict[str, Tensor] = {}
 
-    if w["global"] > 0 and _nonempty(inputs.image_fused, inputs.report):
-        terms["global"] = multi_positive_infonce(
-            inputs.image_fused, inputs.report, None, inputs.report_ids, s
+    need_reports = w["global"] > 0 or (w["hard_negative"] > 0 and inputs.image_negatives is not None)
+    if need_reports:
+        fused_all = gather_with_grad(inputs.image_fused)
+        report_all = gather_with_grad(inputs.report)
+        report_ids_all = gather_tensor(inputs.report_ids)
+    if w["global"] > 0:
+        terms["global"] = local_infonce(
+            inputs.image_fused, inputs.report, inputs.report_ids, fused_all, report_all, report_ids_all,
+            offset, n_images, s,
+        )
+    if w["summary"] > 0 and inputs.summary is not None:
+        terms["summary"] = local_infonce(
+            inputs.image_global, inputs.summary, inputs.summary_ids,
+            gather_with_grad(inputs.image_global), gather_with_grad(inputs.summary), gather_tensor(inputs.summary_ids),
+            offset, n_images, s,
         )
 
-    if w["summary"] > 0 and _nonempty(inputs.image_global, inputs.summary):
-        terms["summary"] = multi_positive_infonce(
-            inputs.image_global, inputs.summary, None, inputs.summary_ids, s
-        )
+    need_rois = inputs.roi is not None and (w["region"] > 0 or w["hard_negative"] > 0)
+    if need_rois:
+        k = inputs.roi.shape[1]
+        roi, caption, caption_ids, roi_mask = (_flat(inputs.roi), _flat(inputs.caption), _flat(inputs.caption_ids),
+                                               _flat(inputs.roi_mask))
+        roi_all, caption_all = gather_with_grad(roi), gather_with_grad(caption)
+        caption_ids_all, roi_mask_all = gather_tensor(caption_ids), gather_tensor(roi_mask)
+        n_rois = roi_mask_all.sum()
+        has_rois = bool(n_rois > 0)  # the same on every rank: it comes from gathered data
 
-    if w["region"] > 0 and _nonempty(inputs.roi, inputs.caption):
-        terms["region"] = multi_positive_infonce(
-            inputs.roi, inputs.caption, None, inputs.caption_ids, s
-        )
+        def region_part(extra: Tensor | None, emask: Tensor | None, symmetric: bool) -> Tensor:
+            return local_infonce(roi, caption, caption_ids, roi_all, caption_all, caption_ids_all,
+                                 offset * k, n_rois, s, roi_mask, roi_mask_all, extra, emask, symmetric)
+
+        if w["region"] > 0 and has_rois:
+            terms["region"] = region_part(None, None, True)
 
     if w["hard_negative"] > 0:
         parts = []
-        if _nonempty(inputs.roi, inputs.caption, inputs.roi_negatives):
-            parts.append(
-                multi_positive_infonce(
-                    inputs.roi,
-                    inputs.caption,
-                    None,
-                    inputs.caption_ids,
-                    s,
-                    inputs.roi_negatives,
-                    inputs.roi_negatives_mask,
-                    symmetric=False,
-                )
-            )
-        if _nonempty(inputs.image_fused, inputs.report, inputs.image_negatives):
-            parts.append(
-                multi_positive_infonce(
-                    inputs.image_fused,
-                    inputs.report,
-                    None,
-                    inputs.report_ids,
-                    s,
-                    inputs.image_negatives,
-                    inputs.image_negatives_mask,
-                    symmetric=False,
-                )
-            )
+        if need_rois and has_rois and inputs.roi_negatives is not None:
+            parts.append(region_part(_flat(inputs.roi_negatives), _flat(inputs.roi_negatives_mask), False))
+        if inputs.image_negatives is not None:
+            parts.append(local_infonce(
+                inputs.image_fused, inputs.report, inputs.report_ids, fused_all, report_all, report_ids_all,
+                offset, n_images, s, extra_negatives=inputs.image_negatives,
+                extra_mask=inputs.image_negatives_mask, symmetric=False,
+            ))
         if parts:
             terms["hard_negative"] = torch.stack(parts).mean()
 
@@ -245,45 +323,3 @@ def compute_losses(inputs: LossInputs, weights: Mapping[str, float]) -> dict[str
         total = total + w[name] * value
     terms["total"] = total
     return terms
-
-
-def gather_loss_inputs(inputs: LossInputs) -> LossInputs:
-    """Gather every per-row field over all ranks (see ``gather_with_grad``).
-
-    Row counts may differ per rank (ROIs, images); every rank must have the same
-    fields set to ``None`` and the same trailing shapes (pad negatives to a common
-    N / M and mark padding in the masks). The logit scale is not gathered; its
-    gradient is divided by the world size because every rank computes the full
-    loss with it and the gradients are later summed. Single process: returned as is.
-    """
-    if not is_dist() or get_world_size() == 1:
-        return inputs
-    world = get_world_size()
-    _check_same_fields(inputs)
-    updates: dict[str, Tensor] = {}
-    for f in fields(inputs):
-        value = getattr(inputs, f.name)
-        if value is None:
-            continue
-        if f.name == "logit_scale":
-            updates[f.name] = scale_grad(value, 1.0 / world)
-        else:
-            updates[f.name] = gather_with_grad(value)
-    return replace(inputs, **updates)
-
-
-def _check_same_fields(inputs: LossInputs) -> None:
-    """Raise on every rank (instead of hanging) if ranks set different fields."""
-    names = [f.name for f in fields(inputs)]
-    present = torch.tensor(
-        [getattr(inputs, n) is not None for n in names],
-        dtype=torch.int32,
-        device=inputs.image_fused.device,
-    )
-    dist.all_reduce(present, op=dist.ReduceOp.SUM)
-    world = dist.get_world_size()
-    differ = [n for n, count in zip(names, present.tolist()) if 0 < count < world]
-    if differ:
-        raise RuntimeError(
-            "gather_loss_inputs: fields set on some ranks and None on others: " + ", ".join(differ)
-        )

@@ -14,12 +14,13 @@
    * ``global`` (a) — global-only CLIP: no ROI path; ``global`` + ``summary`` losses;
    * ``roi`` (b) — + ROI processor (crop ROIs) and the ``region`` loss; one stage;
    * ``roi_hn`` (c) — + ``hard_negative`` loss; one stage;
-   * ``full`` (d) — + the progressive schedule (warmup → refine → region → joint):
+   * ``full`` (d) — + the progressive schedule: the base run config's own stages
+     (``demo.yaml``: warmup → refine → region → joint), rescaled to the same steps:
      the full method.
 
    (a)–(c) train everything from step 0 (text tower at ``text_lr_scale`` of the
    learning rate); (d) splits the same steps into the four stages.
-3. **evaluation** of each model (:func:`regionmed.eval.run.evaluate`): SLAKE test
+3. **evaluation** of each model (:func:`regionmed.apps.evaluate.run.evaluate`): SLAKE test
    (VQA, zero-shot modality / organ / abnormality, grounding) and VQA-RAD test (VQA),
    every variant on the whole image (``eval.rois: none``, the same input for all);
    the region variants again with SLAKE's annotated boxes given
@@ -31,6 +32,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import time
@@ -70,12 +72,11 @@ class AblationTrain:
     base: str = "demo.yaml"  # packaged run config (model, data) or a path
     steps: int = 120  # total steps of every variant
     batch_size: int = 32
+    # The single-stage variants (global, roi, roi_hn): their one stage's settings. The
+    # progressive variant (full) is the base run config's own stages, rescaled to `steps`.
     lr: float = 5.0e-4
-    joint_lr: float = 2.0e-4
     text_lr_scale: float = 0.1
     warmup_steps: int = 5
-    # the progressive variant's stage lengths, as fractions of `steps`
-    schedule: dict[str, float] = field(default_factory=lambda: {"warmup": 0.25, "refine": 0.15, "region": 0.35, "joint": 0.25})
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted run-config overrides for every variant
 
 
@@ -120,8 +121,6 @@ def load_ablation_config(path: str | Path, overrides: dict[str, Any] | None = No
         raise ConfigError(f"{path}: variants {bad or cfg.variants} (known: {', '.join(VARIANTS)})")
     if cfg.train.steps < 4:
         raise ConfigError(f"{path}: train.steps must be >= 4 (the progressive variant has four stages)")
-    if any(v <= 0 for v in cfg.train.schedule.values()) or set(cfg.train.schedule) != {"warmup", "refine", "region", "joint"}:
-        raise ConfigError(f"{path}: train.schedule needs positive fractions for warmup, refine, region, joint")
     return cfg
 
 
@@ -203,6 +202,24 @@ def _stage(name, steps, lr, t: AblationTrain, losses, use_rois, trainable=None, 
                        losses=losses, use_rois=use_rois)
 
 
+def rescale_stages(stages: list[StageConfig], total: int, source: str) -> list[StageConfig]:
+    """The same stages with their step counts scaled to sum to ``total``: each gets one
+    step, the rest is shared in proportion to the stages' own steps (largest remainder);
+    warm-up steps scaled alike. The recipe itself (losses, trainable modules, learning
+    rates, ROIs) stays in the run config."""
+    if any(st.steps is None for st in stages):
+        raise ConfigError(f"{source}: the progressive variant needs every stage in steps, not epochs")
+    if total < len(stages):
+        raise ConfigError(f"{source}: train.steps = {total} is fewer than the {len(stages)} stages of the recipe")
+    base = sum(st.steps for st in stages)
+    share = [st.steps * (total - len(stages)) / base for st in stages]
+    steps = [1 + int(x) for x in share]
+    for i in sorted(range(len(stages)), key=lambda i: int(share[i]) - share[i])[: total - sum(steps)]:
+        steps[i] += 1
+    return [dataclasses.replace(st, steps=n, warmup_steps=min(round(st.warmup_steps * n / st.steps), n - 1))
+            for st, n in zip(stages, steps)]
+
+
 def variant_config(cfg: AblationConfig, variant: str, data: Path, out: Path) -> RunConfig:
     t = cfg.train
     overrides = {"data.train": str(data), "data.split": "train", "train.output_dir": str(out), "seed": cfg.seed,
@@ -219,18 +236,7 @@ def variant_config(cfg: AblationConfig, variant: str, data: Path, out: Path) -> 
     elif variant == "roi_hn":
         run.train.stages = [_stage("roi_hn", t.steps, t.lr, t, {**g, "region": 1.0, "hard_negative": 1.0}, True)]
     elif variant == "full":
-        fr = t.schedule
-        total = sum(fr.values())
-        names = ["warmup", "refine", "region", "joint"]
-        steps = [max(1, round(t.steps * fr[n] / total)) for n in names]
-        steps[-1] = max(1, t.steps - sum(steps[:-1]))
-        allr = {**g, "region": 1.0, "hard_negative": 1.0}
-        run.train.stages = [
-            _stage("warmup", steps[0], t.lr, t, {"global": 1.0}, False, ["image_tower", "projections", "logit_scale"], False),
-            _stage("refine", steps[1], t.lr, t, dict(g), False),
-            _stage("region", steps[2], t.lr, t, allr, True),
-            _stage("joint", steps[3], t.joint_lr, t, allr, True),
-        ]
+        run.train.stages = rescale_stages(run.train.stages, t.steps, f"{_base_config(cfg)}")
     else:
         raise ConfigError(f"unknown variant {variant!r}")
     validate_run_config(run, f"ablation variant {variant}")

@@ -8,6 +8,7 @@ deterministic, resumable order: the global batch of step ``s`` depends only on
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -59,6 +60,11 @@ class RegionSampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    @property
+    def max_rois(self) -> int:
+        """ROI slots per image in a batch (0 when ROIs are off)."""
+        return self.pre.max_rois if self.use_rois else 0
+
     def __getitem__(self, index: int) -> dict:
         image, record = self.data[index]
         regions = sanitize_regions(record)[0][: self.pre.max_rois] if self.use_rois else []
@@ -91,8 +97,19 @@ class RegionSampleDataset(Dataset):
         return counts
 
 
-def collate(samples: list[dict]) -> Batch:
-    k = max((s["boxes"].shape[0] for s in samples), default=0)
+def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
+    """Stack samples into a :class:`Batch`; boxes padded to ``max_rois`` slots per image.
+
+    ``max_rois`` (the model's ``roi.max_rois``) fixes the ROI dimension ``K`` of
+    ``boxes`` / ``roi_mask`` whatever the batch holds, so batches on every
+    data-parallel rank have the same shapes; ``None`` pads to the batch's own
+    maximum (evaluation). Raises ``ValueError`` when a sample has more boxes than
+    ``max_rois``. Crops stay compact: ``(N_valid, 3, r, r)`` in ``roi_mask.nonzero()`` order.
+    """
+    most = max((s["boxes"].shape[0] for s in samples), default=0)
+    k = most if max_rois is None else max_rois
+    if most > k:
+        raise ValueError(f"a sample has {most} boxes, more than max_rois = {k}")
     b = len(samples)
     boxes = torch.zeros(b, k, 4)
     mask = torch.zeros(b, k, dtype=torch.bool)
@@ -102,7 +119,7 @@ def collate(samples: list[dict]) -> Batch:
         mask[i, :n] = True
     crops = None
     if samples and samples[0]["crops"] is not None:
-        crops = torch.cat([s["crops"] for s in samples]) if k else samples[0]["crops"][:0]
+        crops = torch.cat([s["crops"] for s in samples])
     return Batch(
         images=torch.stack([s["image"] for s in samples]),
         boxes=boxes,
@@ -154,12 +171,13 @@ class StepBatchSampler(Sampler[list[int]]):
         return max(0, self.total_steps - self.start_step)
 
 
-def make_loader(dataset: Dataset, sampler: StepBatchSampler, num_workers: int = 0, seed: int = 0) -> DataLoader:
+def make_loader(dataset: RegionSampleDataset, sampler: StepBatchSampler, num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """Training batches with a fixed ROI dimension (the dataset's ``max_rois``)."""
     # A private generator: creating the iterator must not consume the global RNG (exact resume).
     return DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, max_rois=dataset.max_rois),
         num_workers=num_workers,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),

@@ -1,20 +1,29 @@
 """Image preprocessing shared by training, evaluation and inference.
 
 The settings travel with a saved model (``preprocess.json``), so a loaded model
-is always fed the way it was trained.
+is always fed the way it was trained: :meth:`RegionMedCLIP.from_pretrained
+<regionmed.model.clip.RegionMedCLIP.from_pretrained>` reads that file back (and
+checks it against ``config.json``), and :meth:`Preprocessor.from_model` returns
+what the model carries. A :class:`Preprocessor` is immutable: a variant is a new
+object (``dataclasses.replace(pre, roi_mode="none")``), never an edit of one that
+a model, a dataset or another caller shares.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from regionmed.config import ConfigError
 from regionmed.data.schema import sanitize_box
+
+PREPROCESS_FILE = "preprocess.json"
+ROI_MODES = ("crop", "align", "none")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -27,7 +36,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-@dataclass
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_triple(value) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))
+
+
+# How each field is stored in preprocess.json: (check, what the check expects).
+_FIELD_TYPES = {
+    "image_size": (_is_int, "an integer"),
+    "mean": (_is_triple, "a list of 3 numbers"),
+    "std": (_is_triple, "a list of 3 numbers"),
+    "roi_mode": (lambda v: isinstance(v, str) and v in ROI_MODES, f"one of {list(ROI_MODES)}"),
+    "roi_size": (_is_int, "an integer"),
+    "context_margin": (_is_number, "a number"),
+    "max_rois": (_is_int, "an integer"),
+    "context_length": (_is_int, "an integer"),
+}
+
+
+@dataclass(frozen=True)
 class Preprocessor:
     """Turn a PIL image and pixel boxes into model inputs.
 
@@ -37,6 +71,10 @@ class Preprocessor:
     * in ``crop`` mode, each box grown by ``context_margin`` (per side, as a fraction
       of its size), made square around its centre, clipped to the image, is cropped
       from the FULL-resolution image and resized to ``roi_size``.
+
+    Frozen: assigning a field raises ``dataclasses.FrozenInstanceError``; make a
+    variant with ``dataclasses.replace``. ``mean``/``std`` are stored as tuples of
+    floats whatever sequence they were given as.
     """
 
     image_size: int = 128
@@ -48,21 +86,59 @@ class Preprocessor:
     max_rois: int = 4
     context_length: int = 64
 
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__, once, at construction
+        for name in ("mean", "std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ConfigError(f"Preprocessor.{name} needs 3 values, got {len(value)}")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "context_margin", float(self.context_margin))
+        if self.roi_mode not in ROI_MODES:
+            raise ConfigError(f"Preprocessor.roi_mode {self.roi_mode!r} is not one of {ROI_MODES}")
+
     @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessor":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    def from_dict(cls, data: dict, source: str = "<preprocess>") -> "Preprocessor":
+        """Build from the mapping stored in ``preprocess.json``. Strict: every field must
+        be present with its JSON type and no other key may appear; otherwise
+        :class:`~regionmed.config.ConfigError` names ``source`` and the field."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of preprocessing fields, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(names)})")
+        for name in names:
+            if name not in data:
+                raise ConfigError(f"{source}: field {name!r} is missing")
+            check, expected = _FIELD_TYPES[name]
+            if not check(data[name]):
+                raise ConfigError(f"{source}: field {name!r} must be {expected}, got {data[name]!r}")
+        return cls(**{name: data[name] for name in names})
 
     @classmethod
     def from_model(cls, model) -> "Preprocessor":
-        return cls.from_dict(model.preprocess_config())
+        """The preprocessing a model carries (``model.preprocessor``): read from its
+        folder's ``preprocess.json`` when it was loaded, derived from its config once
+        when it was created. The same object every call; it cannot be changed."""
+        return model.preprocessor
 
     @classmethod
     def from_folder(cls, directory: str | Path) -> "Preprocessor":
-        return cls.from_dict(json.loads((Path(directory) / "preprocess.json").read_text(encoding="utf-8")))
+        """Read ``directory/preprocess.json`` (a saved model folder); a missing or
+        malformed file raises :class:`~regionmed.config.ConfigError` naming it."""
+        path = Path(directory) / PREPROCESS_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: a model folder needs its preprocessing settings")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON form (``preprocess.json``): tuples as lists; ``from_dict`` reads it back."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
     def _normalise(self, image: Image.Image) -> torch.Tensor:
         arr = np.asarray(image, dtype=np.float32) / 255.0

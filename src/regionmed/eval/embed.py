@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ def embed_split(
     device = model.logit_scale.device
     pre = Preprocessor.from_model(model)
     if pre.roi_mode != "crop":
-        pre.roi_mode, pre.roi_size = "crop", pre.roi_size if model.roi_processor is not None else crop_size
+        pre = dataclasses.replace(pre, roi_mode="crop", roi_size=pre.roi_size if model.roi_processor is not None else crop_size)
     data = RegionSampleDataset(root, split, pre, max_negatives=max_negatives, use_rois=True)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
     out = {k: [] for k in ("g", "f", "roi", "crop", "rimg")}

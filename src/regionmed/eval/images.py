@@ -15,7 +15,7 @@ named in ``missing`` (never a crash halfway through).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +187,7 @@ def resolve_rois(model, refs: list[ImageRef], rois: str, phrases: list[str] | No
     pre = Preprocessor.from_model(model)
     boxes = None
     if effective == "none":
-        pre.roi_mode = "none"  # no crops to prepare
+        pre = replace(pre, roi_mode="none")  # no crops to prepare
     elif effective == "given":
         boxes = {r.key: r.boxes for r in refs}
     else:

@@ -98,6 +98,10 @@ class VQAConfig:
     finetune_epochs: int = 3
     finetune_lr: float = 1e-5  # encoders; the head keeps ``lr``
     finetune_batch_size: int = 32
+    # The trainer's step rules (regionmed.optim.GuardedStep), for the fine-tuning stage:
+    precision: str = "fp32"  # fp32 | bf16 autocast
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+    max_nonfinite: int = 5  # non-finite steps in a row before the fine-tuning stops with an error
 
 
 class VQAHead(nn.Module):
@@ -250,6 +254,7 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
     from tqdm import tqdm
 
     from regionmed.eval.images import _collate, encode_batch, feature_of, prepare_all, resolve_rois
+    from regionmed.optim import GuardedStep
 
     cfg = cfg or VQAConfig(finetune=True)
     vocab, pos, problems = _answer_set(train, name)
@@ -316,6 +321,9 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
         {"params": list(head.parameters()), "lr": cfg.lr},
     ], weight_decay=cfg.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
+    guard = GuardedStep(cfg.precision, cfg.grad_clip, cfg.max_nonfinite)
+    params = [*tuned.parameters(), *head.parameters()]
+    skipped = 0
     steps = cfg.finetune_epochs * ((len(qtr) + bs - 1) // bs)
     bar = tqdm(total=steps, desc=f"{name} fine-tune", disable=None if progress else True, leave=False)
     for epoch in range(cfg.finetune_epochs):
@@ -326,13 +334,16 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
         for start in range(0, len(perm), bs):
             idx = perm[start : start + bs]
             part = [qtr[i] for i in idx]
-            img = image_features(part)
-            txt = tuned.encode_text([q.question for q in part])
-            loss = loss_fn(head(torch.cat([img, txt], dim=1)), ytr[idx].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
+            with guard.autocast(device):
+                img = image_features(part)
+                txt = tuned.encode_text([q.question for q in part])
+                loss = loss_fn(head(torch.cat([img, txt], dim=1)).float(), ytr[idx].to(device))
+            done = guard.step({"total": loss}, opt, params, where=f"{name} fine-tuning, epoch {epoch + 1}")
+            if done is None:
+                skipped += 1
+                problems.append(guard.last_skip)
+            else:
+                total += done["total"] * len(idx)
             bar.update(1)
         rec = {"epoch": epoch + 1, "loss": total / len(qtr)}
         if qv:
@@ -350,7 +361,8 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
     out.update(rois=plan.label, train_questions=len(qtr), skipped={"train": len(sktr), "test": len(skte)},
                val_questions_used=len(qv), problems=problems[:50], n_problems=len(problems),
                training={"probe_epochs": cfg.epochs, "probe_epoch_kept": probe["epoch_kept"],
-                         "finetune_epochs": cfg.finetune_epochs, "steps": steps,
+                         "finetune_epochs": cfg.finetune_epochs, "steps": steps, "skipped_nonfinite_steps": skipped,
+                         "precision": cfg.precision, "grad_clip": cfg.grad_clip,
                          "epoch_kept": best_epoch, "epoch_kept_note": "0 = the linear probe (fine-tuning not kept)",
                          "losses": [round(h["loss"], 4) for h in history if "loss" in h],
                          "val_accuracy": [round(h["val_accuracy"], 4) for h in history if "val_accuracy" in h],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,14 +14,15 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from regionmed import __version__
-from regionmed.config import from_dict, to_dict
+from regionmed.config import ConfigError, from_dict, to_dict
+from regionmed.data.transforms import PREPROCESS_FILE, Preprocessor
 from regionmed.model.config import ModelConfig, validate_model_config
 from regionmed.model.roi import ROIProcessor, align_roi_features, scatter_rois
 from regionmed.model.towers import ImageTower, TextTower, WeightsError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-PREPROCESS_NAME = "preprocess.json"
+PREPROCESS_NAME = PREPROCESS_FILE  # "preprocess.json"
 TEXT_DIR = "text"
 
 
@@ -35,6 +37,54 @@ class ImageEmbeddings:
     fused: torch.Tensor
     roi: torch.Tensor | None = None
     roi_mask: torch.Tensor | None = None
+
+
+def plan_text_chunks(
+    lengths: Sequence[int], pad_slack: float = 0.25, max_rows: int = 64, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Group texts of token counts ``lengths`` into chunks that are encoded (and padded) together.
+
+    Returns lists of indices into ``lengths``; every index appears exactly once. Texts
+    are taken shortest first (a stable sort); each chunk is padded to its longest
+    member, so it costs ``rows x longest`` padded tokens for ``sum(lengths)`` real ones.
+    The next text opens a new chunk when adding it would make
+
+    * the chunk's padded tokens exceed ``(1 + pad_slack)`` x its real tokens, or
+    * the chunk hold more than ``max_rows`` texts, or
+    * the chunk's padded tokens exceed ``max_tokens`` (when given; a text longer than
+      that is a chunk of its own).
+
+    Guarantee: in every chunk, and so over the whole plan, padded tokens
+    <= ``(1 + pad_slack)`` x real tokens (no additive term). Cost: the padding rule
+    alone opens at most ``1 + log(longest / shortest) / log(1 + pad_slack)`` chunks (each
+    new chunk starts more than ``1 + pad_slack`` times longer than the previous one
+    started); ``max_rows`` and ``max_tokens`` add the splits they ask for.
+    """
+    if pad_slack < 0:
+        raise ValueError(f"pad_slack must be >= 0, got {pad_slack}")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        n = int(lengths[i])
+        rows, padded = len(current) + 1, (len(current) + 1) * n  # sorted: the new text is the longest
+        fits = (
+            current
+            and rows <= max_rows
+            and padded <= (1 + pad_slack) * (real + n)
+            and (max_tokens is None or padded <= max_tokens)
+        )
+        if current and not fits:
+            chunks.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += n
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 class RegionMedCLIP(nn.Module):
@@ -107,7 +157,7 @@ class RegionMedCLIP(nn.Module):
                 raise ValueError("ROI mode 'crop' needs roi_crops (see regionmed.data.transforms.Preprocessor)")
             if roi_crops.shape[0] != int(roi_mask.sum()):
                 raise ValueError(f"roi_crops has {roi_crops.shape[0]} crops for {int(roi_mask.sum())} valid boxes")
-            valid = self.image_tower(roi_crops)[0] if roi_crops.shape[0] else pooled.new_zeros(0, pooled.shape[-1])
+            valid = self.image_tower.encode_crops(roi_crops)
         else:
             valid = align_roi_features(grid, boxes, roi_mask, self.cfg.roi.align_output)
         roi_feats = scatter_rois(valid, roi_mask)
@@ -123,21 +173,27 @@ class RegionMedCLIP(nn.Module):
         cells = grid.permute(0, 2, 3, 1)
         return F.normalize(self.projections["image"](cells), dim=-1)
 
-    def encode_text(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
-        """L2-normalised text embeddings (N, D). Identical texts are encoded once, and
-        texts are batched by token length (``batch_size`` per chunk, default 64) so a
-        short caption is never padded to the length of a report."""
+    def encode_text(
+        self, texts: list[str], batch_size: int | None = None, pad_slack: float = 0.25, max_tokens: int | None = None
+    ) -> torch.Tensor:
+        """L2-normalised text embeddings (N, D), one row per text of ``texts``.
+
+        Identical texts are encoded once. The unique texts are sorted by token length
+        and encoded in chunks planned by :func:`plan_text_chunks`: at most
+        ``batch_size`` texts (default 64) and, when given, ``max_tokens`` padded tokens
+        per chunk, and padding bounded — in every chunk, hence in the whole call,
+        padded tokens <= ``(1 + pad_slack)`` x real tokens (default 1.25 x), so a
+        short caption is never padded to the length of a report. Padding is masked, so
+        the embeddings do not depend on the chunking (beyond float rounding)."""
         unique = list(dict.fromkeys(texts))
         if not unique:
             return self.projections["text"].weight.new_zeros(0, self.cfg.embed_dim)
         device = self.logit_scale.device
         tokenizer = self.text_tower.tokenizer
         ids = tokenizer.ids(unique)
-        order = sorted(range(len(unique)), key=lambda i: len(ids[i]))
-        step = batch_size or 64
+        plan = plan_text_chunks([len(x) for x in ids], pad_slack, batch_size or 64, max_tokens)
         chunks, placed = [], []
-        for start in range(0, len(order), step):
-            part = order[start : start + step]
+        for part in plan:
             input_ids, mask = tokenizer.pad([ids[i] for i in part])
             feats = self.text_tower(input_ids.to(device), mask.to(device))
             chunks.append(F.normalize(self.projections["text"](feats), dim=-1))
@@ -148,23 +204,24 @@ class RegionMedCLIP(nn.Module):
         return emb[torch.tensor([position[t] for t in texts], device=emb.device)]
 
     # -- folder format ---------------------------------------------------------------
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The model's image/text preprocessing (immutable): read from ``preprocess.json``
+        by :meth:`from_pretrained`, derived from ``cfg`` once for a model created in code."""
+        pre = self.__dict__.get("_preprocessor")
+        if pre is None:
+            pre = self.__dict__["_preprocessor"] = preprocessor_from_config(self.cfg)
+        return pre
+
     def preprocess_config(self) -> dict:
-        c = self.cfg
-        return {
-            "image_size": c.image.image_size,
-            "mean": list(c.image.mean),
-            "std": list(c.image.std),
-            "roi_mode": c.roi.mode,
-            "roi_size": c.roi.roi_size,
-            "context_margin": c.roi.context_margin,
-            "max_rois": c.roi.max_rois,
-            "context_length": c.text.context_length,
-        }
+        """``preprocess.json`` as a mapping: the JSON form of :attr:`preprocessor`."""
+        return self.preprocessor.to_dict()
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json``, ``model.safetensors``, ``preprocess.json`` and the text
         tower's config + tokenizer (``text/``) into ``directory``. No pickle."""
         directory = Path(directory)
+        check_preprocessor(self.preprocessor, self.cfg, "the model's preprocessor", "its config")  # never write a folder that cannot load
         directory.mkdir(parents=True, exist_ok=True)
         cfg = dataclasses.replace(self.cfg, image=dataclasses.replace(self.cfg.image, pretrained=None))
         (directory / CONFIG_NAME).write_text(
@@ -178,20 +235,59 @@ class RegionMedCLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "RegionMedCLIP":
-        """Load a folder written by :meth:`save_pretrained`, offline."""
+        """Load a folder written by :meth:`save_pretrained`, offline.
+
+        The model carries the preprocessing read from the folder's ``preprocess.json``
+        (``model.preprocessor``). That file must exist, hold every field with its type,
+        and agree with ``config.json``; otherwise :class:`WeightsError` names the file
+        and the field (no fallback to defaults or to the config)."""
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise WeightsError(f"{config_path} is missing: {directory} is not a regionmed model folder")
         data = json.loads(config_path.read_text(encoding="utf-8"))
         cfg = from_dict(ModelConfig, data.get("model", {}), "model", str(config_path))
+        try:
+            pre = Preprocessor.from_folder(directory)
+        except ConfigError as err:
+            raise WeightsError(f"cannot load {directory}: {err}") from err
+        check_preprocessor(pre, cfg, str(directory / PREPROCESS_NAME), str(config_path))
         model = cls(cfg, text_source=str(directory / TEXT_DIR))
+        model.__dict__["_preprocessor"] = pre
         missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False, device=str(map_location))
         if missing or unexpected:
             raise WeightsError(
                 f"{directory / WEIGHTS_NAME} does not fit the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
         return model.to(map_location).eval()
+
+
+def preprocessor_from_config(cfg: ModelConfig) -> Preprocessor:
+    """The preprocessing a :class:`ModelConfig` implies (image size and normalisation,
+    ROI mode, crop size and margin, ROI count, text context length)."""
+    return Preprocessor(
+        image_size=cfg.image.image_size,
+        mean=tuple(cfg.image.mean),
+        std=tuple(cfg.image.std),
+        roi_mode=cfg.roi.mode,
+        roi_size=cfg.roi.roi_size,
+        context_margin=cfg.roi.context_margin,
+        max_rois=cfg.roi.max_rois,
+        context_length=cfg.text.context_length,
+    )
+
+
+def check_preprocessor(pre: Preprocessor, cfg: ModelConfig, source: str, config_source: str) -> None:
+    """Raise :class:`WeightsError` naming ``source`` and the first field where ``pre``
+    disagrees with what ``cfg`` implies."""
+    expected = preprocessor_from_config(cfg)
+    for f in dataclasses.fields(Preprocessor):
+        have, want = getattr(pre, f.name), getattr(expected, f.name)
+        if have != want:
+            raise WeightsError(
+                f"{source}: field {f.name!r} is {have!r} but {config_source} implies {want!r}; "
+                "the preprocessing settings and the model config must agree"
+            )
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> RegionMedCLIP:

@@ -23,6 +23,11 @@ class ImageTowerConfig:
     grad_checkpointing: bool = False
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # BatchNorm towers (CNNs) in crop mode: "running" normalises ROI crops with the
+    # running statistics that the whole images maintain (crops never update them, any
+    # number of crops works, and training matches evaluation); "batch" uses each crop
+    # batch's own statistics and updates the running ones (needs >= 2 values per channel).
+    crop_batchnorm: Literal["running", "batch"] = "running"
 
 
 @dataclass

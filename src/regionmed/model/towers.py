@@ -99,7 +99,36 @@ class ImageTower(nn.Module):
             except (RuntimeError, KeyError) as err:
                 raise WeightsError(f"{path}: weights do not fit timm model {name!r}: {err}") from err
 
+    @property
+    def batchnorms(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        """The tower's BatchNorm layers (empty for ViTs and other LayerNorm towers)."""
+        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(N, C)`` of ROI crops ``(N, 3, r, r)`` (``N`` may be 0 or 1).
+
+        With ``crop_batchnorm: running`` (the default) BatchNorm layers run in eval mode
+        for this pass: crops are normalised with the running statistics that the whole
+        images maintain and do not update them. This is a documented choice, not a
+        workaround: crops and whole images are different input distributions, one shared
+        set of statistics would mix them, and a training batch holding a single crop would
+        otherwise fail (one value per channel); it also makes the crop pass independent of
+        how a batch is split across data-parallel ranks. Towers without BatchNorm are
+        unaffected.
+        """
+        if crops.shape[0] == 0:
+            return crops.new_zeros(0, self.width)
+        norms = [m for m in self.batchnorms if m.training] if self.cfg.crop_batchnorm == "running" else []
+        for m in norms:
+            m.eval()
+        try:
+            return self(crops)[0]
+        finally:
+            for m in norms:
+                m.train()
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images ``(B, 3, H, W)`` normalised → pooled ``(B, C)``, patch grid ``(B, C, h, w)``."""
         feats = self.model.forward_features(images)
         pooled = self.model.forward_head(feats, pre_logits=True)
         if feats.ndim == 4:
@@ -221,9 +250,8 @@ class TextTokenizer:
     def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad token id lists to their longest: ``(input_ids, attention_mask)``."""
         length = max((len(x) for x in ids), default=1)
-        input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(ids), length), dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention[i, : len(row)] = 1
+        if not ids:
+            return torch.zeros((0, length), dtype=torch.long), torch.zeros((0, length), dtype=torch.long)
+        input_ids = torch.tensor([list(row) + [self.pad_id] * (length - len(row)) for row in ids], dtype=torch.long)
+        attention = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in ids], dtype=torch.long)
         return input_ids, attention

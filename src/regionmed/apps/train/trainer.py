@@ -1,14 +1,21 @@
 """The progressive trainer: one process or many (torchrun; gloo on CPU, nccl on GPU).
 
-Data parallelism without DistributedDataParallel: the trainable module set
-changes between stages, so each rank computes the loss on the gathered union
-batch, backpropagates through its local slice, and gradients are SUM-reduced
-(see :mod:`regionmed.distributed`): exactly single-process training on the union.
+Data parallelism is PyTorch's ``DistributedDataParallel`` around the library's
+:class:`~regionmed.task.TrainingTask`, with the local contrastive loss (see
+:mod:`regionmed.distributed`): equal to single-process training on the union
+batch. DDP fixes its parameter set when it is built, so the task is wrapped anew
+at each stage boundary, after ``set_trainable``; each wrap broadcasts rank 0's
+parameters and buffers, so every rank starts the stage from identical weights.
+
+BatchNorm towers: on CUDA, BatchNorm layers become ``SyncBatchNorm`` (statistics
+over the union batch, as in one process). PyTorch has no CPU SyncBatchNorm, so
+multi-process CPU runs of a BatchNorm tower normalise with per-rank statistics
+(said once at start; not equal to one process). ROI crops never use batch
+statistics by default (``model.image.crop_batchnorm``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -27,14 +34,14 @@ from regionmed.apps.train.schedule import StagePlan, learning_rate, plan_stages,
 from regionmed.config import to_dict
 from regionmed.data.loader import Batch, RegionSampleDataset, StepBatchSampler, make_loader
 from regionmed.data.transforms import Preprocessor
-from regionmed.distributed import DistInfo, all_reduce_gradients, init_distributed
+from regionmed.distributed import DistInfo, init_distributed
 from regionmed.errors import RegionmedError
-from regionmed.losses import LossInputs, compute_losses, gather_loss_inputs, text_ids
 from regionmed.model.clip import RegionMedCLIP, create_model
+from regionmed.optim import GuardedStep, NonFiniteError
+from regionmed.task import TrainingTask
 
 log = logging.getLogger(__name__)
 
-REGION_LOSSES = ("region", "hard_negative")
 
 
 class TrainingError(RegionmedError, RuntimeError):
@@ -64,61 +71,6 @@ def build_optimizer(model: RegionMedCLIP, cfg: RunConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.train.stages[0].lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps)
 
 
-def _pad_negatives(lists: list[list[str]], emb_of: dict[str, int], emb: torch.Tensor):
-    """Each row's own negatives as (rows, max_n, D) plus a validity mask (rows, max_n)."""
-    n = max((len(x) for x in lists), default=0)
-    out = emb.new_zeros(len(lists), n, emb.shape[-1])
-    mask = torch.zeros(len(lists), n, dtype=torch.bool, device=emb.device)
-    for i, texts in enumerate(lists):
-        for j, t in enumerate(texts):
-            out[i, j] = emb[emb_of[t]]
-            mask[i, j] = True
-    return out, mask
-
-
-def batch_loss_inputs(model: RegionMedCLIP, batch: Batch, losses: dict[str, float], use_rois: bool) -> LossInputs:
-    """Encode a batch and assemble the loss inputs the active terms need (texts encoded once)."""
-    active = {k for k, w in losses.items() if w > 0}
-    img = model.encode_image(batch.images, batch.boxes, batch.roi_mask, batch.roi_crops, use_rois=use_rois)
-    need_region = use_rois and bool(active & set(REGION_LOSSES)) and img.roi is not None
-    texts = list(batch.reports)
-    if "summary" in active:
-        texts += batch.summaries
-    if need_region:
-        texts += batch.captions
-    if "hard_negative" in active:
-        texts += [t for neg in batch.image_negatives for t in neg]
-        if need_region:
-            texts += [t for neg in batch.roi_negatives for t in neg]
-    unique = list(dict.fromkeys(texts))
-    emb = model.encode_text(unique)
-    index = {t: i for i, t in enumerate(unique)}
-    device = emb.device
-
-    def take(strings: list[str]) -> torch.Tensor:
-        return emb[torch.tensor([index[t] for t in strings], dtype=torch.long, device=device)] if strings else emb[:0]
-
-    inputs = LossInputs(
-        logit_scale=model.scale(),
-        image_fused=img.fused,
-        image_global=img.global_,
-        report=take(batch.reports),
-        report_ids=text_ids(batch.reports).to(device),
-    )
-    if "summary" in active:
-        inputs.summary = take(batch.summaries)
-        inputs.summary_ids = text_ids(batch.summaries).to(device)
-    if need_region:
-        inputs.roi = img.roi[img.roi_mask]
-        inputs.caption = take(batch.captions)
-        inputs.caption_ids = text_ids(batch.captions).to(device)
-    if "hard_negative" in active:
-        if need_region:
-            inputs.roi_negatives, inputs.roi_negatives_mask = _pad_negatives(batch.roi_negatives, index, emb)
-        inputs.image_negatives, inputs.image_negatives_mask = _pad_negatives(batch.image_negatives, index, emb)
-    return inputs
-
-
 class Trainer:
     """Train a RegionMedCLIP model through the stages of a :class:`RunConfig`.
 
@@ -135,6 +87,16 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         seed_everything(cfg.seed)
         self.model = create_model(cfg.model).to(self.device)
+        self.notes: list[str] = []  # said once at the start of fit()
+        if self.dist.world_size > 1 and self.model.image_tower.batchnorms:
+            if self.device.type == "cuda":
+                self.model.image_tower = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.image_tower)
+            else:
+                self.notes.append(
+                    f"image tower {cfg.model.image.name!r} has BatchNorm and PyTorch has no CPU SyncBatchNorm: each of the "
+                    f"{self.dist.world_size} processes normalises whole images with its own batch statistics (not equal to "
+                    "one process); on GPUs they are synchronised"
+                )
         self.pre = Preprocessor.from_model(self.model)
         self.data = RegionSampleDataset(
             cfg.data.train, cfg.data.split, self.pre, cfg.data.max_negatives, use_rois=cfg.model.roi.mode != "none",
@@ -148,26 +110,35 @@ class Trainer:
         self.plans = plan_stages(cfg.train.stages, self.steps_per_epoch)
         self.total_steps = self.plans[-1].end
         self.optimizer = build_optimizer(self.model, cfg)
+        self.task = TrainingTask(self.model, cfg.data.max_negatives, cfg.data.max_image_negatives)
+        self.runner: torch.nn.Module = self.task  # the DDP wrapper of the current stage, under torchrun
+        self.guard = GuardedStep(cfg.train.precision, cfg.train.grad_clip, cfg.train.max_nonfinite)
         self.step = 0
-        self.nonfinite_in_row = 0
         self.counters: Counter = Counter()
         self.audit = self.data.audit() if self.data.use_rois else Counter()
         if resume:
             path = self.out if resume is True else Path(resume)
             state = load_checkpoint(find_checkpoint(path), self.model, self.optimizer)
             self.step = int(state["step"])
-            self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+            self.guard.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
             self.counters = Counter(state.get("counters", {}))
             log.info("resumed from %s at step %d", state["checkpoint"], self.step)
 
     # ---------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _enter_stage(self, plan: StagePlan, logger: MetricsLogger) -> None:
-        self.model.set_trainable(plan.config.trainable)
+        st = plan.config
+        wanted = set(self.model.module_groups()) if "all" in st.trainable else set(st.trainable)
+        if not st.use_rois:
+            # Unused in this stage: it gets no gradient (AdamW skips it, as in one process),
+            # and DDP needs every parameter it reduces to take part in the loss.
+            wanted.discard("roi_processor")
+        self.model.set_trainable(sorted(wanted))
+        self.task.set_stage(st.losses, st.use_rois)
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.runner = DistributedDataParallel(self.task, device_ids=device_ids, broadcast_buffers=True)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         for group in self.optimizer.param_groups:
             group["weight_decay"] = plan.config.weight_decay if group["decay"] else 0.0
@@ -183,7 +154,7 @@ class Trainer:
                      use_rois=plan.config.use_rois, trainable=plan.config.trainable, trainable_params=n_train)
 
     def _state(self, plan: StagePlan) -> dict:
-        return {"stage": plan.name, "nonfinite_in_row": self.nonfinite_in_row, "counters": dict(self.counters),
+        return {"stage": plan.name, "nonfinite_in_row": self.guard.nonfinite_in_row, "counters": dict(self.counters),
                 "config": to_dict(self.cfg), "world_size": self.dist.world_size}
 
     def _checkpoint(self, plan: StagePlan) -> None:
@@ -200,33 +171,16 @@ class Trainer:
             group["lr"] = lr * st.lr_scale.get(group["module"], 1.0)
         self.model.train()
         batch = batch.to(self.device)
-        with self._autocast():
-            inputs = batch_loss_inputs(self.model, batch, st.losses, st.use_rois)
-            if self.dist.world_size > 1:
-                inputs = gather_loss_inputs(inputs)
-            losses = compute_losses(inputs, st.losses)
-        total = losses["total"]
-        if not torch.isfinite(total.detach()).item():
-            self.nonfinite_in_row += 1
+        with self.guard.autocast(self.device):
+            terms = self.runner(batch)
+        try:
+            losses = self.guard.step(terms, self.optimizer, self.model.parameters(), where=f"step {self.step}")
+        except NonFiniteError as err:
+            raise TrainingError(f"{err} (train.max_nonfinite)") from err
+        if losses is None:
             self.counters["nonfinite_steps"] += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            self._say(f"step {self.step}: non-finite loss ({ {k: float(v.detach()) for k, v in losses.items()} }), step skipped")
-            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite:
-                raise TrainingError(
-                    f"{self.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite = {self.cfg.train.max_nonfinite}) "
-                    f"at step {self.step}: lower the learning rate or check the data"
-                )
-            return None
-        self.nonfinite_in_row = 0
-        total.backward()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.dist.world_size > 1:
-            all_reduce_gradients(params)
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {k: float(v.detach()) for k, v in losses.items()}
+            self._say(self.guard.last_skip)
+        return losses
 
     def fit(self) -> dict:
         """Run from the current step to the end of the last stage; return a summary."""
@@ -241,7 +195,7 @@ class Trainer:
         loader = make_loader(self.data, sampler, cfg.data.num_workers, cfg.seed)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
         if self.dist.is_main:
-            for note in self._input_notes():
+            for note in [*self.notes, *self._input_notes()]:
                 self._say(note)
             logger.write("data", step=self.step, steps_per_epoch=self.steps_per_epoch, **{"samples": len(self.data), **dict(self.audit)})
         plan = stage_at(self.plans, self.step)
