@@ -108,6 +108,9 @@ class RegionMedCLIP(nn.Module):
         )
         self.roi_processor = ROIProcessor(self.image_tower.width, cfg.roi) if cfg.roi.mode != "none" else None
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        # The image/text preprocessing (an immutable Preprocessor): derived from cfg here,
+        # replaced by the folder's preprocess.json in from_pretrained.
+        self.preprocessor = preprocessor_from_config(cfg)
 
     # -- module groups -------------------------------------------------------------
     def module_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -204,15 +207,6 @@ class RegionMedCLIP(nn.Module):
         return emb[torch.tensor([position[t] for t in texts], device=emb.device)]
 
     # -- folder format ---------------------------------------------------------------
-    @property
-    def preprocessor(self) -> Preprocessor:
-        """The model's image/text preprocessing (immutable): read from ``preprocess.json``
-        by :meth:`from_pretrained`, derived from ``cfg`` once for a model created in code."""
-        pre = self.__dict__.get("_preprocessor")
-        if pre is None:
-            pre = self.__dict__["_preprocessor"] = preprocessor_from_config(self.cfg)
-        return pre
-
     def preprocess_config(self) -> dict:
         """``preprocess.json`` as a mapping: the JSON form of :attr:`preprocessor`."""
         return self.preprocessor.to_dict()
@@ -253,7 +247,7 @@ class RegionMedCLIP(nn.Module):
             raise WeightsError(f"cannot load {directory}: {err}") from err
         check_preprocessor(pre, cfg, str(directory / PREPROCESS_NAME), str(config_path))
         model = cls(cfg, text_source=str(directory / TEXT_DIR))
-        model.__dict__["_preprocessor"] = pre
+        model.preprocessor = pre
         missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False, device=str(map_location))
         if missing or unexpected:
             raise WeightsError(
