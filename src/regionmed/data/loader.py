@@ -97,6 +97,29 @@ class RegionSampleDataset(Dataset):
         return counts
 
 
+def pad_rois(samples: list[dict], max_rois: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each sample's ``boxes`` ``(n_i, 4)`` (and ``crops``) → ``boxes (B, K, 4)``, ``roi_mask (B, K)``,
+    ``crops (sum n_i, 3, r, r)`` in ``roi_mask.nonzero()`` order (None without crops).
+
+    ``K = max_rois`` when given (a fixed shape, the same on every data-parallel rank;
+    raises ``ValueError`` when a sample has more boxes), else the largest ``n_i``.
+    The one place ROIs are padded, for training batches and evaluation batches alike.
+    """
+    most = max((s["boxes"].shape[0] for s in samples), default=0)
+    k = most if max_rois is None else max_rois
+    if most > k:
+        raise ValueError(f"a sample has {most} boxes, more than max_rois = {k}")
+    counts = torch.tensor([s["boxes"].shape[0] for s in samples], dtype=torch.long)
+    mask = torch.arange(k)[None, :] < counts[:, None]
+    boxes = torch.zeros(len(samples), k, 4)
+    if most:
+        boxes[mask] = torch.cat([s["boxes"] for s in samples])
+    crops = None
+    if samples and samples[0]["crops"] is not None:
+        crops = torch.cat([s["crops"] for s in samples])
+    return boxes, mask, crops
+
+
 def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
     """Stack samples into a :class:`Batch`; boxes padded to ``max_rois`` slots per image.
 
@@ -106,20 +129,7 @@ def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
     maximum (evaluation). Raises ``ValueError`` when a sample has more boxes than
     ``max_rois``. Crops stay compact: ``(N_valid, 3, r, r)`` in ``roi_mask.nonzero()`` order.
     """
-    most = max((s["boxes"].shape[0] for s in samples), default=0)
-    k = most if max_rois is None else max_rois
-    if most > k:
-        raise ValueError(f"a sample has {most} boxes, more than max_rois = {k}")
-    b = len(samples)
-    boxes = torch.zeros(b, k, 4)
-    mask = torch.zeros(b, k, dtype=torch.bool)
-    for i, s in enumerate(samples):
-        n = s["boxes"].shape[0]
-        boxes[i, :n] = s["boxes"]
-        mask[i, :n] = True
-    crops = None
-    if samples and samples[0]["crops"] is not None:
-        crops = torch.cat([s["crops"] for s in samples])
+    boxes, mask, crops = pad_rois(samples, max_rois)
     return Batch(
         images=torch.stack([s["image"] for s in samples]),
         boxes=boxes,

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from regionmed.data.loader import RegionSampleDataset, collate
 from regionmed.data.transforms import Preprocessor
+from regionmed.eval.images import encode_batch
 from regionmed.model.clip import RegionMedCLIP
 
 
@@ -52,9 +53,7 @@ def embed_split(
     offset = 0
     for batch in tqdm(loader, desc=f"embed {split}", disable=not progress, leave=False):
         batch = batch.to(device)
-        uses_rois = model.roi_processor is not None
-        crops = batch.roi_crops if model.cfg.roi.mode == "crop" else None
-        img = model.encode_image(batch.images, batch.boxes, batch.roi_mask, crops, use_rois=uses_rois)
+        img = encode_batch(model, batch, use_rois=model.roi_processor is not None)
         out["g"].append(img.global_.cpu())
         out["f"].append(img.fused.cpu())
         if img.roi is not None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from regionmed.data.loader import Batch, pad_rois
 from regionmed.data.schema import sanitize_box
 from regionmed.data.transforms import Preprocessor, to_rgb
 from regionmed.eval.grounding import Geometry, propose_from_maps, similarity_maps
@@ -126,15 +127,7 @@ def _collate(samples: list[dict]) -> dict:
     bad = [(s["key"], s["error"]) for s in samples if "error" in s]
     if not ok:
         return {"ok": [], "bad": bad}
-    k = max(s["boxes"].shape[0] for s in ok)
-    boxes = torch.zeros(len(ok), k, 4)
-    mask = torch.zeros(len(ok), k, dtype=torch.bool)
-    for i, s in enumerate(ok):
-        n = s["boxes"].shape[0]
-        boxes[i, :n], mask[i, :n] = s["boxes"], True
-    crops = None
-    if ok[0]["crops"] is not None:
-        crops = torch.cat([s["crops"] for s in ok])
+    boxes, mask, crops = pad_rois(ok)
     return {"ok": ok, "bad": bad, "images": torch.stack([s["image"] for s in ok]), "boxes": boxes, "mask": mask, "crops": crops}
 
 
@@ -196,8 +189,12 @@ def resolve_rois(model, refs: list[ImageRef], rois: str, phrases: list[str] | No
     return RoiPlan(effective, label, pre, boxes)
 
 
-def encode_batch(model, batch: dict, use_rois: bool):
-    """``model.encode_image`` on a collated batch of prepared images (crops passed in crop mode)."""
+def encode_batch(model, batch: dict | Batch, use_rois: bool):
+    """``model.encode_image`` on a collated batch — an evaluation batch (:func:`_collate`) or a
+    training :class:`~regionmed.data.loader.Batch` — moved to the model's device; crops are
+    passed in crop mode. The one image encoder of evaluation (embedding, VQA, grounding)."""
+    if isinstance(batch, Batch):
+        batch = {"images": batch.images, "boxes": batch.boxes, "mask": batch.roi_mask, "crops": batch.roi_crops}
     device = model.logit_scale.device
     images = batch["images"].to(device)
     if not use_rois:
