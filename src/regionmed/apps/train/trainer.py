@@ -138,6 +138,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device] if self.device.type == "cuda" else None
+            self.runner = self.task  # release the previous stage's wrapper (and its gradient hooks) first
             self.runner = DistributedDataParallel(self.task, device_ids=device_ids, broadcast_buffers=True)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         for group in self.optimizer.param_groups:
