@@ -51,7 +51,10 @@ def _assert_equal_runs(single, ddp, tmp_path):
         keys = {k for k in single[step] if k.startswith("loss.")}
         assert keys == {k for k in ddp[step] if k.startswith("loss.")}, step
         for key in keys:
-            assert abs(single[step][key] - ddp[step][key]) < 1e-5, (step, key, single[step][key], ddp[step][key])
+            # 1e-5, relative to the loss once it is above 1 (float32 sums in another order,
+            # compounded over the steps of a run)
+            a, b = single[step][key], ddp[step][key]
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, key, a, b)
     a = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()

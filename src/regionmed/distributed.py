@@ -152,9 +152,10 @@ def gather_tensor(x: Tensor) -> Tensor:
     is_bool = send.dtype == torch.bool
     if is_bool:
         send = send.to(torch.uint8)
-    send = send.contiguous()
-    out = send.new_empty((dist.get_world_size() * send.shape[0], *send.shape[1:]))
-    dist.all_gather_into_tensor(out, send)
+    from torch.distributed._functional_collectives import all_gather_single
+
+    out = all_gather_single(send.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    out = out.wait() if hasattr(out, "wait") else out  # an AsyncCollectiveTensor until waited on
     return out.bool() if is_bool else out
 
 

@@ -8,7 +8,9 @@ Terms (see docs METHOD.md, "Losses"):
 * ``hard_negative`` image->text only: each ROI's own negative captions (and each
   image's own negative reports) are extra logit columns, so the true text must
   beat its near-miss variants as well as the rest of the batch; the term is the
-  mean of the ROI part and the image part (of those that have rows).
+  mean of the ROI part and the image part, of those that have rows and at least
+  one negative slot (with no slot a part would be plain InfoNCE, not a hard-negative
+  term, so it is left out).
 
 Identical texts in a batch are positives, not negatives: texts carry ids
 (:func:`text_ids`, a stable hash), and every column whose text id equals the
@@ -306,9 +308,9 @@ def compute_losses(inputs: LossInputs, weights: Mapping[str, float]) -> dict[str
 
     if w["hard_negative"] > 0:
         parts = []
-        if need_rois and has_rois and inputs.roi_negatives is not None:
+        if need_rois and has_rois and inputs.roi_negatives is not None and inputs.roi_negatives.shape[2] > 0:
             parts.append(region_part(_flat(inputs.roi_negatives), _flat(inputs.roi_negatives_mask), False))
-        if inputs.image_negatives is not None:
+        if inputs.image_negatives is not None and inputs.image_negatives.shape[1] > 0:
             parts.append(local_infonce(
                 inputs.image_fused, inputs.report, inputs.report_ids, fused_all, report_all, report_ids_all,
                 offset, n_images, s, extra_negatives=inputs.image_negatives,

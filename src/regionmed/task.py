@@ -19,7 +19,7 @@ with :meth:`set_stage`.
 
 Under DDP (which averages gradients over ``W`` ranks), back-propagate
 ``W × terms["total"]``: the result is then the gradient of the single-process loss
-on the union batch. :func:`regionmed.optim.GuardedStep` does that.
+on the union batch. :class:`regionmed.optim.GuardedStep` does that.
 """
 
 from __future__ import annotations

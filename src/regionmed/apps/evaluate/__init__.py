@@ -1,0 +1,1 @@
+"""Evaluation suites (SLAKE, VQA-RAD, MedRegion splits, class folders), ``regionmed eval`` and its report."""
