@@ -47,7 +47,7 @@ def test_records_are_valid_and_have_all_caption_kinds(public_build):  # noqa: F8
     for r in records:
         validate_record(r)
         assert r["summary"] and r["report"]
-        assert len(r["phash"]) == 16 and len(r["sha256"]) == 64
+        assert len(r["phash"]) == 64 and len(r["sha256"]) == 64
         for g in r["regions"]:
             x0, y0, x1, y1 = g["box"]
             assert 0 <= x0 < x1 <= r["width"] and 0 <= y0 < y1 <= r["height"]

@@ -127,7 +127,8 @@ def test_no_phi_anywhere_in_output_or_logs(tmp_path, capsys):
     assert summary.built == 2 and summary.rejected == {"unsupported_dicom": 2}
     recs = read_all_records(out)
     assert {r["modality"] for r in recs} == {"xray"}
-    assert all(set(r["meta"]) <= {"Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation", "BitsStored", "Rows", "Columns"} for r in recs)
+    assert all(set(r["meta"]) <= {"Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation", "BitsStored", "Rows", "Columns",
+                                  "decode_mapping"} for r in recs)
     assert {r["reason"] for r in read_rejects(out)} == {"unsupported_dicom"}
     blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
     assert blobs

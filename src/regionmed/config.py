@@ -109,15 +109,32 @@ def to_dict(obj: Any) -> Any:
 
 def load_yaml_config(cls: type, path: str | Path, overrides: dict[str, Any] | None = None, what: str = "config file") -> Any:
     """Read YAML ``path``, apply dotted ``overrides`` ({"train.batch_size": 8}) and build
-    dataclass ``cls`` from it, checking keys and types (errors name the file and field)."""
+    dataclass ``cls`` from it, checking keys and types (errors name the file and field).
+
+    The one place configs are read: the file must be UTF-8 (a byte-order mark is
+    accepted); anything else is a :class:`ConfigError` naming the file, byte offset and
+    line, never a guess."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{path}: {what} is UTF-16 text; save it as UTF-8")
+    try:  # strict UTF-8; a byte-order mark (as some editors write) is accepted and removed
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: {what} is not UTF-8 text: byte 0x{raw[err.start]:02x} at offset {err.start} "
+                          f"(line {line}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    for dotted, value in (overrides or {}).items():
+    data = {} if data is None else data
+    for dotted, value in (overrides or {}).items() if isinstance(data, dict) else ():
         set_dotted(data, dotted, value)
     return from_dict(cls, data, "", str(path))
 

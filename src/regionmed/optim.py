@@ -12,8 +12,12 @@ Used by the trainer and by VQA fine-tuning, so both behave the same way:
   the local loss of :mod:`regionmed.losses`, that is the gradient of the
   single-process loss on the union batch;
 * **clipping** — of the global gradient norm to ``grad_clip`` (0 = off); a
-  non-finite gradient norm also skips the step, so non-finite values never reach
-  the weights.
+  non-finite gradient norm also skips the step;
+* **weights** — a finite gradient can still write NaN/inf into the weights (an
+  overflowing learning rate): after each optimizer step the stepped weights are
+  checked (one synchronisation) and :class:`NonFiniteWeightsError` is raised at
+  once, so no caller goes on to save or use them (the step cannot be skipped: the
+  optimizer already wrote).
 """
 
 from __future__ import annotations
@@ -29,13 +33,28 @@ from torch import Tensor, nn
 from regionmed.distributed import all_reduce_sum, get_world_size
 from regionmed.errors import RegionmedError
 
-__all__ = ["GuardedStep", "NonFiniteError", "PRECISIONS"]
+__all__ = ["GuardedStep", "NonFiniteError", "NonFiniteWeightsError", "PRECISIONS", "nonfinite_tensors"]
 
 PRECISIONS = ("fp32", "bf16")
 
 
 class NonFiniteError(RegionmedError, RuntimeError):
     """Too many non-finite losses or gradients in a row."""
+
+
+class NonFiniteWeightsError(NonFiniteError):
+    """An optimizer step wrote NaN or inf into the weights."""
+
+
+def nonfinite_tensors(named: Iterable[tuple[str, Tensor]]) -> list[str]:
+    """The names of the floating-point tensors of ``named`` (``(name, tensor)`` pairs, e.g.
+    ``model.named_parameters()``) that hold NaN or inf; one synchronisation on GPU."""
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    with torch.no_grad():
+        ok = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu().tolist()
+    return [n for (n, _), good in zip(named, ok) if not good]
 
 
 @dataclass
@@ -48,6 +67,7 @@ class GuardedStep:
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
     last_skip: str = ""  # why the last skipped step was skipped
+    check_weights: bool = True  # check the stepped weights for NaN/inf after every optimizer step
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -70,7 +90,8 @@ class GuardedStep:
         Returns every term's value summed over ranks (the single-process value on the
         union batch), or None when the step was skipped for a non-finite loss or
         gradient norm. Raises :class:`NonFiniteError` after ``max_nonfinite`` skips in
-        a row. Every rank must call it (it holds one collective).
+        a row, and :class:`NonFiniteWeightsError` when the optimizer step wrote NaN or
+        inf into a weight. Every rank must call it (it holds one collective).
         """
         names = list(terms)
         values = all_reduce_sum(torch.stack([terms[n].detach().float() for n in names]))
@@ -86,8 +107,24 @@ class GuardedStep:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
         if not torch.isfinite(norm).item():
             return self._skip(optimizer, f"non-finite gradient norm (loss {out['total']:.4g})", where)
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as err:  # a learning rate beyond float32 ("value cannot be converted ... without overflow")
+            if "overflow" not in str(err):
+                raise
+            lrs = sorted({g["lr"] for g in optimizer.param_groups})
+            raise NonFiniteWeightsError(f"{where + ': ' if where else ''}the optimizer step overflowed float32 with learning "
+                                        f"rate(s) {lrs} ({err}): lower the learning rate; the weights are unusable") from err
         optimizer.zero_grad(set_to_none=True)
+        if self.check_weights:
+            bad = nonfinite_tensors((str(i), p) for i, p in enumerate(params))
+            if bad:
+                lrs = sorted({g["lr"] for g in optimizer.param_groups})
+                raise NonFiniteWeightsError(
+                    f"{where + ': ' if where else ''}the optimizer step wrote NaN/inf into {len(bad)} of {len(params)} "
+                    f"trained weight tensors (gradient norm {float(norm):.4g}, learning rate(s) {lrs}): "
+                    "lower the learning rate; the weights are unusable"
+                )
         self.nonfinite_in_row = 0
         return out
 

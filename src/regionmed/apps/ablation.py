@@ -104,7 +104,7 @@ class AblationEval:
 @dataclass
 class AblationConfig:
     out: str = "runs/ablation"
-    data_root: str | None = None  # default: $REGIONMED_DATA or ../shared/data
+    data_root: str | None = None  # default: $REGIONMED_DATA
     seed: int = 0
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     build: AblationBuild = field(default_factory=AblationBuild)
@@ -389,7 +389,7 @@ def given_table(results: dict) -> str | None:
 
 
 def _grounding_references(results: dict) -> str:
-    """The no-pixel references of the grounding benchmark (the same for every variant)."""
+    """The no-pixel references of the grounding suite (the same for every variant)."""
     for r in results["variants"].values():
         o = _get(r["eval"]["tasks"], ("grounding", "overall")) or _get(r["eval"]["tasks"], ("grounding", "windows", "overall"))
         if o and o.get("n"):

@@ -34,7 +34,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resume: str | bool | None = None
     if args.resume is not None:
         resume = True if args.resume == "auto" else args.resume
-    summary = train(cfg, resume=resume, progress=not args.no_progress)
+    if args.allow_config_changes and resume is None:
+        print("regionmed train: error: --allow-config-changes only applies with --resume", file=sys.stderr)
+        return 2
+    summary = train(cfg, resume=resume, progress=not args.no_progress, allow_config_changes=args.allow_config_changes)
     if int(os.environ.get("RANK", "0")) == 0:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_losses"].items())
         print(f"trained {summary['steps']} steps; last losses: {losses}; model: {cfg.train.output_dir}/model")
@@ -78,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.batch_size=16 (repeatable; value read as YAML)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue exactly from a checkpoint folder, or from the latest one in the output dir when no path is given")
+                   help="continue exactly from a checkpoint folder, or from the latest complete one in the output dir when no "
+                        "path is given; a config that differs from the checkpoint's in a field that changes the run's "
+                        "trajectory (batch size, seed, learning rates, stages, losses, model, data) is refused")
+    p.add_argument("--allow-config-changes", action="store_true",
+                   help="with --resume: accept such config changes (listed in the log and metrics.jsonl); the run then "
+                        "no longer equals an uninterrupted one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -99,7 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_ablate_parser(sub)
 
     try:  # the dataset builder's commands (regionmed.apps.curation)
-        from regionmed.apps.curation.cli import add_build_parser, add_check_leakage_parser, add_preview_parser, add_stats_parser
+        from regionmed.apps.curation.cli import (
+            add_build_parser,
+            add_check_leakage_parser,
+            add_check_source_parser,
+            add_preview_parser,
+            add_stats_parser,
+        )
     except ImportError as err:  # the builder's optional dependencies (pip install 'regionmed[build]')
         missing = str(err)
 
@@ -108,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "pip install 'regionmed[build]'", file=sys.stderr)
             return 2
 
-        for name in ("build", "stats", "check-leakage", "preview"):
+        for name in ("build", "check-source", "stats", "check-leakage", "preview"):
             sub.add_parser(name, help=f"(unavailable: {missing})").set_defaults(func=_unavailable)
     else:
         add_build_parser(sub)
+        add_check_source_parser(sub)
         add_stats_parser(sub)
         add_check_leakage_parser(sub)
         add_preview_parser(sub)

@@ -13,11 +13,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from regionmed.data.schema import BoxStats, sanitize_regions
-from regionmed.data.shards import DatasetError, MedRegionDataset
+from regionmed.data.schema import BoxStats, RecordError, sanitize_regions
+from regionmed.data.shards import DatasetError, MedRegionDataset, SampleError
 from regionmed.data.transforms import Preprocessor
+from regionmed.errors import RegionmedError
 
 
 @dataclass
@@ -33,6 +35,9 @@ class Batch:
     image_negatives: list[list[str]]  # B lists
     ids: list[str]
     roi_negative_rules: list[list[str]] = field(default_factory=list)  # N_valid lists, parallel to roi_negatives
+    # Unreadable samples met while making this batch: (dataset index, "<shard>:<key>", reason).
+    # Training replaced each by the next readable one; evaluation left it out.
+    bad_samples: list[tuple[int, str, str]] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> "Batch":
         self.images = self.images.to(device, non_blocking=True)
@@ -46,16 +51,39 @@ class Batch:
         return self.images.shape[0]
 
 
+BAD_SAMPLE_POLICIES = ("raise", "substitute", "drop")
+
+# What reading and preparing one sample can raise when the sample itself is bad.
+_SAMPLE_FAULTS = (RegionmedError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
 class RegionSampleDataset(Dataset):
-    """Map-style dataset over one split: ``ds[i]`` → a dict of tensors and texts."""
+    """Map-style dataset over one split: ``ds[i]`` → a dict of tensors and texts.
+
+    A sample that cannot be read or prepared (an image member that does not decode, a
+    broken record) is a :class:`~regionmed.data.shards.SampleError` naming its shard and
+    key. ``on_bad`` says what ``ds[i]`` does with it — the one place where bad samples
+    are handled, for training and evaluation alike:
+
+    * ``"raise"``: raise the :class:`SampleError`;
+    * ``"substitute"`` (training): return the next readable sample, ``(i + 1) % n``, ...
+      — deterministic, so exact resumption and equal per-rank batch shapes hold; the
+      skipped ones are listed in the sample's ``bad`` (then :attr:`Batch.bad_samples`);
+    * ``"drop"`` (evaluation): return a marker that :func:`collate` leaves out of the
+      batch and lists in :attr:`Batch.bad_samples`.
+    """
 
     def __init__(self, root: str, split: str, preprocessor: Preprocessor, max_negatives: int = 3, use_rois: bool = True,
-                 max_image_negatives: int | None = None):
+                 max_image_negatives: int | None = None, on_bad: str = "raise"):
+        if on_bad not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad must be one of {BAD_SAMPLE_POLICIES}, got {on_bad!r}")
         self.data = MedRegionDataset(root, split)
         self.pre = preprocessor
         self.max_negatives = max_negatives
         self.max_image_negatives = max_negatives if max_image_negatives is None else max_image_negatives
         self.use_rois = use_rois
+        self.on_bad = on_bad
+        self.unreadable_records: list[tuple[str, str]] = []  # filled by audit()
 
     def __len__(self) -> int:
         return len(self.data)
@@ -66,9 +94,39 @@ class RegionSampleDataset(Dataset):
         return self.pre.max_rois if self.use_rois else 0
 
     def __getitem__(self, index: int) -> dict:
-        image, record = self.data[index]
-        regions = sanitize_regions(record)[0][: self.pre.max_rois] if self.use_rois else []
-        out = self.pre(image, [r["box"] for r in regions])
+        if self.on_bad == "raise":
+            return self.load(index)
+        bad: list[tuple[int, str, str]] = []
+        n = len(self)
+        for probe in range(n if self.on_bad == "substitute" else 1):
+            i = (index + probe) % n
+            try:
+                sample = self.load(i)
+            except SampleError as err:
+                bad.append((i, err.where, err.reason))
+                continue
+            sample["bad"] = bad
+            return sample
+        if self.on_bad == "drop":
+            return {"bad": bad, "error": bad[0][2]}
+        raise DatasetError(f"{self.data.root}: no sample of split {self.data.split!r} can be read "
+                           f"(e.g. {bad[0][1]}: {bad[0][2]})")
+
+    def load(self, index: int) -> dict:
+        """Sample ``index`` as tensors and texts; raises :class:`SampleError` naming its shard
+        and key when it cannot be read or prepared."""
+        try:
+            image, record = self.data[index]
+            regions = sanitize_regions(record)[0][: self.pre.max_rois] if self.use_rois else []
+            out = self.pre(image, [r["box"] for r in regions])
+        except SampleError:
+            raise
+        except _SAMPLE_FAULTS as err:
+            where = self.data.where(index)
+            reason = str(err)
+            if reason.startswith(where):  # a RecordError already names the sample
+                reason = reason[len(where):].lstrip(": ")
+            raise SampleError(where, f"{reason} ({type(err).__name__})") from err
         return {
             "id": record["id"],
             "image": out["image"],
@@ -83,15 +141,25 @@ class RegionSampleDataset(Dataset):
         }
 
     def audit(self) -> Counter:
-        """Count, once over all records (JSON only), the boxes that will be clipped or
-        dropped and the regions beyond ``max_rois``."""
+        """Count, once over all records (JSON only): samples, usable regions, region and
+        image negatives, the boxes that will be clipped or dropped, the regions beyond
+        ``max_rois``, and the records that cannot be read (``records_unreadable``; their
+        names in :attr:`unreadable_records`)."""
         counts: Counter = Counter()
         stats = BoxStats()
+        self.unreadable_records = []
         for i in range(len(self.data)):
-            record = self.data.record(i)
+            try:
+                record = self.data.record(i)
+            except RecordError as err:
+                counts["records_unreadable"] += 1
+                self.unreadable_records.append((self.data.where(i), str(err)))
+                continue
             regions, _ = sanitize_regions(record, stats)
             counts["samples"] += 1
             counts["regions"] += len(regions)
+            counts["region_negatives"] += sum(min(len(r.get("negatives", [])), self.max_negatives) for r in regions)
+            counts["image_negatives"] += min(len(record.get("negatives", [])), self.max_image_negatives)
             counts["rois_over_max"] += max(0, len(regions) - self.pre.max_rois)
         counts.update({f"boxes_{k}": v for k, v in stats.as_dict().items()})
         return counts
@@ -128,7 +196,15 @@ def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
     data-parallel rank have the same shapes; ``None`` pads to the batch's own
     maximum (evaluation). Raises ``ValueError`` when a sample has more boxes than
     ``max_rois``. Crops stay compact: ``(N_valid, 3, r, r)`` in ``roi_mask.nonzero()`` order.
+    Markers of unreadable samples (see :class:`RegionSampleDataset`) are left out, and every
+    sample's ``bad`` list goes to :attr:`Batch.bad_samples`; a batch of markers only is empty.
     """
+    bad = [b for s in samples for b in s.get("bad", [])]
+    samples = [s for s in samples if "error" not in s]
+    if not samples:  # every sample of an evaluation batch was unreadable
+        return Batch(images=torch.zeros(0, 3, 1, 1), boxes=torch.zeros(0, max_rois or 0, 4),
+                     roi_mask=torch.zeros(0, max_rois or 0, dtype=torch.bool), roi_crops=None, reports=[], summaries=[],
+                     captions=[], roi_negatives=[], image_negatives=[], ids=[], bad_samples=bad)
     boxes, mask, crops = pad_rois(samples, max_rois)
     return Batch(
         images=torch.stack([s["image"] for s in samples]),
@@ -142,6 +218,7 @@ def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
         image_negatives=[s["image_negatives"] for s in samples],
         ids=[s["id"] for s in samples],
         roi_negative_rules=[n for s in samples for n in s["roi_negative_rules"]],
+        bad_samples=bad,
     )
 
 

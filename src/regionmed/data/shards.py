@@ -9,7 +9,6 @@ plain ``webdataset.WebDataset`` pipelines.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -21,6 +20,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from regionmed.data.decode import check_stored_image, decode_image
 from regionmed.data.schema import FORMAT_NAME, IMAGE_EXTENSIONS, SCHEMA_VERSION, SPLITS, RecordError, validate_record
 from regionmed.errors import RegionmedError
 
@@ -29,6 +29,15 @@ MANIFEST_NAME = "manifest.json"
 
 class DatasetError(RegionmedError, RuntimeError):
     """A dataset folder that cannot be read (missing, empty or inconsistent)."""
+
+
+class SampleError(RegionmedError, ValueError):
+    """One sample that cannot be read (an image member that does not decode, a broken
+    record). ``where`` is ``<shard path>:<key>``; the message starts with it."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -65,11 +74,18 @@ class MedRegionWriter:
         self.modalities: Counter[str] = Counter()
 
     def write(self, record: dict, image_bytes: bytes, image_ext: str = "png") -> None:
-        """Validate ``record`` and append it with its encoded image."""
+        """Validate ``record`` and append it with its encoded image.
+
+        The image must keep the format's promise (:func:`regionmed.data.decode.check_stored_image`):
+        an 8-bit L or RGB JPEG/PNG, opaque, upright (no EXIF orientation), of the record's
+        width × height; otherwise :class:`RecordError` names the record and the problem."""
         image_ext = image_ext.lower().lstrip(".")
         if image_ext not in IMAGE_EXTENSIONS:
             raise ValueError(f"image extension {image_ext!r} is not one of {IMAGE_EXTENSIONS}")
         validate_record(record)
+        problem = check_stored_image(image_bytes, image_ext, record["width"], record["height"])
+        if problem:
+            raise RecordError(f"record {record['id']!r}: its .{image_ext} image breaks the MedRegion format: {problem}")
         if record["split"] != self.split:
             raise RecordError(f"record {record['id']!r} has split {record['split']!r}, writer is for {self.split!r}")
         key = _safe_key(record["id"])
@@ -228,10 +244,15 @@ class MedRegionDataset:
         fh.seek(offset)
         return fh.read(size)
 
+    def where(self, index: int) -> str:
+        """``<shard path>:<key>`` of sample ``index``: how errors name a sample."""
+        entry = self._entries[index]
+        return f"{self.shard_paths[entry.shard]}:{entry.key}"
+
     def record(self, index: int) -> dict:
         entry = self._entries[index]
         raw = self._read(entry.shard, entry.json_offset, entry.json_size)
-        where = f"{self.shard_paths[entry.shard]}:{entry.key}"
+        where = self.where(index)
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as err:
@@ -241,8 +262,11 @@ class MedRegionDataset:
     def image(self, index: int) -> Image.Image:
         entry = self._entries[index]
         raw = self._read(entry.shard, entry.image_offset, entry.image_size)
-        image = Image.open(io.BytesIO(raw))
-        image.load()
+        try:
+            image, _ = decode_image(raw, exif_orientation=False)  # 8-bit L/RGB; the stored grid is upright by format
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # not an image, truncated, ...
+            raise SampleError(self.where(index), f"image member .{entry.image_ext} cannot be decoded "
+                                                 f"({type(err).__name__}: {err})") from err
         return image
 
     def __getitem__(self, index: int) -> tuple[Image.Image, dict]:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from regionmed.config import ConfigError
+from regionmed.data.decode import to_8bit
 from regionmed.data.schema import sanitize_box
 
 PREPROCESS_FILE = "preprocess.json"
@@ -27,13 +28,11 @@ ROI_MODES = ("crop", "align", "none")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode; 16-bit/float images are min-max scaled first."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(image, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        image = Image.fromarray(arr.astype(np.uint8))
-    return image.convert("RGB")
+    """8-bit RGB from an already decoded PIL image of any mode, by the one mode conversion
+    (:func:`regionmed.data.decode.to_8bit`: 16-bit/float min–max, palette expanded, alpha
+    over black, CMYK by Pillow). Orientation is not touched: decode files and bytes with
+    :func:`regionmed.data.decode.decode_image`, which applies the EXIF orientation."""
+    return to_8bit(image)[0].convert("RGB")
 
 
 def _is_int(value) -> bool:

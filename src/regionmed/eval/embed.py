@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from regionmed.data.loader import RegionSampleDataset, collate
+from regionmed.data.shards import DatasetError
 from regionmed.data.transforms import Preprocessor
 from regionmed.eval.images import encode_batch
 from regionmed.model.clip import RegionMedCLIP
@@ -30,6 +31,7 @@ class SplitEmbeddings:
     negatives: list[list[str]]  # R lists
     negative_rules: list[list[str]]
     negative_emb: list[torch.Tensor]  # R tensors (n_r, D)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable samples: ("<shard>:<key>", reason)
 
 
 @torch.no_grad()
@@ -40,18 +42,27 @@ def embed_split(
     """Read ``root``'s ``split``; boxes come from the records (given boxes).
 
     ROI crops are prepared for every model (``crop_size`` when the model has no ROI
-    path) so a global-only model can also be scored on the crop as an image."""
+    path) so a global-only model can also be scored on the crop as an image.
+
+    A sample that cannot be read (an image that does not decode, a broken record) is left
+    out and listed in :attr:`SplitEmbeddings.skipped` with its shard, key and reason; the
+    other samples are embedded. Raises :class:`~regionmed.data.shards.DatasetError` when
+    no sample of the split can be read."""
     model.eval()
     device = model.logit_scale.device
     pre = Preprocessor.from_model(model)
     if pre.roi_mode != "crop":
         pre = dataclasses.replace(pre, roi_mode="crop", roi_size=pre.roi_size if model.roi_processor is not None else crop_size)
-    data = RegionSampleDataset(root, split, pre, max_negatives=max_negatives, use_rois=True)
+    data = RegionSampleDataset(root, split, pre, max_negatives=max_negatives, use_rois=True, on_bad="drop")
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
     out = {k: [] for k in ("g", "f", "roi", "crop", "rimg")}
     ids, reports, captions, negatives, rules = [], [], [], [], []
     offset = 0
+    skipped: list[tuple[str, str]] = []
     for batch in tqdm(loader, desc=f"embed {split}", disable=not progress, leave=False):
+        skipped += [(where, why) for _, where, why in batch.bad_samples]
+        if not len(batch):
+            continue
         batch = batch.to(device)
         img = encode_batch(model, batch, use_rois=model.roi_processor is not None)
         out["g"].append(img.global_.cpu())
@@ -68,6 +79,9 @@ def embed_split(
         captions += batch.captions
         negatives += batch.roi_negatives
         rules += batch.roi_negative_rules
+    if not ids:
+        raise DatasetError(f"{root}: no sample of split {split!r} can be read ({len(skipped)} unreadable, "
+                           f"e.g. {skipped[0][0]}: {skipped[0][1]})")
     report_emb = model.encode_text(reports, batch_size=256).cpu()
     caption_emb = model.encode_text(captions, batch_size=256).cpu()
     flat = [t for negs in negatives for t in negs]
@@ -90,4 +104,5 @@ def embed_split(
         negatives=negatives,
         negative_rules=rules,
         negative_emb=negative_emb,
+        skipped=skipped,
     )

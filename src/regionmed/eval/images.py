@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from regionmed.data.decode import decode_image
 from regionmed.data.loader import Batch, pad_rois
 from regionmed.data.schema import sanitize_box
 from regionmed.data.transforms import Preprocessor, to_rgb
@@ -88,15 +89,16 @@ def pool_rois(emb) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def open_image(ref: ImageRef) -> Image.Image:
+    """8-bit RGB pixels of ``ref``: its PIL image or opener (already decoded: mode conversion
+    only), else its file through :func:`regionmed.data.decode.decode_image` (EXIF orientation
+    applied). Raises ``FileNotFoundError`` without a path, ``ImageDecodeError`` for a bad file."""
     if ref.image is not None:
         return to_rgb(ref.image)
     if ref.opener is not None:
         return to_rgb(ref.opener())
     if not ref.path:
         raise FileNotFoundError("no image path")
-    with Image.open(ref.path) as im:
-        im.load()
-        return to_rgb(im)
+    return to_rgb(decode_image(ref.path)[0])  # the one decoder: EXIF orientation applied, 8-bit
 
 
 class _Images(Dataset):

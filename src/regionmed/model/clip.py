@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -19,6 +20,7 @@ from regionmed.data.transforms import PREPROCESS_FILE, Preprocessor
 from regionmed.model.config import ModelConfig, validate_model_config
 from regionmed.model.roi import ROIProcessor, align_roi_features, scatter_rois
 from regionmed.model.towers import ImageTower, TextTower, WeightsError
+from regionmed.optim import nonfinite_tensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -106,6 +108,13 @@ class RegionMedCLIP(nn.Module):
                 "text": nn.Linear(self.text_tower.width, cfg.embed_dim, bias=False),
             }
         )
+        if cfg.roi.mode != "none" and self.image_tower.width % cfg.roi.num_heads:
+            raise ConfigError(f"model.roi.num_heads is {cfg.roi.num_heads}: it must divide the image tower's width "
+                              f"{self.image_tower.width} ({cfg.image.name!r})")
+        multiple = self.image_tower.size_multiple
+        if cfg.roi.mode == "crop" and multiple and cfg.roi.roi_size % multiple:
+            raise ConfigError(f"model.roi.roi_size is {cfg.roi.roi_size}: ROI crops go through {cfg.image.name!r}, which "
+                              f"takes sides that are multiples of its patch size {multiple}")
         self.roi_processor = ROIProcessor(self.image_tower.width, cfg.roi) if cfg.roi.mode != "none" else None
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         # The image/text preprocessing (an immutable Preprocessor): derived from cfg here,
@@ -234,26 +243,80 @@ class RegionMedCLIP(nn.Module):
         The model carries the preprocessing read from the folder's ``preprocess.json``
         (``model.preprocessor``). That file must exist, hold every field with its type,
         and agree with ``config.json``; otherwise :class:`WeightsError` names the file
-        and the field (no fallback to defaults or to the config)."""
+        and the field (no fallback to defaults or to the config).
+
+        Every way a folder can be damaged or mismatched raises :class:`WeightsError`
+        naming the file: a missing folder, ``config.json``, ``text/`` or
+        ``model.safetensors``; a ``config.json`` that is not JSON, lacks its ``model``
+        mapping or holds a bad field; a truncated or unreadable ``model.safetensors``;
+        weights that do not fit the config (missing or unexpected tensors, other shapes);
+        non-finite weights."""
         directory = Path(directory)
+        if not directory.is_dir():
+            raise WeightsError(f"model folder {directory} does not exist (or is not a folder)")
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise WeightsError(f"{config_path} is missing: {directory} is not a regionmed model folder")
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-        cfg = from_dict(ModelConfig, data.get("model", {}), "model", str(config_path))
+        try:
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise WeightsError(f"{config_path}: not valid JSON ({err})") from err
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise WeightsError(f"{config_path}: no 'model' mapping (the model config): not a regionmed model folder")
+        try:
+            cfg = from_dict(ModelConfig, data["model"], "model", str(config_path))
+            validate_model_config(cfg, str(config_path))
+        except ConfigError as err:
+            raise WeightsError(f"cannot load {directory}: {err}") from err
         try:
             pre = Preprocessor.from_folder(directory)
         except ConfigError as err:
             raise WeightsError(f"cannot load {directory}: {err}") from err
         check_preprocessor(pre, cfg, str(directory / PREPROCESS_NAME), str(config_path))
-        model = cls(cfg, text_source=str(directory / TEXT_DIR))
+        text_dir = directory / TEXT_DIR
+        if not text_dir.is_dir():
+            raise WeightsError(f"{text_dir} is missing: the text tower's config and tokenizer are not in {directory}")
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise WeightsError(f"{weights} is missing: {directory} holds no weights")
+        try:
+            model = cls(cfg, text_source=str(text_dir))
+        except ConfigError as err:
+            raise WeightsError(f"cannot load {directory}: {config_path}: {err}") from err
         model.preprocessor = pre
-        missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False, device=str(map_location))
-        if missing or unexpected:
-            raise WeightsError(
-                f"{directory / WEIGHTS_NAME} does not fit the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
+        load_weights(model, weights, device=str(map_location))
         return model.to(map_location).eval()
+
+
+def load_weights(model: nn.Module, path: str | Path, device: str = "cpu") -> None:
+    """Load the safetensors file ``path`` into ``model`` in place, strictly.
+
+    The one loader of saved model weights (model folders and training checkpoints).
+    Raises :class:`WeightsError` naming ``path`` when it is missing, truncated or not a
+    safetensors file, when its tensors do not fit the model (missing or unexpected
+    names, other shapes), or when a weight is not finite (NaN / inf)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False, device=device)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{path}: cannot be read (truncated or not a safetensors file): {err}") from err
+    except RuntimeError as err:  # load_state_dict: size mismatch
+        lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+        raise WeightsError(
+            f"{path} does not fit the model config: {'; '.join(lines[:3]) or err}"
+            f"{f' (and {len(lines) - 3} more)' if len(lines) > 3 else ''}"
+        ) from err
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path} does not fit the model config: missing {sorted(missing)[:5]}"
+            f"{f' (+{len(missing) - 5})' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
+            f"{f' (+{len(unexpected) - 5})' if len(unexpected) > 5 else ''}"
+        )
+    bad = nonfinite_tensors([*model.named_parameters(), *model.named_buffers()])
+    if bad:
+        raise WeightsError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf values (e.g. {bad[:3]}): the weights are unusable")
 
 
 def preprocessor_from_config(cfg: ModelConfig) -> Preprocessor:

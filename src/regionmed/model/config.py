@@ -6,6 +6,8 @@ a saved model folder holds exactly a :class:`ModelConfig` (``config.json``).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,15 +65,50 @@ class ModelConfig:
     logit_scale_max: float = 100.0
 
 
+def check_finite(obj: Any, prefix: str, source: str) -> None:
+    """Raise :class:`ConfigError` naming ``source`` and the dotted field of the first
+    non-finite number (``.nan``, ``.inf``, ``-.inf`` in YAML) anywhere in ``obj``.
+
+    Walks dataclasses, mappings (also free-form ones such as ``model.image.kwargs``) and
+    lists; no configuration number of regionmed may be non-finite."""
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ConfigError(f"{source}: {prefix} is {obj!r}: must be a finite number")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            check_finite(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name, source)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            check_finite(value, f"{prefix}.{key}", source)
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            check_finite(value, f"{prefix}[{i}]", source)
+
+
 def validate_model_config(cfg: ModelConfig, source: str = "<config>") -> None:
+    """Check every field of ``cfg`` (read from ``source``, named in errors).
+
+    Raises :class:`ConfigError` naming ``source`` and the dotted field (``model.roi.max_rois``)
+    for a non-finite number or a value out of range. What depends on the towers themselves
+    (the text encoder's position limit, the ROI heads dividing the image width, the timm
+    model name) is checked when the model is built (:class:`~regionmed.model.clip.RegionMedCLIP`).
+    """
+
     def need(cond: bool, where: str, msg: str) -> None:
         if not cond:
             raise ConfigError(f"{source}: {where} {msg}")
 
+    check_finite(cfg, "model", source)
     need(cfg.embed_dim > 0, "model.embed_dim", "must be > 0")
+    need(bool(cfg.image.name.strip()), "model.image.name", "is empty: give a timm model name")
+    need(cfg.image.pretrained is None or bool(cfg.image.pretrained.strip()), "model.image.pretrained",
+         "is empty: give a weights file or null")
     need(cfg.image.image_size >= 16, "model.image.image_size", "must be >= 16")
     need(len(cfg.image.mean) == 3 and len(cfg.image.std) == 3, "model.image.mean/std", "must have 3 values")
     need(all(s > 0 for s in cfg.image.std), "model.image.std", "must be > 0")
+    need(bool(cfg.text.name.strip()), "model.text.name", "is empty: give 'minilm', a Hugging Face name or a folder")
     need(cfg.text.context_length >= 4, "model.text.context_length", "must be >= 4")
     need(cfg.roi.max_rois >= 0, "model.roi.max_rois", "must be >= 0")
     need(cfg.roi.roi_size >= 16, "model.roi.roi_size", "must be >= 16")
@@ -79,3 +116,4 @@ def validate_model_config(cfg: ModelConfig, source: str = "<config>") -> None:
     need(cfg.roi.align_output >= 1, "model.roi.align_output", "must be >= 1")
     need(cfg.roi.num_heads >= 1, "model.roi.num_heads", "must be >= 1")
     need(cfg.logit_scale_max > 0, "model.logit_scale_max", "must be > 0")
+    need(abs(cfg.logit_scale_init) <= 20, "model.logit_scale_init", "must be in [-20, 20] (it is a log: exp(20) = 4.9e8)")

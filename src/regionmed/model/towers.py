@@ -11,15 +11,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import pickle
 import tempfile
 from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from regionmed.config import ConfigError
 from regionmed.errors import RegionmedError
 from regionmed.model.config import ImageTowerConfig, TextTowerConfig
 
@@ -38,9 +42,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:  # truncated, not weights
+        raise WeightsError(f"weights file {path} cannot be read (truncated or not a weights file): {err}") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -60,11 +67,16 @@ def _strip_trunk_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def _create_timm(name: str, cfg: ImageTowerConfig, **extra) -> tuple[nn.Module, bool]:
     """Create the timm model; ViT-like models get the image size and a dynamic size
     (so ROI crops can run at another resolution). Returns (model, dynamic_size)."""
+    if not timm.is_model(name):
+        raise ConfigError(f"model.image.name: {name!r} is not a timm model name (e.g. vit_base_patch16_224, resnet50)")
     kwargs = {"num_classes": 0, **cfg.kwargs, **extra}
     try:
         return timm.create_model(name, **kwargs, img_size=cfg.image_size, dynamic_img_size=True), True
     except TypeError:  # CNNs and others take any size and no such arguments
-        return timm.create_model(name, **kwargs), False
+        try:
+            return timm.create_model(name, **kwargs), False
+        except TypeError as err:
+            raise ConfigError(f"model.image.kwargs {cfg.kwargs}: not accepted by timm model {name!r} ({err})") from err
 
 
 class ImageTower(nn.Module):
@@ -85,6 +97,19 @@ class ImageTower(nn.Module):
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.width = int(self.model.num_features)
+        if self.size_multiple and cfg.image_size % self.size_multiple:
+            raise ConfigError(f"model.image.image_size is {cfg.image_size}: timm model {cfg.name!r} takes sides that are "
+                              f"multiples of its patch size {self.size_multiple}")
+
+    @property
+    def size_multiple(self) -> int | None:
+        """The patch size that input sides must be multiples of (patch-embedding towers without
+        padding, e.g. ViTs); None when any size works (CNNs)."""
+        embed = getattr(self.model, "patch_embed", None)
+        patch = getattr(embed, "patch_size", None)
+        if patch is None or getattr(embed, "dynamic_img_pad", False):
+            return None
+        return int(max(patch)) if isinstance(patch, (tuple, list)) else int(patch)
 
     @staticmethod
     def _create_pretrained(cfg: ImageTowerConfig) -> tuple[nn.Module, bool]:
@@ -159,6 +184,27 @@ def resolve_text_model(name: str) -> str:
     return name
 
 
+# Encoders whose position ids start after the padding index (RoBERTa and kin): of
+# ``max_position_embeddings`` positions, ``pad_token_id + 1`` are never used by tokens.
+_OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "bart", "data2vec-text")
+
+
+def text_position_limit(hf_config, hf_tokenizer=None) -> int | None:
+    """The most tokens (special tokens included) the Hugging Face encoder ``hf_config`` can
+    take: its ``max_position_embeddings`` (less RoBERTa's padding offset); for a config
+    without one, the tokenizer's ``model_max_length`` when that is set to a real value.
+    None when neither says (models with relative positions)."""
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        if getattr(hf_config, "model_type", "") in _OFFSET_POSITION_MODELS:
+            positions -= int(getattr(hf_config, "pad_token_id", None) or 0) + 1
+        return positions
+    tok_max = getattr(hf_tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:  # transformers uses ~1e30 for "not set"
+        return tok_max
+    return None
+
+
 class TextTower(nn.Module):
     """A Hugging Face encoder with mean or CLS pooling, giving ``(N, width)``."""
 
@@ -178,10 +224,23 @@ class TextTower(nn.Module):
                 f"text tower {cfg.name!r}: cannot read config/tokenizer from {path!r} offline "
                 f"(give a local folder or a model in the Hugging Face cache): {err}"
             ) from err
+        # Checked before the encoder is built: a longer text would fail only when first met, maybe hours in.
+        self.max_length = text_position_limit(hf_config, self.hf_tokenizer)
+        if self.max_length is not None and cfg.context_length > self.max_length:
+            raise ConfigError(
+                f"model.text.context_length is {cfg.context_length}, but the text encoder {cfg.name!r} ({path}) takes at most "
+                f"{self.max_length} tokens (its position limit): set model.text.context_length <= {self.max_length}"
+            )
         load_weights = cfg.pretrained and source is None
         if load_weights and cfg.config_overrides:
             raise WeightsError("model.text.config_overrides changes the architecture: use it with pretrained: false")
-        self.model = self._build(AutoModel, path, hf_config, load_weights)
+        try:
+            self.model = self._build(AutoModel, path, hf_config, load_weights)
+        except (ValueError, RuntimeError, OSError, SafetensorError) as err:  # an impossible architecture, bad weights files
+            if cfg.config_overrides:
+                raise ConfigError(f"model.text.config_overrides {cfg.config_overrides}: the text encoder {cfg.name!r} "
+                                  f"cannot be built with them ({err})") from err
+            raise WeightsError(f"text tower {cfg.name!r}: cannot build the encoder from {path!r}: {err}") from err
         if cfg.grad_checkpointing:
             enable = getattr(self.model, "activation_checkpointing_enable", None) or getattr(self.model, "gradient_checkpointing_enable")
             enable()
@@ -220,7 +279,10 @@ class TextTower(nn.Module):
 class TextTokenizer:
     """Tokenise with a bounded per-text cache; cut texts to ``context_length`` tokens.
 
-    ``truncated`` counts the distinct texts that were cut (each text counted once).
+    ``truncated`` counts the distinct texts that were cut (each text counted once, also
+    after the cache was cleared): a set of short digests of those texts is kept, which a
+    resumed training run restores (:meth:`truncated_digests`, :meth:`restore_truncated`)
+    so that the count continues instead of restarting.
     """
 
     def __init__(self, hf_tokenizer, context_length: int, cache_size: int = 200_000):
@@ -228,19 +290,33 @@ class TextTokenizer:
         self.context_length = context_length
         self.cache_size = cache_size
         self._cache: dict[str, list[int]] = {}
-        self.truncated = 0
+        self._truncated: set[str] = set()
         self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0
+
+    @property
+    def truncated(self) -> int:
+        """How many distinct texts were longer than ``context_length`` and cut."""
+        return len(self._truncated)
+
+    def truncated_digests(self) -> list[str]:
+        """Sorted 16-hex-digit digests (BLAKE2b) of the distinct texts cut so far (no text itself)."""
+        return sorted(self._truncated)
+
+    def restore_truncated(self, digests: list[str]) -> None:
+        """Count the texts of ``digests`` (from :meth:`truncated_digests`) as already cut."""
+        self._truncated.update(str(d) for d in digests)
 
     def ids(self, texts: list[str]) -> list[list[int]]:
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
             if len(self._cache) + len(missing) > self.cache_size:
-                self._cache.clear()
+                self._cache.clear()  # then every text of this call is tokenised anew
+                missing = list(dict.fromkeys(texts))
             encoded = self.hf(missing, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
             for text, ids in zip(missing, encoded):
                 if len(ids) > self.context_length:
                     ids = ids[: self.context_length - 1] + ids[-1:]  # keep the closing special token
-                    self.truncated += 1
+                    self._truncated.add(hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest())
                 self._cache[text] = ids
         return [self._cache[t] for t in texts]
 

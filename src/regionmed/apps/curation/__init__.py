@@ -10,6 +10,8 @@ and the library never imports it. Pieces:
 * :mod:`.sources` — small adapters behind one interface (:class:`.sources.Source`)
   that iterate raw items: ``generic`` (folder + CSV/JSONL table, COCO boxes),
   ``dicom``, ``slake``, ``vqa_rad``, ``covid_cxr``;
+* :mod:`.tables` — the one reader of tables and text files (encodings, headers,
+  row lengths, missing-value spellings); ``Source.check`` reads every row before a build;
 * :mod:`.captions` — summary / report / region captions and rule-based hard negatives;
 * :mod:`.proposers` — ROI proposers by name: ``annotation``, ``unsupervised``, ``detector``;
 * :mod:`.builder` — streaming, parallel, resumable build with rejects and a manifest;
@@ -17,13 +19,13 @@ and the library never imports it. Pieces:
 * :mod:`.phantoms` — deterministic synthetic radiographs written as a MedRegion dataset.
 
 Records written by the builder add these optional fields to schema v1:
-``sha256`` (hex digest of the stored image bytes), ``phash`` (16 hex digits,
-64-bit DCT perceptual hash of the image) and, on regions, ``location``
+``sha256`` (hex digest of the stored image bytes), ``phash`` (64 hex digits,
+256-bit DCT perceptual hash of the image; 16 digits before builder 1.1) and, on regions, ``location``
 ({"side", "vertical", "radial"}).
 """
 
 from __future__ import annotations
 
-BUILDER_VERSION = "1.0.0"
+BUILDER_VERSION = "1.1.0"
 
 __all__ = ["BUILDER_VERSION"]

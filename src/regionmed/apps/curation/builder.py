@@ -20,6 +20,7 @@ Re-running with the same config on a complete build does nothing ("up to date").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -33,19 +34,22 @@ from typing import Any, Callable, Iterator
 from tqdm import tqdm
 
 from regionmed.apps.curation import BUILDER_VERSION
-from regionmed.apps.curation.captions import CaptionConfig, clean_report, make_negatives, make_summary, region_caption
+from regionmed.apps.curation.captions import CaptionConfig, clean_report, make_negatives, make_summary, region_caption, report_text
 from regionmed.apps.curation.config import BuildConfig, ConfigError
-from regionmed.apps.curation.images import ItemReject, load_image, phash, sha256
+from regionmed.apps.curation.images import ItemReject, load_image, phash_hex, sha256
 from regionmed.apps.curation.items import REJECT_REASONS, RawItem, hashed, norm_modality
 from regionmed.apps.curation.proposers import make_proposer
-from regionmed.apps.curation.sources import get_source
+from regionmed.apps.curation.sources import SourceError, get_source
+from regionmed.apps.curation.sources.base import SourceReport
 from regionmed.apps.curation.splits import assign_splits
+from regionmed.data.decode import DECODING_POLICY
 from regionmed.data.schema import SCHEMA_VERSION, sanitize_box
 from regionmed.data.shards import MANIFEST_NAME, MedRegionWriter, write_json_atomic, write_manifest
 from regionmed.errors import RegionmedError
 
 STAGING = ".staging"
 REJECTS_NAME = "rejects.jsonl"
+CHECKS_NAME = "checks.json"  # the source checks of this run, in the staging folder
 BOX_REASONS = {"outside": "box_outside", "zero_area": "zero_area_box", "invalid": "invalid_box"}
 
 
@@ -80,7 +84,16 @@ def process_item(item: RawItem) -> dict:
 def _process(item: RawItem) -> dict:
     cfg: BuildConfig = _CTX["cfg"]
     ccfg: CaptionConfig = cfg.captions
-    report = clean_report(item.report or " ".join(item.facts), ccfg.scrub_dates)
+    if item.reject:  # the source already knows (malformed row, invalid label, undecodable text)
+        raise ItemReject(*item.reject)
+    region_rejects = []
+    if any(b.reject for b in item.boxes):  # boxes known to be unusable when read: region-level rejects
+        for j, b in enumerate(item.boxes):
+            if b.reject:
+                region_rejects.append({"status": "region_reject", "id": item.id, "source": item.source, "region": j,
+                                       "label": b.label, "reason": b.reject, "detail": b.detail or "given box"})
+        item = dataclasses.replace(item, boxes=[b for b in item.boxes if not b.reject])
+    report = report_text(item.report, item.facts, item.summary, ccfg.scrub_dates)
     if not report:
         raise ItemReject("empty_report", "no report text or facts")
     loaded = load_image(
@@ -95,13 +108,11 @@ def _process(item: RawItem) -> dict:
         if modality in ("auto", ""):
             modality = "unknown"
     body = item.body or str(loaded.meta.get("BodyPartExamined", "")).lower()
-    summary = clean_report(item.summary, ccfg.scrub_dates) if item.summary else make_summary(report, ccfg)
-    src_w = width
-    if item.boxes and cfg.image.max_side:
-        src_w = _source_width(item, width)  # boxes are in source pixels: scale them with the image
+    summary = (clean_report(item.summary, ccfg.scrub_dates) if item.summary else "") or make_summary(report, ccfg)
+    src_w = loaded.source_size[0]  # boxes are in pixels of the displayed (EXIF-oriented) source image
     scale = width / src_w if src_w else 1.0
     proposals = _CTX["proposer"].propose(item, img, scale)
-    regions, region_rejects = [], []
+    regions = []
     for j, (label, box, src) in enumerate(proposals):
         clean, status = sanitize_box(list(box), width, height)
         if clean is None:
@@ -130,27 +141,15 @@ def _process(item: RawItem) -> dict:
         "negatives": make_negatives(summary, ccfg.negatives_per_image, ccfg, key=item.id),
         "regions": regions,
         "labels": dict(item.labels),
-        "group": "g-" + hashed(item.group or item.id, cfg.split.salt),
+        "group": "g-" + hashed(item.group or loaded.patient_key or item.id, cfg.split.salt),
         "meta": meta,
         "sha256": sha256(loaded.data),
-        "phash": f"{phash(img):016x}",
+        "phash": phash_hex(img),
     }
     return {
         "status": "ok", "id": item.id, "source": item.source, "record": record, "image": loaded.data,
         "ext": loaded.ext, "official_split": item.split, "region_rejects": region_rejects,
     }
-
-
-def _source_width(item: RawItem, fallback: int) -> int:
-    from PIL import Image
-
-    try:
-        if item.image_path and not str(item.image_path).lower().endswith((".dcm", ".dicom")):
-            with Image.open(item.image_path) as im:
-                return im.size[0]
-    except Exception:  # noqa: BLE001
-        pass
-    return fallback
 
 
 # --------------------------------------------------------------------------- main side
@@ -169,6 +168,7 @@ class BuildSummary:
     splits: dict[str, int] = field(default_factory=dict)
     regions: int = 0
     split_stats: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         lines = [f"MedRegion build -> {self.out}" + ("  (up to date: nothing to do)" if self.up_to_date else "")]
@@ -187,6 +187,7 @@ class BuildSummary:
             lines.append("split groups: " + ", ".join(f"{k}={v}" for k, v in self.split_stats.items()))
         if self.resumed:
             lines.append(f"resumed: {self.resumed} items were already staged by an interrupted run")
+        lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -196,14 +197,42 @@ def _iter_items(cfg: BuildConfig) -> Iterator[RawItem]:
         yield from source
 
 
-def _count_items(cfg: BuildConfig) -> int | None:
-    total = 0
+def check_sources(cfg: BuildConfig, files: bool = False) -> list[SourceReport]:
+    """Read every row of every source of ``cfg`` without decoding images (see
+    :meth:`~regionmed.apps.curation.sources.Source.check`); ``files`` also checks that
+    image files exist. Never raises for the data: a source that cannot be opened (missing
+    folder, bad option) gets a report with the error. Used before every build, and by
+    ``regionmed check-source`` / ``regionmed build --dry-run``."""
+    reports = []
     for spec in cfg.sources:
-        n = get_source(spec.name, spec.root, limit=spec.limit, repeat=spec.repeat, **spec.options).count()
-        if n is None:
-            return None
-        total += n
-    return total
+        try:
+            source = get_source(spec.name, spec.root, limit=spec.limit, repeat=spec.repeat, **spec.options)
+        except RegionmedError as err:
+            rep = SourceReport(spec.name, str(spec.root))
+            rep.errors.append(str(err))
+            reports.append(rep)
+            continue
+        rep = source.check(files=files)
+        if rep.boxes and "annotation" not in (cfg.proposer.name, cfg.proposer.fallback):
+            rep.warnings.append(f"{spec.name}: {rep.boxes} boxes are given but the proposer is {cfg.proposer.name!r} "
+                                "without fallback 'annotation': they are not used")
+        reports.append(rep)
+    return reports
+
+
+def _checked_sources(cfg: BuildConfig, log: Callable[[str], None]) -> list[SourceReport]:
+    """:func:`check_sources`, logging notes and warnings; stops (SourceError) on any error."""
+    reports = check_sources(cfg)
+    errors = [e for rep in reports for e in rep.errors]
+    for rep in reports:
+        for note in rep.notes:
+            log(f"note: {note}")
+        for w in rep.warnings:
+            log(f"WARNING: {w}")
+    if errors:
+        raise SourceError("the sources cannot be built as configured (run regionmed check-source for a full account):\n  "
+                          + "\n  ".join(errors))
+    return reports
 
 
 def _read_staging(staging: Path) -> tuple[list[str], int]:
@@ -254,6 +283,7 @@ def build(
     out = Path(cfg.out)
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists() and not (out / STAGING).exists():
         raise BuildError(f"{out} is not empty and holds no MedRegion dataset: choose an empty or new folder")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     chash = cfg.config_hash()
     manifest_path = out / MANIFEST_NAME
@@ -271,6 +301,15 @@ def build(
             f"{out} already holds a dataset built with another config (hash {prov.get('config_hash')}, "
             f"this config {chash}); use --force to rebuild it"
         )
+    try:  # every row of every source is read first: a source that cannot be built stops here
+        reports = _checked_sources(cfg, log)
+    except SourceError:
+        if created:
+            try:
+                out.rmdir()  # only the empty folder this call made
+            except OSError:
+                pass
+        raise
     staging = out / STAGING
     state_path = staging / "state.json"
     resumed_ids: list[str] = []
@@ -285,8 +324,9 @@ def build(
     if force and manifest_path.exists():
         manifest_path.unlink()
 
+    write_json_atomic(staging / CHECKS_NAME, [r.to_json() for r in reports])
     done = set(resumed_ids)
-    total = _count_items(cfg)
+    total = sum(r.total for r in reports)
     seen: set[str] = set(done)
     dup_rejects: list[dict] = []
     window = max(8, max(1, cfg.workers) * cfg.chunksize * 4)
@@ -379,7 +419,10 @@ def finalize(cfg: BuildConfig, out: Path, chash: str, log: Callable[[str], None]
     summary = BuildSummary(out=str(out))
     summary.split_stats = {"components": result.components, "near_duplicate_links": result.near_dup_links,
                            "moved_to_stricter_split": result.moved}
+    checks_path = staging / CHECKS_NAME
+    reports = [SourceReport.from_json(r) for r in json.loads(checks_path.read_text(encoding="utf-8"))] if checks_path.is_file() else []
     per_source: dict[str, dict[str, Any]] = {s.name: {"inputs": 0, "built": 0, "rejected": Counter()} for s in cfg.sources}
+    kept_given: Counter = Counter()  # per source: regions kept from given boxes
     writers: dict[str, MedRegionWriter] = {}
     k = 0
     total = len(result.splits)
@@ -403,6 +446,7 @@ def finalize(cfg: BuildConfig, out: Path, chash: str, log: Callable[[str], None]
                 src["built"] += 1
                 summary.built += 1
                 summary.regions += len(rec["regions"])
+                kept_given[e["source"]] += sum(g.get("source") == "annotation" for g in rec["regions"])
                 for rr in e.get("region_rejects", []):
                     summary.region_rejects[rr["reason"]] += 1
                     rej_fh.write(json.dumps({"level": "region", **{x: rr[x] for x in ("id", "source", "region", "label", "reason", "detail")}}) + "\n")
@@ -411,8 +455,20 @@ def finalize(cfg: BuildConfig, out: Path, chash: str, log: Callable[[str], None]
                 summary.rejected[e["reason"]] += 1
                 rej_fh.write(json.dumps({"level": "item", **{x: e.get(x, "") for x in ("id", "source", "ref", "reason", "detail")}}) + "\n")
             bar.update(1)
+        for rep in reports:  # boxes that reach no item: region-level rejects without an item id
+            for o in rep.orphans:
+                summary.region_rejects[o["reason"]] += 1
+                rej_fh.write(json.dumps({"level": "region", **{x: o.get(x) for x in ("id", "source", "ref", "region", "label", "reason", "detail")}}) + "\n")
     bar.close()
     assert k == total
+    for rep in reports:
+        summary.warnings += rep.warnings
+        if rep.boxes and not kept_given[rep.source]:
+            dropped = Counter(rep.box_problems)
+            summary.warnings.append(
+                f"{rep.source}: {rep.boxes} boxes were given but NONE was kept as a region"
+                + (f" (read-time rejects: {', '.join(f'{k}={v}' for k, v in sorted(dropped.items()))})" if dropped else "")
+                + "; see rejects.jsonl (level region) and check box_format, coordinates and how boxes join images")
     splits = {}
     for name, w in sorted(writers.items()):
         w.close()
@@ -437,6 +493,12 @@ def finalize(cfg: BuildConfig, out: Path, chash: str, log: Callable[[str], None]
         "region_rejects": dict(summary.region_rejects),
         "regions": summary.regions,
         "split_stats": summary.split_stats,
+        "warnings": summary.warnings,
+        "source_checks": [{"name": r.source, "rows": r.rows, "boxes": r.boxes, "problems": dict(r.problems),
+                           "box_problems": dict(r.box_problems), "labels": dict(r.labels),
+                           "uncertain_labels": r.uncertain_policy, "columns_read": r.columns_read,
+                           "columns_unused": r.columns_unused} for r in reports],
+        "image_decoding": DECODING_POLICY,
         "reject_reasons": {k: REJECT_REASONS.get(k, k) for k in set(summary.rejected) | set(summary.region_rejects)},
     }
     write_manifest(out, splits, provenance)
@@ -453,6 +515,7 @@ def _summary_from_manifest(out: Path, prov: dict) -> BuildSummary:
     s.region_rejects = Counter(prov.get("region_rejects", {}))
     s.regions = prov.get("regions", 0)
     s.split_stats = prov.get("split_stats", {})
+    s.warnings = list(prov.get("warnings", []))
     s.splits = {k: v.get("samples", 0) for k, v in manifest.get("splits", {}).items()}
     s.per_source = {x["name"]: {"inputs": x["inputs"], "built": x["built"], "rejected": Counter(x["rejected"])} for x in prov.get("sources", [])}
     return s

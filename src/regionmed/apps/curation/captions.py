@@ -19,6 +19,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from regionmed.apps.curation.tables import is_missing
+
 # Confusable findings / organs: each term may be swapped for one of its list.
 DEFAULT_CONFUSABLES: dict[str, list[str]] = {
     "pleural effusion": ["pneumothorax", "pleural thickening"],
@@ -117,10 +119,24 @@ _DATE_PATTERNS = [
 ]
 
 
+# A missing-value artifact standing as a whole section ("Findings: nan Impression: ...") or a
+# sentence of its own; programs write these when they format a missing cell as text. ("None"
+# is kept inside text: "Complications: None." is clinical language.)
+_HEADER = r"(?:[A-Z][A-Za-z]*(?: [a-z]+)?|[A-Z]+(?: [A-Z]+)*)\s*:"
+_ARTIFACT_SECTION = re.compile(
+    r"(?:\b" + _HEADER + r"\s*|(?:^|(?<=[.!?;]))\s*)(?i:nan|null|\#n/a)(?![\w/-])"
+    r"(?:\s*[.;]\s*|\s*(?=$|" + _HEADER + "))"
+)
+
+
 def clean_report(text: str, scrub_dates: bool = True) -> str:
     """Cleaned full text: Unicode normalised, control characters and runs of spaces removed,
-    panel markers like "(a)" dropped, calendar dates replaced by "[date]"."""
-    if not text:
+    panel markers like "(a)" dropped, calendar dates replaced by "[date]".
+
+    Missing values are no text: a cell spelled like one (``nan``, ``N/A``, ``None``, ...;
+    :func:`regionmed.apps.curation.tables.is_missing`) gives ``""``, and so does a section
+    or sentence that is only ``nan``/``null``/``#N/A`` ("Findings: nan" is removed)."""
+    if not text or is_missing(text):
         return ""
     text = unicodedata.normalize("NFKC", str(text))
     text = "".join(c if (c.isprintable() or c in "\n\t") else " " for c in text)
@@ -129,8 +145,17 @@ def clean_report(text: str, scrub_dates: bool = True) -> str:
         for pat in _DATE_PATTERNS:
             text = pat.sub("[date]", text)
     text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"\s+", " ", _ARTIFACT_SECTION.sub(" ", text)).strip()
     text = re.sub(r"\s+([,.;:!?])", r"\1", text)
-    return text
+    return "" if is_missing(text) else text
+
+
+def report_text(report: str, facts=(), summary: str = "", scrub_dates: bool = True) -> str:
+    """The cleaned report of an item: its report, else its facts, else its summary
+    (each through :func:`clean_report`, so ``nan`` and the like count as nothing).
+    ``""`` when nothing is left (the builder rejects the item as ``empty_report``)."""
+    return (clean_report(report, scrub_dates) or clean_report(" ".join(facts), scrub_dates)
+            or clean_report(summary, scrub_dates))
 
 
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\[(\"'])")

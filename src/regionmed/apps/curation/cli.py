@@ -1,9 +1,9 @@
-"""Subcommands for the ``regionmed`` CLI: ``build``, ``stats``, ``check-leakage``.
+"""Subcommands for the ``regionmed`` CLI: ``build``, ``check-source``, ``stats``, ``check-leakage``, ``preview``.
 
 Wire them into the main parser with::
 
     sub = parser.add_subparsers(dest="command")
-    add_build_parser(sub); add_stats_parser(sub); add_check_leakage_parser(sub)
+    add_build_parser(sub); add_check_source_parser(sub); add_stats_parser(sub); add_check_leakage_parser(sub)
     args = parser.parse_args(); sys.exit(args.func(args))
 
 Each ``func(args)`` returns an exit status: 0 success, 1 a check failed
@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from regionmed.apps.curation.images import NEAR_DUP_THRESHOLD
+
 BUILD_HELP = """\
 Build a MedRegion dataset (WebDataset tar shards + manifest.json + rejects.jsonl)
 from real images and their text.
@@ -29,7 +31,9 @@ Sources: generic (folder + CSV/JSONL table, optional COCO boxes), dicom, slake,
 vqa_rad, covid_cxr. Proposers: annotation, unsupervised, detector, none.
 
 Every input ends in the output or in rejects.jsonl with a reason; the printed
-summary accounts for every input. An interrupted build resumes where it stopped
+summary accounts for every input. Every row of every source is read first (as
+check-source does): what cannot be built as configured stops before anything is
+written, with the file, row and option to set. An interrupted build resumes where it stopped
 (no duplicates); re-running a complete build with the same config does nothing.
 
 Examples:
@@ -40,27 +44,54 @@ Examples:
 """
 
 
-def _build(args: argparse.Namespace) -> int:
-    from regionmed.apps.curation.builder import BuildError, build
+def _config_from_args(args: argparse.Namespace):
+    """The build config of ``--config`` with the command-line flags applied."""
     from regionmed.apps.curation.config import BuildConfig, ConfigError, SourceSpec, load_config
-    from regionmed.apps.curation.proposers import ProposerError
-    from regionmed.apps.curation.sources import SourceError
+
+    cfg = load_config(args.config) if args.config else BuildConfig()
+    if args.source or args.input:
+        if not (args.source and args.input):
+            raise ConfigError("--source and --input go together")
+        options = {}
+        for opt in args.option or []:
+            if "=" not in opt:
+                raise ConfigError(f"--option {opt!r}: expected KEY=VALUE")
+            k, v = opt.split("=", 1)
+            options[k.strip()] = v
+        cfg.sources = [SourceSpec(args.source, args.input, limit=args.limit, options=options)]
+    elif args.option:
+        raise ConfigError("--option needs --source and --input (in a config, set a source's options:)")
+    elif args.limit is not None:
+        for spec in cfg.sources:
+            spec.limit = args.limit
+    return cfg
+
+
+def _check(cfg, where: str) -> int:
+    """Print the check of every source of ``cfg``; 0 clean, 1 problems found, 2 a source cannot be built."""
+    from regionmed.apps.curation.builder import check_sources
+
+    cfg.validate(where)
+    reports = check_sources(cfg, files=True)
+    for rep in reports:
+        print(rep.format())
+    rows = sum(r.rows for r in reports)
+    bad = sum(sum(r.problems.values()) for r in reports)
+    boxes = sum(sum(r.box_problems.values()) for r in reports)
+    errors = sum(len(r.errors) for r in reports)
+    warnings = sum(len(r.warnings) for r in reports)
+    print(f"checked {len(reports)} source(s), {rows} rows: {bad} would be rejected, {boxes} boxes dropped, "
+          f"{warnings} warning(s), {errors} error(s); nothing was built")
+    return 2 if errors else (1 if bad or boxes or warnings else 0)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from regionmed.apps.curation.builder import build
+    from regionmed.apps.curation.config import ConfigError
+    from regionmed.errors import RegionmedError
 
     try:
-        cfg = load_config(args.config) if args.config else BuildConfig()
-        if args.source or args.input:
-            if not (args.source and args.input):
-                raise ConfigError("--source and --input go together")
-            options = {}
-            for opt in args.option or []:
-                if "=" not in opt:
-                    raise ConfigError(f"--option {opt!r}: expected KEY=VALUE")
-                k, v = opt.split("=", 1)
-                options[k] = v
-            cfg.sources = [SourceSpec(args.source, args.input, limit=args.limit, options=options)]
-        elif args.limit is not None:
-            for spec in cfg.sources:
-                spec.limit = args.limit
+        cfg = _config_from_args(args)
         if args.out:
             cfg.out = args.out
         if args.workers is not None:
@@ -75,31 +106,81 @@ def _build(args: argparse.Namespace) -> int:
             cfg.captions.negatives_per_region = args.negatives
         if args.no_progress:
             cfg.progress = False
-        cfg.validate("command line" if not args.config else args.config)
+        where = "command line" if not args.config else args.config
+        if args.dry_run:
+            return _check(cfg, where)
+        cfg.validate(where)
+        if not cfg.out:
+            raise ConfigError("no output folder: give --out DIR (or out: in the config)")
         if args.proposer or cfg.proposer.name == "detector":
             from regionmed.apps.curation.proposers import make_proposer
 
             make_proposer(cfg.proposer)  # fail early, before any worker starts
         summary = build(cfg, force=args.force)
-    except (ConfigError, SourceError, ProposerError, BuildError) as err:
+    except RegionmedError as err:  # config, source, table, proposer and build errors: one line, exit 2
         print(f"regionmed build: error: {err}", file=sys.stderr)
         return 2
     nrej = sum(summary.rejected.values())
     return 0 if summary.inputs == summary.built + nrej else 1
 
 
-def add_build_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "build", help="build a MedRegion dataset from images and reports", description=BUILD_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML build config (unknown keys are errors)")
     p.add_argument("--source", metavar="NAME", help="source adapter: generic, dicom, slake, vqa_rad, covid_cxr")
     p.add_argument("--input", metavar="PATH", help="the source's input folder")
     p.add_argument("--option", metavar="KEY=VALUE", action="append",
-                   help="a source option, e.g. table=reports.csv, coco=boxes.json, modality=xray (repeatable)")
-    p.add_argument("--out", metavar="DIR", help="output folder")
+                   help="a source option, e.g. table=reports.csv, coco=boxes.json, modality=xray, "
+                        "box_format=xywh, encoding=cp1252, uncertain_labels=U-Zeros (repeatable)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N items of each source")
+
+
+CHECK_HELP = """\
+Read every row of a build config's sources (or of one source given with flags) as a
+build would, decode no image and build nothing, and report the problems a build would
+meet, with counts and row references: rows that do not fit the header, label values
+that are not labels, empty or placeholder reports (nan, NA, ...), duplicate ids,
+missing image files, boxes that are malformed, in the other box format, of an unknown
+category or that reach no image, columns the source does not read, and what stops a
+build (text encoding, missing columns, broken CSV quoting).
+
+Exit status: 0 nothing found, 1 problems found (rows or boxes a build would reject,
+warnings), 2 a source cannot be built as configured (or a usage error).
+"""
+
+
+def _check_source(args: argparse.Namespace) -> int:
+    from regionmed.errors import RegionmedError
+
+    try:
+        return _check(_config_from_args(args), args.config or "command line")
+    except RegionmedError as err:
+        print(f"regionmed check-source: error: {err}", file=sys.stderr)
+        return 2
+
+
+def add_check_source_parser(subparsers) -> argparse.ArgumentParser:
+    from regionmed.apps.curation.sources import SOURCES_HELP
+
+    p = subparsers.add_parser(
+        "check-source", help="dry run: read every row of a build's sources and report problems (builds nothing)",
+        description=CHECK_HELP + "\n" + SOURCES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_source_args(p)
+    p.set_defaults(func=_check_source)
+    return p
+
+
+def add_build_parser(subparsers) -> argparse.ArgumentParser:
+    from regionmed.apps.curation.sources import SOURCES_HELP
+
+    p = subparsers.add_parser(
+        "build", help="build a MedRegion dataset from images and reports", description=BUILD_HELP + "\n" + SOURCES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_source_args(p)
+    p.add_argument("--out", metavar="DIR", help="output folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read every row of the sources, report problems with counts, build nothing (= check-source)")
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (0 or 1: in-process; default 2)")
     p.add_argument("--proposer", choices=["annotation", "unsupervised", "detector", "none"], help="ROI proposer (default annotation)")
     p.add_argument("--fallback", choices=["annotation", "unsupervised", "detector", "none"],
@@ -169,27 +250,29 @@ def _check_leakage(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from regionmed.apps.curation.captions import CaptionConfig, clean_report, make_negatives, make_summary
+    from regionmed.apps.curation.captions import CaptionConfig, make_negatives, make_summary, report_text
     from regionmed.apps.curation.sources import SourceError, get_source
+    from regionmed.errors import RegionmedError
 
     cfg = CaptionConfig()
+    shown = 0
     try:
-        source = get_source(args.source, args.input, limit=args.scan)
-    except SourceError as err:
+        for item in get_source(args.source, args.input, limit=args.scan):
+            if item.reject:
+                continue
+            summary = make_summary(report_text(item.report, item.facts, item.summary), cfg)
+            negs = make_negatives(summary, args.negatives, cfg, key=item.id)
+            if not negs:
+                continue
+            print(f"[{item.id}] summary: {summary}")
+            for n in negs:
+                print(f"    {n['rule']:<10} {n['text']}")
+            shown += 1
+            if shown >= args.n:
+                break
+    except (SourceError, RegionmedError) as err:
         print(f"regionmed preview: error: {err}", file=sys.stderr)
         return 2
-    shown = 0
-    for item in source:
-        summary = make_summary(clean_report(item.report or " ".join(item.facts)), cfg)
-        negs = make_negatives(summary, args.negatives, cfg, key=item.id)
-        if not negs:
-            continue
-        print(f"[{item.id}] summary: {summary}")
-        for n in negs:
-            print(f"    {n['rule']:<10} {n['text']}")
-        shown += 1
-        if shown >= args.n:
-            break
     return 0
 
 
@@ -213,12 +296,14 @@ def add_check_leakage_parser(subparsers) -> argparse.ArgumentParser:
         "check-leakage", help="list images shared by two MedRegion datasets (exact + perceptual hash)",
         description="Compare two built MedRegion datasets (e.g. a pretraining set A and an evaluation set B) "
                     "and list the images they share: exact (same stored bytes, SHA-256) and near duplicates "
-                    "(64-bit DCT perceptual hashes within --threshold bits). With one dataset, compare its splits "
-                    "with each other. Exit status: 0 no overlap, 1 overlaps found, 2 error.",
+                    "(256-bit DCT perceptual hashes within --threshold bits). With one dataset, compare its splits "
+                    "with each other, and list patient groups found in more than one split. "
+                    "Exit status: 0 no overlap, 1 overlaps found, 2 error.",
     )
     p.add_argument("a", metavar="A", help="first dataset folder")
     p.add_argument("b", metavar="B", nargs="?", help="second dataset folder (omit to check the splits of A)")
-    p.add_argument("--threshold", type=int, default=4, metavar="BITS", help="max Hamming distance for near duplicates (default 4)")
+    p.add_argument("--threshold", type=int, default=NEAR_DUP_THRESHOLD, metavar="BITS",
+                   help=f"max Hamming distance for near duplicates (default {NEAR_DUP_THRESHOLD}, as the builder)")
     p.add_argument("--max-rows", type=int, default=50, metavar="N", help="overlaps printed (default 50)")
     p.add_argument("--json", metavar="FILE", help="write all overlaps as JSON")
     p.set_defaults(func=_check_leakage)

@@ -13,7 +13,7 @@ Example (``regionmed build --config build.yaml``)::
         options: {table: reports.csv, coco: boxes.json, modality: xray, body: chest}
     proposer: {name: annotation, fallback: unsupervised}
     captions: {negatives_per_region: 3, laterality: {xray: radiological, default: radiological}}
-    split: {train: 0.8, val: 0.1, test: 0.1, near_dup_threshold: 4}
+    split: {train: 0.8, val: 0.1, test: 0.1, near_dup_threshold: 32}
     shards: {max_count: 1000, max_size: 256000000}
     image: {max_pixels: 40000000, max_side: null}
 
@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from regionmed.apps.curation.captions import CaptionConfig
+from regionmed.apps.curation.images import NEAR_DUP_THRESHOLD
 from regionmed.apps.curation.proposers import ProposerConfig
-from regionmed.config import ConfigError, from_dict  # one typed-config loader for the project
+from regionmed.config import ConfigError, load_yaml_config  # one typed-config loader for the project
 
 
 @dataclass
@@ -52,7 +51,7 @@ class SplitConfig:
     train: float = 0.8
     val: float = 0.1
     test: float = 0.1
-    near_dup_threshold: int = 4  # max Hamming distance of 64-bit perceptual hashes
+    near_dup_threshold: int = NEAR_DUP_THRESHOLD  # max Hamming distance of the 256-bit perceptual hashes (-1: off)
     salt: str = "regionmed-split-v1"
 
 
@@ -113,15 +112,13 @@ class BuildConfig:
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> BuildConfig:
-    """Read a YAML build config (relative source roots resolve against its folder)."""
+    """Read a YAML build config (relative source roots resolve against its folder).
+
+    Read by :func:`regionmed.config.load_yaml_config`: UTF-8 with or without a byte-order
+    mark; another encoding, bad YAML, an unknown key or a wrong type is a ``ConfigError``
+    naming the file (and the field)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise ConfigError(f"cannot read build config {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    cfg = from_dict(BuildConfig, data, "", str(path))
+    cfg = load_yaml_config(BuildConfig, path, what="build config")  # the one reader of config files
     for spec in cfg.sources:
         root = Path(spec.root).expanduser()
         if not root.is_absolute():

@@ -2,16 +2,20 @@
 
 Only an allow-list of non-identifying attributes leaves this module; patient,
 study, institution and date attributes are never read into records or logs.
+The one exception is PatientID, which leaves only as a salted hash
+(:func:`patient_key`): the builder groups a patient's files into one split by it.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from regionmed.apps.curation.images import ItemReject
+from regionmed.apps.curation.items import hashed
 
 # The only DICOM attributes that may flow into records (as ``meta``).
 ALLOWED_ATTRIBUTES = (
@@ -32,6 +36,39 @@ _UNCOMPRESSED = {
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
 }
+
+
+# PatientID values that identify nobody (anonymisers' placeholders): treated as absent,
+# so that they do not merge every file of an export into one patient group.
+PLACEHOLDER_PATIENT_IDS = frozenset({
+    "", "-", "0", "anon", "anonymous", "anonymized", "anonymised", "na", "n/a", "none", "null", "unknown",
+    "removed", "patient", "noid", "no id", "xxx",
+})
+PATIENT_SALT = "regionmed-dicom-patient-v1"
+
+
+@dataclass
+class DicomImage:
+    """A decoded DICOM file: ``array`` uint8 (H, W) or (H, W, 3); ``meta`` the
+    allow-listed attributes plus ``decode_mapping`` (how stored values became 8-bit);
+    ``spacing`` (row mm, column mm) or None; ``patient_key`` a salted hash of
+    PatientID (None when absent or a placeholder) — never the identifier itself."""
+
+    array: np.ndarray
+    meta: dict[str, Any]
+    spacing: tuple[float, float] | None
+    patient_key: str | None
+
+
+def patient_key(ds) -> str | None:
+    """``"dicom/patient/<32 hex>"``: a salted SHA-256 of the dataset's PatientID, or None
+    when it is absent, blank or a placeholder (:data:`PLACEHOLDER_PATIENT_IDS`, or all
+    zeros). The identifier itself is never returned, stored or logged."""
+    value = ds.get("PatientID")
+    text = str(value if value is not None else "").strip()
+    if text.lower() in PLACEHOLDER_PATIENT_IDS or set(text) <= {"0"}:
+        return None
+    return "dicom/patient/" + hashed(text, PATIENT_SALT, n=32)
 
 
 def _pydicom():
@@ -73,10 +110,19 @@ def decode_dicom(
     max_pixels: int,
     window: str = "auto",
 ) -> tuple[np.ndarray, dict[str, Any], tuple[float, float] | None]:
-    """Return ``(uint8 array, allow-listed meta, pixel spacing mm)`` or raise :class:`ItemReject`.
+    """Return ``(uint8 array, allow-listed meta, pixel spacing mm)`` or raise :class:`ItemReject`
+    (:func:`read_dicom` without the patient key)."""
+    d = read_dicom(raw, max_pixels, window)
+    return d.array, d.meta, d.spacing
+
+
+def read_dicom(raw: bytes, max_pixels: int, window: str = "auto") -> DicomImage:
+    """Decode a single-frame DICOM file into 8-bit pixels; raise :class:`ItemReject`.
 
     ``window``: ``"auto"`` (VOI LUT sequence, else the first window centre/width,
-    else min–max), or ``"minmax"``.
+    else min–max of the modality-LUT values), or ``"minmax"``. MONOCHROME1 is
+    inverted; RGB is min–max scaled. The mapping used is recorded in
+    ``meta["decode_mapping"]``.
     """
     pydicom = _pydicom()
     try:
@@ -110,12 +156,14 @@ def decode_dicom(
         out = arr.astype(np.float64)
         lo, hi = float(out.min()), float(out.max())
         out = np.zeros_like(out) if hi <= lo else (out - lo) / (hi - lo)
+        mapping = f"RGB min-max {lo:g}..{hi:g} -> 0..255"
     else:
         if arr.ndim != 2:
             raise ItemReject("unsupported_dicom", f"pixel array of shape {arr.shape}")
-        out = _window(arr, ds, window)
+        out, mapping = _window(arr, ds, window)
         if photometric == "MONOCHROME1":
             out = 1.0 - out
+            mapping += "; MONOCHROME1 inverted"
     img = np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
     spacing = None
     for name in ("PixelSpacing", "ImagerPixelSpacing"):
@@ -127,22 +175,24 @@ def decode_dicom(
             except (TypeError, ValueError):
                 pass
     meta = allowed_meta(ds)
-    return img, meta, spacing
+    meta["decode_mapping"] = mapping
+    return DicomImage(img, meta, spacing, patient_key(ds))
 
 
-def _window(arr: np.ndarray, ds, window: str) -> np.ndarray:
-    """Modality LUT, then VOI LUT / window; return values in [0, 1]."""
+def _window(arr: np.ndarray, ds, window: str) -> tuple[np.ndarray, str]:
+    """Modality LUT, then VOI LUT / window; return (values in [0, 1], the mapping in words)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     data = apply_modality_lut(arr, ds).astype(np.float64)
     if window == "auto" and "VOILUTSequence" in ds:
         voi = np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
         lo, hi = float(voi.min()), float(voi.max())
-        return np.zeros_like(voi) if hi <= lo else (voi - lo) / (hi - lo)
+        return (np.zeros_like(voi) if hi <= lo else (voi - lo) / (hi - lo)), "DICOM VOI LUT sequence"
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if window == "auto" and center is not None and width is not None and width >= 1:
         # DICOM PS3.3 C.11.2.1.2.1 linear window.
         low = center - 0.5 - (width - 1) / 2
-        return np.clip((data - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0) if width > 1 else (data > low).astype(np.float64)
+        how = f"DICOM window C={center:g} W={width:g}"
+        return (np.clip((data - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0) if width > 1 else (data > low).astype(np.float64)), how
     lo, hi = float(data.min()), float(data.max())
-    return np.zeros_like(data) if hi <= lo else (data - lo) / (hi - lo)
+    return (np.zeros_like(data) if hi <= lo else (data - lo) / (hi - lo)), f"min-max {lo:g}..{hi:g} -> 0..255"

@@ -1,19 +1,29 @@
-"""Image decoding with integrity checks, encoding for shards, and image hashes."""
+"""The builder's image loading (decoding by :func:`regionmed.data.decode.decode_image`, DICOM by
+:mod:`.dicom`), encoding for shards, and image hashes (SHA-256, the 256-bit perceptual hash)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from regionmed.data.decode import ImageDecodeError, decode_image, record_meta
 from regionmed.errors import RegionmedError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+PHASH_SIZE = 64  # images are reduced to 64 x 64 gray for the perceptual hash
+PHASH_BLOCK = 16  # ... and hashed on their 16 x 16 lowest DCT frequencies
+PHASH_BITS = PHASH_BLOCK * PHASH_BLOCK  # 256
+PHASH_HEX = PHASH_BITS // 4  # hex digits of a record's "phash"
+# Hamming distance (of PHASH_BITS) within which two images are near duplicates (kept in one
+# split). Measured on the 509 covid_cxr films (benchmarks/bench_near_dup.py): films of distinct
+# patients lie >= 60 bits apart (0 of 126,892 such pairs linked at 32), a JPEG-q70, half-size,
+# contrast x1.2 or gamma 0.8 copy of a film <= 24 bits from it (all 509 linked at 32).
+NEAR_DUP_THRESHOLD = 32
 
 
 class ItemReject(RegionmedError):
@@ -27,11 +37,26 @@ class ItemReject(RegionmedError):
 
 @dataclass
 class LoadedImage:
-    image: Image.Image  # decoded, mode "L" or "RGB", full resolution
-    data: bytes  # encoded bytes to store
+    """A decoded input image, ready to store.
+
+    ``image``: 8-bit mode "L" or "RGB", displayed upright (EXIF orientation applied),
+    resized when ``max_side`` asked for it. ``data``/``ext``: the bytes to store — the
+    original file only when they hold exactly ``image`` (an upright 8-bit L/RGB JPEG or
+    PNG, not resized), else a PNG of ``image``. ``meta``: what goes into the record's
+    ``meta``: allow-listed DICOM attributes and the ``decode_*`` entries of
+    :func:`regionmed.data.decode.record_meta` (orientation applied, mode conversion and
+    its intensity mapping). ``source_size``: (w, h) of the displayed image before any
+    resize — the geometry a source's boxes are drawn on. ``patient_key``: a hashed
+    patient key read from the file (DICOM PatientID), never the identifier itself.
+    """
+
+    image: Image.Image
+    data: bytes
     ext: str  # "jpg" or "png"
-    meta: dict[str, Any] = field(default_factory=dict)  # allow-listed attributes (DICOM)
+    meta: dict[str, Any] = field(default_factory=dict)
     pixel_spacing: tuple[float, float] | None = None  # (row mm, column mm)
+    source_size: tuple[int, int] = (0, 0)
+    patient_key: str | None = None
 
 
 def is_dicom(raw: bytes, path: str | None = None) -> bool:
@@ -64,57 +89,27 @@ def load_image(
 ) -> LoadedImage:
     """Decode and check an image (JPEG/PNG/... or DICOM); raise :class:`ItemReject`.
 
-    Encoded JPEG/PNG inputs in mode L/RGB are stored as they are (no re-encoding)
-    unless ``max_side`` asks for a resize; anything else is stored as PNG.
+    Non-DICOM inputs are decoded by :func:`regionmed.data.decode.decode_image` (the one
+    decoder: EXIF orientation applied, 8-bit L/RGB with the stated mappings); DICOM by
+    :func:`regionmed.apps.curation.dicom.read_dicom`. The original bytes are stored
+    only when they already hold the returned pixels; anything else is stored as PNG.
     """
     raw = read_bytes(path, data)
     if is_dicom(raw, path):
-        from regionmed.apps.curation.dicom import decode_dicom
+        from regionmed.apps.curation.dicom import read_dicom
 
-        array, meta, spacing = decode_dicom(raw, max_pixels=max_pixels, **(dicom_options or {}))
-        img = Image.fromarray(array)
-        return _finish(img, None, None, meta, spacing, max_side)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(raw))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ItemReject("decompression_bomb", "declared size too large") from err
-        except Exception as err:  # noqa: BLE001 - PIL raises many types
-            raise ItemReject("unreadable_image", f"not a decodable image ({type(err).__name__})") from err
-        w, h = img.size
-        if w <= 0 or h <= 0:
-            raise ItemReject("unreadable_image", "zero-sized image")
-        if w * h > max_pixels:
-            raise ItemReject("decompression_bomb", f"{w}x{h} exceeds max_image_pixels={max_pixels}")
-        fmt = (img.format or "").upper()
-        try:
-            img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ItemReject("decompression_bomb", "declared size too large") from err
-        except Exception as err:  # noqa: BLE001
-            msg = str(err)
-            if "truncated" in msg.lower():
-                raise ItemReject("truncated_image", "image data ends early") from err
-            raise ItemReject("unreadable_image", f"decode failed ({type(err).__name__})") from err
-    img = _to_l_or_rgb(img)
-    return _finish(img, raw, fmt, {}, None, max_side)
+        dcm = read_dicom(raw, max_pixels=max_pixels, **(dicom_options or {}))
+        img = Image.fromarray(dcm.array)
+        return _finish(img, None, dcm.meta, dcm.spacing, max_side, dcm.patient_key)
+    try:
+        img, info = decode_image(raw, max_pixels=max_pixels)
+    except ImageDecodeError as err:
+        raise ItemReject(err.reason, err.detail) from err
+    return _finish(img, raw if info["as_is"] else None, record_meta(info), None, max_side, None, info["format"])
 
 
-def _to_l_or_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("L", "RGB"):
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
-    if img.mode in ("LA", "1"):
-        return img.convert("L")
-    return img.convert("RGB")
-
-
-def _finish(img, raw, fmt, meta, spacing, max_side) -> LoadedImage:
+def _finish(img, raw, meta, spacing, max_side, patient_key, fmt=None) -> LoadedImage:
+    source_size = img.size
     resized = False
     if max_side and max(img.size) > max_side:
         scale = max_side / max(img.size)
@@ -123,11 +118,11 @@ def _finish(img, raw, fmt, meta, spacing, max_side) -> LoadedImage:
         if spacing:
             spacing = (spacing[0] / scale, spacing[1] / scale)
         resized = True
-    if raw is not None and not resized and fmt in ("JPEG", "PNG"):
-        return LoadedImage(img, raw, "jpg" if fmt == "JPEG" else "png", meta, spacing)
+    if raw is not None and not resized:
+        return LoadedImage(img, raw, "jpg" if fmt == "JPEG" else "png", meta, spacing, source_size, patient_key)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=3)
-    return LoadedImage(img, buf.getvalue(), "png", meta, spacing)
+    return LoadedImage(img, buf.getvalue(), "png", meta, spacing, source_size, patient_key)
 
 
 _DCT_CACHE: dict[int, np.ndarray] = {}
@@ -145,8 +140,13 @@ def _dct_matrix(n: int) -> np.ndarray:
     return m
 
 
-def phash(img: Image.Image, size: int = 32, bits: int = 8) -> int:
-    """64-bit DCT perceptual hash: low-frequency DCT coefficients above their median."""
+def phash(img: Image.Image, size: int = PHASH_SIZE, bits: int = PHASH_BLOCK) -> int:
+    """DCT perceptual hash: the ``bits`` × ``bits`` lowest DCT frequencies of the image reduced
+    to ``size`` × ``size`` gray, each above the median of those coefficients (DC excluded) or
+    not. The default is a 256-bit hash (64 × 64, 16 × 16 block): chest films of distinct
+    patients lie >= 60 bits apart while re-encoded, resized or tone-shifted copies of one
+    film lie <= 24 apart (``benchmarks/bench_near_dup.py``); the 64-bit version of the same
+    hash (32 × 32, 8 × 8) cannot separate them (distinct patients from 4 bits, copies up to 8)."""
     small = img.convert("L").resize((size, size), Image.BILINEAR, reducing_gap=2.0)
     arr = np.asarray(small, dtype=np.float64)
     d = _dct_matrix(size)
@@ -160,7 +160,8 @@ def phash(img: Image.Image, size: int = 32, bits: int = 8) -> int:
 
 
 def phash_hex(img: Image.Image) -> str:
-    return f"{phash(img):016x}"
+    """:func:`phash` as :data:`PHASH_HEX` hex digits (zero-padded): the record's ``phash``."""
+    return f"{phash(img):0{PHASH_HEX}x}"
 
 
 def hamming(a: int, b: int) -> int:

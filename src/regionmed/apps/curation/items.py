@@ -12,22 +12,43 @@ REJECT_REASONS = {
     "truncated_image": "the image file ends early (truncated)",
     "decompression_bomb": "the image declares more pixels than max_image_pixels",
     "unsupported_dicom": "DICOM that cannot be used (multi-frame, unsupported transfer syntax, no pixel data)",
-    "empty_report": "no usable report text after cleaning",
+    "empty_report": "no usable report text after cleaning (missing-value spellings such as 'nan' count as none)",
+    "malformed_row": "a table row with more or fewer fields than the header, or a JSONL line that is no JSON object",
+    "invalid_label": "a label value that is not 1/0/-1, true/false, yes/no, positive/negative/uncertain",
+    "undecodable_text": "a report text file that is not valid in the source's encoding",
     "box_outside": "a box lies outside the image after clipping (region dropped)",
     "zero_area_box": "a box has (near) zero area after clipping (region dropped)",
-    "invalid_box": "a box is malformed: NaN/inf, wrong length or x1 < x0 (region dropped)",
+    "invalid_box": "a box is malformed: not 4 finite numbers, or x1 <= x0 / y1 <= y0 (region dropped)",
+    "unknown_category": "a COCO annotation whose category_id is not among the file's categories (region dropped)",
+    "unmatched_box": "a box whose image matches no input of the source (region dropped; no item to attach it to)",
     "no_regions": "no region left and require_regions is on",
     "duplicate_id": "an earlier input of the build has the same id",
     "processing_error": "an unexpected error while processing the item",
 }
 
 
+# Reasons that concern one region (a box), not a whole item.
+REGION_REASONS = ("box_outside", "zero_area_box", "invalid_box", "unknown_category", "unmatched_box")
+
+
 @dataclass
 class RawBox:
-    """One given box: ``box`` is ``[x0, y0, x1, y1]`` in pixels of the *source* image."""
+    """One given box: ``box`` is ``[x0, y0, x1, y1]`` in pixels of the *source* image.
+
+    ``reject`` (a key of :data:`REJECT_REASONS`) marks a box already known to be
+    unusable when it was read (``unknown_category``, ``invalid_box``); the builder
+    drops it as a region-level reject with ``detail``. ``given`` and ``fmt`` keep the
+    four numbers as written and the configurable format they were read in
+    (``"xyxy"``/``"xywh"``; ``None`` when the file format fixes it, as COCO does), for
+    the box-format check of :meth:`~regionmed.apps.curation.sources.Source.check`.
+    """
 
     label: str
     box: list[float]
+    reject: str | None = None
+    detail: str = ""
+    given: list[float] | None = None
+    fmt: str | None = None
 
 
 @dataclass
@@ -39,6 +60,9 @@ class RawItem:
     before it reaches any output. ``split`` is the official split, if any.
     ``facts`` are sentences that make up the report when ``report`` is empty.
     ``ref`` is a non-identifying reference to the input for rejects.jsonl.
+    ``reject`` is ``(reason, detail)`` when the source already knows the item cannot
+    be used (a malformed table row, an invalid label): the builder rejects it
+    without decoding anything.
     """
 
     id: str
@@ -56,6 +80,7 @@ class RawItem:
     labels: dict[str, int] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     ref: str = ""
+    reject: tuple[str, str] | None = None
 
 
 def hashed(text: str, salt: str = "", n: int = 16) -> str:

@@ -11,8 +11,11 @@ of input order and worker count).
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
 from dataclasses import dataclass
+
+import numpy as np
+
+from regionmed.apps.curation.images import NEAR_DUP_THRESHOLD, PHASH_BITS
 
 RANK = {"train": 0, "val": 1, "test": 2}
 
@@ -37,30 +40,57 @@ class UnionFind:
         return True
 
 
-def near_duplicate_pairs(hashes: list[int], threshold: int, bits: int = 64):
-    """Pairs ``(i, j)`` with Hamming distance ``<= threshold`` (multi-index hashing:
-    split the hash into ``threshold + 1`` chunks; a near pair shares one chunk exactly)."""
+def near_duplicate_pairs(hashes: list[int], threshold: int, bits: int = PHASH_BITS) -> list[tuple[int, int]]:
+    """All pairs ``(i, j)``, ``i < j``, whose ``bits``-bit hashes differ in at most ``threshold``
+    bits, sorted. Exact, by multi-index hashing: the bits are dealt round-robin into
+    ``threshold + 1`` chunks, two hashes within ``threshold`` bits agree on at least one chunk
+    (pigeonhole), so only items sharing a chunk value are compared (vectorised, numpy).
+    ``threshold < 0`` gives no pairs; a hash wider than ``bits`` raises ``OverflowError``."""
+    n = len(hashes)
+    if n < 2 or threshold < 0:
+        return []
+    nbytes = (bits + 7) // 8
+    packed = np.frombuffer(b"".join(int(h).to_bytes(nbytes, "big") for h in hashes), dtype=np.uint8).reshape(n, nbytes)
+    if threshold >= bits:
+        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+    unpacked = np.unpackbits(packed, axis=1)[:, nbytes * 8 - bits:]
+    words = np.zeros((n, -(-nbytes // 8) * 8), dtype=np.uint8)  # popcounts on 64-bit words
+    words[:, : nbytes] = packed
+    words = words.view(np.uint64)
+    found: list[np.ndarray] = []
     n_chunks = threshold + 1
-    size = -(-bits // n_chunks)
-    seen: set[tuple[int, int]] = set()
     for c in range(n_chunks):
-        shift = c * size
-        mask = (1 << min(size, bits - shift)) - 1
-        buckets: dict[int, list[int]] = defaultdict(list)
-        for i, h in enumerate(hashes):
-            buckets[(h >> shift) & mask].append(i)
-        for members in buckets.values():
-            if len(members) < 2:
-                continue
-            for x in range(len(members)):
-                hx = hashes[members[x]]
-                for y in range(x + 1, len(members)):
-                    i, j = members[x], members[y]
-                    if (i, j) in seen:
-                        continue
-                    if (hx ^ hashes[j]).bit_count() <= threshold:
-                        seen.add((i, j))
-                        yield i, j
+        keys = np.packbits(unpacked[:, c::n_chunks], axis=1)
+        _, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        order = np.argsort(inverse, kind="stable")
+        for members in np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1):
+            if len(members) > 1:
+                found.append(_close_pairs(np.sort(members), words, threshold))
+        if len(found) > 1:
+            found = [np.unique(np.concatenate(found))]  # a pair found in several chunks is kept once
+    if not found:
+        return []
+    codes = np.unique(np.concatenate(found))
+    return [(int(c // n), int(c % n)) for c in codes]
+
+
+def _close_pairs(members: np.ndarray, words: np.ndarray, threshold: int) -> np.ndarray:
+    """Codes ``i * n + j`` of the pairs of ``members`` (sorted indices) within ``threshold`` bits
+    (``words``: (n, k) uint64, the hashes)."""
+    n = words.shape[0]
+    sub = words[members]
+    m = len(members)
+    block = max(1, (1 << 24) // max(1, m * sub.shape[1]))
+    out = []
+    for r0 in range(0, m, block):
+        rows = sub[r0 : r0 + block]
+        dist = np.bitwise_count(rows[:, None, :] ^ sub[None, :, :]).sum(-1, dtype=np.int64)
+        ri, cj = np.nonzero(dist <= threshold)
+        ri = ri + r0
+        keep = cj > ri
+        out.append(members[ri[keep]].astype(np.int64) * n + members[cj[keep]])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -85,9 +115,13 @@ def assign_splits(
     hashes: list[int],
     official: list[str | None],
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    threshold: int = 4,
+    threshold: int = NEAR_DUP_THRESHOLD,
     salt: str = "regionmed-split-v1",
 ) -> SplitResult:
+    """The split of every item: ``groups[i]`` (hashed patient key, or the item's own id),
+    ``hashes[i]`` (:func:`~regionmed.apps.curation.images.phash`), ``official[i]`` (the
+    source's split or None). Items sharing a group, or with hashes within ``threshold``
+    bits (-1: no near-duplicate linking), form one component; see the module docstring."""
     n = len(groups)
     uf = UnionFind(n)
     first: dict[str, int] = {}
@@ -98,8 +132,15 @@ def assign_splits(
             first[g] = i
     links = 0
     if threshold >= 0:
-        for i, j in near_duplicate_pairs(hashes, threshold):
-            links += uf.union(i, j)
+        first_of_hash: dict[int, int] = {}
+        for i, h in enumerate(hashes):  # identical hashes: linked without comparing every pair
+            if h in first_of_hash:
+                links += uf.union(first_of_hash[h], i)
+            else:
+                first_of_hash[h] = i
+        reps = list(first_of_hash.values())
+        for a, b in near_duplicate_pairs([hashes[i] for i in reps], threshold):
+            links += uf.union(reps[a], reps[b])
     comp_split: dict[int, str | None] = {}
     comp_key: dict[int, str] = {}
     for i in range(n):

@@ -148,10 +148,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grounding-threshold", type=float, default=0.5,
                    help="box = component around the peak of the map thresholded at min + T*(max-min) (default 0.5)")
     p.add_argument("--grounding-contrast", action="store_true",
-                   help="subtract from each phrase's map the mean map over all phrases of the benchmark")
+                   help="subtract from each phrase's map the mean map over all phrases of the suite")
     p.add_argument("--grounding-readouts", default="patch,windows",
                    help="comma-separated grounding read-outs: patch, windows (default both)")
-    p.add_argument("--limit-images", type=int, help="keep the first N images per benchmark (smoke runs)")
+    p.add_argument("--limit-images", type=int, help="keep the first N images per suite (smoke runs)")
     p.add_argument("--limit-questions", type=int, help="keep the first N questions per VQA split (smoke runs)")
     p.set_defaults(func=_eval)
     return p

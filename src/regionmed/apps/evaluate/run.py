@@ -79,7 +79,7 @@ class EvalOptions:
     grounding_window_scales: tuple[float, ...] = (0.25, 0.4, 0.6)
     overlays: int = 8
     min_positives: int = 5
-    limit_images: int | None = None  # keep the first N images per benchmark (smoke runs)
+    limit_images: int | None = None  # keep the first N images per suite (smoke runs)
     limit_questions: int | None = None
 
 
@@ -202,13 +202,12 @@ def eval_vqa(model, opts: EvalOptions, which: str, problems: Problems) -> dict:
 
 def _slake_location_prior(root: Path, problems: Problems) -> dict[str, list[float]]:
     """Mean relative box per class over the SLAKE *train* boxes (the prior baseline)."""
-    from PIL import Image
+    from regionmed.data.decode import displayed_size
 
     items = []
     for ref in slake_grounding_items(root, "train"):
         try:
-            with Image.open(ref.path) as im:
-                size = im.size
+            size = displayed_size(ref.path)  # as decode_image returns it (EXIF orientation applied)
         except Exception as err:  # noqa: BLE001
             problems.add("grounding", f"train image {ref.key} not readable for the location prior ({type(err).__name__}); skipped")
             continue
@@ -248,7 +247,7 @@ def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> d
         if "patch" in rows:
             x = pre(image)["image"][None].to(device)
             if opts.grounding_contrast:
-                every = similarity_maps(model, x, text)[0]  # (P, h, w) for every phrase of the benchmark
+                every = similarity_maps(model, x, text)[0]  # (P, h, w) for every phrase of the suite
                 maps = (every - every.mean(0, keepdim=True))[[pidx[lab] for lab in labels]]
             else:
                 maps = similarity_maps(model, x, text[[pidx[lab] for lab in labels]])[0]
@@ -307,6 +306,8 @@ def eval_retrieval(model, opts: EvalOptions, problems: Problems) -> dict:
     if not opts.medregion:
         raise ValueError("retrieval needs a MedRegion dataset (--medregion DIR)")
     emb = embed_split(model, opts.medregion, opts.medregion_split, batch_size=opts.batch_size, progress=False)
+    for where, why in emb.skipped:
+        problems.add("retrieval", f"sample {where} could not be read ({why}); skipped")
     region_aware = emb.region_emb is not None
     image = emb.image_fused if region_aware else emb.image_global
     res = {"reports": retrieval_recall(image, emb.report_emb, list(range(len(emb.reports))), emb.reports)}
@@ -315,6 +316,7 @@ def eval_retrieval(model, opts: EvalOptions, problems: Problems) -> dict:
         res["region_captions"] = retrieval_recall(region_side, emb.caption_emb, list(range(len(emb.captions))), emb.captions)
     res["rois"] = "given" if region_aware else "none"
     res["n_images"] = len(emb.ids)
+    res["n_skipped"] = len(emb.skipped)
     return res
 
 

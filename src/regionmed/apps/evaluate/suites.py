@@ -1,4 +1,4 @@
-"""Benchmark inputs read directly from ``../shared/data`` (SLAKE, VQA-RAD), a built
+"""Evaluation suites: inputs read directly from ``../shared/data`` (SLAKE, VQA-RAD), a built
 MedRegion dataset with labels, or a folder per class.
 
 Image keys: ``slake/xmlabN``, ``vqa_rad/<file name>``, ``medregion/<record id>``,
@@ -31,7 +31,7 @@ SLAKE_FINDINGS = frozenset({
 
 
 class SuiteError(RegionmedError, ValueError):
-    """A benchmark folder or file that cannot be read."""
+    """An evaluation suite's folder or file that cannot be read."""
 
 
 def _read_json(path: Path) -> list:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from regionmed.config import ConfigError, load_yaml_config
+from regionmed.data.schema import SPLITS
 from regionmed.losses import LOSS_NAMES
-from regionmed.model.config import MODULE_NAMES, ModelConfig, validate_model_config
+from regionmed.model.config import MODULE_NAMES, ModelConfig, check_finite, validate_model_config
 
 
 @dataclass
@@ -22,6 +23,10 @@ class DataConfig:
     num_workers: int = 0
     max_negatives: int = 3  # negative captions kept per region
     max_image_negatives: int = 2  # negative reports kept per image (long texts: each costs a report's encoding)
+    # Unreadable samples (an image that does not decode, a broken record) are named, skipped
+    # and counted; the run stops cleanly (after a checkpoint) when more than this many
+    # distinct samples were bad. 0 = stop at the first one.
+    max_bad_samples: int = 10
 
 
 @dataclass
@@ -64,56 +69,128 @@ class RunConfig:
 
 
 def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
+    """Check every field of a run config; raise :class:`ConfigError` naming ``source`` and
+    the dotted field (``train.stages[1].lr``) of the first bad value.
+
+    Non-finite numbers are refused everywhere (:func:`~regionmed.model.config.check_finite`);
+    the model part is checked by :func:`~regionmed.model.config.validate_model_config`.
+    """
+
+    def need(cond: bool, where: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{source}: {where} {msg}")
+
+    check_finite(cfg, "", source)
     validate_model_config(cfg.model, source)
+    need(0 <= cfg.seed < 2**32, "seed", f"is {cfg.seed}: must be in [0, 2**32)")
+    d = cfg.data
+    need(d.split in SPLITS, "data.split", f"is {d.split!r}: must be one of {list(SPLITS)}")
+    need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(d.max_negatives >= 0, "data.max_negatives", "must be >= 0")
+    need(d.max_image_negatives >= 0, "data.max_image_negatives", "must be >= 0")
+    need(d.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0 (0 = stop at the first unreadable sample)")
     t = cfg.train
-    if t.batch_size < 1:
-        raise ConfigError(f"{source}: train.batch_size must be >= 1")
-    if not t.stages:
-        raise ConfigError(f"{source}: train.stages is empty: give at least one stage")
-    if cfg.data.max_negatives < 0 or cfg.data.max_image_negatives < 0:
-        raise ConfigError(f"{source}: data.max_negatives and data.max_image_negatives must be >= 0")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(bool(t.output_dir.strip()), "train.output_dir", "is empty")
+    need(bool(t.stages), "train.stages", "is empty: give at least one stage")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping)")
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"is {t.betas}: must be two numbers in [0, 1)")
+    need(t.eps > 0, "train.eps", "must be > 0")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1 (1 = log every step)")
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at stage ends)")
+    need(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = keep all)")
+    need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    has_roi_path = cfg.model.roi.mode != "none"
     names = set()
     for i, st in enumerate(t.stages):
         where = f"train.stages[{i}]"
-        if st.name in names:
-            raise ConfigError(f"{source}: {where}.name {st.name!r} is used twice")
+        need(bool(st.name.strip()), f"{where}.name", "is empty")
+        need(st.name not in names, f"{where}.name", f"{st.name!r} is used twice")
         names.add(st.name)
-        if (st.steps is None) == (st.epochs is None):
-            raise ConfigError(f"{source}: {where} needs exactly one of 'steps' or 'epochs'")
-        if st.steps is not None and st.steps < 1:
-            raise ConfigError(f"{source}: {where}.steps must be >= 1")
-        if st.epochs is not None and st.epochs <= 0:
-            raise ConfigError(f"{source}: {where}.epochs must be > 0")
-        if not st.lr > 0:
-            raise ConfigError(f"{source}: {where}.lr must be > 0")
-        if st.warmup_steps < 0 or not 0 <= st.min_lr_ratio <= 1:
-            raise ConfigError(f"{source}: {where}: warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+        need((st.steps is None) != (st.epochs is None), where, "needs exactly one of 'steps' or 'epochs'")
+        need(st.steps is None or st.steps >= 1, f"{where}.steps", "must be >= 1")
+        need(st.epochs is None or st.epochs > 0, f"{where}.epochs", "must be > 0")
+        need(st.lr > 0, f"{where}.lr", "must be > 0")
+        need(st.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
+        need(0 <= st.min_lr_ratio <= 1, f"{where}.min_lr_ratio", "must be in [0, 1]")
+        need(st.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")
+        need(bool(st.trainable), f"{where}.trainable", f"is empty: name the module groups to train (all, {', '.join(MODULE_NAMES)})")
         for module in st.trainable:
-            if module != "all" and module not in MODULE_NAMES:
-                raise ConfigError(f"{source}: {where}.trainable: unknown module {module!r} (known: all, {', '.join(MODULE_NAMES)})")
+            need(module == "all" or module in MODULE_NAMES, f"{where}.trainable",
+                 f"names unknown module {module!r} (known: all, {', '.join(MODULE_NAMES)})")
+        trained = set(MODULE_NAMES) if "all" in st.trainable else set(st.trainable)
+        if not (st.use_rois and has_roi_path):
+            trained.discard("roi_processor")  # it takes no part in a stage without ROIs
+        need(bool(trained), f"{where}.trainable",
+             f"is {st.trainable}: nothing to train in this stage (the ROI processor only trains when use_rois is true "
+             "and model.roi.mode is not 'none')")
         for module, scale in st.lr_scale.items():
-            if module not in MODULE_NAMES:
-                raise ConfigError(f"{source}: {where}.lr_scale: unknown module {module!r} (known: {', '.join(MODULE_NAMES)})")
-            if scale < 0:
-                raise ConfigError(f"{source}: {where}.lr_scale.{module} must be >= 0")
-        if not st.losses:
-            raise ConfigError(f"{source}: {where}.losses is empty")
+            need(module in MODULE_NAMES, f"{where}.lr_scale", f"names unknown module {module!r} (known: {', '.join(MODULE_NAMES)})")
+            need(scale >= 0, f"{where}.lr_scale.{module}", "must be >= 0")
+        need(bool(st.losses), f"{where}.losses", "is empty")
         for loss, weight in st.losses.items():
-            if loss not in LOSS_NAMES:
-                raise ConfigError(f"{source}: {where}.losses: unknown loss {loss!r} (known: {', '.join(LOSS_NAMES)})")
-            if weight < 0:
-                raise ConfigError(f"{source}: {where}.losses.{loss} must be >= 0")
+            need(loss in LOSS_NAMES, f"{where}.losses", f"names unknown loss {loss!r} (known: {', '.join(LOSS_NAMES)})")
+            need(weight >= 0, f"{where}.losses.{loss}", "must be >= 0")
+        need(any(w > 0 for w in st.losses.values()), f"{where}.losses", f"is {st.losses}: at least one weight must be > 0")
         uses_regions = st.losses.get("region", 0) > 0 or (st.losses.get("hard_negative", 0) > 0 and st.use_rois)
         if uses_regions and not st.use_rois:
             raise ConfigError(f"{source}: {where} has a 'region' loss but use_rois is false")
-        if (st.use_rois or uses_regions) and cfg.model.roi.mode == "none":
+        if (st.use_rois or uses_regions) and not has_roi_path:
             raise ConfigError(
                 f"{source}: {where} uses ROIs (use_rois or region/hard_negative losses) but model.roi.mode is 'none'"
             )
+        need(not st.use_rois or cfg.model.roi.max_rois >= 1, "model.roi.max_rois",
+             f"is 0 but {where} ('{st.name}') uses ROIs: give at least 1 ROI slot")
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a run config YAML, apply dotted ``overrides`` ({"train.batch_size": 8}), validate."""
+    """Read a run config YAML, apply dotted ``overrides`` ({"train.batch_size": 8}), validate.
+
+    Raises :class:`ConfigError` naming the file and the field for any bad value."""
     cfg = load_yaml_config(RunConfig, path, overrides)
     validate_run_config(cfg, str(path))
     return cfg
+
+
+# Fields a resumed run may change: they do not change which weights the run computes
+# (where data and outputs live, logging, checkpoint cadence, stopping rules, memory-only
+# settings; the image tower's pretrained file only initialises a run that has not started).
+RESUME_NEUTRAL_FIELDS = (
+    "data.train", "data.num_workers", "data.max_bad_samples",
+    "train.output_dir", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.max_nonfinite", "train.tensorboard",
+    "model.image.pretrained", "model.image.grad_checkpointing", "model.text.grad_checkpointing",
+)
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted field, old value, new value)`` for every leaf where two config mappings
+    (``to_dict`` / JSON form) differ; lists of mappings (stages) are compared item by item."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            sub = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                out.append((sub, old.get(key, "<absent>"), new.get(key, "<absent>")))
+            else:
+                out += config_differences(old[key], new[key], sub)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and all(isinstance(x, dict) for x in old + new):
+        out = []
+        for i in range(max(len(old), len(new))):
+            sub = f"{prefix}[{i}]"
+            if i >= len(old) or i >= len(new):
+                out.append((sub, old[i]["name"] if i < len(old) and "name" in old[i] else "<absent>",
+                            new[i]["name"] if i < len(new) and "name" in new[i] else "<absent>"))
+            else:
+                out += config_differences(old[i], new[i], sub)
+        return out
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON turns tuples into lists
+    return [] if norm(old) == norm(new) else [(prefix, old, new)]
+
+
+def trajectory_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """The differences between a checkpoint's run config and the current one (both in
+    ``to_dict`` form) that change the run's trajectory, i.e. all but
+    :data:`RESUME_NEUTRAL_FIELDS`: batch size, seed, learning rates, stages, losses, model, ..."""
+    return [d for d in config_differences(saved, current) if d[0] not in RESUME_NEUTRAL_FIELDS]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -13,10 +14,17 @@ class MetricsLogger:
     """Appends one JSON object per event to ``<output>/metrics.jsonl``.
 
     Step records have ``"event": "step"``; stage changes, skipped steps and the
-    end of training have their own event names.
+    end of training have their own event names. Every record but ``end`` has a
+    ``step``.
+
+    ``start_step``: the step the run starts at. The file is first rewritten (atomically)
+    to the records of earlier steps, so a run resumed from the checkpoint of step ``S``
+    holds each step once — the records a killed run wrote after its last checkpoint are
+    dropped, as is a torn last line — and a fresh run (``start_step = 0``) starts an empty
+    file. TensorBoard events from ``start_step`` on are purged likewise.
     """
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._fh = None
@@ -24,12 +32,13 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.path, start_step)
         self._fh = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step or None)
             except ImportError:  # tensorboard is optional
                 self._tb = None
 
@@ -50,9 +59,46 @@ class MetricsLogger:
             self._tb.close()
 
 
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Rewrite ``path`` (atomically) keeping only the records of steps before ``step``
+    (records without a step, such as ``end``, and unparsable lines are dropped); return
+    how many records were dropped. A missing file is left missing."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("%s: %d record(s) at or after step %d dropped", path, dropped, step)
+    return dropped
+
+
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a torn last line (a run killed mid-write) is ignored."""
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        lines = [line for line in fh if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not a JSON record ({err})") from err
+    return records
 
 
 def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path, smooth: int = 5) -> Path:
@@ -68,7 +114,8 @@ def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path, smooth: i
     for ax, (label, path) in zip(axes[0], runs.items()):
         records = read_metrics(path)
         steps = [r for r in records if r["event"] == "step"]
-        # A resumed run logs some steps twice: keep the last record of each step.
+        # One record per step (a resumed run rewrites its metrics to the checkpoint's step;
+        # older files may hold a step twice: the last record wins).
         by_step = {r["step"]: r for r in steps}
         steps = [by_step[s] for s in sorted(by_step)]
         terms = sorted({k for r in steps for k in r if k.startswith("loss.")})

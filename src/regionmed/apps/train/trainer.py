@@ -16,6 +16,7 @@ statistics by default (``model.image.crop_batchnorm``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -27,25 +28,35 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from regionmed.apps.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from regionmed.apps.train.config import RunConfig
+from regionmed.apps.train.checkpoint import (
+    STATE_NAME,
+    CheckpointError,
+    clean_stale_temporaries,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_model_folder,
+    step_folders,
+)
+from regionmed.apps.train.config import RunConfig, trajectory_changes, validate_run_config
 from regionmed.apps.train.metrics import MetricsLogger
 from regionmed.apps.train.schedule import StagePlan, learning_rate, plan_stages, stage_at
-from regionmed.config import to_dict
+from regionmed.config import ConfigError, to_dict
 from regionmed.data.loader import Batch, RegionSampleDataset, StepBatchSampler, make_loader
+from regionmed.data.shards import read_manifest, write_json_atomic
 from regionmed.data.transforms import Preprocessor
-from regionmed.distributed import DistInfo, init_distributed
+from regionmed.distributed import DistInfo, all_reduce_sum, init_distributed
 from regionmed.errors import RegionmedError
 from regionmed.model.clip import RegionMedCLIP, create_model
-from regionmed.optim import GuardedStep, NonFiniteError
-from regionmed.task import TrainingTask
+from regionmed.optim import GuardedStep, NonFiniteError, NonFiniteWeightsError, nonfinite_tensors
+from regionmed.task import REGION_LOSSES, TrainingTask
 
 log = logging.getLogger(__name__)
 
 
 
 class TrainingError(RegionmedError, RuntimeError):
-    pass
+    """A training run that cannot start or go on (its message says why and what to do)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -75,16 +86,44 @@ class Trainer:
     """Train a RegionMedCLIP model through the stages of a :class:`RunConfig`.
 
     Reads the MedRegion dataset ``cfg.data.train``; writes into ``cfg.train.output_dir``:
-    ``metrics.jsonl``, ``checkpoints/``, ``model/`` (the final model folder),
-    ``config.json`` (the resolved run config) and ``loss_curve.png``.
+    ``metrics.jsonl``, ``checkpoints/``, ``model/`` (the final model folder, written
+    atomically), ``config.json`` (the resolved run config) and ``loss_curve.png``.
+
+    ``resume``: ``True`` (the output folder's latest complete checkpoint) or a path.
+    Without it, an output folder that already holds checkpoints is refused (no two runs
+    mixed in one folder). A resumed run must have the checkpoint's config, apart from
+    :data:`~regionmed.apps.train.config.RESUME_NEUTRAL_FIELDS`; ``allow_config_changes``
+    (``regionmed train --resume --allow-config-changes``) accepts other changes, saying which.
+
+    Raises :class:`~regionmed.config.ConfigError` for a bad config and :class:`TrainingError`
+    for a run that cannot start or go on: a stage that can learn nothing from the data,
+    more than ``data.max_bad_samples`` unreadable samples (after a checkpoint), NaN/inf
+    weights (never saved).
     """
 
-    def __init__(self, cfg: RunConfig, resume: str | bool | None = None, progress: bool = True, dist: DistInfo | None = None):
+    def __init__(self, cfg: RunConfig, resume: str | bool | None = None, progress: bool = True, dist: DistInfo | None = None,
+                 allow_config_changes: bool = False):
+        validate_run_config(cfg, "the run config")
+        if not cfg.data.train.strip():
+            raise ConfigError("the run config: data.train is empty: give the MedRegion dataset folder (--data DIR)")
         self.cfg = cfg
         self.dist = dist or init_distributed()
+        if cfg.train.batch_size % self.dist.world_size:
+            raise ConfigError(f"the run config: train.batch_size = {cfg.train.batch_size} is not divisible by the "
+                              f"{self.dist.world_size} processes: every process takes an equal share of the batch")
         self.device = self.dist.device
         self.out = Path(cfg.train.output_dir)
         self.progress = progress and self.dist.is_main
+        if not resume and step_folders(self.out / "checkpoints"):
+            raise TrainingError(
+                f"{self.out} already holds the checkpoints of a run ({self.out / 'checkpoints'}): pass --resume to continue "
+                "it, or give another train.output_dir (--output-dir), or remove the folder to start anew"
+            )
+        self.data_fingerprint = self._data_fingerprint()
+        self.resumed_from: str | None = None
+        self.config_changes: list[tuple[str, object, object]] = []
+        # Checked before anything is built: a refused resume fails at once.
+        resume_folder = self._resume_check(self.out if resume is True else Path(resume), allow_config_changes) if resume else None
         seed_everything(cfg.seed)
         self.model = create_model(cfg.model).to(self.device)
         self.notes: list[str] = []  # said once at the start of fit()
@@ -100,7 +139,7 @@ class Trainer:
         self.pre = Preprocessor.from_model(self.model)
         self.data = RegionSampleDataset(
             cfg.data.train, cfg.data.split, self.pre, cfg.data.max_negatives, use_rois=cfg.model.roi.mode != "none",
-            max_image_negatives=cfg.data.max_image_negatives,
+            max_image_negatives=cfg.data.max_image_negatives, on_bad="substitute",
         )
         self.steps_per_epoch = len(self.data) // cfg.train.batch_size
         if self.steps_per_epoch == 0:
@@ -115,16 +154,56 @@ class Trainer:
         self.guard = GuardedStep(cfg.train.precision, cfg.train.grad_clip, cfg.train.max_nonfinite)
         self.step = 0
         self.counters: Counter = Counter()
-        self.audit = self.data.audit() if self.data.use_rois else Counter()
-        if resume:
-            path = self.out if resume is True else Path(resume)
-            state = load_checkpoint(find_checkpoint(path), self.model, self.optimizer)
-            self.step = int(state["step"])
-            self.guard.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
-            self.counters = Counter(state.get("counters", {}))
-            log.info("resumed from %s at step %d", state["checkpoint"], self.step)
+        self.bad_samples: dict[str, str] = {}  # "<shard>:<key>" -> why it cannot be read (distinct samples)
+        # One pass over the records (JSON only) when the run needs region or negative counts.
+        needs_counts = self.data.use_rois or any(st.losses.get("hard_negative", 0) > 0 for st in cfg.train.stages)
+        self.audit = self.data.audit() if needs_counts else Counter()
+        if resume_folder is not None:
+            self._resume(resume_folder)
 
     # ---------------------------------------------------------------------------------
+    def _data_fingerprint(self) -> str:
+        """A digest of the split's entry in manifest.json (shard names and counts): a resumed
+        run must read the same data."""
+        entry = read_manifest(self.cfg.data.train)["splits"].get(self.cfg.data.split, {})
+        return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _resume_check(self, path: Path, allow_changes: bool) -> Path:
+        """The checkpoint folder to resume from; refuses a config that changes the run's trajectory."""
+        folder = find_checkpoint(path)
+        try:
+            saved = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{folder / STATE_NAME} cannot be read ({err})") from err
+        changes = trajectory_changes(saved["config"], to_dict(self.cfg)) if isinstance(saved.get("config"), dict) else []
+        old_data = saved.get("data_fingerprint")
+        if old_data and old_data != self.data_fingerprint:
+            changes.append(("data", f"split {self.cfg.data.split!r} as checkpointed",
+                            f"split {self.cfg.data.split!r} of {self.cfg.data.train} (other shards or counts in manifest.json)"))
+        if changes and not allow_changes:
+            listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in changes[:8])
+            more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
+            raise CheckpointError(
+                f"--resume from {folder}: the run config differs from the checkpoint's in field(s) that change the run's "
+                f"trajectory: {listed}{more}. Resume with the checkpoint's values (its config is in {folder / STATE_NAME}), "
+                "or pass --allow-config-changes to continue anyway (the run will then not equal an uninterrupted one)"
+            )
+        self.config_changes = changes
+        return folder
+
+    def _resume(self, folder: Path) -> None:
+        state = load_checkpoint(folder, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.guard.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.counters = Counter(state.get("counters", {}))
+        self.bad_samples = dict(state.get("bad_samples", {}))
+        self.model.text_tower.tokenizer.restore_truncated(state.get("text_truncated_digests", []))
+        self.resumed_from = state["checkpoint"]
+        if self.config_changes:
+            self.notes.append("resumed with a changed config (--allow-config-changes): "
+                              + "; ".join(f"{n}: {o!r} -> {v!r}" for n, o, v in self.config_changes))
+        log.info("resumed from %s at step %d", state["checkpoint"], self.step)
+
     def _enter_stage(self, plan: StagePlan, logger: MetricsLogger) -> None:
         st = plan.config
         wanted = set(self.model.module_groups()) if "all" in st.trainable else set(st.trainable)
@@ -138,7 +217,6 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device] if self.device.type == "cuda" else None
-            self.runner = self.task  # release the previous stage's wrapper (and its gradient hooks) first
             self.runner = DistributedDataParallel(self.task, device_ids=device_ids, broadcast_buffers=True)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         for group in self.optimizer.param_groups:
@@ -151,14 +229,28 @@ class Trainer:
         log.info(message)
         if self.progress:
             tqdm.write(message)
-        logger.write("stage", step=self.step, stage=plan.name, losses=plan.config.losses,
-                     use_rois=plan.config.use_rois, trainable=plan.config.trainable, trainable_params=n_train)
+        if self.step == plan.start:  # a run resumed mid-stage logged the stage's start before
+            logger.write("stage", step=self.step, stage=plan.name, losses=plan.config.losses,
+                         use_rois=plan.config.use_rois, trainable=plan.config.trainable, trainable_params=n_train)
 
     def _state(self, plan: StagePlan) -> dict:
-        return {"stage": plan.name, "nonfinite_in_row": self.guard.nonfinite_in_row, "counters": dict(self.counters),
+        return {"stage": plan.name, "nonfinite_in_row": self.guard.nonfinite_in_row,
+                "counters": {**self.counters, "text_truncated": self.model.text_tower.tokenizer.truncated},
+                "bad_samples": dict(self.bad_samples), "data_fingerprint": self.data_fingerprint,
+                "text_truncated_digests": self.model.text_tower.tokenizer.truncated_digests(),
                 "config": to_dict(self.cfg), "world_size": self.dist.world_size}
 
+    def _check_weights(self, what: str) -> None:
+        """Raise :class:`TrainingError` when a weight holds NaN/inf: such weights are never saved."""
+        bad = nonfinite_tensors([*self.model.named_parameters(), *self.model.named_buffers()])
+        if bad:
+            raise TrainingError(
+                f"step {self.step}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[:3]}); {what} not written. "
+                "Lower the learning rate and resume from the last checkpoint or start again"
+            )
+
     def _checkpoint(self, plan: StagePlan) -> None:
+        self._check_weights("checkpoint")  # the same weights on every rank: every rank decides alike
         if self.dist.is_main:
             save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self._state(plan), self.cfg.train.keep_checkpoints)
         if self.dist.world_size > 1:
@@ -176,6 +268,10 @@ class Trainer:
             terms = self.runner(batch)
         try:
             losses = self.guard.step(terms, self.optimizer, self.model.parameters(), where=f"step {self.step}")
+        except NonFiniteWeightsError as err:
+            bad = nonfinite_tensors(self.model.named_parameters())
+            raise TrainingError(f"{err}{f' (e.g. {bad[:3]})' if bad else ''}; nothing was saved from this step on: resume "
+                                "from the last checkpoint with a lower learning rate (--allow-config-changes) or start again") from err
         except NonFiniteError as err:
             raise TrainingError(f"{err} (train.max_nonfinite)") from err
         if losses is None:
@@ -183,21 +279,87 @@ class Trainer:
             self._say(self.guard.last_skip)
         return losses
 
+    def _bad_samples_in(self, batch: Batch, plan: StagePlan, logger: MetricsLogger) -> None:
+        """Count the unreadable samples this step's batch replaced (on every rank; one small
+        collective per step under data parallelism); stop cleanly, after a checkpoint, once
+        more than ``data.max_bad_samples`` distinct samples were bad."""
+        found = [(where, why) for _, where, why in batch.bad_samples]
+        if self.dist.world_size > 1:
+            n = all_reduce_sum(torch.tensor([float(len(found))], device=self.device))
+            if n.item() > 0:
+                gathered: list = [None] * self.dist.world_size
+                torch.distributed.all_gather_object(gathered, found)
+                found = [x for part in gathered for x in part]
+            else:
+                found = []
+        if not found:
+            return
+        limit = self.cfg.data.max_bad_samples
+        new = {where: why for where, why in found if where not in self.bad_samples}
+        seen = {**self.bad_samples, **new}
+        if len(seen) > limit:
+            # Checkpointed as before this batch: resumed with a larger limit, the run (and its
+            # counters) equal an uninterrupted run with that limit.
+            self._checkpoint(plan)
+            raise TrainingError(
+                f"step {self.step}: {len(seen)} distinct sample(s) of {self.cfg.data.train} cannot be read, more than "
+                f"data.max_bad_samples = {limit} (e.g. {'; '.join(f'{w}: {r}' for w, r in list(seen.items())[-3:])}). "
+                f"Checkpoint step_{self.step:08d} was written: repair or remove these samples, or raise data.max_bad_samples, "
+                "then --resume"
+            )
+        self.counters["bad_samples_skipped"] += len(found)
+        for where, why in new.items():
+            self.bad_samples[where] = why
+            if self.dist.is_main:
+                self._say(f"step {self.step}: sample {where} cannot be read ({why}); skipped: replaced by the next "
+                          f"readable sample ({len(self.bad_samples)} bad so far, data.max_bad_samples = {limit})")
+        self.counters["bad_samples"] = len(self.bad_samples)
+        logger.write("bad_samples", step=self.step, samples=[w for w, _ in found], distinct_total=len(self.bad_samples))
+
     def fit(self) -> dict:
         """Run from the current step to the end of the last stage; return a summary."""
         cfg = self.cfg
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
-        logger = MetricsLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.train.tensorboard)
+            for path in clean_stale_temporaries(self.out / "checkpoints", self.out):
+                log.info("removed %s, left by an interrupted write", path)
+            write_json_atomic(self.out / "config.json", to_dict(cfg))
+        logger = MetricsLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.train.tensorboard, start_step=self.step)
+        try:
+            return self._fit(logger)
+        except RegionmedError as err:
+            logger.write("stopped", step=self.step, error=str(err))
+            raise
+        finally:
+            logger.close()
+
+    def _fit(self, logger: MetricsLogger) -> dict:
+        cfg = self.cfg
         per_rank = cfg.train.batch_size // self.dist.world_size
+        if self.resumed_from:
+            logger.write("resume", step=self.step, checkpoint=self.resumed_from,
+                         config_changes=[[n, o, v] for n, o, v in self.config_changes])
+        problems, fatal = self._learnability()
+        unreadable = self.data.unreadable_records
+        if len(unreadable) > cfg.data.max_bad_samples:
+            fatal.append(
+                f"{len(unreadable)} record(s) of {cfg.data.train} split {cfg.data.split!r} cannot be read, more than "
+                f"data.max_bad_samples = {cfg.data.max_bad_samples} (e.g. {'; '.join(w for w, _ in unreadable[:3])})"
+            )
+        elif unreadable:
+            problems.append(f"{len(unreadable)} record(s) cannot be read and will be skipped when met: "
+                            + "; ".join(r for _, r in unreadable[:5]))
+        if fatal:
+            raise TrainingError("; ".join(fatal))
         sampler = StepBatchSampler(len(self.data), cfg.train.batch_size, cfg.seed, self.total_steps, self.step,
                                    self.dist.rank, self.dist.world_size)
         loader = make_loader(self.data, sampler, cfg.data.num_workers, cfg.seed)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
         if self.dist.is_main:
-            for note in [*self.notes, *self._input_notes()]:
+            for note in [*self.notes, *problems, *self._input_notes()]:
                 self._say(note)
+            for problem in problems:
+                logger.write("warning", step=self.step, message=problem)
             logger.write("data", step=self.step, steps_per_epoch=self.steps_per_epoch, **{"samples": len(self.data), **dict(self.audit)})
         plan = stage_at(self.plans, self.step)
         self._enter_stage(plan, logger)
@@ -208,6 +370,7 @@ class Trainer:
                 if self.step >= plan.end:
                     plan = stage_at(self.plans, self.step)
                     self._enter_stage(plan, logger)
+                self._bad_samples_in(batch, plan, logger)
                 losses = self.train_step(batch, plan)
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
@@ -235,8 +398,9 @@ class Trainer:
             bar.close()
         self.counters["text_truncated"] = self.model.text_tower.tokenizer.truncated
         summary = {"steps": self.step, "final_losses": last, "counters": dict(self.counters), "data": dict(self.audit)}
+        self._check_weights("the model folder")
         if self.dist.is_main:
-            self.model.save_pretrained(self.out / "model")
+            save_model_folder(self.model, self.out / "model")
             logger.write("end", **summary)
             for note in self._input_notes(end=True):
                 self._say(note)
@@ -246,8 +410,44 @@ class Trainer:
                 plot_loss_curves({self.out.name: logger.path}, self.out / "loss_curve.png")
             except Exception as err:  # a plot must never fail a finished training run
                 log.warning("loss plot not written: %s", err)
-        logger.close()
         return summary
+
+    def _learnability(self) -> tuple[list[str], list[str]]:
+        """What each stage's active losses need that the data lacks, from the dataset's counts
+        (:meth:`RegionSampleDataset.audit`, no extra pass): ``(warnings, errors)``. A stage
+        where some active term can never be computed gets a warning naming the stage, the
+        term and the missing input; a stage where no active term can be computed is an error."""
+        if not self.audit:
+            return [], []
+        a = self.audit
+        split = f"split {self.cfg.data.split!r} of {self.cfg.data.train}"
+        warnings, errors = [], []
+        for plan in self.plans:
+            st = plan.config
+            active = [k for k, w in st.losses.items() if w > 0]
+            missing: dict[str, str] = {}
+            if "region" in active and not a.get("regions"):
+                missing["region"] = "no regions (usable boxes with captions)"
+            if "hard_negative" in active:
+                region_negs = st.use_rois and a.get("regions") and a.get("region_negatives")
+                if not region_negs and not a.get("image_negatives"):
+                    missing["hard_negative"] = (f"no hard negatives (none of its images{' or regions' if st.use_rois else ''} "
+                                                "carries a negative text)")
+                elif st.use_rois and not a.get("regions"):
+                    warnings.append(f"stage '{plan.name}' (steps {plan.start}-{plan.end - 1}): {split} has no regions, so the "
+                                    "'hard_negative' loss gets no region negatives (only image negatives are used)")
+            if st.use_rois and not a.get("regions") and not (set(active) & set(REGION_LOSSES)):
+                warnings.append(f"stage '{plan.name}' (steps {plan.start}-{plan.end - 1}) has use_rois on, but {split} has no "
+                                "regions: the ROI processor gets no input")
+            if not missing:
+                continue
+            what = f"{split} has " + "; it has ".join(f"{v}, which loss '{k}' needs" for k, v in missing.items())
+            if set(active) - set(missing):
+                warnings.append(f"stage '{plan.name}' (steps {plan.start}-{plan.end - 1}): {what}: "
+                                f"{'these terms are' if len(missing) > 1 else 'this term is'} absent from every step of the stage")
+            else:
+                errors.append(f"stage '{plan.name}' can learn nothing: {what}")
+        return warnings, errors
 
     def _say(self, message: str) -> None:
         """A warning: above the progress bar when there is one, else to the log."""
@@ -257,7 +457,8 @@ class Trainer:
             log.warning(message)
 
     def _input_notes(self, end: bool = False) -> list[str]:
-        """Human-readable notes on input problems: boxes and ROIs (at the start), texts and skipped steps (at the end)."""
+        """Human-readable notes on input problems: boxes and ROIs (at the start), texts,
+        unreadable samples and skipped steps (at the end)."""
         c = self.counters if end else self.audit
         notes = []
         dropped = sum(c.get(k, 0) for k in ("boxes_dropped_outside", "boxes_dropped_zero_area", "boxes_dropped_invalid"))
@@ -273,11 +474,14 @@ class Trainer:
         if c.get("text_truncated"):
             notes.append(f"{c['text_truncated']} distinct text(s) were longer than model.text.context_length = "
                          f"{self.cfg.model.text.context_length} tokens and were truncated")
+        if c.get("bad_samples"):
+            notes.append(f"{c['bad_samples']} unreadable sample(s) were skipped ({c.get('bad_samples_skipped', 0)} time(s) in all): "
+                         + "; ".join(list(self.bad_samples)[:5]))
         if c.get("nonfinite_steps"):
             notes.append(f"{c['nonfinite_steps']} step(s) skipped for a non-finite loss")
         return notes
 
 
-def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = True) -> dict:
-    """Train with ``cfg`` (single process, or under torchrun); return the summary."""
-    return Trainer(cfg, resume=resume, progress=progress).fit()
+def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = True, allow_config_changes: bool = False) -> dict:
+    """Train with ``cfg`` (single process, or under torchrun); return the summary (see :class:`Trainer`)."""
+    return Trainer(cfg, resume=resume, progress=progress, allow_config_changes=allow_config_changes).fit()

@@ -5,11 +5,14 @@ Choose one by name (``get_source(name, root, **options)``):
 * ``generic`` — a folder of images + a CSV or JSONL table (+ optional COCO json for boxes);
 * ``dicom`` — a folder of DICOM files (+ optional table or ``<stem>.txt`` reports);
 * ``slake``, ``vqa_rad``, ``covid_cxr`` — the public sets as laid out in ``../shared/data``.
+
+:data:`SOURCES_HELP` lists the files and columns each one reads (``regionmed build --help``).
+:meth:`Source.check` reads every row without decoding images (``regionmed check-source``).
 """
 
 from __future__ import annotations
 
-from regionmed.apps.curation.sources.base import Source, SourceError
+from regionmed.apps.curation.sources.base import Source, SourceError, SourceReport
 from regionmed.apps.curation.sources.covid_cxr import CovidCxrSource
 from regionmed.apps.curation.sources.generic import DicomSource, GenericSource
 from regionmed.apps.curation.sources.slake import SlakeSource
@@ -24,6 +27,36 @@ SOURCES: dict[str, type[Source]] = {
 }
 
 
+SOURCES_HELP = """\
+Source files and columns (each source reads only these; a table column it does not
+read is named in a warning at build time):
+  generic   a folder of images + a table (option table; default table.csv/.tsv/.jsonl).
+            Columns, as option: default column name:
+              image_col: image         image path, relative to the folder or the table's folder
+              report_col: report       report text (nan, NA, null, None ... count as missing)
+              summary_col: summary     short impression (else made from the report)
+              labels_col: labels       "a|b", a JSON list, {"class": 1/0/-1}, or one value
+                                       (1/0/-1, yes/no, true/false: the column is the class)
+              label_cols: (none)       columns that each hold one class's value (CheXpert style)
+              patient_col: patient_id  patient key, hashed before use (never stored)
+              split_col: split         train/val/test (other values: split by the builder)
+              boxes_col: boxes         JSON [{"label", "box"}], in box_format
+              modality_col: modality   xray, ct, mri, ... (else option modality)
+            Other options: coco (COCO json; file_name relative to it, the folder or the
+            table, else by unique file name), box_format (xyxy default, or xywh),
+            uncertain_labels (U-Ignore default, U-Zeros, U-Ones: what -1 becomes),
+            encoding (utf-8 default, strict; e.g. cp1252 for Windows "ANSI" exports),
+            delimiter, modality, body, id_from.
+  dicom     *.dcm files with <stem>.txt reports beside them, or a table as for generic.
+  slake     imgs/xmlabN/{source.jpg,detection.json}, train/validate/test.json.
+  vqa_rad   images/*.jpg, trainset.json, testset.json.
+  covid_cxr images/, annotations.json (COCO), metadata.csv columns filename, patientid,
+            finding, clinical_notes, view (the others, e.g. sex and age, are never read).
+Every source takes encoding. Check a source before a long build:
+  regionmed check-source --source generic --input DIR [--option KEY=VALUE ...]
+"""
+
+
 def get_source(name: str, root, **options) -> Source:
     try:
         cls = SOURCES[name]
@@ -32,4 +65,4 @@ def get_source(name: str, root, **options) -> Source:
     return cls(root, **options)
 
 
-__all__ = ["SOURCES", "Source", "SourceError", "get_source"]
+__all__ = ["SOURCES", "SOURCES_HELP", "Source", "SourceError", "SourceReport", "get_source"]

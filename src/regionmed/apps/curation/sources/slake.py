@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections.abc import Iterator
 
 from regionmed.apps.curation.facts import facts_report
 from regionmed.apps.curation.items import RawBox, RawItem, norm_modality
 from regionmed.apps.curation.sources.base import Source, SourceError
+from regionmed.apps.curation.tables import TableError, read_json
 
 SPLIT_FILES = (("train", "train.json"), ("val", "validate.json"), ("test", "test.json"))
 SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
@@ -59,7 +60,7 @@ class SlakeSource(Source):
             path = self.root / fname
             if not path.is_file():
                 continue
-            for q in json.loads(path.read_text(encoding="utf-8")):
+            for q in read_json(path, self.encoding):
                 folder = q["img_name"].split("/")[0]
                 split[folder] = max(split.get(folder, name), name, key=SPLIT_RANK.__getitem__)
                 info.setdefault(folder, (q.get("modality", ""), q.get("location", "")))
@@ -74,11 +75,13 @@ class SlakeSource(Source):
             det = folder / "detection.json"
             if det.is_file():
                 try:
-                    for entry in json.loads(det.read_text(encoding="utf-8")):
+                    for entry in read_json(det, self.encoding):
                         for label, (x, y, w, h) in entry.items():
                             boxes.append(RawBox(label, [float(x), float(y), float(x) + float(w), float(y) + float(h)]))
-                except (ValueError, TypeError):
-                    boxes = [RawBox("?", [float("nan")] * 4)]  # a malformed box file: rejected as invalid_box
+                except (ValueError, TypeError, AttributeError, TableError) as err:
+                    # a malformed box file: its boxes are one invalid_box region reject, the image is kept
+                    why = "not valid JSON" if isinstance(err, TableError) else "not a list of {label: [x, y, w, h]}"
+                    boxes = [RawBox("?", [math.nan] * 4, reject="invalid_box", detail=f"imgs/{folder.name}/detection.json: {why}")]
             modality, location = info.get(folder.name, ("", ""))
             facts = facts_report(qa.get(folder.name, []))
             yield RawItem(
@@ -91,6 +94,6 @@ class SlakeSource(Source):
                 group=f"slake/{folder.name}",
                 modality=norm_modality(modality),
                 body=body_of(location),
-                labels={b.label: 1 for b in boxes if b.label != "?"},
+                labels={b.label: 1 for b in boxes if not b.reject},
                 ref=f"imgs/{folder.name}",
             )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 
 from regionmed.apps.curation.facts import facts_report
 from regionmed.apps.curation.items import RawItem
 from regionmed.apps.curation.sources.base import Source, SourceError
+from regionmed.apps.curation.tables import read_json
 
 BODY = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
 
@@ -78,7 +78,7 @@ class VqaRadSource(Source):
             path = self.root / fname
             if not path.is_file():
                 continue
-            for q in json.loads(path.read_text(encoding="utf-8")):
+            for q in read_json(path, self.encoding):
                 img = q["image_name"]
                 qa.setdefault(img, []).append((str(q["question"]), str(q["answer"]), str(q.get("question_type", ""))))
                 if name == "test" or img not in split:
