@@ -529,3 +529,27 @@ def test_public_sources_check_clean(data_dir):  # noqa: F811
 def test_every_deliberate_error_here_is_a_regionmed_error():
     for cls in (TableError, SourceError, FieldError, ConfigError):
         assert issubclass(cls, RegionmedError) and issubclass(cls, ValueError)
+
+
+def test_u_ignore_labels_are_unknown_in_zero_shot_not_negative(tmp_path):
+    """Under U-Ignore an uncertain label is left out of the record; the zero-shot task built
+    from the dataset marks it unknown (-1), so the class's AUC leaves that image out."""
+    from regionmed.apps.evaluate.suites import medregion_task
+
+    table = ("image,report,Edema,Pleural Effusion\n"
+             "a.jpg,Mild interstitial edema.,1,0\n"
+             "b.jpg,Normal chest.,0,1\n"
+             "c.jpg,Possible small effusion.,0,-1\n")
+    root = make_source(tmp_path / "in", "table.csv", table)
+    _, _, out = run_build(tmp_path, root, label_cols="Edema,Pleural Effusion", uncertain_labels="U-Ignore")
+    from regionmed.data.shards import read_manifest
+
+    rows = {}
+    for s in read_manifest(out)["splits"]:
+        refs, task = medregion_task(out, s, mode="similarity", classes=["Edema", "Pleural Effusion"])
+        rows.update({r.key: list(task.labels[i]) for i, r in enumerate(refs)})
+    recs = records_by_report(out)
+    key = {rep: f"medregion/{rec['id']}" for rep, rec in recs.items()}
+    assert rows[key["Possible small effusion."]] == [0, -1]  # uncertain effusion: unknown, not negative
+    assert rows[key["Mild interstitial edema."]] == [1, 0]
+    assert rows[key["Normal chest."]] == [0, 1]

@@ -64,3 +64,17 @@ def test_answer_normalisation(raw, norm):
 def test_answer_set_comes_from_training_answers_only():
     train = [Question("1", "a", "q", "Yes", "CLOSED"), Question("2", "a", "q", "yes ", "CLOSED"), Question("3", "a", "q", "X-Ray", "OPEN")]
     assert answer_vocabulary(train) == ["x ray", "yes"]
+
+
+def test_unknown_labels_are_left_out_of_the_auc_not_counted_negative():
+    """U-Ignore: an uncertain label (-1) leaves the example out of that class's AUC."""
+    from regionmed.eval.stats import auc_with_ci, bootstrap_counts, macro_auc_with_ci
+
+    scores = np.array([0.9, 0.8, 0.1, 0.2, 0.95])
+    labels = np.array([1, 1, 0, 0, -1])  # the unknown one scores high: as a negative it would cost AUC
+    counts = bootstrap_counts(5, 200, 0)
+    out = auc_with_ci(scores, labels, counts)
+    assert out["auc"] == 1.0 and out["n_pos"] == 2 and out["n_neg"] == 2 and out["n_unknown"] == 1
+    assert auc_with_ci(scores, np.array([1, 1, 0, 0, 0]), counts)["auc"] < 1.0
+    both = macro_auc_with_ci(np.stack([scores, scores], 1), np.stack([labels, [1, 1, 0, 0, 1]], 1), counts)
+    assert both["auc"] == 1.0 and both["classes"] == 2

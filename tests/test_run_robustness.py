@@ -681,6 +681,16 @@ def test_eval_retrieval_on_a_split_with_no_readable_sample_is_one_clear_problem(
     assert any("no sample of split 'test' can be read" in m for m in results["problems"]["messages"])
 
 
+def test_eval_cli_exits_nonzero_when_a_task_produced_nothing(model_dir, tmp_path, capsys):
+    from regionmed.apps.cli import main
+
+    data = write_split(tmp_path / "data", "test", 2, bad_image={0: BAD, 1: BAD})
+    code = main(["eval", str(model_dir), "--tasks", "retrieval", "--medregion", str(data), "--out", str(tmp_path / "e"),
+                 "--n-boot", "10"])
+    assert code == 1 and "task(s) failed: retrieval" in capsys.readouterr().err
+    assert (tmp_path / "e" / "report.md").is_file()  # the report (with its problems) is still written
+
+
 # ========================================= kind 14: a run that cannot learn what it was asked
 def _roi_config(data: Path, out: Path, stages: list[StageConfig]) -> RunConfig:
     cfg = small_config(data, out, mode="crop")

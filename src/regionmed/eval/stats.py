@@ -52,8 +52,15 @@ def _ci(values: np.ndarray) -> list[float | None]:
 
 
 def auc_with_ci(scores, labels, counts: np.ndarray) -> dict:
-    """{"auc", "ci": [lo, hi], "n_pos", "n_neg"}; auc None when one class is absent."""
+    """{"auc", "ci": [lo, hi], "n_pos", "n_neg"}; auc None when one class is absent.
+
+    ``labels`` 1 / 0, or -1 for unknown (e.g. an uncertain label under U-Ignore): unknown
+    examples are left out of the AUC and of every resample (``"n_unknown"`` counts them)."""
     labels = np.asarray(labels).astype(int)
+    known = labels >= 0
+    if not known.all():
+        out = auc_with_ci(np.asarray(scores)[known], labels[known], np.asarray(counts)[:, known])
+        return {**out, "n_unknown": int((~known).sum())}
     n_pos = int(labels.sum())
     n_neg = int(len(labels) - n_pos)
     if n_pos == 0 or n_neg == 0:
@@ -66,15 +73,18 @@ def auc_with_ci(scores, labels, counts: np.ndarray) -> dict:
 def macro_auc_with_ci(score_matrix: np.ndarray, label_matrix: np.ndarray, counts: np.ndarray) -> dict:
     """Mean AUC over the classes that have both positives and negatives, with a CI
     from the same resamples for every class (per resample, the mean over the
-    classes defined in it)."""
+    classes defined in it). Labels of -1 (unknown) leave that example out of that
+    class's AUC only."""
     score_matrix = np.asarray(score_matrix)
     label_matrix = np.asarray(label_matrix).astype(int)
+    counts = np.asarray(counts)
     per, boots = [], []
     for c in range(label_matrix.shape[1]):
-        y = label_matrix[:, c]
+        known = label_matrix[:, c] >= 0
+        y = label_matrix[known, c]
         if 0 < y.sum() < len(y):
-            per.append(float(roc_auc_score(y, score_matrix[:, c])))
-            boots.append(weighted_auc(score_matrix[:, c], y, counts))
+            per.append(float(roc_auc_score(y, score_matrix[known, c])))
+            boots.append(weighted_auc(score_matrix[known, c], y, counts[:, known]))
     if not per:
         return {"auc": None, "ci": [None, None], "classes": 0}
     stacked = np.vstack(boots)  # (C, B)

@@ -41,7 +41,7 @@ class ZeroShotError(RegionmedError, ValueError):
 class ZeroShotTask:
     name: str
     classes: list[str]
-    labels: np.ndarray  # (N,) class index (softmax) or (N, C) 0/1 (pairs)
+    labels: np.ndarray  # (N,) class index (softmax) or (N, C) 1 / 0 / -1 unknown (pairs, similarity)
     keys: list[str]  # image keys, one per row of labels
     mode: str = "softmax"  # or "pairs" / "similarity" (multi-label)
 
@@ -91,13 +91,15 @@ def evaluate_scores(scores: np.ndarray, task: ZeroShotTask, n_boot: int = 1000, 
         correct = (scores.argmax(1) == y).astype(float)
     elif task.mode == "similarity":
         onehot = np.asarray(task.labels, dtype=int)
-        has = onehot.sum(1) > 0  # top-1: the best-scored class is present (images with a positive class)
-        correct = onehot[np.arange(n), scores.argmax(1)][has].astype(float)
+        has = (onehot == 1).any(1)  # top-1: the best-scored class is present (images with a positive class)
+        correct = (onehot[np.arange(n), scores.argmax(1)] == 1)[has].astype(float)
         counts_acc = counts[:, has]
     else:
         onehot = np.asarray(task.labels, dtype=int)
-        # per image: the share of its classes called right (images are resampled, their cells move together)
-        correct = ((scores > 0.5).astype(int) == onehot).astype(float).mean(1)
+        # per image: the share of its known classes called right (images are resampled, their cells move together)
+        known = onehot >= 0
+        right = ((scores > 0.5).astype(int) == onehot) & known
+        correct = right.sum(1) / np.maximum(known.sum(1), 1)
     per_class = {c: auc_with_ci(scores[:, i], onehot[:, i], counts) for i, c in enumerate(task.classes)}
     return {
         "task": task.name,
@@ -139,10 +141,11 @@ def plot_roc(scores: np.ndarray, task: ZeroShotTask, path: str) -> str:
     onehot = np.eye(len(task.classes), dtype=int)[np.asarray(task.labels, dtype=int)] if task.mode == "softmax" else np.asarray(task.labels)
     fig, ax = plt.subplots(figsize=(5, 5))
     for i, c in enumerate(task.classes):
-        y = onehot[:, i]
+        known = onehot[:, i] >= 0  # -1: unknown, left out
+        y, s = onehot[known, i], scores[known, i]
         if 0 < y.sum() < len(y):
-            fpr, tpr, _ = roc_curve(y, scores[:, i])
-            ax.plot(fpr, tpr, label=f"{c} (AUC {roc_auc_score(y, scores[:, i]):.2f})", lw=1.2)
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, label=f"{c} (AUC {roc_auc_score(y, s):.2f})", lw=1.2)
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")

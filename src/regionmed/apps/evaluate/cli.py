@@ -106,6 +106,10 @@ def _eval(args: argparse.Namespace) -> int:
     results["model"] = str(args.model)
     json_path, md_path = write_report(results, args.out)
     print(f"wrote {json_path} and {md_path}; {results['problems']['count']} problem(s) counted")
+    failed = [t for t in opts.tasks if t not in results.get("tasks", {})]
+    if failed:  # bad samples are skipped and counted; a task that produced no result fails the run
+        print(f"regionmed eval: task(s) failed: {', '.join(failed)} (see the report's problems)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -97,7 +97,8 @@ class Problems:
         counts: dict[str, int] = {}
         for it in self.items:
             counts[it["task"]] = counts.get(it["task"], 0) + 1
-        return {"count": len(self.items), "per_task": counts, "messages": [f"[{i['task']}] {i['message']}" for i in self.items[:200]]}
+        return {"count": len(self.items), "per_task": counts,
+                "messages": [f"[{i['task']}] {i['message']}" for i in self.items[:200]]}
 
 
 def _feature(model, opts: EvalOptions) -> str:

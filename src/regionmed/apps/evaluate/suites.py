@@ -215,7 +215,12 @@ class _MedRegionOpener:
 
 def medregion_task(root: str | Path, split: str = "test", mode: str = "auto", classes: list[str] | None = None) -> tuple[list[ImageRef], ZeroShotTask]:
     """A zero-shot task from the ``labels`` of a built MedRegion dataset. ``mode`` auto:
-    softmax when every record has exactly one positive label, else similarity (multi-label)."""
+    softmax when every record has exactly one positive label, else similarity (multi-label).
+
+    Multi-label: 1 positive, 0 negative, -1 unknown — a class that some record (of any
+    split) states as 0 is unknown where a record leaves it out (the U-Ignore policy drops uncertain labels),
+    so it is left out of that class's AUC; a class only ever listed as positive is
+    negative where absent."""
     from regionmed.data.shards import MedRegionDataset
 
     ds = MedRegionDataset(root, split)
@@ -234,9 +239,28 @@ def medregion_task(root: str | Path, split: str = "test", mode: str = "auto", cl
         labels = np.array([names.index(pos[i][0]) for i in keep], dtype=int)
     else:
         keep = list(range(len(records)))
-        labels = np.array([[int(c in pos[i]) for c in names] for i in keep], dtype=int).reshape(len(keep), len(names))
+        # A class some record states as 0 is a stated label: where a record leaves it out
+        # (e.g. an uncertain label under U-Ignore) it is unknown (-1), not negative. A class
+        # only ever listed as positive (a positives-only label list) is negative where absent.
+        stated = _stated_negative_classes(root)
+        absent = {c: (-1 if c in stated else 0) for c in names}
+        labels = np.array([[1 if c in pos[i] else (0 if r.get("labels", {}).get(c) == 0 else absent[c]) for c in names]
+                           for i, r in ((i, records[i]) for i in keep)], dtype=int).reshape(len(keep), len(names))
     refs = [refs[i] for i in keep]
     return refs, ZeroShotTask(f"medregion:{Path(root).name}", names, labels, [r.key for r in refs], mode)
+
+
+def _stated_negative_classes(root: str | Path) -> set[str]:
+    """Classes that some record of any split of the dataset states as 0 (a labelled-column
+    source), read once from the records' JSON."""
+    from regionmed.data.shards import MedRegionDataset, read_manifest
+
+    stated: set[str] = set()
+    for split in read_manifest(root)["splits"]:
+        ds = MedRegionDataset(root, split)
+        for i in range(len(ds)):
+            stated.update(c for c, v in ds.record(i).get("labels", {}).items() if v == 0)
+    return stated
 
 
 def folder_task(root: str | Path) -> tuple[list[ImageRef], ZeroShotTask]:
