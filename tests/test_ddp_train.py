@@ -97,9 +97,12 @@ def test_two_processes_on_real_data_through_every_stage(public_build, tmp_path):
                     losses={"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 1.0}),
         StageConfig(name="joint", steps=1, lr=5e-4, use_rois=True,
                     losses={"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 1.0}),
+        # A stage whose only term never reaches the fused embedding: parameters of the ROI
+        # processor get no gradient (DDP must accept it, as one process does).
+        StageConfig(name="region_only", steps=1, lr=5e-4, use_rois=True, losses={"region": 1.0}),
     ]
     single, ddp = _single_and_two_processes(cfg, tmp_path)
-    assert sorted(single) == list(range(7))
-    assert {single[s]["stage"] for s in single} == {"warmup", "refine", "region", "joint"}
+    assert sorted(single) == list(range(8))
+    assert {single[s]["stage"] for s in single} == {"warmup", "refine", "region", "joint", "region_only"}
     assert all("loss.region" in single[s] and "loss.hard_negative" in single[s] for s in (2, 3, 4, 5, 6))
     _assert_equal_runs(single, ddp, tmp_path)

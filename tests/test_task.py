@@ -154,3 +154,22 @@ def test_task_loss_equals_compute_losses_on_its_inputs(phantom_data):
     assert set(direct) == set(via) == {*ALL, "total"}
     for k in direct:
         torch.testing.assert_close(direct[k], via[k])
+
+
+def test_prepare_batchnorm_converts_on_gpu_notes_on_cpu_and_refuses_batch_crops():
+    from regionmed.config import ConfigError
+    from regionmed.distributed import prepare_batchnorm
+
+    model = RegionMedCLIP(resnet_config())
+    params = {id(p) for p in model.image_tower.parameters()}
+    assert prepare_batchnorm(model, 1, "cuda") is None  # one process: untouched
+    note = prepare_batchnorm(model, 2, "cpu")
+    assert "no CPU SyncBatchNorm" in note and not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    prepare_batchnorm(model, 2, "cuda")  # conversion only (no forward): works on CPU tensors
+    norms = [m for m in model.image_tower.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert {id(p) for p in model.image_tower.parameters()} == params  # the optimizer's parameters stay valid
+    vit = RegionMedCLIP(model_config())
+    assert prepare_batchnorm(vit, 2, "cpu") is None  # no BatchNorm, nothing to say
+    with pytest.raises(ConfigError, match="crop_batchnorm 'batch'"):
+        prepare_batchnorm(RegionMedCLIP(resnet_config(crop_batchnorm="batch")), 2, "cpu")

@@ -21,6 +21,11 @@ open_clip for the contrastive terms (see :mod:`regionmed.losses`):
 The memory and compute of the loss per rank grow as ``B_local × B_global``
 instead of ``B_global²``.
 
+"Equal" assumes a deterministic forward pass: with dropout active (MiniLM's default
+0.1), each sample's mask depends on which rank draws it, so losses agree only in
+distribution. Every rank is seeded alike, so a checkpoint's RNG state (saved by rank 0)
+is valid for every rank and resume stays exact.
+
 Launch with ``torchrun``: :func:`init_distributed` reads ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK``. Without them it is a single process and no
 process group is created; every helper here is then the identity.
@@ -45,6 +50,7 @@ __all__ = [
     "gather_with_grad",
     "gather_tensor",
     "all_reduce_sum",
+    "prepare_batchnorm",
 ]
 
 
@@ -166,3 +172,34 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     out = x.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def prepare_batchnorm(model, world_size: int, device: torch.device | str) -> str | None:
+    """Make a model's BatchNorm image tower fit for data-parallel training; returns a note or None.
+
+    * one process, or a tower without BatchNorm (ViTs): nothing to do (None);
+    * CUDA: the tower's BatchNorm layers become ``torch.nn.SyncBatchNorm`` (their statistics
+      over the union batch, as in one process); the parameters are the same objects;
+    * CPU: PyTorch has no CPU SyncBatchNorm, so each process normalises whole images with
+      its own batch statistics (not equal to one process; the returned note says so).
+
+    ROI crops never use batch statistics in the default ``crop_batchnorm: running``.
+    ``crop_batchnorm: batch`` with more than one process raises
+    :class:`~regionmed.config.ConfigError`: a process whose batch holds no crop would skip
+    the synchronised layers that the others enter.
+    """
+    from regionmed.config import ConfigError
+
+    tower = model.image_tower
+    if world_size <= 1 or not tower.batchnorms:
+        return None
+    if tower.cfg.crop_batchnorm == "batch":
+        raise ConfigError(f"model.image.crop_batchnorm 'batch' is not supported with {world_size} processes: "
+                          "use 'running' (the default)")
+    if torch.device(device).type == "cuda":
+        model.image_tower = torch.nn.SyncBatchNorm.convert_sync_batchnorm(tower)
+        return None
+    return (f"image tower {tower.cfg.name!r} has BatchNorm and PyTorch has no CPU SyncBatchNorm: each of the "
+            f"{world_size} processes normalises whole images with its own batch statistics (not equal to one "
+            "process; the saved running statistics are rank 0's); on GPUs they are synchronised")
+

@@ -40,7 +40,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg, resume=resume, progress=not args.no_progress, allow_config_changes=args.allow_config_changes)
     if int(os.environ.get("RANK", "0")) == 0:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_losses"].items())
-        print(f"trained {summary['steps']} steps; last losses: {losses}; model: {cfg.train.output_dir}/model")
+        done = summary["steps_this_run"]
+        ran = f"{summary['steps']} steps" if done == summary["steps"] else f"to step {summary['steps']} ({done} this run)"
+        print(f"trained {ran}; last losses: {losses}; model: {cfg.train.output_dir}/model")
     return 0
 
 

@@ -40,7 +40,7 @@ Examples:
   regionmed build --source slake --input ../shared/data/slake --out runs/slake
   regionmed build --source covid_cxr --input ../shared/data/covid_cxr --out runs/cxr \\
       --proposer annotation --fallback unsupervised --workers 2 --limit 100
-  regionmed build --config configs/build-public.yaml
+  regionmed build --config build.yaml      (a YAML build config: see the README, "Using it")
 """
 
 

@@ -45,7 +45,7 @@ from regionmed.config import ConfigError, to_dict
 from regionmed.data.loader import Batch, RegionSampleDataset, StepBatchSampler, make_loader
 from regionmed.data.shards import read_manifest, write_json_atomic
 from regionmed.data.transforms import Preprocessor
-from regionmed.distributed import DistInfo, all_reduce_sum, init_distributed
+from regionmed.distributed import DistInfo, all_reduce_sum, init_distributed, prepare_batchnorm
 from regionmed.errors import RegionmedError
 from regionmed.model.clip import RegionMedCLIP, create_model
 from regionmed.optim import GuardedStep, NonFiniteError, NonFiniteWeightsError, nonfinite_tensors
@@ -127,15 +127,9 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model = create_model(cfg.model).to(self.device)
         self.notes: list[str] = []  # said once at the start of fit()
-        if self.dist.world_size > 1 and self.model.image_tower.batchnorms:
-            if self.device.type == "cuda":
-                self.model.image_tower = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.image_tower)
-            else:
-                self.notes.append(
-                    f"image tower {cfg.model.image.name!r} has BatchNorm and PyTorch has no CPU SyncBatchNorm: each of the "
-                    f"{self.dist.world_size} processes normalises whole images with its own batch statistics (not equal to "
-                    "one process); on GPUs they are synchronised"
-                )
+        note = prepare_batchnorm(self.model, self.dist.world_size, self.device)
+        if note:
+            self.notes.append(note)
         self.pre = Preprocessor.from_model(self.model)
         self.data = RegionSampleDataset(
             cfg.data.train, cfg.data.split, self.pre, cfg.data.max_negatives, use_rois=cfg.model.roi.mode != "none",
@@ -217,7 +211,12 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device] if self.device.type == "cuda" else None
-            self.runner = DistributedDataParallel(self.task, device_ids=device_ids, broadcast_buffers=True)
+            self.runner = self.task  # release the previous stage's wrapper (and its gradient hooks) first
+            # find_unused_parameters: a stage's active terms may not reach every trainable
+            # parameter (e.g. `region` alone never uses the fused embedding), and a batch may hold
+            # no ROI at all. DDP then leaves a parameter unused on every rank without a gradient,
+            # exactly as one process would (AdamW skips it), at the cost of one graph walk per step.
+            self.runner = DistributedDataParallel(self.task, device_ids=device_ids, find_unused_parameters=True)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         for group in self.optimizer.param_groups:
             group["weight_decay"] = plan.config.weight_decay if group["decay"] else 0.0
@@ -249,7 +248,16 @@ class Trainer:
                 "Lower the learning rate and resume from the last checkpoint or start again"
             )
 
+    def _sync_truncated(self) -> None:
+        """Union the distinct truncated texts (digests) of every rank, so the count is the
+        single-process one (each rank sees only its share of the texts)."""
+        if self.dist.world_size > 1:
+            gathered: list = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, self.model.text_tower.tokenizer.truncated_digests())
+            self.model.text_tower.tokenizer.restore_truncated([d for part in gathered for d in part])
+
     def _checkpoint(self, plan: StagePlan) -> None:
+        self._sync_truncated()
         self._check_weights("checkpoint")  # the same weights on every rank: every rank decides alike
         if self.dist.is_main:
             save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self._state(plan), self.cfg.train.keep_checkpoints)
@@ -335,6 +343,7 @@ class Trainer:
 
     def _fit(self, logger: MetricsLogger) -> dict:
         cfg = self.cfg
+        first_step = self.step
         per_rank = cfg.train.batch_size // self.dist.world_size
         if self.resumed_from:
             logger.write("resume", step=self.step, checkpoint=self.resumed_from,
@@ -396,8 +405,10 @@ class Trainer:
                     t_last = time.perf_counter()  # checkpoint time is not step time
         finally:
             bar.close()
+        self._sync_truncated()
         self.counters["text_truncated"] = self.model.text_tower.tokenizer.truncated
-        summary = {"steps": self.step, "final_losses": last, "counters": dict(self.counters), "data": dict(self.audit)}
+        summary = {"steps": self.step, "steps_this_run": self.step - first_step, "final_losses": last,
+                   "counters": dict(self.counters), "data": dict(self.audit)}
         self._check_weights("the model folder")
         if self.dist.is_main:
             save_model_folder(self.model, self.out / "model")
