@@ -89,3 +89,13 @@ def test_ints_accepted_for_floats_but_not_bools():
     assert cfg.train.stages[0].lr == 1.0 and isinstance(cfg.train.stages[0].lr, float)
     with pytest.raises(ConfigError, match="must be a number"):
         from_dict(RunConfig, {"train": {"stages": [{"name": "a", "steps": 1, "lr": True}]}})
+
+
+def test_exponent_numbers_that_yaml_1_1_reads_as_strings_are_numbers(tmp_path):
+    """PyYAML reads `1e-4` (no dot) as a string; a float field takes it as the number it means."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  stages:\n    - {name: a, steps: 1, lr: 1e-4}\n")
+    assert load_run_config(path).train.stages[0].lr == 1e-4
+    path.write_text("train:\n  stages:\n    - {name: a, steps: 1, lr: 1e-4x}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: train.stages\[0\].lr must be a number"):
+        load_run_config(path)

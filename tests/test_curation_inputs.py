@@ -429,6 +429,10 @@ def test_unused_label_column_is_named_at_build_time(tmp_path):
     root3 = make_source(tmp_path / "in3", "table.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n", images=("a.jpg",))
     _, log3, _ = run_build(tmp_path, root3, out="o3")
     assert "columns not used: 'lables'" in log3 and "labels_col: lables" in log3
+    # an unread patient column would silently lose the patient grouping: it gets its hint
+    root4 = make_source(tmp_path / "in4", "table.csv", "image,report,PatientID\na.jpg,Normal chest.,MRN123\n", images=("a.jpg",))
+    _, log4, out4 = run_build(tmp_path, root4, out="o4")
+    assert "patient_col: PatientID" in log4 and "MRN123" not in log4
 
 
 def test_help_documents_the_columns_each_source_reads(capsys):

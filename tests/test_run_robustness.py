@@ -750,3 +750,41 @@ def test_config_round_trip_has_no_differences():
     changed = copy.deepcopy(cfg)
     changed.train.output_dir, changed.train.stages[0].lr = "elsewhere", 0.5
     assert trajectory_changes(saved, to_dict(changed)) == [("train.stages[0].lr", 0.001, 0.5)]
+
+
+def test_finite_weights_whose_last_steps_were_nonfinite_are_not_saved(run_data, tmp_path):
+    """lr 1e30: step 0 leaves huge but finite weights, every later loss is NaN and skipped.
+    The run ends its schedule before max_nonfinite, yet must not save those weights nor exit 0."""
+    root, _, _ = run_data
+    out = tmp_path / "run"
+    cfg = small_config(root, out, steps=(2, 2))
+    cfg.train.checkpoint_every = 0
+    for st in cfg.train.stages:
+        st.lr = 1e30
+    with pytest.raises(TrainingError, match=r"non-finite losses, so these weights compute non-finite values"):
+        Trainer(cfg, progress=False).fit()
+    assert not (out / "model").exists()
+
+
+def test_evaluation_refuses_non_finite_embeddings(model_dir):
+    """A model whose weights are finite but compute NaN gives no metric (a failed task), not numbers."""
+    from regionmed.eval.images import NonFiniteEmbeddingError, encode_batch
+
+    model = load(model_dir)
+    with torch.no_grad():
+        model.projections["image"].weight.fill_(3e38)
+    batch = {"images": torch.randn(2, 3, model.cfg.image.image_size, model.cfg.image.image_size), "boxes": None,
+             "mask": None, "crops": None}
+    with pytest.raises(NonFiniteEmbeddingError, match="non-finite image embeddings"):
+        encode_batch(model, batch, use_rois=False)
+
+
+def test_damaged_tokenizer_files_are_weights_errors(model_dir, tmp_path):
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        folder = tmp_path / name / "m"
+        shutil.copytree(model_dir, folder)
+        (folder / "text" / name).write_text('{"truncated": ', encoding="utf-8")
+        with pytest.raises(WeightsError, match=str(folder / "text")):
+            load(folder)

@@ -10,6 +10,7 @@ reads them: an unknown key, a wrong type or a bad value raises
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,9 @@ from regionmed.errors import RegionmedError
 
 class ConfigError(RegionmedError, ValueError):
     """A configuration value that is missing, unknown or out of range."""
+
+
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -72,6 +76,8 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: {where} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads `1e-4` as a string; YAML 1.2 and users mean a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {where} must be a number, got {value!r}")
         return float(value)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from regionmed.data.loader import RegionSampleDataset, collate
 from regionmed.data.shards import DatasetError
 from regionmed.data.transforms import Preprocessor
-from regionmed.eval.images import encode_batch
+from regionmed.eval.images import encode_batch, require_finite
 from regionmed.model.clip import RegionMedCLIP
 
 
@@ -82,8 +82,8 @@ def embed_split(
     if not ids:
         raise DatasetError(f"{root}: no sample of split {split!r} can be read ({len(skipped)} unreadable, "
                            f"e.g. {skipped[0][0]}: {skipped[0][1]})")
-    report_emb = model.encode_text(reports, batch_size=256).cpu()
-    caption_emb = model.encode_text(captions, batch_size=256).cpu()
+    report_emb = require_finite(model.encode_text(reports, batch_size=256), "text").cpu()
+    caption_emb = require_finite(model.encode_text(captions, batch_size=256), "text").cpu()
     flat = [t for negs in negatives for t in negs]
     flat_emb = model.encode_text(flat, batch_size=256).cpu()
     negative_emb, start = [], 0

@@ -26,6 +26,7 @@ from regionmed.data.decode import decode_image
 from regionmed.data.loader import Batch, pad_rois
 from regionmed.data.schema import sanitize_box
 from regionmed.data.transforms import Preprocessor, to_rgb
+from regionmed.errors import RegionmedError
 from regionmed.eval.grounding import Geometry, propose_from_maps, similarity_maps
 
 log = logging.getLogger(__name__)
@@ -200,9 +201,24 @@ def encode_batch(model, batch: dict | Batch, use_rois: bool):
     device = model.logit_scale.device
     images = batch["images"].to(device)
     if not use_rois:
-        return model.encode_image(images, use_rois=False)
+        return require_finite(model.encode_image(images, use_rois=False))
     crops = batch["crops"].to(device) if (batch["crops"] is not None and model.cfg.roi.mode == "crop") else None
-    return model.encode_image(images, batch["boxes"].to(device), batch["mask"].to(device), crops, use_rois=True)
+    return require_finite(model.encode_image(images, batch["boxes"].to(device), batch["mask"].to(device), crops, use_rois=True))
+
+
+class NonFiniteEmbeddingError(RegionmedError, ValueError):
+    """The model computed NaN/inf embeddings (damaged or diverged weights): no metric is
+    computed from them."""
+
+
+def require_finite(emb, what: str = "image"):
+    """``emb`` (an ``ImageEmbeddings`` or a tensor) unchanged; raises
+    :class:`NonFiniteEmbeddingError` when any of its tensors holds NaN or inf."""
+    tensors = [emb] if isinstance(emb, torch.Tensor) else [t for t in vars(emb).values() if isinstance(t, torch.Tensor)]
+    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
+        raise NonFiniteEmbeddingError(f"the model computed non-finite {what} embeddings (NaN/inf): its weights are "
+                                      "damaged or diverged; no metric is computed from them")
+    return emb
 
 
 def prepare_all(refs: list[ImageRef], plan: RoiPlan) -> tuple[dict[str, dict], list[tuple[str, str]]]:

@@ -219,7 +219,7 @@ class TextTower(nn.Module):
         try:
             hf_config = AutoConfig.from_pretrained(path, **cfg.config_overrides)
             self.hf_tokenizer = AutoTokenizer.from_pretrained(path)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a damaged JSON file (config, tokenizer)
             raise WeightsError(
                 f"text tower {cfg.name!r}: cannot read config/tokenizer from {path!r} offline "
                 f"(give a local folder or a model in the Hugging Face cache): {err}"

@@ -241,6 +241,14 @@ class Trainer:
 
     def _check_weights(self, what: str) -> None:
         """Raise :class:`TrainingError` when a weight holds NaN/inf: such weights are never saved."""
+        if self.guard.nonfinite_in_row:
+            # Finite weights can still compute NaN (e.g. 1e30 after an overflowing learning rate):
+            # weights whose latest steps gave non-finite losses are not saved either.
+            raise TrainingError(
+                f"step {self.step}: the last {self.guard.nonfinite_in_row} step(s) gave non-finite losses, so these weights "
+                f"compute non-finite values; {what} not written. Lower the learning rate and resume from the last "
+                "checkpoint (--allow-config-changes) or start again"
+            )
         bad = nonfinite_tensors([*self.model.named_parameters(), *self.model.named_buffers()])
         if bad:
             raise TrainingError(

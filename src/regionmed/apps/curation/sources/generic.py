@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,6 +265,9 @@ class GenericSource(Source):
                 close = difflib.get_close_matches(u, list(absent), n=1, cutoff=0.75)
                 if close:
                     hints.append(f"{absent[close[0]]}: {u}")
+                elif re.search(r"patient|subject|mrn", u, re.IGNORECASE) and "patient_col" in absent.values():
+                    # an unread patient column silently loses the patient grouping of the splits
+                    hints.append(f"patient_col: {u}")
             rep.warnings.append(
                 f"{self.name} ({table.name}): columns not used: {', '.join(repr(u) for u in unused)}; this source "
                 f"reads {', '.join(repr(c) for c in rep.columns_read) or 'none of its columns'}"
