@@ -68,7 +68,6 @@ peak resident set size (``resource.getrusage``; both the largest over ranks).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -89,7 +88,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import regionmed.losses as losses_mod  # noqa: E402
 from regionmed.distributed import cleanup_distributed, gather_tensor, init_distributed  # noqa: E402
 from regionmed.losses import LossInputs, compute_losses  # noqa: E402
 
@@ -155,20 +153,6 @@ def gather_objects(obj) -> list:
     return out
 
 
-@contextlib.contextmanager
-def single_process():
-    """Compute the loss as one process would, inside the process group (the union scheme)."""
-    names = ("get_rank", "get_world_size", "gather_with_grad", "gather_tensor")
-    saved = {n: getattr(losses_mod, n) for n in names}
-    losses_mod.get_rank, losses_mod.get_world_size = (lambda: 0), (lambda: 1)
-    losses_mod.gather_with_grad = losses_mod.gather_tensor = lambda x: x
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(losses_mod, n, f)
-
-
 # --------------------------------------------------------------------------------------
 # loss-step worker
 class SyntheticLoss:
@@ -224,8 +208,7 @@ class SyntheticLoss:
         union = LossInputs(logit_scale=local.logit_scale, **{
             name: self._union(getattr(local, name)) for name in (*self.leaves, *self.fixed)
         })
-        with single_process():
-            terms = compute_losses(union, WEIGHTS)
+        terms = compute_losses(union, WEIGHTS, distributed=False)
         terms["total"].backward()
 
 

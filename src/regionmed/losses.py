@@ -251,7 +251,7 @@ def _flat(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def compute_losses(inputs: LossInputs, weights: Mapping[str, float]) -> dict[str, Tensor]:
+def compute_losses(inputs: LossInputs, weights: Mapping[str, float], distributed: bool = True) -> dict[str, Tensor]:
     """This rank's named loss terms and their weighted sum, under the local loss.
 
     Gathers what the active terms need from every rank (one collective per field;
@@ -262,21 +262,26 @@ def compute_losses(inputs: LossInputs, weights: Mapping[str, float]) -> dict[str
     it *is* that value. Which terms are active depends only on gathered data, so it
     is the same on every rank. When no term is active, ``"total"`` is a zero that
     still backpropagates (to the logit scale). Raises ``ValueError`` for an unknown
-    name or a negative weight.
+    name or a negative weight. ``distributed=False`` computes the single-process loss even
+    inside a process group (a reference, or the old union-batch scheme in benchmarks).
     """
     _check_weights(weights)
     w = {name: float(weights.get(name, 0.0)) for name in LOSS_NAMES}
     s = inputs.logit_scale
     b = inputs.image_fused.shape[0]
-    offset = get_rank() * b
-    n_images = b * get_world_size()
+    if distributed:
+        rank, world, gather, gather_ids = get_rank(), get_world_size(), gather_with_grad, gather_tensor
+    else:
+        rank, world, gather, gather_ids = 0, 1, (lambda x: x), (lambda x: x)
+    offset = rank * b
+    n_images = b * world
     terms: dict[str, Tensor] = {}
 
     need_reports = w["global"] > 0 or (w["hard_negative"] > 0 and inputs.image_negatives is not None)
     if need_reports:
-        fused_all = gather_with_grad(inputs.image_fused)
-        report_all = gather_with_grad(inputs.report)
-        report_ids_all = gather_tensor(inputs.report_ids)
+        fused_all = gather(inputs.image_fused)
+        report_all = gather(inputs.report)
+        report_ids_all = gather_ids(inputs.report_ids)
     if w["global"] > 0:
         terms["global"] = local_infonce(
             inputs.image_fused, inputs.report, inputs.report_ids, fused_all, report_all, report_ids_all,
@@ -285,7 +290,7 @@ def compute_losses(inputs: LossInputs, weights: Mapping[str, float]) -> dict[str
     if w["summary"] > 0 and inputs.summary is not None:
         terms["summary"] = local_infonce(
             inputs.image_global, inputs.summary, inputs.summary_ids,
-            gather_with_grad(inputs.image_global), gather_with_grad(inputs.summary), gather_tensor(inputs.summary_ids),
+            gather(inputs.image_global), gather(inputs.summary), gather_ids(inputs.summary_ids),
             offset, n_images, s,
         )
 
@@ -294,8 +299,8 @@ def compute_losses(inputs: LossInputs, weights: Mapping[str, float]) -> dict[str
         k = inputs.roi.shape[1]
         roi, caption, caption_ids, roi_mask = (_flat(inputs.roi), _flat(inputs.caption), _flat(inputs.caption_ids),
                                                _flat(inputs.roi_mask))
-        roi_all, caption_all = gather_with_grad(roi), gather_with_grad(caption)
-        caption_ids_all, roi_mask_all = gather_tensor(caption_ids), gather_tensor(roi_mask)
+        roi_all, caption_all = gather(roi), gather(caption)
+        caption_ids_all, roi_mask_all = gather_ids(caption_ids), gather_ids(roi_mask)
         n_rois = roi_mask_all.sum()
         has_rois = bool(n_rois > 0)  # the same on every rank: it comes from gathered data
 
