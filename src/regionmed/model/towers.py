@@ -320,6 +320,9 @@ class TextTokenizer:
                 self._cache[text] = ids
         return [self._cache[t] for t in texts]
 
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pad(self.ids(texts))
+
     def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad token id lists to their longest: ``(input_ids, attention_mask)``."""
         length = max((len(x) for x in ids), default=1)
