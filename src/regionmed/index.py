@@ -1,0 +1,352 @@
+"""A FAISS retrieval index over images and their regions, with a metadata sidecar.
+
+>>> from regionmed.index import EmbeddingIndex
+>>> idx = EmbeddingIndex.create(predictor)                  # model id + embedding size from the predictor
+>>> idx.add_embeddings(predictor.embed_images(paths, boxes), ids=paths)
+>>> idx.save("runs/index")
+>>> idx = EmbeddingIndex.load("runs/index")
+>>> hits = idx.search_text(predictor, "left pleural effusion", k=5)[0]   # images and regions, best first
+
+Vectors are the model's L2-normalised embeddings, so the inner product FAISS
+computes is the cosine similarity (the score of every :class:`Hit`). Two FAISS
+indexes are kept, one per ``kind``: ``image`` (one vector per image: its ``fused``
+embedding, == global when the image was embedded without boxes) and ``region``
+(one vector per box: its ROI embedding); ``kind="both"`` searches both and merges by
+score.
+
+**FAISS index type**: ``IndexFlatIP`` (exact inner product). It needs no training,
+so adding to an existing index is exact and order-independent, and its results are
+the true top-k. Its cost is linear: ``4 * D`` bytes per vector (2 GiB for 1M
+vectors of D = 512) and one pass over them per query batch. ``benchmarks/bench_infer.py``
+measures the query latency at 1M vectors on this machine against an IVF index; see
+the README ("Using a trained model") for the figures and when IVF is worth its
+approximate results.
+
+Folder layout (``save`` / ``load``): ``index.json`` (format version, model id,
+embedding size, counts, FAISS type), ``image.faiss`` / ``region.faiss`` (FAISS's own
+binary format, ``faiss.write_index``; no pickle) and ``image.jsonl`` /
+``region.jsonl`` (one metadata object per vector, in FAISS row order: ``id``,
+``source``, ``kind``, ``box`` (regions: pixel xyxy), ``label`` / ``caption`` when
+known, ``image_id`` (regions: their image's id)). Metadata must be JSON-serialisable;
+never put patient identifiers in it.
+
+FAISS is an optional dependency (``pip install regionmed[index]``), imported on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from regionmed.errors import RegionmedError
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+KINDS = ("image", "region")
+SEARCH_KINDS = ("both", "image", "region")
+FAISS_TYPE = "IndexFlatIP"
+
+
+class IndexNotFoundError(RegionmedError, FileNotFoundError):
+    """An index folder that does not exist, or lacks ``index.json`` or one of its files."""
+
+
+class IndexMismatchError(RegionmedError, ValueError):
+    """Vectors or a model that do not belong to an index: another model id, another
+    embedding size, metadata that do not match the vectors, a damaged index folder."""
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError("the retrieval index needs FAISS: pip install 'regionmed[index]' (or pip install faiss-cpu)") from err
+    return faiss
+
+
+@dataclass
+class Hit:
+    """One search result: ``score`` (cosine similarity), ``kind`` (``image`` / ``region``),
+    ``id``, ``source``, ``box`` (pixel xyxy for a region, None for an image), ``label``,
+    ``image_id`` (a region's image), ``row`` (its row in the kind's FAISS index) and
+    ``meta`` (the whole metadata object)."""
+
+    score: float
+    kind: str
+    id: str
+    source: str | None = None
+    box: list[float] | None = None
+    label: str | None = None
+    image_id: str | None = None
+    row: int = -1
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "kind": self.kind, "id": self.id, "source": self.source, "box": self.box,
+                "label": self.label, "image_id": self.image_id}
+
+
+class EmbeddingIndex:
+    """Image- and region-level vectors of one model, searchable by cosine similarity.
+
+    Create with :meth:`create` (empty) or :meth:`load` (a saved folder). ``model_id``
+    and ``dim`` identify the model whose embeddings it holds; adding or querying with
+    another model's vectors raises :class:`IndexMismatchError`.
+    """
+
+    def __init__(self, model_id: str, dim: int, _indexes: dict | None = None, _meta: dict | None = None,
+                 folder: str | Path | None = None):
+        if int(dim) < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.model_id = str(model_id)
+        self.dim = int(dim)
+        faiss = _faiss()
+        self._indexes = _indexes or {k: faiss.IndexFlatIP(self.dim) for k in KINDS}
+        self._meta: dict[str, list[dict]] = _meta or {k: [] for k in KINDS}
+        self.folder = Path(folder) if folder is not None else None
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def create(cls, predictor_or_model_id, dim: int | None = None) -> "EmbeddingIndex":
+        """An empty index for a :class:`~regionmed.inference.Predictor` (its ``model_id``
+        and ``embed_dim``), or for a model id string and ``dim``."""
+        if isinstance(predictor_or_model_id, str):
+            if dim is None:
+                raise ValueError("EmbeddingIndex.create(model_id, dim): dim is required with a model id")
+            return cls(predictor_or_model_id, dim)
+        p = predictor_or_model_id
+        if dim is not None and int(dim) != p.embed_dim:
+            raise IndexMismatchError(f"dim {dim} differs from the model's embedding size {p.embed_dim}")
+        return cls(p.model_id, p.embed_dim)
+
+    def __len__(self) -> int:
+        return sum(self.count(k) for k in KINDS)
+
+    def count(self, kind: str) -> int:
+        """Vectors of ``kind`` (``image`` or ``region``)."""
+        _check_kind(kind, KINDS)
+        return int(self._indexes[kind].ntotal)
+
+    def metadata(self, kind: str) -> list[dict]:
+        """The metadata objects of ``kind``, in row order (a copy)."""
+        _check_kind(kind, KINDS)
+        return [dict(m) for m in self._meta[kind]]
+
+    # -- adding ---------------------------------------------------------------------------
+    def check_model(self, model_id: str | None = None, dim: int | None = None, what: str = "vectors") -> None:
+        """Raise :class:`IndexMismatchError` when ``model_id`` or ``dim`` differ from the index's."""
+        if dim is not None and int(dim) != self.dim:
+            raise IndexMismatchError(f"{what} have embedding size {dim}, the index{self._where()} holds size {self.dim} "
+                                     f"(model {self.model_id}): it was built by another model")
+        if model_id is not None and str(model_id) != self.model_id:
+            raise IndexMismatchError(f"{what} come from model {model_id}, the index{self._where()} was built by model "
+                                     f"{self.model_id}: build a new index for this model (or use the model that built it)")
+
+    def _where(self) -> str:
+        return f" at {self.folder}" if self.folder else ""
+
+    def add(self, vectors, metadata: Sequence[Mapping[str, Any]], kind: str = "image", model_id: str | None = None) -> None:
+        """Append ``vectors`` (N, D) (numpy or torch; L2-normalised by the model; cast to
+        float32) with one metadata mapping each (``id`` required; ``source``, ``box``,
+        ``label``, ``caption``, ``image_id`` optional, any other JSON value kept) to the
+        ``kind`` index. ``model_id``: checked against the index's when given.
+        Raises :class:`IndexMismatchError` (size, model, count mismatch, non-finite
+        values) and ``ValueError`` (a metadata object without ``id``)."""
+        _check_kind(kind, KINDS)
+        arr = _as_matrix(vectors)
+        self.check_model(model_id, arr.shape[1] if arr.ndim == 2 else None)
+        if arr.ndim != 2:
+            raise IndexMismatchError(f"vectors must be a (N, D) matrix, got shape {arr.shape}")
+        if len(metadata) != arr.shape[0]:
+            raise IndexMismatchError(f"{arr.shape[0]} vectors but {len(metadata)} metadata objects")
+        if not np.isfinite(arr).all():
+            raise IndexMismatchError("vectors hold NaN or inf values: leave such rows out (they are listed as problems)")
+        rows = []
+        for i, m in enumerate(metadata):
+            if "id" not in m or m["id"] in (None, ""):
+                raise ValueError(f"metadata #{i} has no 'id'")
+            row = {k: _jsonable(v) for k, v in m.items()}
+            row["id"] = str(m["id"])
+            row["kind"] = kind
+            rows.append(row)
+        if arr.shape[0]:
+            self._indexes[kind].add(np.ascontiguousarray(arr))
+        self._meta[kind].extend(rows)
+
+    def add_embeddings(self, result, ids: Sequence[str] | None = None, sources: Sequence[str] | None = None,
+                       labels: Sequence[Sequence[str | None]] | None = None, model_id: str | None = None) -> dict:
+        """Add an :class:`~regionmed.inference.ImageEmbeddingResult`: each image's ``fused``
+        vector (kind ``image``) and each usable box's ROI vector (kind ``region``, id
+        ``"<image id>#<box position>"``, ``box`` in pixels, ``label`` from ``labels``).
+        ``ids`` / ``sources``: one per result row (default: the result's sources).
+        Returns ``{"image": n, "region": m, "skipped_regions": r}`` (NaN rows: unusable boxes)."""
+        n = len(result)
+        sources = list(sources) if sources is not None else list(result.sources)
+        ids = list(ids) if ids is not None else sources
+        if len(ids) != n or len(sources) != n:
+            raise IndexMismatchError(f"{n} embedded images but {len(ids)} ids and {len(sources)} sources")
+        self.add(result.fused.float().numpy(), [{"id": ids[i], "source": sources[i], "size": list(result.sizes[i])}
+                                                 if result.sizes else {"id": ids[i], "source": sources[i]} for i in range(n)],
+                 "image", model_id)
+        vecs, meta, skipped = [], [], 0
+        for i in range(n):
+            roi = result.roi[i].float().numpy() if i < len(result.roi) else np.zeros((0, self.dim), np.float32)
+            for j in range(roi.shape[0]):
+                box = result.boxes[i][j] if i < len(result.boxes) and j < len(result.boxes[i]) else None
+                if box is None or not np.isfinite(roi[j]).all():
+                    skipped += 1
+                    continue
+                label = labels[i][j] if labels is not None and j < len(labels[i]) else None
+                vecs.append(roi[j])
+                meta.append({"id": f"{ids[i]}#{j}", "image_id": ids[i], "source": sources[i],
+                             "box": [float(v) for v in box], **({"label": label} if label else {})})
+        if vecs:
+            self.add(np.stack(vecs), meta, "region", model_id)
+        return {"image": n, "region": len(vecs), "skipped_regions": skipped}
+
+    # -- searching ------------------------------------------------------------------------
+    def search(self, vectors, k: int = 10, kind: str = "both") -> list[list[Hit]]:
+        """For each query row of ``vectors`` (Q, D) (or one (D,) vector), its ``k`` best
+        hits (fewer when the index holds fewer), best first. ``kind``: ``image``,
+        ``region`` or ``both`` (the ``k`` best of the two together).
+        Raises :class:`IndexMismatchError` for another embedding size."""
+        _check_kind(kind, SEARCH_KINDS)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = _as_matrix(vectors)
+        if q.ndim == 1:
+            q = q[None]
+        self.check_model(None, q.shape[1], "queries")
+        kinds = KINDS if kind == "both" else (kind,)
+        out: list[list[Hit]] = [[] for _ in range(q.shape[0])]
+        for kd in kinds:
+            index = self._indexes[kd]
+            kk = min(k, int(index.ntotal))
+            if kk == 0:
+                continue
+            scores, rows = index.search(np.ascontiguousarray(q), kk)
+            for qi in range(q.shape[0]):
+                for s, r in zip(scores[qi], rows[qi]):
+                    if r < 0:
+                        continue
+                    m = self._meta[kd][int(r)]
+                    out[qi].append(Hit(float(s), kd, m["id"], m.get("source"), m.get("box"), m.get("label") or m.get("caption"),
+                                       m.get("image_id"), int(r), dict(m)))
+        for hits in out:
+            hits.sort(key=lambda h: -h.score)
+            del hits[k:]
+        return out
+
+    def search_text(self, predictor, text: str | Sequence[str], k: int = 10, kind: str = "both",
+                    truncate: bool = False) -> list[list[Hit]]:
+        """Search by text (one string or a list: one hit list per text) embedded by
+        ``predictor``, whose model id must be the index's (:class:`IndexMismatchError`)."""
+        self.check_model(predictor.model_id, predictor.embed_dim, "the predictor's embeddings")
+        texts = [text] if isinstance(text, str) else list(text)
+        return self.search(predictor.embed_texts(texts, truncate=truncate).numpy(), k, kind)
+
+    def search_image(self, predictor, image, k: int = 10, kind: str = "both", box: Sequence[float] | None = None) -> list[list[Hit]]:
+        """Search by an image (any input :func:`regionmed.inference.load_image` takes),
+        embedded whole (``fused`` without boxes == global), or by one region of it
+        (``box``: its ROI embedding). One hit list."""
+        self.check_model(predictor.model_id, predictor.embed_dim, "the predictor's embeddings")
+        emb = predictor.embed_images([image], [[list(box)]] if box is not None else None)
+        vec = emb.roi[0] if box is not None else emb.fused
+        return self.search(vec.float().numpy(), k, kind)
+
+    # -- folder ---------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write the index into ``folder`` (created; files replaced atomically one by one)."""
+        faiss = _faiss()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for kd in KINDS:
+            tmp = folder / f".{kd}.faiss.tmp"
+            faiss.write_index(self._indexes[kd], str(tmp))
+            os.replace(tmp, folder / f"{kd}.faiss")
+            tmp = folder / f".{kd}.jsonl.tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for m in self._meta[kd]:
+                    fh.write(json.dumps(m, ensure_ascii=False) + "\n")
+            os.replace(tmp, folder / f"{kd}.jsonl")
+        info = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "dim": self.dim, "faiss_type": FAISS_TYPE,
+                "metric": "inner product of L2-normalised vectors (cosine)",
+                "counts": {kd: self.count(kd) for kd in KINDS}}
+        tmp = folder / f".{INDEX_FILE}.tmp"
+        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
+        os.replace(tmp, folder / INDEX_FILE)
+        self.folder = folder
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "EmbeddingIndex":
+        """Read a folder written by :meth:`save`. Raises :class:`IndexNotFoundError` for a
+        missing folder or file, :class:`IndexMismatchError` for a damaged one (unreadable
+        JSON or FAISS file, counts or sizes that disagree)."""
+        faiss = _faiss()
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise IndexNotFoundError(f"index folder {folder} does not exist: build one with `regionmed index`")
+        info_path = folder / INDEX_FILE
+        if not info_path.is_file():
+            raise IndexNotFoundError(f"{info_path} is missing: {folder} is not a regionmed index folder")
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+            model_id, dim = str(info["model_id"]), int(info["dim"])
+            counts = {kd: int(info["counts"][kd]) for kd in KINDS}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+            raise IndexMismatchError(f"{info_path}: not a valid index description ({type(err).__name__}: {err})") from err
+        if info.get("format_version") != FORMAT_VERSION:
+            raise IndexMismatchError(f"{info_path}: format_version {info.get('format_version')!r}, this regionmed reads {FORMAT_VERSION}")
+        indexes, meta = {}, {}
+        for kd in KINDS:
+            fpath, mpath = folder / f"{kd}.faiss", folder / f"{kd}.jsonl"
+            for p in (fpath, mpath):
+                if not p.is_file():
+                    raise IndexNotFoundError(f"{p} is missing: the index folder {folder} is incomplete")
+            try:
+                index = faiss.read_index(str(fpath))
+            except RuntimeError as err:
+                raise IndexMismatchError(f"{fpath}: not a readable FAISS index ({str(err).splitlines()[0][:200]})") from err
+            if index.d != dim:
+                raise IndexMismatchError(f"{fpath}: vectors of size {index.d}, {info_path} says {dim}")
+            rows = []
+            with open(mpath, encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as err:
+                            raise IndexMismatchError(f"{mpath}, line {n}: not valid JSON ({err})") from err
+            if not (index.ntotal == len(rows) == counts[kd]):
+                raise IndexMismatchError(f"{folder}: {kd} index holds {index.ntotal} vectors, {mpath.name} {len(rows)} rows, "
+                                         f"{INDEX_FILE} says {counts[kd]}: the folder is damaged or half written")
+            indexes[kd], meta[kd] = index, rows
+        return cls(model_id, dim, indexes, meta, folder)
+
+
+def _check_kind(kind: str, allowed: tuple[str, ...]) -> None:
+    if kind not in allowed:
+        raise ValueError(f"kind {kind!r} is not one of {list(allowed)}")
+
+
+def _as_matrix(vectors) -> np.ndarray:
+    if hasattr(vectors, "detach"):
+        vectors = vectors.detach().cpu().float().numpy()
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

@@ -1,0 +1,442 @@
+"""Inference on a trained model: embed, zero-shot classify and ground, on your own images.
+
+>>> from regionmed.inference import Predictor
+>>> p = Predictor.from_pretrained("runs/demo/region/model")          # offline, safetensors
+>>> emb = p.embed_images(["cxr.png"], boxes=[[[120, 80, 180, 140]]])  # global_, fused, roi per box
+>>> p.classify(["cxr.png"], ["pneumonia", "normal"]).scores          # (1, 2) softmax probabilities
+>>> g = p.ground("cxr.png", ["left pleural effusion"])[0]            # heatmap, peak, box, score
+
+Inputs (everywhere an image is taken): a PIL image, a numpy array (H x W or
+H x W x C, any dtype), a path (PNG, JPEG, any format Pillow opens, or DICOM:
+``.dcm`` / ``.dicom`` or the ``DICM`` magic) or encoded bytes. Files and bytes go
+through the library's one decoder (:func:`regionmed.data.decode.decode_image`:
+EXIF orientation applied, 8-bit L/RGB by the documented mode rules) and DICOM
+through its PHI-safe reader (:func:`regionmed.data.dicom.read_dicom`: single
+frame, VOI LUT / window, MONOCHROME1 inverted; no identifier is read into a
+result, a message or a log). Arrays and PIL images are taken as the pixel grid
+they are (no EXIF rotation) and converted by the same mode rules
+(:func:`regionmed.data.decode.to_8bit`; non-8-bit values by a per-image min–max).
+Pixel coordinates (boxes, peaks) are those of that decoded image: x to the right,
+y down, ``[x0, y0, x1, y1]``.
+
+Texts (phrases, prompts, labels): a text longer than the model's text context
+(``Predictor.context_length`` tokens, special tokens included) raises
+:class:`TextInputError` unless ``truncate=True``, which cuts it the way the
+tokenizer cuts training text (the first ``context_length - 1`` tokens and the
+closing special token, :class:`regionmed.model.towers.TextTokenizer`) and logs a
+warning naming how many texts were cut.
+
+Errors: :class:`ImageInputError` (an image that cannot be used), :class:`BoxError`
+(a box that cannot be used, from :mod:`regionmed.data.transforms`),
+:class:`TextInputError` (an empty phrase list, an empty or too long text). All are
+:class:`~regionmed.errors.RegionmedError` and ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from regionmed.data.decode import ImageDecodeError, decode_image, to_8bit
+from regionmed.data.dicom import DicomError, is_dicom, read_dicom
+from regionmed.data.transforms import BoxError, Preprocessor, check_boxes
+from regionmed.errors import RegionmedError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "BoxError",
+    "ClassificationResult",
+    "Grounding",
+    "ImageEmbeddingResult",
+    "ImageInputError",
+    "Predictor",
+    "Problem",
+    "TextInputError",
+    "load_image",
+    "model_digest",
+]
+
+# The most pixels an input image may have (width x height): 64 megapixels, e.g.
+# 8192 x 8192. A full-field mammogram (about 4096 x 5120) fits; larger inputs are refused
+# before their pixels are decoded (Pillow's decompression-bomb guard for files).
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+READ_OUTS = ("auto", "windows", "patch")
+
+
+class ImageInputError(RegionmedError, ValueError):
+    """An image that cannot be used: undecodable, empty, truncated, a multi-frame DICOM,
+    a DICOM without pixel data, more pixels than allowed, an unsupported type or shape.
+
+    ``source``: the input's name (a path, the ``name`` given, or ``"<array>"``,
+    ``"<bytes>"``, ``"<PIL image>"``); ``reason``: a short key (``unreadable_image``,
+    ``truncated_image``, ``decompression_bomb``, ``too_many_pixels``,
+    ``unsupported_dicom``, ``empty_image``, ``unsupported_input``, ``missing_file``);
+    ``detail``: what was found. The message is ``"<source>: <reason>: <detail>"``
+    and never holds a DICOM attribute value."""
+
+    def __init__(self, source: str, reason: str, detail: str):
+        super().__init__(f"{source}: {reason}: {detail}")
+        self.source = source
+        self.reason = reason
+        self.detail = detail
+
+
+class TextInputError(RegionmedError, ValueError):
+    """A text input that cannot be used: an empty phrase/label list, an empty text,
+    a text longer than the model's context (without ``truncate=True``)."""
+
+
+@dataclass
+class Problem:
+    """One input that was left out (``errors="skip"``) or only partly used.
+
+    ``index``: position of the image in the call's input; ``source``: its name;
+    ``reason``: a short key (as :class:`ImageInputError` / ``"invalid_box"``,
+    ``"outside"``, ``"zero_area"`` for a box); ``detail``: the message;
+    ``box``: the box's position in that image's list, for a box problem."""
+
+    index: int
+    source: str
+    reason: str
+    detail: str
+    box: int | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
+class ImageEmbeddingResult:
+    """L2-normalised embeddings of the images that could be used, in input order.
+
+    * ``global_``: (N, D) float32 — the whole image (the model's global path);
+    * ``fused``: (N, D) float32 — after the ROI processor with the given boxes
+      (``== global_`` for an image without boxes, or a model without an ROI path);
+    * ``roi``: N tensors (K_i, D) float32, row j for box j of that image as given
+      (a model without an ROI path: each box's crop embedded as a whole image); a box
+      that could not be used (``errors="skip"``) is a row of NaN, listed in ``problems``;
+    * ``boxes``: N lists of K_i boxes in the image's own pixels (xyxy), clipped to the
+      image (None for a box that could not be used);
+    * ``indices``: position in the input of each row; ``sources``: its name;
+      ``sizes``: (width, height) of each decoded image;
+    * ``problems``: the inputs left out or partly used, with their reasons.
+
+    Tensors are on the CPU."""
+
+    global_: torch.Tensor
+    fused: torch.Tensor
+    roi: list[torch.Tensor]
+    boxes: list[list[list[float] | None]]
+    indices: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.global_.shape[0])
+
+
+@dataclass
+class ClassificationResult:
+    """Zero-shot scores of the images that could be used.
+
+    ``labels``: the C class names; ``scores``: (N, C) float32 numpy — for
+    ``multi_label=False`` softmax probabilities over the classes (rows sum to 1; the
+    model's own logit scale, CLIP's zero-shot rule); for ``multi_label=True`` the
+    cosine similarity in [-1, 1] of the image with each class's prompt ensemble
+    (uncalibrated: no sigmoid, no threshold; rank images by it per class — the
+    ``similarity`` mode of :mod:`regionmed.eval.zeroshot`). ``multi_label``: which of the
+    two; ``prompts``: the prompts used per class; ``indices`` / ``sources`` /
+    ``problems`` as in :class:`ImageEmbeddingResult`."""
+
+    labels: list[str]
+    scores: np.ndarray
+    multi_label: bool
+    prompts: dict[str, list[str]]
+    indices: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    def top(self, row: int) -> tuple[str, float]:
+        """The best-scored (label, score) of result row ``row``."""
+        j = int(np.argmax(self.scores[row]))
+        return self.labels[j], float(self.scores[row, j])
+
+
+@dataclass
+class Grounding:
+    """Where one phrase is in an image.
+
+    ``heatmap``: (H, W) float32 in [0, 1] at the image's own size (the read-out's
+    similarity map, min–max normalised per phrase); ``peak``: (x, y) pixels of the
+    heatmap's maximum; ``box``: [x0, y0, x1, y1] pixels; ``score``: the raw cosine
+    similarity behind the box (the best window's for ``windows``, the map's maximum
+    for ``patch``), in [-1, 1]; ``read_out``: ``"windows"`` or ``"patch"``;
+    ``size``: the image's (width, height)."""
+
+    phrase: str
+    heatmap: np.ndarray
+    peak: tuple[float, float]
+    box: list[float]
+    score: float
+    read_out: str
+    size: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        """JSON-ready, without the heatmap."""
+        return {"phrase": self.phrase, "peak": [float(v) for v in self.peak], "box": [float(v) for v in self.box],
+                "score": float(self.score), "read_out": self.read_out, "size": list(self.size)}
+
+
+def _source_name(source: Any, name: str | None) -> str:
+    if name:
+        return str(name)
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, Image.Image):
+        return "<PIL image>"
+    if isinstance(source, np.ndarray):
+        return "<array>"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    return f"<{type(source).__name__}>"
+
+
+def _array_to_image(arr: np.ndarray, where: str) -> Image.Image:
+    """A numpy pixel array as an 8-bit L/RGB PIL image (non-uint8 values by min–max)."""
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ImageInputError(where, "unsupported_input", f"array of shape {tuple(arr.shape)} (expected H x W or H x W x 1/3/4)")
+    if arr.size == 0 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageInputError(where, "empty_image", f"array of shape {tuple(arr.shape)}")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if not (np.issubdtype(arr.dtype, np.number)):
+        raise ImageInputError(where, "unsupported_input", f"array of dtype {arr.dtype}")
+    if arr.ndim == 2:
+        if arr.dtype == np.uint8:
+            return Image.fromarray(np.ascontiguousarray(arr), "L")
+        return to_8bit(Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), "F"))[0]
+    if arr.dtype != np.uint8:  # one min–max over all colour channels (keeps the colour balance)
+        values = arr.astype(np.float64)
+        finite = np.isfinite(values)
+        lo, hi = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)
+        values = np.where(finite, values, lo)
+        arr = np.zeros(arr.shape, np.uint8) if hi <= lo else np.round((values - lo) / (hi - lo) * 255).astype(np.uint8)
+    mode = "RGB" if arr.shape[-1] == 3 else "RGBA"
+    return to_8bit(Image.fromarray(np.ascontiguousarray(arr), mode))[0]
+
+
+def load_image(source: Any, *, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode ``source`` into an 8-bit ``"L"`` or ``"RGB"`` PIL image.
+
+    ``source``: a PIL image, a numpy array (H x W or H x W x 1/3/4, any numeric dtype;
+    uint8 as is, other dtypes by a per-image min–max to 0..255), a path (str / Path) to
+    an image file or a DICOM file, or encoded bytes (DICOM recognised by its magic).
+    ``name``: how messages name the input (default: the path, or ``<array>`` etc.).
+    ``max_pixels``: the most pixels (width x height) accepted (default
+    :data:`DEFAULT_MAX_PIXELS`); larger inputs are refused before decoding.
+
+    Files and bytes: :func:`regionmed.data.decode.decode_image` (EXIF orientation
+    applied). DICOM: :func:`regionmed.data.dicom.read_dicom` (single frame; window /
+    VOI LUT; no identifier leaves it). PIL images and arrays: the pixel grid as given.
+
+    Raises :class:`ImageInputError` naming the source and the reason; ``TypeError``
+    for an input of another type.
+    """
+    where = _source_name(source, name)
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    if isinstance(source, Image.Image):
+        w, h = source.size
+        if w * h == 0:
+            raise ImageInputError(where, "empty_image", f"{w}x{h} image")
+        if w * h > limit:
+            raise ImageInputError(where, "too_many_pixels", f"{w}x{h} exceeds max_pixels={limit}")
+        try:
+            return to_8bit(source)[0]
+        except Exception as err:  # noqa: BLE001 - a lazily loaded PIL image can fail here
+            raise ImageInputError(where, "unreadable_image", f"{type(err).__name__}: {err}") from err
+    if isinstance(source, np.ndarray):
+        if source.ndim >= 2 and source.shape[0] * source.shape[1] > limit:
+            raise ImageInputError(where, "too_many_pixels", f"{source.shape[1]}x{source.shape[0]} exceeds max_pixels={limit}")
+        return _array_to_image(source, where)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageInputError(where, "missing_file", "no such file" if not path.exists() else "not a file")
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise ImageInputError(where, "unreadable_image", f"cannot read file ({err.strerror or type(err).__name__})") from err
+        return _decode_bytes(raw, where, limit, str(path))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode_bytes(bytes(source), where, limit, None)
+    raise TypeError(f"load_image takes a PIL image, a numpy array, a path or bytes, not {type(source).__name__}")
+
+
+def _decode_bytes(raw: bytes, where: str, limit: int, path: str | None) -> Image.Image:
+    if not raw:
+        raise ImageInputError(where, "empty_image", "empty file")
+    if is_dicom(raw, path):
+        try:
+            dcm = read_dicom(raw, max_pixels=limit)
+        except DicomError as err:
+            reason = "too_many_pixels" if err.reason == "decompression_bomb" else err.reason
+            raise ImageInputError(where, reason, err.detail) from None  # no pydicom context: it may quote the file
+        return Image.fromarray(dcm.array, "L" if dcm.array.ndim == 2 else "RGB")
+    try:
+        image, _ = decode_image(raw, max_pixels=limit, where=where)
+    except ImageDecodeError as err:
+        reason = "too_many_pixels" if err.reason == "decompression_bomb" else err.reason
+        raise ImageInputError(where, reason, err.detail) from err
+    return image
+
+
+def model_digest(model) -> str:
+    """A stable identifier of a model's weights and configuration: the first 20 hex
+    digits of a SHA-256 over the model config (JSON, sorted keys), the preprocessing
+    (``preprocess.json``) and every tensor of the state dict (name, dtype, shape and
+    bytes, in name order). Equal for a model and its ``save_pretrained`` /
+    ``from_pretrained`` round trip; different after any weight or config change."""
+    from regionmed.config import to_dict
+
+    h = hashlib.sha256()
+    h.update(json.dumps(to_dict(model.cfg), sort_keys=True, default=str).encode("utf-8"))
+    h.update(json.dumps(model.preprocessor.to_dict(), sort_keys=True).encode("utf-8"))
+    state = model.state_dict()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode("utf-8"))
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:20]
+
+
+class Predictor:
+    """A loaded model ready for inference (eval mode, no gradients), batched, on CPU or GPU.
+
+    ``model``: a :class:`regionmed.model.clip.RegionMedCLIP`; ``device``: where to run
+    (default: the model's device); ``batch_size``: images per forward pass;
+    ``max_pixels``: the largest input accepted (:func:`load_image`).
+
+    Attributes: ``model``; ``model_id`` (:func:`model_digest`, computed on first use);
+    ``embed_dim`` (D); ``context_length`` (text tokens); ``preprocessor`` (the model's
+    own :class:`~regionmed.data.transforms.Preprocessor`); ``has_region_path`` (the
+    model has an ROI processor); ``device``.
+    """
+
+    def __init__(self, model, device: str | torch.device | None = None, batch_size: int = 32,
+                 max_pixels: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device) if device is not None else model.logit_scale.device
+        self.model = model.to(self.device).eval()
+        self.batch_size = int(batch_size)
+        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+        self._model_id: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, batch_size: int = 32,
+                        max_pixels: int | None = None) -> "Predictor":
+        """Load a saved model folder (``regionmed.load``; raises
+        :class:`~regionmed.model.towers.WeightsError` naming what is wrong with it)."""
+        from regionmed.model.clip import load
+
+        return cls(load(path, map_location=device or "cpu"), device=device, batch_size=batch_size, max_pixels=max_pixels)
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        if self._model_id is None:
+            self._model_id = model_digest(self.model)
+        return self._model_id
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.cfg.embed_dim)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.cfg.text.context_length)
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor.from_model(self.model)
+
+    @property
+    def has_region_path(self) -> bool:
+        return self.model.roi_processor is not None
+
+    # -- images -------------------------------------------------------------------------
+    def load_image(self, source: Any, name: str | None = None) -> Image.Image:
+        """:func:`load_image` with this predictor's ``max_pixels``."""
+        return load_image(source, name=name, max_pixels=self.max_pixels)
+
+    def embed_images(self, images: Sequence[Any] | Any, boxes: Sequence[Sequence[Sequence[float]]] | None = None, *,
+                     names: Sequence[str] | None = None, errors: str = "raise",
+                     progress: bool = False) -> ImageEmbeddingResult:
+        """Embed ``images`` (a sequence of inputs, or one input) in batches of ``batch_size``.
+
+        ``boxes``: None, or one list per image of pixel ``[x0, y0, x1, y1]`` boxes in that
+        image's own coordinates (an empty list for none). Every given box gets its own ROI
+        row, in the given order (none is dropped or capped at the model's ``max_rois``:
+        a region's embedding does not depend on the other boxes; ``fused`` attends over
+        all of them). Boxes reaching past the image are clipped.
+        ``names``: how results and messages name the images. ``errors``: ``"raise"``
+        (the first bad image or box raises :class:`ImageInputError` / :class:`BoxError`)
+        or ``"skip"`` (bad images are left out and bad boxes give NaN rows, each listed
+        in ``problems``). ``progress``: a tqdm bar.
+        """
+        raise NotImplementedError
+
+    def embed_texts(self, texts: Sequence[str], *, truncate: bool = False) -> torch.Tensor:
+        """(N, D) float32 L2-normalised text embeddings on the CPU, one row per text.
+        Raises :class:`TextInputError` for an empty text, or one longer than the
+        context unless ``truncate`` (see the module docstring)."""
+        raise NotImplementedError
+
+    def classify(self, images: Sequence[Any] | Any, labels: Sequence[str] | Mapping[str, Sequence[str]],
+                 multi_label: bool = False, prompts: Any = None, *, boxes=None, names: Sequence[str] | None = None,
+                 errors: str = "raise", truncate: bool = False, progress: bool = False) -> ClassificationResult:
+        """Zero-shot classification of ``images`` against ``labels``.
+
+        ``labels``: class names — each class's prompts come from the prompt set
+        (``prompts``: a :class:`~regionmed.eval.prompts.PromptSet`, a path to a prompt
+        YAML, or None for the packaged ``eval/prompts/default.yaml``; its ``class_text``
+        words a known class, any other class name fills the templates as it is) — or a
+        mapping ``class -> list of prompts`` (used as given). A class's prompts are
+        embedded, averaged and re-normalised (a prompt ensemble, CLIP's practice).
+        The image side is ``fused`` (== global without ``boxes``).
+        ``multi_label``: see :class:`ClassificationResult` for what the scores are.
+        Raises :class:`TextInputError` for no labels, a single label with
+        ``multi_label=False``, or an empty class prompt list.
+        """
+        raise NotImplementedError
+
+    def ground(self, image: Any, phrases: Sequence[str] | str, read_out: str = "auto", *, threshold: float = 0.5,
+               truncate: bool = False, name: str | None = None) -> list[Grounding]:
+        """Ground each phrase in ``image``: one :class:`Grounding` per phrase, in order.
+
+        ``read_out``: ``"windows"`` — square windows at three scales slide over the image
+        and each is embedded through the model's region path and scored against the
+        phrase (:mod:`regionmed.eval.grounding`; the heatmap is the mean score of the
+        windows covering each pixel, the box the best window); ``"patch"`` — the
+        patch–text cosine map (the box bounds the connected component around the
+        maximum of the map thresholded at ``min + threshold * (max - min)``);
+        ``"auto"``: ``windows`` for a model with a region path, else ``patch``.
+        Raises :class:`TextInputError` for an empty phrase list, an empty phrase or one
+        longer than the context (unless ``truncate``); :class:`ImageInputError`.
+        """
+        raise NotImplementedError
