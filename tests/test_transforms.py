@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from regionmed.config import ConfigError
-from regionmed.data.transforms import Preprocessor, to_rgb
+from regionmed.data.transforms import BoxError, Preprocessor, to_rgb
 
 
 def _image_with_square(w, h, box):
@@ -59,9 +59,14 @@ def test_sixteen_bit_images_are_scaled():
 def test_prepare_sanitises_and_limits_boxes():
     pre = Preprocessor(image_size=32, roi_size=16, max_rois=2)
     image = Image.new("L", (100, 100))
-    inputs = pre.prepare(image, [(10, 10, 30, 30), (500, 500, 600, 600), (0, 0, 5, 5), (50, 50, 60, 60)])
+    boxes = [(10, 10, 30, 30), (500, 500, 600, 600), (0, 0, 5, 5), (50, 50, 60, 60)]
+    inputs = pre.prepare(image, boxes, on_invalid="drop")  # the training-time rule
     assert inputs["boxes"].shape == (1, 2, 4) and inputs["roi_crops"].shape == (2, 3, 16, 16)
     assert torch.all(inputs["roi_mask"])
+    with pytest.raises(BoxError, match=r"box #1 .*outside the image"):  # the default: no silent shift of ROI rows
+        pre.prepare(image, boxes)
+    kept = pre.prepare(image, [(10, 10, 30, 30), (0, 0, 5, 5), (50, 50, 160, 60)])  # all kept, beyond max_rois, clipped
+    assert kept["boxes"].shape == (1, 3, 4) and float(kept["boxes"][0, 2, 2]) == pytest.approx((100 * 32 / 100) / 32)
 
 
 def test_preprocessor_is_frozen_and_varied_with_replace():

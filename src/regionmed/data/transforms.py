@@ -22,9 +22,42 @@ from PIL import Image
 from regionmed.config import ConfigError
 from regionmed.data.decode import to_8bit
 from regionmed.data.schema import sanitize_box
+from regionmed.errors import RegionmedError
 
 PREPROCESS_FILE = "preprocess.json"
 ROI_MODES = ("crop", "align", "none")
+BOX_POLICIES = ("raise", "drop")
+
+
+class BoxError(RegionmedError, ValueError):
+    """A box that cannot be used: not 4 finite numbers, inverted (x1 < x0 or y1 < y0),
+    outside the image, or under 1 pixel wide or high after clipping to the image.
+
+    ``index``: its position in the list given; ``status``: ``"invalid"``,
+    ``"outside"`` or ``"zero_area"`` (:func:`regionmed.data.schema.sanitize_box`);
+    ``where``: the image's name when the caller gave one."""
+
+    def __init__(self, index: int, box, status: str, width: int, height: int, where: str | None = None):
+        what = {"invalid": "is not 4 finite numbers with x0 <= x1 and y0 <= y1", "outside": "lies outside the image",
+                "zero_area": "is under 1 pixel wide or high inside the image"}.get(status, status)
+        shown = list(box) if isinstance(box, (list, tuple)) else box
+        super().__init__(f"{where + ': ' if where else ''}box #{index} {shown!r} {what} ({width}x{height} pixels, xyxy)")
+        self.index, self.box, self.status, self.where = index, box, status, where
+
+
+def check_boxes(boxes, width: int, height: int) -> list[tuple[tuple[float, float, float, float] | None, str]]:
+    """Each pixel xyxy box of ``boxes`` clipped to a ``width`` x ``height`` image, with its
+    status (``kept``, ``clipped``, ``invalid``, ``outside``, ``zero_area``; the box is None
+    for the last three): one entry per box, in order, so positions never shift."""
+    out = []
+    for b in boxes or []:
+        try:
+            values = [float(v) for v in b]
+        except (TypeError, ValueError):
+            out.append((None, "invalid"))
+            continue
+        out.append(sanitize_box(values, width, height))
+    return out
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -183,11 +216,26 @@ class Preprocessor:
             ) if boxes else torch.zeros(0, 3, self.roi_size, self.roi_size)
         return {"image": self._normalise(square), "boxes": norm.clamp(0, 1), "crops": crops}
 
-    def prepare(self, image: Image.Image, boxes: list | None = None) -> dict:
-        """Model-ready batch of one: sanitises ``boxes`` (pixel xyxy), keeps at most
-        ``max_rois``, and returns the keyword arguments of ``model.encode_image``."""
+    def prepare(self, image: Image.Image, boxes: list | None = None, on_invalid: str = "raise") -> dict:
+        """Model-ready batch of one: the keyword arguments of ``model.encode_image``.
+
+        ``boxes``: pixel xyxy boxes, clipped to the image. ``on_invalid``: ``"raise"``
+        (default) — a box that cannot be used raises :class:`BoxError` naming its
+        position, and every box is kept (ROI row j is box j; more than ``max_rois`` is
+        fine: a region's embedding does not depend on the others); ``"drop"`` — unusable
+        boxes are left out and at most ``max_rois`` kept (the training-time rule; ROI rows
+        then no longer match the given positions)."""
+        if on_invalid not in BOX_POLICIES:
+            raise ValueError(f"on_invalid {on_invalid!r} is not one of {BOX_POLICIES}")
         w, h = image.size
-        kept = [b for b in (sanitize_box(list(b), w, h)[0] for b in (boxes or [])) if b is not None][: self.max_rois]
+        checked = check_boxes(boxes, w, h)
+        if on_invalid == "raise":
+            bad = next((i for i, (b, _) in enumerate(checked) if b is None), None)
+            if bad is not None:
+                raise BoxError(bad, list(boxes)[bad], checked[bad][1], w, h)
+            kept = [b for b, _ in checked]
+        else:
+            kept = [b for b, _ in checked if b is not None][: self.max_rois]
         out = self(image, kept)
         n = len(kept)
         return {
