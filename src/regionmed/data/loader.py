@@ -3,12 +3,14 @@
 :class:`RegionSampleDataset` turns a record into tensors (boxes sanitised and
 counted), :func:`collate` pads ROIs, and :class:`StepBatchSampler` gives a
 deterministic, resumable order: the global batch of step ``s`` depends only on
-``(seed, s)``, and rank ``r`` takes its slice of it.
+``(seed, s)``, and rank ``r`` takes its slice of it. :class:`MixedSampleDataset` and
+:class:`MixedStepBatchSampler` do the same over several datasets drawn with weights.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -17,9 +19,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from regionmed.data.schema import BoxStats, RecordError, sanitize_regions
-from regionmed.data.shards import DatasetError, MedRegionDataset, SampleError
+from regionmed.data.shards import DEFAULT_MAX_OPEN_FILES, DatasetError, MedRegionDataset, SampleError, counts_from_stats
 from regionmed.data.transforms import Preprocessor
 from regionmed.errors import RegionmedError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +42,9 @@ class Batch:
     # Unreadable samples met while making this batch: (dataset index, "<shard>:<key>", reason).
     # Training replaced each by the next readable one; evaluation left it out.
     bad_samples: list[tuple[int, str, str]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # B names of the dataset each sample came from (mixing)
+    # Streaming reader only: {"rank/worker": shards fully delivered} after this batch (resume point).
+    stream_state: dict = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "Batch":
         self.images = self.images.to(device, non_blocking=True)
@@ -45,6 +52,15 @@ class Batch:
         self.roi_mask = self.roi_mask.to(device, non_blocking=True)
         if self.roi_crops is not None:
             self.roi_crops = self.roi_crops.to(device, non_blocking=True)
+        return self
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies of the tensors (called by the DataLoader's pin-memory thread)."""
+        self.images = self.images.pin_memory()
+        self.boxes = self.boxes.pin_memory()
+        self.roi_mask = self.roi_mask.pin_memory()
+        if self.roi_crops is not None:
+            self.roi_crops = self.roi_crops.pin_memory()
         return self
 
     def __len__(self) -> int:
@@ -74,10 +90,12 @@ class RegionSampleDataset(Dataset):
     """
 
     def __init__(self, root: str, split: str, preprocessor: Preprocessor, max_negatives: int = 3, use_rois: bool = True,
-                 max_image_negatives: int | None = None, on_bad: str = "raise"):
+                 max_image_negatives: int | None = None, on_bad: str = "raise", max_open_files: int = DEFAULT_MAX_OPEN_FILES,
+                 source: str = ""):
         if on_bad not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad must be one of {BAD_SAMPLE_POLICIES}, got {on_bad!r}")
-        self.data = MedRegionDataset(root, split)
+        self.data = MedRegionDataset(root, split, max_open_files=max_open_files)
+        self.source = source  # tag of every sample (dataset mixing); "" = untagged
         self.pre = preprocessor
         self.max_negatives = max_negatives
         self.max_image_negatives = max_negatives if max_image_negatives is None else max_image_negatives
@@ -117,34 +135,30 @@ class RegionSampleDataset(Dataset):
         and key when it cannot be read or prepared."""
         try:
             image, record = self.data[index]
-            regions = sanitize_regions(record)[0][: self.pre.max_rois] if self.use_rois else []
-            out = self.pre(image, [r["box"] for r in regions])
         except SampleError:
             raise
         except _SAMPLE_FAULTS as err:
-            where = self.data.where(index)
-            reason = str(err)
-            if reason.startswith(where):  # a RecordError already names the sample
-                reason = reason[len(where):].lstrip(": ")
-            raise SampleError(where, f"{reason} ({type(err).__name__})") from err
-        return {
-            "id": record["id"],
-            "image": out["image"],
-            "boxes": out["boxes"],
-            "crops": out["crops"],
-            "report": record["report"],
-            "summary": record["summary"],
-            "captions": [r["caption"] for r in regions],
-            "roi_negatives": [[n["text"] for n in r.get("negatives", [])][: self.max_negatives] for r in regions],
-            "roi_negative_rules": [[n.get("rule", "unknown") for n in r.get("negatives", [])][: self.max_negatives] for r in regions],
-            "image_negatives": [n["text"] for n in record.get("negatives", [])][: self.max_image_negatives],
-        }
+            raise _sample_error(self.data.where(index), err) from err
+        sample = prepare_sample(image, record, self.pre, self.use_rois, self.max_negatives, self.max_image_negatives,
+                                self.data.where(index))
+        if self.source:
+            sample["source"] = self.source
+        return sample
+
+    def manifest_counts(self) -> Counter | None:
+        """The counts of :meth:`audit` from the split's build-time statistics in manifest.json
+        (no pass over the records), or None when the manifest has none."""
+        stats = self.data.info.get("stats")
+        if not stats:
+            return None
+        return counts_from_stats(stats, self.pre.max_rois, self.max_negatives, self.max_image_negatives)
 
     def audit(self) -> Counter:
         """Count, once over all records (JSON only): samples, usable regions, region and
         image negatives, the boxes that will be clipped or dropped, the regions beyond
         ``max_rois``, and the records that cannot be read (``records_unreadable``; their
-        names in :attr:`unreadable_records`)."""
+        names in :attr:`unreadable_records`). A full pass: training takes these counts
+        from the manifest (:meth:`manifest_counts`) when the builder recorded them."""
         counts: Counter = Counter()
         stats = BoxStats()
         self.unreadable_records = []
@@ -163,6 +177,37 @@ class RegionSampleDataset(Dataset):
             counts["rois_over_max"] += max(0, len(regions) - self.pre.max_rois)
         counts.update({f"boxes_{k}": v for k, v in stats.as_dict().items()})
         return counts
+
+
+def _sample_error(where: str, err: BaseException) -> SampleError:
+    reason = str(err)
+    if reason.startswith(where):  # a RecordError already names the sample
+        reason = reason[len(where):].lstrip(": ")
+    return SampleError(where, f"{reason} ({type(err).__name__})")
+
+
+def prepare_sample(image: Image.Image, record: dict, pre: Preprocessor, use_rois: bool, max_negatives: int,
+                   max_image_negatives: int, where: str) -> dict:
+    """One decoded sample (image and validated record) as tensors and texts, for
+    :func:`collate`: the same for the indexed and the streaming reader. Raises
+    :class:`SampleError` naming ``where`` when it cannot be prepared."""
+    try:
+        regions = sanitize_regions(record)[0][: pre.max_rois] if use_rois else []
+        out = pre(image, [r["box"] for r in regions])
+    except _SAMPLE_FAULTS as err:
+        raise _sample_error(where, err) from err
+    return {
+        "id": record["id"],
+        "image": out["image"],
+        "boxes": out["boxes"],
+        "crops": out["crops"],
+        "report": record["report"],
+        "summary": record["summary"],
+        "captions": [r["caption"] for r in regions],
+        "roi_negatives": [[n["text"] for n in r.get("negatives", [])][: max_negatives] for r in regions],
+        "roi_negative_rules": [[n.get("rule", "unknown") for n in r.get("negatives", [])][: max_negatives] for r in regions],
+        "image_negatives": [n["text"] for n in record.get("negatives", [])][: max_image_negatives],
+    }
 
 
 def pad_rois(samples: list[dict], max_rois: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -219,6 +264,7 @@ def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
         ids=[s["id"] for s in samples],
         roi_negative_rules=[n for s in samples for n in s["roi_negative_rules"]],
         bad_samples=bad,
+        sources=[s.get("source", "") for s in samples],
     )
 
 
@@ -258,14 +304,122 @@ class StepBatchSampler(Sampler[list[int]]):
         return max(0, self.total_steps - self.start_step)
 
 
-def make_loader(dataset: RegionSampleDataset, sampler: StepBatchSampler, num_workers: int = 0, seed: int = 0) -> DataLoader:
-    """Training batches with a fixed ROI dimension (the dataset's ``max_rois``)."""
+class MixedSampleDataset(Dataset):
+    """Several :class:`RegionSampleDataset` s as one index space (dataset ``j`` at offsets
+    ``starts[j] .. starts[j+1]-1``); each sample is tagged with its dataset's ``source`` name.
+    Bad samples are substituted within their own dataset."""
+
+    def __init__(self, datasets: list[RegionSampleDataset]):
+        if not datasets:
+            raise ValueError("MixedSampleDataset needs at least one dataset")
+        self.datasets = datasets
+        self.sizes = [len(d) for d in datasets]
+        self.starts = [0]
+        for n in self.sizes:
+            self.starts.append(self.starts[-1] + n)
+        self.max_rois = datasets[0].max_rois
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index: int) -> dict:
+        j = next(k for k in range(len(self.datasets)) if index < self.starts[k + 1])
+        sample = self.datasets[j][index - self.starts[j]]
+        sample["bad"] = [(i + self.starts[j], w, r) for i, w, r in sample.get("bad", [])]
+        return sample
+
+
+def mixed_counts(weights: list[float], total: int) -> list[int]:
+    """Per-source draws among the first ``total`` samples of a weighted mix: the largest-remainder
+    rounding of ``total * w_j / sum(w)`` (each within 1 of its expected value; they sum to ``total``).
+    Monotone in ``total`` per source, so step ``s`` draws ``counts(s+1) - counts(s)`` from each."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    exact = w / w.sum() * total
+    base = torch.floor(exact).long()
+    rest = total - int(base.sum())
+    if rest:
+        # ties broken by position; the fractional parts decide which sources get one more
+        order = sorted(range(len(weights)), key=lambda j: (-(float(exact[j]) - int(base[j])), j))
+        for j in order[:rest]:
+            base[j] += 1
+    return base.tolist()
+
+
+class MixedStepBatchSampler(Sampler[list[int]]):
+    """A deterministic weighted mix of several datasets (the role of open_clip's upsampling
+    factors): the global batch of step ``s`` depends only on ``(seed, s)``, as with
+    :class:`StepBatchSampler`, so resumption is exact and independent of the world size.
+
+    Of the first ``s * global_batch`` samples, source ``j`` contributes ``mixed_counts`` —
+    its weighted share within one sample — and walks its own sequence of seeded
+    permutations (an epoch of a source ends when all its samples were drawn; a small
+    source with a large weight is repeated, i.e. upsampled). The global batch is then
+    shuffled (seeded by step) and rank ``r`` takes the ``r``-th of ``world`` slices.
+    Indices are those of :class:`MixedSampleDataset` over the same datasets.
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], global_batch: int, seed: int, total_steps: int,
+                 start_step: int = 0, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"batch size {global_batch} is not divisible by the world size {world}")
+        if len(sizes) != len(weights) or not sizes or any(w <= 0 for w in weights) or any(n <= 0 for n in sizes):
+            raise ValueError(f"sizes {sizes} and weights {weights}: one positive weight per non-empty dataset")
+        self.sizes, self.weights = list(sizes), list(weights)
+        self.starts = [0]
+        for n in sizes:
+            self.starts.append(self.starts[-1] + n)
+        self.global_batch, self.seed = global_batch, seed
+        self.total_steps, self.start_step = total_steps, start_step
+        self.rank, self.world = rank, world
+        self._perms: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _draw(self, j: int, pos: int) -> int:
+        epoch, i = divmod(pos, self.sizes[j])
+        perm = self._perms.get((j, epoch))
+        if perm is None:
+            for key in [k for k in self._perms if k[0] == j]:
+                del self._perms[key]
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + j) * 1_000_033 + epoch)
+            perm = self._perms[(j, epoch)] = torch.randperm(self.sizes[j], generator=gen)
+        return self.starts[j] + int(perm[i])
+
+    def global_indices(self, step: int) -> list[int]:
+        before = mixed_counts(self.weights, step * self.global_batch)
+        after = mixed_counts(self.weights, (step + 1) * self.global_batch)
+        out = [self._draw(j, pos) for j in range(len(self.sizes)) for pos in range(before[j], after[j])]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_777_777 + step)
+        return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+
+    def __iter__(self):
+        per_rank = self.global_batch // self.world
+        for step in range(self.start_step, self.total_steps):
+            batch = self.global_indices(step)
+            yield batch[self.rank * per_rank: (self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+
+def loader_options(num_workers: int, pin_memory: bool | None = None, prefetch_factor: int | None = None) -> dict:
+    """DataLoader keyword arguments for the host: ``pin_memory`` when CUDA is present (page-locked
+    host batches, copied asynchronously by ``Batch.to(non_blocking=True)``; ``None`` = auto) and
+    ``prefetch_factor`` batches in flight per worker (only with workers; ``None`` = PyTorch's 2)."""
+    opts: dict = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory}
+    if num_workers > 0 and prefetch_factor is not None:
+        opts["prefetch_factor"] = prefetch_factor
+    return opts
+
+
+def make_loader(dataset: RegionSampleDataset | MixedSampleDataset, sampler: Sampler, num_workers: int = 0, seed: int = 0,
+                pin_memory: bool | None = None, prefetch_factor: int | None = None) -> DataLoader:
+    """Training batches with a fixed ROI dimension (the dataset's ``max_rois``); see
+    :func:`loader_options` for ``pin_memory`` and ``prefetch_factor``."""
     # A private generator: creating the iterator must not consume the global RNG (exact resume).
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=functools.partial(collate, max_rois=dataset.max_rois),
-        num_workers=num_workers,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
+        **loader_options(num_workers, pin_memory, prefetch_factor),
     )
