@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -84,8 +84,12 @@ class GuardedStep:
         return contextlib.nullcontext()
 
     def step(self, terms: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
-             where: str = "") -> dict[str, float] | None:
+             where: str = "", backward: Callable[[float], None] | None = None) -> dict[str, float] | None:
         """Backward, clip and step on ``terms["total"]``; ``where`` names the step in errors.
+
+        ``backward(factor)``, when given, replaces ``(factor * terms["total"]).backward()``
+        (gradient accumulation: :func:`regionmed.task.accumulate`, whose ``terms`` carry no
+        graph); it is called only when the total is finite.
 
         Returns every term's value summed over ranks (the single-process value on the
         union batch), or None when the step was skipped for a non-finite loss or
@@ -98,7 +102,10 @@ class GuardedStep:
         out = dict(zip(names, values.tolist()))
         if not math.isfinite(out["total"]):
             return self._skip(optimizer, f"non-finite loss ({out})", where)
-        (terms["total"] * get_world_size()).backward()
+        if backward is None:
+            (terms["total"] * get_world_size()).backward()
+        else:
+            backward(float(get_world_size()))
         params = [p for p in params if p.requires_grad]
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)

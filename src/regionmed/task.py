@@ -20,11 +20,24 @@ with :meth:`set_stage`.
 Under DDP (which averages gradients over ``W`` ranks), back-propagate
 ``W × terms["total"]``: the result is then the gradient of the single-process loss
 on the union batch. :class:`regionmed.optim.GuardedStep` does that.
+
+Gradient accumulation (:func:`accumulate`, the trainer's ``train.accum_freq``): a
+batch of ``A × B`` rows split into ``A`` micro-batches gives the loss and gradient
+of the one large batch, with the activation memory of one micro-batch — the
+contrastive loss couples every row with every other, so it cannot be summed over
+micro-batches. As open_clip's ``accum_freq``: the loss inputs (embeddings) of every
+micro-batch are first computed without gradient and cached; then each micro-batch
+is encoded again with gradient and the loss of the whole batch is computed with
+that micro-batch's rows fresh and the others' cached, and back-propagated. The
+gradients of the ``A`` passes sum to the large batch's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +46,7 @@ from regionmed.data.loader import Batch
 from regionmed.losses import LOSS_NAMES, LossInputs, compute_losses, text_ids
 from regionmed.model.clip import RegionMedCLIP
 
-__all__ = ["TrainingTask", "REGION_LOSSES"]
+__all__ = ["TrainingTask", "REGION_LOSSES", "Accumulation", "accumulate", "concat_loss_inputs", "split_batch"]
 
 REGION_LOSSES = ("region", "hard_negative")
 
@@ -67,8 +80,37 @@ class TrainingTask(nn.Module):
     def active(self) -> set[str]:
         return {k for k, w in self.weights.items() if w > 0}
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        return compute_losses(self.loss_inputs(batch), self.weights)
+    def forward(self, batch: Batch, mode: str = "loss", cache: Sequence[LossInputs] | None = None,
+                part: int | None = None) -> dict[str, Tensor] | LossInputs:
+        """The loss terms of ``batch`` (``mode="loss"``), or, for :func:`accumulate`:
+
+        * ``mode="features"``: the batch's :class:`LossInputs` (call under ``torch.no_grad()``);
+        * ``mode="accumulate"``: the loss terms of the whole accumulated batch, with
+          micro-batch ``part`` (= ``batch``) encoded afresh and the other micro-batches
+          taken from ``cache`` (their ``"features"`` outputs, without gradient). The
+          temperature carries gradient in part 0 only, so the passes' gradients sum to
+          the large batch's once.
+
+        Modes go through ``forward`` (not separate methods) so that a
+        ``DistributedDataParallel`` wrapper sees every pass that builds a graph.
+        """
+        if mode == "loss":
+            return compute_losses(self.loss_inputs(batch), self.weights)
+        if mode == "features":
+            return self.loss_inputs(batch)
+        if mode == "accumulate":
+            if cache is None or part is None or not 0 <= part < len(cache):
+                raise ValueError("mode 'accumulate' needs cache (the micro-batches' features) and part (an index into it)")
+            fresh = self.loss_inputs(batch)
+            parts = [fresh if i == part else c for i, c in enumerate(cache)]
+            scale = fresh.logit_scale if part == 0 else fresh.logit_scale.detach()
+            return compute_losses(concat_loss_inputs(parts, logit_scale=scale), self.weights)
+        raise ValueError(f"unknown mode {mode!r}: 'loss', 'features' or 'accumulate'")
+
+    def loss_from_cache(self, cache: Sequence[LossInputs]) -> dict[str, Tensor]:
+        """The loss terms of the concatenated cached micro-batches (values; no gradient)."""
+        with torch.no_grad():
+            return compute_losses(concat_loss_inputs(cache), self.weights)
 
     # ------------------------------------------------------------------------------
     def loss_inputs(self, batch: Batch) -> LossInputs:
@@ -149,3 +191,148 @@ def _slot_indices(lists: list[list[str]], slots: int, row: dict[str, int], pad: 
         cols = torch.arange(len(flat)) - torch.repeat_interleave(starts, lengths)
         out[rows, cols] = torch.tensor(flat, dtype=torch.long)
     return out.to(device)
+
+
+# ----------------------------------------------------------------------------------
+# Gradient accumulation
+
+
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """Split ``batch`` into ``parts`` consecutive micro-batches of equal size.
+
+    Per-image fields are cut by rows; per-ROI fields (``roi_crops``, ``captions``,
+    ``roi_negatives``, ``roi_negative_rules``), which list the valid ROIs in
+    ``roi_mask.nonzero()`` order, are cut at the rows' ROI counts. Concatenating the
+    parts gives ``batch`` back. Raises ``ValueError`` when ``len(batch)`` is not a
+    multiple of ``parts``.
+    """
+    n = len(batch)
+    if parts < 1 or n % parts:
+        raise ValueError(f"a batch of {n} rows cannot be split into {parts} equal micro-batches")
+    if parts == 1:
+        return [batch]
+    size = n // parts
+    per_row = batch.roi_mask.sum(dim=1).tolist()
+    out = []
+    for p in range(parts):
+        r0, r1 = p * size, (p + 1) * size
+        k0, k1 = int(sum(per_row[:r0])), int(sum(per_row[:r1]))
+        out.append(dataclasses.replace(
+            batch,
+            images=batch.images[r0:r1], boxes=batch.boxes[r0:r1], roi_mask=batch.roi_mask[r0:r1],
+            roi_crops=None if batch.roi_crops is None else batch.roi_crops[k0:k1],
+            reports=batch.reports[r0:r1], summaries=batch.summaries[r0:r1], captions=batch.captions[k0:k1],
+            roi_negatives=batch.roi_negatives[k0:k1], image_negatives=batch.image_negatives[r0:r1], ids=batch.ids[r0:r1],
+            roi_negative_rules=batch.roi_negative_rules[k0:k1] if batch.roi_negative_rules else [],
+            bad_samples=list(batch.bad_samples) if p == 0 else [],
+        ))
+    return out
+
+
+def concat_loss_inputs(parts: Sequence[LossInputs], logit_scale: Tensor | None = None) -> LossInputs:
+    """Row-wise concatenation of micro-batches' :class:`LossInputs` (every field is
+    ``(B, ...)`` with fixed trailing shapes). The temperature is ``logit_scale`` when
+    given, else the first part's. Raises ``ValueError`` when parts disagree on which
+    fields they hold."""
+    if not parts:
+        raise ValueError("no micro-batch to concatenate")
+    values = {}
+    for f in dataclasses.fields(LossInputs):
+        if f.name == "logit_scale":
+            continue
+        items = [getattr(p, f.name) for p in parts]
+        present = [x is not None for x in items]
+        if not any(present):
+            values[f.name] = None
+        elif not all(present):
+            raise ValueError(f"micro-batches disagree on field {f.name!r} (present in some, absent in others)")
+        else:
+            values[f.name] = items[0] if len(items) == 1 else torch.cat(items)
+    return LossInputs(logit_scale=parts[0].logit_scale if logit_scale is None else logit_scale, **values)
+
+
+@dataclass
+class Accumulation:
+    """What :func:`accumulate` returns.
+
+    ``terms``: the loss terms of the whole accumulated batch (detached; on each rank the
+    local-loss share, as :meth:`TrainingTask.forward` returns them). ``backward(factor)``
+    runs the recomputing passes and back-propagates ``factor × total`` of the whole batch
+    (``factor`` = the world size under DDP, see :class:`regionmed.optim.GuardedStep`).
+    ``pass_totals``: the total of each recomputing pass, filled by ``backward`` (each
+    equals ``terms["total"]`` up to float rounding when the forward pass is reproducible).
+    """
+
+    terms: dict[str, Tensor]
+    backward: Callable[[float], None]
+    pass_totals: list[float] = dataclasses.field(default_factory=list)
+
+
+def _batchnorm_buffers(module: nn.Module) -> list[Tensor]:
+    return [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def accumulate(runner: nn.Module, task: TrainingTask, micro_batches: Sequence[Batch],
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Accumulation:
+    """Loss and gradient of the concatenation of ``micro_batches``, one micro-batch's
+    activations at a time (gradient accumulation for contrastive losses).
+
+    ``runner`` is ``task`` or its ``DistributedDataParallel`` wrapper; every pass goes
+    through it, and every pass but the last runs under ``runner.no_sync()`` (one
+    gradient all-reduce per step). ``autocast`` returns the precision context.
+
+    Exactness: the random-number state before each micro-batch's first encoding is
+    restored before it is encoded again (same dropout masks), and BatchNorm running
+    statistics are rolled back after the caching pass (updated once per micro-batch).
+    Loss and gradient then equal those of one batch of the concatenated rows
+    (:func:`torch.testing.assert_close` in ``tests/test_accumulation.py``: loss 1e-5,
+    gradients 1e-4) for towers without batch statistics (ViT, BERT). A BatchNorm tower
+    in training mode normalises each micro-batch with its own statistics, as each rank
+    does under CPU data parallelism. Reference: open_clip's ``accum_freq``; Gao et al.,
+    "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup" (GradCache, 2021).
+    """
+    if not micro_batches:
+        raise ValueError("no micro-batch to accumulate")
+    device = micro_batches[0].images.device
+    buffers = _batchnorm_buffers(task)
+    saved_buffers = [b.detach().clone() for b in buffers]
+    rng: list[tuple] = []
+    cache: list[LossInputs] = []
+    with torch.no_grad():
+        for mb in micro_batches:
+            rng.append(_rng_state(device))
+            with autocast():
+                cache.append(runner(mb, mode="features"))
+    after = _rng_state(device)
+    with torch.no_grad():
+        for b, saved in zip(buffers, saved_buffers):
+            b.copy_(saved)
+    terms = task.loss_from_cache(cache)
+    result = Accumulation(terms={k: v.detach() for k, v in terms.items()}, backward=lambda factor: None)
+
+    def backward(factor: float) -> None:
+        last = len(micro_batches) - 1
+        no_sync = getattr(runner, "no_sync", None)
+        for j, mb in enumerate(micro_batches):
+            _set_rng_state(rng[j], device)
+            context = no_sync() if (no_sync is not None and j < last) else contextlib.nullcontext()
+            with context:
+                with autocast():
+                    part_terms = runner(mb, mode="accumulate", cache=cache, part=j)
+                (part_terms["total"] * factor).backward()
+            result.pass_totals.append(float(part_terms["total"].detach()))
+        _set_rng_state(after, device)
+
+    result.backward = backward
+    return result
