@@ -9,7 +9,12 @@ modality (:class:`CaptionConfig.laterality`).
 Hard negatives change one clinically meaningful element (laterality, zone, a
 finding swapped for a confusable one, size/severity, negation). Each negative
 records the rule that made it and is never equal to its positive after
-:func:`normalize`; a rule that cannot change the text is skipped.
+:func:`normalize`; a rule that cannot change the text is skipped. The zone, size
+and negation rules only change *finding sentences* (a sentence naming an imaging
+finding, or the content of a "Finding(s):"/"Impression:" section): a view or
+technique statement ("PA chest radiograph."), history, or a phrase about change
+("no change in ...") is never what a negative changes, and the negation rule
+does not fire rather than negate something that is no finding.
 """
 
 from __future__ import annotations
@@ -270,7 +275,114 @@ def _swap_words(text: str, table: dict[str, str], count: int = 0) -> str | None:
     return pat.sub(lambda m: _match_case(m.group(0), table[m.group(0).lower()]), text, count=count)
 
 
+# Imaging findings (stems). A sentence is a *finding sentence* when it names one of these (or a
+# key of CaptionConfig.confusables); the zone, size and negation rules only change finding
+# sentences, so a view/technique statement ("PA chest radiograph.") or a line of history is
+# never what a negative changes.
+_FINDING_STEMS = (
+    r"opacit\w*|opacification|consolidat\w*|effusions?|infiltrat\w*|nodul\w*|masses|mass|lesions?|"
+    r"pneumothora\w*|hydrothora\w*|hemothora\w*|atelecta\w*|o?edema|fibros\w*|ground.glass|cardiomegal\w*|"
+    r"fractur\w*|tumou?rs?|ha?emorrhag\w*|infarct\w*|cysts?|abscess\w*|pneumonia|pneumonitis|cavitat\w*|cavitary|emphysema|"
+    r"lymphadenopath\w*|thickening|prominence|deviation|calcifi\w*|granulomas?|metasta\w*|collapse|enlarge\w*|"
+    r"widening|bronchiectasis|herni\w*|lucenc\w*|airspace disease|air.space disease|interstitial (?:pattern|markings?)|"
+    r"nodular pattern|reticul\w*|shadow\w*|abnormal\w*|cancer|carcinoma|stones?|calculi|dilat\w*|blunting|"
+    r"cardiomegaly|pleural (?:fluid|reaction)|pneumoperitoneum|pneumomediastinum|free air"
+)
+# Confusable terms that are no image finding: a diagnosis ("No contact with COVID-19 patients" is
+# history) and organs ("heart rate", "heart size normal": an organ named is not a finding).
+_NOT_FINDINGS = {"covid-19", "liver", "spleen", "kidney", "heart", "stomach", "colon", "small bowel", "bladder"}
+# Words that make a phrase about change or a comparison, not about a finding ("no change in the effusion").
+_CHANGE_WORDS = re.compile(
+    r"\b(change[sd]?|interval|progress\w*|improv\w*|resol\w*|regress\w*|clearing|worsen\w*|stable|unchanged|"
+    r"persist\w*|recur\w*|increase[sd]?|decrease[sd]?|reduction|compar\w*|longer)\b", re.I)
+# View, technique and study words; a statement made only of these is never negated.
+_VIEW_WORDS = re.compile(
+    r"\b(radiographs?|x-?rays?|cxr|films?|views?|projections?|pa|ap|lateral|supine|erect|upright|portable|"
+    r"frontal|posteroanterior|anteroposterior|ct|mri|scans?|study|studies|images?|examinations?|exam)\b", re.I)
+_QUESTION_START = re.compile(r"^(can|could|is|are|was|were|does|do|did|what|where|which|how|who|when|why|has|have)\b", re.I)
+_HEADER_PREFIX = re.compile(r"^((?:[A-Z][A-Za-z]*(?: [A-Za-z]+){0,2}|[A-Z]+(?: [A-Z]+)*)\s*:\s*)(?=\S)")
+# A section whose content is itself a finding ("Finding: COVID-19.", "Diagnosis: pneumonia").
+_FINDINGS_HEADER = re.compile(r"^\s*(findings?|impressions?|diagnosis|diagnoses|conclusions?)\s*:\s*", re.I)
+_NOTHING_FOUND = re.compile(r"^(no finding|none|nil|normal|unknown|n/?a|no abnormalit\w*)\W*$", re.I)
+_LIST_PREFIX = re.compile(r"^((?:\d{1,2}[.)]|[-*\u2022])\s+)")
+_SEGMENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\[(\"'\d-])|\s*\n+\s*|(?<=[.;:])\s+(?=\d{1,2}[.)]\s+[A-Za-z])")
+# A segment that must not end a sentence: an abbreviation ("Fig. 2") or a bare list number ("1.").
+_ABBREVIATION_END = re.compile(r"(\b(figs?|e\.g|i\.e|vs|dr|approx|ref|no|cf)\.|^\d{1,2}[.)])$", re.I)
+_REPORTING_VERBS = re.compile(
+    r"\b(shows|showed|show|demonstrates|demonstrated|demonstrate|reveals|revealed|reveal|depicts|depicted|"
+    r"displays|displayed|illustrates|illustrated|confirms|confirmed|contains|contain|contained)\s+", re.I)
+_VISIBILITY = r"(?:also\s+)?(?:seen|noted|present|visible|identified|demonstrated|evident|appreciated|observed|shown)"
+_DETERMINERS = re.compile(r"^(?:(?:a|an|the|some|any|several|multiple)\s+)+", re.I)
+_MEASURE = re.compile(r"^\d+(?:\.\d+)?\s*(?:x\s*\d+(?:\.\d+)?\s*)?(?:mm|cm)\b\s*", re.I)
+_NOT_MODIFIERS = re.compile(
+    r"\b(is|are|was|were|be|been|being|has|have|had|can|could|does|do|did|will|would|after|before|since|during|"
+    r"later|ago|days?|weeks?|months?|years?|patient|history|taken|performed|of the)\b", re.I)
+
+
+def _finding_re(cfg: CaptionConfig) -> re.Pattern:
+    extra = [re.escape(k) for k in cfg.confusables if k.lower() not in _NOT_FINDINGS]
+    return re.compile(r"\b(" + _FINDING_STEMS + ("|" + "|".join(extra) if extra else "") + r")\b", re.I)
+
+
+def _segments(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each sentence, list item or line of ``text``."""
+    spans, pos = [], 0
+    for m in _SEGMENT_SPLIT.finditer(text):
+        if m.start() > pos:
+            if spans and _ABBREVIATION_END.search(text[spans[-1][0]:spans[-1][1]]):  # "(Fig. 2) shows ..."
+                spans[-1] = (spans[-1][0], m.start())
+            else:
+                spans.append((pos, m.start()))
+        pos = m.end()
+    if pos < len(text):
+        if spans and _ABBREVIATION_END.search(text[spans[-1][0]:spans[-1][1]]):
+            spans[-1] = (spans[-1][0], len(text))
+        else:
+            spans.append((pos, len(text)))
+    return spans
+
+
+def _body(segment: str) -> tuple[str, str]:
+    """Split a segment into a prefix (list marker, section header such as "FINDINGS:") and its statement."""
+    prefix = ""
+    for rx in (_LIST_PREFIX, _HEADER_PREFIX, _LIST_PREFIX):
+        m = rx.match(segment[len(prefix):])
+        if m:
+            prefix += m.group(1)
+    return prefix, segment[len(prefix):]
+
+
+def _in_findings(text: str, cfg: CaptionConfig, fn, every: bool = False, headed=None) -> str | None:
+    """Apply ``fn(statement) -> str | None`` to the finding sentences of ``text`` (the first one
+    it changes, or all with ``every``); a one-sentence text with no finding term (a region caption
+    such as "Left lung in the left middle zone.") is its own statement. ``headed(statement)`` is
+    used instead of ``fn`` for a statement under a findings header ("Finding: COVID-19.")."""
+    find = _finding_re(cfg)
+    spans = _segments(text)
+    chosen = [(a, b) for a, b in spans if find.search(text[a:b]) or (headed and _FINDINGS_HEADER.match(text[a:b]))]
+    if not chosen and len(spans) == 1 and not _is_view_only(text, find):
+        chosen = spans
+    out, changed = text, False
+    for a, b in reversed(chosen) if every else chosen:
+        prefix, body = _body(out[a:b])
+        new = (fn(body) if find.search(body) or not headed or not _FINDINGS_HEADER.search(prefix) else headed(body))
+        if new is None or normalize(new) == normalize(body):
+            continue
+        if prefix and new[:1].islower() and not prefix.rstrip().endswith(":"):
+            new = new[:1].upper() + new[1:]
+        out, changed = out[:a] + prefix + new + out[b:], True
+        if not every:
+            break
+    return out if changed else None
+
+
+def _is_view_only(segment: str, find: re.Pattern) -> bool:
+    return bool(_VIEW_WORDS.search(segment)) and not find.search(segment)
+
+
 def rule_laterality(text: str, cfg: CaptionConfig, seed: int) -> str | None:
+    """Every side word swapped (left <-> right, RUL <-> LUL, bilateral <-> unilateral), so the
+    text stays consistent with itself."""
     out = _swap_words(text, LATERALITY_SWAP)
     if out is None:
         out = _swap_words(text, {"bilateral": "unilateral", "bilaterally": "unilaterally", "unilateral": "bilateral"})
@@ -278,21 +390,28 @@ def rule_laterality(text: str, cfg: CaptionConfig, seed: int) -> str | None:
 
 
 def rule_zone(text: str, cfg: CaptionConfig, seed: int) -> str | None:
-    return _swap_words(text, VERTICAL_SWAP, count=1) or _swap_words(text, RADIAL_SWAP, count=1)
+    """The first vertical (else radial) position word of a finding sentence swapped."""
+    return _in_findings(text, cfg, lambda s: _swap_words(s, VERTICAL_SWAP, count=1) or _swap_words(s, RADIAL_SWAP, count=1))
 
 
 def rule_size(text: str, cfg: CaptionConfig, seed: int) -> str | None:
-    out = _swap_words(text, SIZE_SWAP)
-    if out is not None:
-        return out
-    m = re.search(r"\b(\d+(?:\.\d+)?)\s*(mm|cm)\b", text)
-    if m:
-        value = float(m.group(1)) * (2.5 if seed % 2 == 0 else 0.4)
-        return text[: m.start()] + f"{value:.1f} {m.group(2)}" + text[m.end() :]
-    return None
+    """Size/severity words of a finding sentence swapped, else its first measurement scaled
+    (x2.5 or x0.4)."""
+    def one(s: str) -> str | None:
+        out = _swap_words(s, SIZE_SWAP)
+        if out is not None:
+            return out
+        m = re.search(r"\b(\d+(?:\.\d+)?)\s*(mm|cm)\b", s)
+        if m:
+            value = float(m.group(1)) * (2.5 if seed % 2 == 0 else 0.4)
+            return s[: m.start()] + f"{value:.1f} {m.group(2)}" + s[m.end() :]
+        return None
+
+    return _in_findings(text, cfg, one)
 
 
 def rule_finding(text: str, cfg: CaptionConfig, seed: int) -> str | None:
+    """The first confusable term swapped for one of its confusables (:attr:`CaptionConfig.confusables`)."""
     vocab = cfg.confusables
     if not vocab:
         return None
@@ -307,40 +426,111 @@ def rule_finding(text: str, cfg: CaptionConfig, seed: int) -> str | None:
     return text[: m.start()] + _match_case(term, new) + text[m.end() :]
 
 
-def rule_negation(text: str, cfg: CaptionConfig, seed: int) -> str | None:
-    removals = [
-        (r"\bno evidence of\s+", "evidence of "),
-        (r"\bthere is no\s+", "there is "),
-        (r"\bthere are no\s+", "there are "),
-        (r"\bwithout\s+", "with "),
-        (r"\bnegative for\s+", "positive for "),
-        (r"\bfree of\s+", "with "),
-        (r"\b(is|are|was|were)\s+not\s+", r"\1 "),
-        (r"\b(did|does|do|can|could)\s+not\s+", r"\1 "),
-        (r"^no\s+", ""),
-        (r"\bno\s+", ""),
-    ]
-    if NEGATION_CUES.search(text):
-        for pat, rep in removals:
-            rx = re.compile(pat, re.I)
-            m = rx.search(text)
-            if m:
-                out = text[: m.start()] + m.expand(rep) + text[m.end() :]
-                at = m.start()
-                if at == 0 or re.search(r"[.!?]\s*$", text[:at]):  # a sentence now starts here
-                    out = out[:at] + out[at : at + 1].upper() + out[at + 1 :]
-                return out
-        return None
-    m = FINDING_VERBS.search(text)
-    if m and m.group(1).lower() not in ("with", "has", "had"):
-        rest = re.sub(r"^(the|a|an|some|any)\s+", "", text[m.end() :], flags=re.I)
-        return text[: m.end()] + "no " + rest
-    m = re.match(r"^(there (is|are))\s+", text, re.I)
-    if m:
-        return text[: m.end()] + "no " + text[m.end() :]
-    if len(text.split()) <= 16:  # a short region caption: "Nodule in the ..." -> "No nodule in the ..."
-        return "No " + text[:1].lower() + text[1:]
+# Negation cues that can be removed, each with its replacement.
+_REMOVALS = [
+    (r"\bno evidence of\s+", "evidence of "),
+    (r"\bno signs? of\s+", "signs of "),
+    (r"\bthere is no\s+", "there is "),
+    (r"\bthere are no\s+", "there are "),
+    (r"\bwithout\s+", "with "),
+    (r"\bnegative for\s+", "positive for "),
+    (r"\bfree of\s+", "with "),
+    (r"\babsence of\s+", "presence of "),
+    (r"\b(is|are|was|were)\s+not\s+", r"\1 "),
+    (r"\b(did|does|do|can|could)\s+not\s+", r"\1 "),
+    (r"\bno\s+", ""),
+]
+
+
+def _remove_negation(s: str, find: re.Pattern) -> str | None:
+    """Remove the first negation cue that governs a finding: the finding follows it within the
+    clause (at most 8 words, no change word between: "no change in the effusion" is about change),
+    or precedes it as in "effusion is not seen"."""
+    for pat, rep in _REMOVALS:
+        for m in re.finditer(pat, s, re.I):
+            clause = re.split(r"[,;:.]|\bbut\b|\balthough\b", s[m.end():], maxsplit=1)[0]
+            f = find.search(clause)
+            before = clause[: f.start()] if f else ""
+            forward = f is not None and len(before.split()) <= 8 and not _CHANGE_WORDS.search(before)
+            backward = (re.match(r"(is|are|was|were)\s+not\s+$", m.group(0), re.I) is not None
+                        and re.match(_VISIBILITY + r"\b", s[m.end():], re.I) is not None
+                        and find.search(re.split(r"[,;:]", s[: m.start()])[-1]) is not None)
+            if not (forward or backward) or _CHANGE_WORDS.match(s[m.end():]):
+                continue
+            out = s[: m.start()] + m.expand(rep) + s[m.end():]
+            if m.start() == 0:
+                out = out[:1].upper() + out[1:]
+            return out
     return None
+
+
+def _add_negation(s: str, find: re.Pattern) -> str | None:
+    """Negate a positive finding statement: "<verb> no <finding>" after a reporting verb,
+    "there is no <finding>", "<finding> is not seen", or "No <finding phrase> ..." when the
+    sentence opens with the finding phrase. ``None`` when no pattern fits."""
+    if _QUESTION_START.match(s) or "?" in s:
+        return None
+    m = re.search(r"\b(looks?|appears?|is|are|was|were)\s+(abnormal)\b", s, re.I)
+    if m:  # "The lung looks abnormal." -> "The lung looks normal."
+        return s[: m.start(2)] + _match_case(m.group(2), "normal") + s[m.end(2):]
+    m = _REPORTING_VERBS.search(s)
+    if m:
+        obj = s[m.end():]
+        f = find.search(obj)
+        if f and len(obj[: f.start()].split()) <= 8 and not re.match(r"the\b", obj, re.I) and not _CHANGE_WORDS.search(obj[: f.start()]) and not re.match(r"(no|not|normal)\b", obj, re.I):
+            rest = _MEASURE.sub("", _DETERMINERS.sub("", obj))
+            return s[: m.end()] + "no " + rest
+    m = re.search(r"\bthere (is|are)\s+", s, re.I)
+    if m:
+        obj = s[m.end():]
+        f = find.search(re.split(r"[,;]", obj, maxsplit=1)[0])
+        if f and not _CHANGE_WORDS.search(obj[: f.start()]) and not re.match(r"(no|not)\b", obj, re.I):
+            return s[: m.end()] + "no " + _MEASURE.sub("", _DETERMINERS.sub("", obj))
+    m = re.search(r"\b(is|are|was|were)\s+(?=" + _VISIBILITY + r"\b)", s, re.I)
+    if m and find.search(s[: m.start()]) and not _CHANGE_WORDS.search(s[: m.start()]):
+        return s[: m.end()] + "not " + s[m.end():]
+    f = find.search(s)
+    lead = s[: f.start()] if f else s
+    bare = _MEASURE.sub("", _DETERMINERS.sub("", lead))
+    region_caption_like = re.match(r"^[^,:;]{1,60}? in the [\w -]+? (zone|region)\b", s) is not None
+    if (f is None and not region_caption_like) or (f and re.search(r"\b(normal|unremarkable|clear)\b", s[f.end():], re.I)):
+        return None
+    if (len(bare.split()) <= 5 and not re.search(r"[,:;()]|\d", bare) and not _NOT_MODIFIERS.search(bare)
+            and not _CHANGE_WORDS.search(bare) and not _VIEW_WORDS.search(bare)
+            and not re.match(r"(no|not|normal)\b", bare, re.I)) or (region_caption_like and not _VIEW_WORDS.search(lead)):
+        body = _MEASURE.sub("", _DETERMINERS.sub("", s))
+        words = body.split()
+        # "RUL consolidation" and "Brain Edema" (a label in title case) keep their capitals
+        acronym = body[:2].isupper() or (len(words) > 1 and words[1][:1].isupper())
+        return "No " + (body if acronym else body[:1].lower() + body[1:])
+    return None
+
+
+def rule_negation(text: str, cfg: CaptionConfig, seed: int) -> str | None:
+    """The first finding sentence whose finding can be negated or un-negated, changed: a negation
+    cue that governs a finding is removed ("No pleural effusion." -> "Pleural effusion.",
+    "without edema" -> "with edema"), else the finding is negated ("shows right lower lobe
+    consolidation" -> "shows no right lower lobe consolidation"). A view or technique statement
+    ("PA chest radiograph."), a sentence without a finding term, a question, or a phrase about
+    change ("no change in ...") is never changed; ``None`` when nothing can be."""
+    find = _finding_re(cfg)
+
+    def one(s: str) -> str | None:
+        if NEGATION_CUES.search(s):
+            out = _remove_negation(s, find)
+            if out is not None:
+                return out
+            if re.search(r"\b(no|not|without)\b", s, re.I):  # negated, but not a finding: leave the sentence alone
+                return None
+        return _add_negation(s, find)
+
+    def headed(s: str) -> str | None:  # the content of "Finding: ..." is the finding
+        if (_NOTHING_FOUND.match(s.strip()) or NEGATION_CUES.match(s) or _QUESTION_START.match(s)
+                or _VIEW_WORDS.search(s)):  # "FINDINGS: PA and lateral views." states no finding
+            return None
+        return "No " + s
+
+    return _in_findings(text, cfg, one, headed=headed)
 
 
 RULE_FUNCS = {
