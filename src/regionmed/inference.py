@@ -34,6 +34,7 @@ Errors: :class:`ImageInputError` (an image that cannot be used), :class:`BoxErro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -49,7 +50,7 @@ from PIL import Image
 
 from regionmed.data.decode import ImageDecodeError, decode_image, to_8bit
 from regionmed.data.dicom import DicomError, is_dicom, read_dicom
-from regionmed.data.transforms import BoxError, Preprocessor, check_boxes
+from regionmed.data.transforms import BoxError, Preprocessor, check_boxes, to_rgb
 from regionmed.errors import RegionmedError
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,7 @@ def model_digest(model) -> str:
     h.update(json.dumps(model.preprocessor.to_dict(), sort_keys=True).encode("utf-8"))
     state = model.state_dict()
     for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
+        t = state[key].detach().cpu().contiguous().reshape(-1)
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode("utf-8"))
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:20]
@@ -399,13 +400,122 @@ class Predictor:
         or ``"skip"`` (bad images are left out and bad boxes give NaN rows, each listed
         in ``problems``). ``progress``: a tqdm bar.
         """
-        raise NotImplementedError
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors {errors!r} is not 'raise' or 'skip'")
+        items = _as_list(images)
+        if boxes is not None and len(boxes) != len(items):
+            raise ValueError(f"boxes has {len(boxes)} lists for {len(items)} images (give one list per image, [] for none)")
+        if names is not None and len(names) != len(items):
+            raise ValueError(f"names has {len(names)} entries for {len(items)} images")
+        from tqdm import tqdm
+
+        d = self.embed_dim
+        g, f, roi, used, idx, srcs, sizes, problems = [], [], [], [], [], [], [], []
+        bar = tqdm(total=len(items), desc="embed", unit="img", disable=not progress, leave=False)
+        for start in range(0, len(items), self.batch_size):
+            batch = []
+            for i in range(start, min(start + self.batch_size, len(items))):
+                where = _source_name(items[i], names[i] if names is not None else None)
+                try:
+                    image = self.load_image(items[i], where)
+                except ImageInputError as err:
+                    if errors == "raise":
+                        raise
+                    problems.append(Problem(i, where, err.reason, str(err)))
+                    continue
+                given = list(boxes[i]) if boxes is not None and boxes[i] is not None else []
+                checked = check_boxes(given, *image.size)
+                for j, (b, status) in enumerate(checked):
+                    if b is None:
+                        err = BoxError(j, given[j], status, *image.size, where=where)
+                        if errors == "raise":
+                            raise err
+                        problems.append(Problem(i, where, status, str(err), box=j))
+                batch.append((i, where, image, checked))
+            if batch:
+                for (i, where, image, checked), (gi, fi, ri) in zip(batch, self._encode(batch)):
+                    g.append(gi)
+                    f.append(fi)
+                    roi.append(ri)
+                    used.append([list(b) if b is not None else None for b, _ in checked])
+                    idx.append(i)
+                    srcs.append(where)
+                    sizes.append(image.size)
+            bar.update(min(self.batch_size, len(items) - start))
+        bar.close()
+        stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0, d)  # noqa: E731
+        return ImageEmbeddingResult(stack(g), stack(f), roi, used, idx, srcs, sizes, problems)
+
+    @torch.no_grad()
+    def _encode(self, batch: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(global (D,), fused (D,), roi (K, D) with NaN rows for unusable boxes) per image of
+        ``batch`` (index, name, image, checked boxes): one forward pass."""
+        from regionmed.data.loader import pad_rois
+        from regionmed.eval.images import encode_batch
+
+        pre = self.preprocessor
+        region = self.has_region_path and any(b is not None for *_, checked in batch for b, _ in checked)
+        if not region:
+            pre = dataclasses.replace(pre, roi_mode="none")  # no crops to prepare
+        samples = [pre(image, [b for b, _ in checked if b is not None] if region else []) for _, _, image, checked in batch]
+        bx, mask, crops = pad_rois(samples)
+        emb = encode_batch(self.model, {"images": torch.stack([s["image"] for s in samples]), "boxes": bx, "mask": mask,
+                                        "crops": crops}, use_rois=region)
+        gl, fu = emb.global_.float().cpu(), emb.fused.float().cpu()
+        rois = emb.roi.float().cpu() if region and emb.roi is not None else None
+        out = []
+        for n, (_, _, image, checked) in enumerate(batch):
+            rows = torch.full((len(checked), self.embed_dim), float("nan"))
+            good = [j for j, (b, _) in enumerate(checked) if b is not None]
+            if good:
+                if rois is not None:
+                    rows[good] = rois[n, : len(good)]
+                else:  # no region path: each box's crop embedded as a whole image
+                    rows[good] = self._embed_crops(to_rgb(image), [checked[j][0] for j in good])
+            out.append((gl[n], fu[n], rows))
+        return out
+
+    @torch.no_grad()
+    def _embed_crops(self, image: Image.Image, boxes: list) -> torch.Tensor:
+        pre = dataclasses.replace(self.preprocessor, roi_mode="none")
+        xs = torch.stack([pre(image.crop(tuple(int(round(v)) for v in b)))["image"] for b in boxes]).to(self.device)
+        return torch.cat([_finite(self.model.encode_image(xs[i: i + self.batch_size], use_rois=False).global_)
+                          for i in range(0, len(xs), self.batch_size)]).float().cpu()
 
     def embed_texts(self, texts: Sequence[str], *, truncate: bool = False) -> torch.Tensor:
         """(N, D) float32 L2-normalised text embeddings on the CPU, one row per text.
         Raises :class:`TextInputError` for an empty text, or one longer than the
         context unless ``truncate`` (see the module docstring)."""
-        raise NotImplementedError
+        texts = self._check_texts(texts, "text", truncate)
+        with torch.no_grad():
+            return _finite(self.model.encode_text(texts), "text").float().cpu()
+
+    def _check_texts(self, texts, what: str, truncate: bool) -> list[str]:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TextInputError(f"{what} #{i} is a {type(t).__name__}, not a string")
+            if not t.strip():
+                raise TextInputError(f"{what} #{i} is empty")
+        if not texts:
+            return texts
+        lengths = self.token_lengths(texts)
+        long = [(i, n) for i, n in enumerate(lengths) if n > self.context_length]
+        if long and not truncate:
+            i, n = long[0]
+            more = f" ({len(long) - 1} more)" if len(long) > 1 else ""
+            raise TextInputError(f"{what} #{i} {_shorten(texts[i])!r} is {n} tokens, longer than the model's text context of "
+                                 f"{self.context_length}{more}: shorten it, or pass truncate=True (--truncate) to cut it")
+        if long:
+            log.warning("%d %s(s) longer than the text context of %d tokens were cut to it", len(long), what, self.context_length)
+        return texts
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Token counts of ``texts`` (special tokens included), before any cut."""
+        hf = self.model.text_tower.tokenizer.hf
+        return [len(x) for x in hf(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]]
 
     def classify(self, images: Sequence[Any] | Any, labels: Sequence[str] | Mapping[str, Sequence[str]],
                  multi_label: bool = False, prompts: Any = None, *, boxes=None, names: Sequence[str] | None = None,
@@ -423,7 +533,48 @@ class Predictor:
         Raises :class:`TextInputError` for no labels, a single label with
         ``multi_label=False``, or an empty class prompt list.
         """
-        raise NotImplementedError
+        class_prompts = self.class_prompts(labels, prompts)
+        if not class_prompts:
+            raise TextInputError("the label list is empty: give at least two labels (one or more with multi_label)")
+        if not multi_label and len(class_prompts) < 2:
+            raise TextInputError(f"single-label classification needs at least two labels, got {list(class_prompts)} "
+                                 "(use multi_label for a score per label)")
+        flat = [p for ps in class_prompts.values() for p in ps]
+        text = self.embed_texts(flat, truncate=truncate)
+        ens, start = [], 0
+        for ps in class_prompts.values():
+            ens.append(torch.nn.functional.normalize(text[start: start + len(ps)].mean(0), dim=-1))
+            start += len(ps)
+        classes = torch.stack(ens)
+        emb = self.embed_images(images, boxes, names=names, errors=errors, progress=progress)
+        sims = emb.fused.float() @ classes.T
+        scores = sims if multi_label else torch.softmax(float(self.model.scale().detach().cpu()) * sims, dim=-1)
+        return ClassificationResult(list(class_prompts), scores.numpy().astype(np.float32), bool(multi_label), class_prompts,
+                                    emb.indices, emb.sources, emb.problems)
+
+    def class_prompts(self, labels, prompts=None) -> dict[str, list[str]]:
+        """``{class: prompts}`` for ``labels`` (see :meth:`classify`)."""
+        if isinstance(labels, str):
+            raise TextInputError(f"labels must be a list of class names or a mapping, not the string {labels!r}")
+        if isinstance(labels, Mapping):
+            out = {}
+            for c, ps in labels.items():
+                ps = [ps] if isinstance(ps, str) else list(ps or [])
+                if not ps:
+                    raise TextInputError(f"label {c!r} has no prompts")
+                out[str(c)] = [str(p) for p in ps]
+            return out
+        names = [str(c) for c in labels]
+        for i, c in enumerate(names):
+            if not c.strip():
+                raise TextInputError(f"label #{i} is empty")
+        if len(set(names)) != len(names):
+            dup = next(c for c in names if names.count(c) > 1)
+            raise TextInputError(f"label {dup!r} is given twice")
+        from regionmed.eval.prompts import PromptSet, load_prompts
+
+        ps = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
+        return {c: ps.class_prompts(c) for c in names}
 
     def ground(self, image: Any, phrases: Sequence[str] | str, read_out: str = "auto", *, threshold: float = 0.5,
                truncate: bool = False, name: str | None = None) -> list[Grounding]:
@@ -439,4 +590,58 @@ class Predictor:
         Raises :class:`TextInputError` for an empty phrase list, an empty phrase or one
         longer than the context (unless ``truncate``); :class:`ImageInputError`.
         """
-        raise NotImplementedError
+        from regionmed.eval.grounding import Geometry, locate, locate_windows, similarity_maps, window_boxes
+        from regionmed.eval.images import window_scores
+
+        if read_out not in READ_OUTS:
+            raise ValueError(f"read_out {read_out!r} is not one of {list(READ_OUTS)}")
+        phrases = [phrases] if isinstance(phrases, str) else list(phrases)
+        if not phrases:
+            raise TextInputError("the phrase list is empty: give at least one phrase to ground")
+        phrases = self._check_texts(phrases, "phrase", truncate)
+        image = to_rgb(self.load_image(image, name))
+        w, h = image.size
+        text = self.embed_texts(phrases, truncate=True).to(self.device)
+        mode = ("windows" if self.has_region_path else "patch") if read_out == "auto" else read_out
+        pre = self.preprocessor
+        out = []
+        if mode == "windows":
+            boxes = window_boxes(w, h)
+            scores = _finite(window_scores(self.model, pre, image, boxes, text), "window").float().cpu()
+            locs = [locate_windows(scores[:, t], boxes, w, h) for t in range(len(phrases))]
+        else:
+            with torch.no_grad():
+                x = dataclasses.replace(pre, roi_mode="none")(image)["image"][None].to(self.device)
+                maps = _finite(similarity_maps(self.model, x, text), "patch")[0].float().cpu()
+            geom = Geometry(w, h, pre.image_size)
+            locs = [locate(maps[t], geom, threshold) for t in range(len(phrases))]
+        for phrase, loc in zip(phrases, locs):
+            out.append(Grounding(phrase, _heatmap(loc["map"], w, h), tuple(float(v) for v in loc["point"]),
+                                 [float(v) for v in loc["box"]], float(loc["peak"]), mode, (w, h)))
+        return out
+
+
+def _heatmap(values: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A 2-D map covering the whole image, resized (bilinear) to (height, width), min–max to [0, 1]."""
+    m = Image.fromarray(np.asarray(values, dtype=np.float32), "F").resize((width, height), Image.BILINEAR)
+    arr = np.asarray(m, dtype=np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    return np.zeros_like(arr) if hi <= lo else np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _finite(t, what: str = "image"):
+    from regionmed.eval.images import require_finite
+
+    return require_finite(t, what)
+
+
+def _shorten(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)):
+        return [images]
+    return list(images)
