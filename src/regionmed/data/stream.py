@@ -1,0 +1,343 @@
+"""Streaming reader: MedRegion shards read in order, from local paths or URLs, on
+WebDataset's own pipeline (``webdataset.gopen`` for ``file``/``pipe:``/``http(s)``,
+``tar_file_expander`` + ``group_by_keys`` for tar members, ``shuffle`` for the buffer).
+
+For pretraining at scale, where a random seek per sample is slow (network file
+systems) or impossible (object storage). Each rank and each DataLoader worker (a
+*slot*, ``rank * num_workers + worker``) reads its own shards:
+
+* **Shard order.** Without resampling, the shards of a source are permuted per pass
+  (seeded by ``(seed, source, pass)``) and slot ``i`` of ``n`` takes every ``n``-th one
+  (split by node, then by worker), so one pass reads every shard exactly once over all
+  slots. With ``resampled``, each slot draws shards with replacement (seeded by
+  ``(seed, source, slot)``), endlessly; a source then needs no more shards than slots.
+* **Samples.** A seeded shuffle buffer (``shuffle_buffer`` samples per slot) mixes
+  samples of consecutive shards; several sources are mixed per sample with their
+  weights (seeded draws, the role of ``webdataset.RandomMix``), each sample tagged
+  with its source. Decoding, preprocessing and :func:`~regionmed.data.loader.collate`
+  are those of the indexed reader; an unreadable sample is named (``<url>:<key>``),
+  skipped and listed in the next batch's ``bad_samples``, as the indexed reader does.
+* **Resume at shard granularity.** Each batch carries, per slot and source, how many
+  shards of the slot's sequence were *fully delivered* (all their samples left the
+  buffer in a batch). Resumed with that state and the same number of slots, every slot
+  restarts at its first shard not fully delivered: no shard is skipped, the samples of
+  shards that were partly delivered at the checkpoint are delivered again (at most the
+  shuffle buffer plus the shards being read, per slot), and the order after the resume
+  differs from an uninterrupted run's (the buffer and mixing draws are reseeded with
+  the step). With another number of slots (world size × workers) the shard sequences
+  differ: every slot restarts at the start of the earliest pass any slot had not
+  finished (:data:`RESUME_PASS`). Resampled streams are reseeded with the step
+  (:data:`RESUME_RESAMPLED`): they have no coverage to keep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.filters import shuffle as wds_shuffle
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from regionmed.data.decode import decode_image
+from regionmed.data.loader import Batch, collate, loader_options, prepare_sample
+from regionmed.data.schema import FORMAT_NAME, IMAGE_EXTENSIONS, SCHEMA_VERSION, RecordError, validate_record
+from regionmed.data.shards import MANIFEST_NAME, DatasetError, SampleError
+from regionmed.data.transforms import Preprocessor
+
+log = logging.getLogger(__name__)
+
+# The resume guarantees a run records (trainer state and the metrics' "data" record).
+RESUME_EXACT = "exact"  # indexed reader: the same batches as an uninterrupted run, any world size
+RESUME_SHARD = "shard"  # streaming, same slots: no shard skipped, partly delivered shards read again
+RESUME_PASS = "pass"  # streaming, other slots: restart at the earliest unfinished pass
+RESUME_RESAMPLED = "resampled"  # streaming with resampled shards: reseeded, no coverage guarantee
+RESUME_FRESH = "fresh"  # nothing to resume (step 0)
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s or s.startswith("pipe:")
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if _is_url(base) else str(Path(base) / name)
+
+
+def read_remote_manifest(base: str) -> dict:
+    """``<base>/manifest.json`` of a local folder or a URL (``http(s)://``, ``file://``), read
+    with ``webdataset.gopen``. Raises :class:`DatasetError` naming it when it cannot be read
+    or is not a MedRegion manifest."""
+    where = _join(base, MANIFEST_NAME)
+    try:
+        with gopen(where, "rb") as fh:
+            raw = fh.read()
+        manifest = json.loads(raw)
+    except Exception as err:  # gopen raises OSError, or IOError from curl's exit status
+        raise DatasetError(f"{where}: cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{where}: not a MedRegion manifest (field 'format' is not {FORMAT_NAME!r})")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DatasetError(f"{where}: field 'schema_version' is {manifest.get('schema_version')!r}, this regionmed reads {SCHEMA_VERSION}")
+    return manifest
+
+
+@dataclass
+class StreamSource:
+    """One dataset of a streamed run: its shard URLs (local paths, ``pipe:``, ``http(s)://``),
+    its mixing weight, and, when it came from a manifest, the samples per shard and the
+    split's build-time statistics."""
+
+    name: str
+    urls: list[str]
+    weight: float = 1.0
+    samples: int | None = None  # None: unknown (URLs without a manifest)
+    stats: dict | None = None
+    manifest_entry: dict | None = None
+
+    @classmethod
+    def from_dataset(cls, name: str, base: str, split: str, weight: float = 1.0) -> "StreamSource":
+        """The shards of ``split`` listed in ``<base>/manifest.json`` (``base``: a folder or a URL)."""
+        manifest = read_remote_manifest(base)
+        entry = manifest.get("splits", {}).get(split)
+        if not entry or not entry.get("shards"):
+            raise DatasetError(f"{_join(base, MANIFEST_NAME)}: no shards for split {split!r} (has {sorted(manifest.get('splits', {}))})")
+        return cls(name, [_join(base, s["name"]) for s in entry["shards"]], weight, entry.get("samples"), entry.get("stats"), entry)
+
+    @classmethod
+    def from_urls(cls, name: str, urls: list[str], weight: float = 1.0) -> "StreamSource":
+        """Explicit shard URLs; brace patterns (``shards-{000000..000099}.tar``) are expanded."""
+        expanded = [u for url in urls for u in braceexpand.braceexpand(url)]
+        if not expanded:
+            raise DatasetError(f"source {name!r}: no shard URL given")
+        return cls(name, expanded, weight)
+
+
+def _rng(*parts: int) -> random.Random:
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (2**63)
+    return random.Random(seed)
+
+
+def slot_shards(n_shards: int, seed: int, source: int, slot: int, n_slots: int, resampled: bool, start: int = 0):
+    """The endless sequence of shard indices one slot reads from one source, from position
+    ``start`` on: ``(position, pass, shard index)``. Deterministic in its arguments."""
+    if resampled:
+        rng = _rng(seed, source, slot, 1)
+        pos = 0
+        while True:
+            shard = rng.randrange(n_shards)
+            if pos >= start:
+                yield pos, 0, shard
+            pos += 1
+    per_pass = len(range(slot, n_shards, n_slots))
+    if per_pass == 0:
+        raise DatasetError(f"source {source} has {n_shards} shard(s), fewer than the {n_slots} reading slots "
+                           "(world size x data.num_workers): give more shards, fewer workers, or data.resampled: true")
+    p, i = divmod(start, per_pass)
+    while True:
+        order = list(range(n_shards))
+        _rng(seed, source, p, 2).shuffle(order)
+        mine = order[slot::n_slots]
+        for k in range(i, per_pass):
+            yield p * per_pass + k, p, mine[k]
+        p, i = p + 1, 0
+
+
+class _Progress:
+    """Per source: shards read to the end (their sample counts) and samples delivered; the
+    number of fully delivered shards of the slot's sequence (the resume point)."""
+
+    def __init__(self, starts: list[int]):
+        self.done = list(starts)
+        self.read: list[dict[int, int]] = [{} for _ in starts]
+        self.delivered: list[Counter] = [Counter() for _ in starts]
+
+    def finished_reading(self, j: int, pos: int, n: int) -> None:
+        self.read[j][pos] = n
+        self._advance(j)
+
+    def deliver(self, j: int, pos: int) -> None:
+        self.delivered[j][pos] += 1
+        self._advance(j)
+
+    def _advance(self, j: int) -> None:
+        while self.done[j] in self.read[j] and self.delivered[j][self.done[j]] >= self.read[j][self.done[j]]:
+            pos = self.done[j]
+            del self.read[j][pos]
+            self.delivered[j].pop(pos, None)
+            self.done[j] += 1
+
+
+class MedRegionStream(IterableDataset):
+    """This rank's training batches, streamed (see the module docstring); an endless
+    iterable of :class:`~regionmed.data.loader.Batch` (``batch_size`` samples each), for a
+    ``DataLoader(batch_size=None)`` (:func:`make_stream_loader`).
+
+    ``resume``: the trainer's saved stream state ``{"slots": n, "step": s, "done":
+    {"<slot>": [shards done per source]}}`` or None. :attr:`resume_guarantee` says what
+    the resume keeps (:data:`RESUME_SHARD`, :data:`RESUME_PASS`, :data:`RESUME_RESAMPLED`
+    or :data:`RESUME_FRESH`). Raises :class:`DatasetError` for a source without shards or
+    with fewer shards than slots (without resampling).
+    """
+
+    def __init__(self, sources: list[StreamSource], pre: Preprocessor, batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
+                 use_rois: bool = True, max_negatives: int = 3, max_image_negatives: int = 2, resume: dict | None = None,
+                 max_rois: int | None = None):
+        if not sources:
+            raise DatasetError("the streaming reader needs at least one source")
+        self.sources, self.pre, self.batch_size = sources, pre, batch_size
+        self.seed, self.rank, self.world, self.num_workers = seed, rank, world, num_workers
+        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        self.use_rois, self.max_negatives, self.max_image_negatives = use_rois, max_negatives, max_image_negatives
+        self.max_rois = (pre.max_rois if use_rois else 0) if max_rois is None else max_rois
+        self.n_slots = world * max(1, num_workers)
+        if not resampled:
+            for j, src in enumerate(sources):
+                if len(src.urls) < self.n_slots:
+                    raise DatasetError(f"source {src.name!r} has {len(src.urls)} shard(s), fewer than the {self.n_slots} reading "
+                                       "slots (world size x data.num_workers): give more shards, fewer workers, or "
+                                       "data.resampled: true")
+        self.resume_step = int(resume.get("step", 0)) if resume else 0
+        self.starts: dict[int, list[int]] = {}
+        if not resume:
+            self.resume_guarantee = RESUME_FRESH
+        elif resampled:
+            self.resume_guarantee = RESUME_RESAMPLED
+        elif int(resume.get("slots", -1)) == self.n_slots and len(resume.get("done", {})) == self.n_slots:
+            self.resume_guarantee = RESUME_SHARD
+            self.starts = {int(k): list(v) for k, v in resume["done"].items()}
+        else:
+            self.resume_guarantee = RESUME_PASS
+            old_slots = max(1, int(resume.get("slots", 1)))
+            for j, src in enumerate(sources):
+                passes = []
+                for slot, done in resume.get("done", {}).items():
+                    per_pass = max(1, len(range(int(slot), len(src.urls), old_slots)))
+                    passes.append(done[j] // per_pass if j < len(done) else 0)
+                first = min(passes, default=0)
+                for slot in range(self.n_slots):
+                    self.starts.setdefault(slot, [0] * len(sources))[j] = first * len(range(slot, len(src.urls), self.n_slots))
+
+    def initial_state(self) -> dict[str, list[int]]:
+        """This rank's slots and where each starts (shards done per source): the stream state
+        before the first batch."""
+        w = max(1, self.num_workers)
+        return {str(slot): list(self.starts.get(slot, [0] * len(self.sources)))
+                for slot in range(self.rank * w, (self.rank + 1) * w)}
+
+    def _slot(self) -> int:
+        info = get_worker_info()
+        return self.rank * max(1, self.num_workers) + (info.id if info is not None else 0)
+
+    def _shard_samples(self, url: str, bad: list):
+        """The raw samples of one shard (``{"__key__", "__url__", "json", "png"|"jpg"...}``)."""
+        def handler(exn: Exception) -> bool:
+            bad.append((-1, url, f"shard cannot be read ({type(exn).__name__}: {exn})"))
+            return True  # go on with the next shard
+
+        # A shard that cannot be opened or ends early is named in bad_samples; its readable samples count.
+        yield from group_by_keys(tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler),
+                                 handler=handler)
+
+    def _source_iter(self, j: int, slot: int, progress: _Progress, bad: list):
+        src = self.sources[j]
+        for pos, _pass, shard in slot_shards(len(src.urls), self.seed, j, slot, self.n_slots, self.resampled, progress.done[j]):
+            n = 0
+            for raw in self._shard_samples(src.urls[shard], bad):
+                n += 1
+                yield j, pos, raw
+            progress.finished_reading(j, pos, n)
+
+    def _prepare(self, j: int, raw: dict) -> dict:
+        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+        if image_ext is None or "json" not in raw:
+            raise SampleError(where, f"lacks an image or a json member ({sorted(k for k in raw if not k.startswith('__'))})")
+        try:
+            record = validate_record(json.loads(raw["json"]), where)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SampleError(where, f"json member is not valid JSON ({err})") from err
+        except RecordError as err:
+            raise SampleError(where, str(err)[len(where):].lstrip(": ") if str(err).startswith(where) else str(err)) from err
+        try:
+            image, _ = decode_image(raw[image_ext], exif_orientation=False)
+        except Exception as err:  # not an image, truncated, a decompression bomb, ...
+            raise SampleError(where, f"image member .{image_ext} cannot be decoded ({type(err).__name__}: {err})") from err
+        sample = prepare_sample(image, record, self.pre, self.use_rois, self.max_negatives, self.max_image_negatives, where)
+        sample["source"] = self.sources[j].name
+        return sample
+
+    def __iter__(self):
+        slot = self._slot()
+        progress = _Progress(self.starts.get(slot, [0] * len(self.sources)))
+        bad: list[tuple[int, str, str]] = []
+        iters = [self._source_iter(j, slot, progress, bad) for j in range(len(self.sources))]
+        weights = [s.weight for s in self.sources]
+        mix_rng = _rng(self.seed, slot, self.resume_step, 3)
+
+        def mixed():
+            while True:
+                j = mix_rng.choices(range(len(iters)), weights)[0] if len(iters) > 1 else 0
+                yield next(iters[j])
+
+        stream = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=_rng(self.seed, slot, self.resume_step, 4))(mixed()) \
+            if self.shuffle_buffer > 1 else mixed()
+        samples: list[dict] = []
+        for j, pos, raw in stream:
+            try:
+                sample = self._prepare(j, raw)
+            except SampleError as err:
+                bad.append((-1, err.where, err.reason))
+                sample = None
+            progress.deliver(j, pos)
+            if sample is None:
+                continue
+            samples.append(sample)
+            if len(samples) == self.batch_size:
+                samples[0]["bad"], bad = bad, []
+                batch = collate(samples, max_rois=self.max_rois)
+                batch.stream_state = {str(slot): list(progress.done)}
+                samples = []
+                yield batch
+
+
+def make_stream_loader(stream: MedRegionStream, pin_memory: bool | None = None, prefetch_factor: int | None = None) -> DataLoader:
+    """A DataLoader over a :class:`MedRegionStream` (its own workers: ``stream.num_workers``);
+    each item is one step's :class:`~regionmed.data.loader.Batch` for this rank."""
+    return DataLoader(stream, batch_size=None, persistent_workers=False,
+                      **loader_options(stream.num_workers, pin_memory, prefetch_factor))
+
+
+@dataclass
+class StreamState:
+    """What a trainer keeps of the batches it consumed: per slot, the shards done per source."""
+
+    slots: int
+    done: dict[str, list[int]] = field(default_factory=dict)
+
+    def update(self, batch: Batch) -> None:
+        self.done.update(batch.stream_state)
+
+    def as_dict(self, step: int) -> dict:
+        return {"slots": self.slots, "step": step, "done": dict(self.done)}
+
+
+def gather_stream_state(state: StreamState, world: int) -> StreamState:
+    """The union of every rank's slots (a collective under data parallelism)."""
+    if world > 1 and torch.distributed.is_initialized():
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, state.done)
+        merged = StreamState(state.slots)
+        for part in parts:
+            merged.done.update(part)
+        return merged
+    return state
