@@ -62,11 +62,15 @@ class IndexMismatchError(RegionmedError, ValueError):
     embedding size, metadata that do not match the vectors, a damaged index folder."""
 
 
+class IndexDependencyError(RegionmedError, ImportError):
+    """FAISS is not installed."""
+
+
 def _faiss():
     try:
         import faiss
     except ImportError as err:
-        raise ImportError("the retrieval index needs FAISS: pip install 'regionmed[index]' (or pip install faiss-cpu)") from err
+        raise IndexDependencyError("the retrieval index needs FAISS: pip install 'regionmed[index]' (or pip install faiss-cpu)") from err
     return faiss
 
 
@@ -101,7 +105,7 @@ class EmbeddingIndex:
     """
 
     def __init__(self, model_id: str, dim: int, _indexes: dict | None = None, _meta: dict | None = None,
-                 folder: str | Path | None = None):
+                 folder: str | Path | None = None, extra: dict | None = None):
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.model_id = str(model_id)
@@ -110,6 +114,9 @@ class EmbeddingIndex:
         self._indexes = _indexes or {k: faiss.IndexFlatIP(self.dim) for k in KINDS}
         self._meta: dict[str, list[dict]] = _meta or {k: [] for k in KINDS}
         self.folder = Path(folder) if folder is not None else None
+        # Free JSON-serialisable notes saved in index.json (e.g. ``model_path``, which
+        # ``regionmed search`` uses when no --model is given).
+        self.extra: dict = dict(extra or {})
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -277,7 +284,7 @@ class EmbeddingIndex:
             os.replace(tmp, folder / f"{kd}.jsonl")
         info = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "dim": self.dim, "faiss_type": FAISS_TYPE,
                 "metric": "inner product of L2-normalised vectors (cosine)",
-                "counts": {kd: self.count(kd) for kd in KINDS}}
+                "counts": {kd: self.count(kd) for kd in KINDS}, "extra": self.extra}
         tmp = folder / f".{INDEX_FILE}.tmp"
         tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
         os.replace(tmp, folder / INDEX_FILE)
@@ -328,7 +335,8 @@ class EmbeddingIndex:
                 raise IndexMismatchError(f"{folder}: {kd} index holds {index.ntotal} vectors, {mpath.name} {len(rows)} rows, "
                                          f"{INDEX_FILE} says {counts[kd]}: the folder is damaged or half written")
             indexes[kd], meta[kd] = index, rows
-        return cls(model_id, dim, indexes, meta, folder)
+        extra = info.get("extra") if isinstance(info.get("extra"), dict) else {}
+        return cls(model_id, dim, indexes, meta, folder, extra)
 
 
 def _check_kind(kind: str, allowed: tuple[str, ...]) -> None:

@@ -1,0 +1,590 @@
+"""The inference commands: ``regionmed embed``, ``classify``, ``ground``, ``index``, ``search``.
+
+Thin applications over the library (:mod:`regionmed.inference`, :mod:`regionmed.index`).
+Inputs (``INPUT...``): image files (PNG, JPEG, any Pillow format, DICOM), folders
+(searched recursively for those), text files listing one image path per line
+(``.txt`` / ``.lst``; relative paths are relative to the list), or a MedRegion dataset
+folder (``manifest.json``) with ``--split``. Every input ends in the output or in
+``problems.jsonl`` / the problems printed on stderr, with its reason: a bad image
+in a folder is listed and the others are processed. Exit status: 0 all inputs used,
+1 some inputs were problems, 2 the command could not run (a one-line error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from regionmed.errors import RegionmedError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom")
+LIST_SUFFIXES = (".txt", ".lst")
+CHUNK = 256  # images held decoded at once by the commands (the predictor batches inside a chunk)
+
+
+class InferInputError(RegionmedError, ValueError):
+    """A command-line input that cannot be used as a whole (a missing path, a bad list or box file)."""
+
+
+@dataclass
+class Item:
+    """One image to process: ``id`` (stable: a path relative to its folder, the path as
+    listed, or a MedRegion record id), ``source`` (a path, or ``shard:key``), ``load``
+    (a path, or a callable returning a PIL image), ``boxes`` / ``labels`` (pixel xyxy)."""
+
+    id: str
+    source: str
+    load: Any
+    boxes: list[list[float]] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+
+
+# -- inputs ---------------------------------------------------------------------------------
+def collect_items(inputs: list[str], split: str | None = None, boxes_file: str | None = None,
+                  problems: list[dict] | None = None) -> list[Item]:
+    """The images that ``inputs`` name, in a stable order (folders sorted). A path that does
+    not exist raises :class:`InferInputError`; a listed file that does not exist becomes a
+    problem (``problems``) when a list is given, so the others still run."""
+    items: list[Item] = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise InferInputError(f"input {raw} does not exist")
+        if path.is_dir() and (path / "manifest.json").is_file():
+            items += _medregion_items(path, split or "test")
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InferInputError(f"folder {raw} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            items += [Item(str(p.relative_to(path)), str(p), str(p)) for p in found]
+        elif path.suffix.lower() in LIST_SUFFIXES:
+            items += _list_items(path)
+        else:
+            items.append(Item(path.name if len(inputs) == 1 else str(path), str(path), str(path)))
+    seen: dict[str, int] = {}
+    for it in items:  # ids must be unique: a second "a.png" from another folder gets its source path
+        if it.id in seen:
+            it.id = it.source
+        seen[it.id] = seen.get(it.id, 0) + 1
+    dup = [k for k, n in seen.items() if n > 1]
+    if dup:
+        raise InferInputError(f"image {dup[0]} is given twice")
+    if boxes_file:
+        _attach_boxes(items, boxes_file)
+    return items
+
+
+def _list_items(path: Path) -> list[Item]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise InferInputError(f"{path}: not UTF-8 text (byte {err.start})") from err
+    out = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        p = Path(line)
+        full = p if p.is_absolute() else path.parent / p
+        out.append(Item(line, str(full), str(full)))
+    if not out:
+        raise InferInputError(f"file list {path} names no image")
+    return out
+
+
+def _medregion_items(root: Path, split: str) -> list[Item]:
+    from regionmed.data.shards import MedRegionDataset
+
+    ds = MedRegionDataset(root, split)
+    out = []
+    for i in range(len(ds)):
+        where = ds.where(i)
+        try:
+            rec = ds.record(i)
+        except RegionmedError as err:
+            out.append(Item(where, where, _raiser(err)))
+            continue
+        regions = rec.get("regions") or []
+        out.append(Item(str(rec["id"]), where, _Opener(ds, i), [list(r["box"]) for r in regions],
+                        [r.get("label") or r.get("caption") for r in regions]))
+    return out
+
+
+class _Opener:
+    def __init__(self, ds, i: int):
+        self.ds, self.i = ds, i
+
+    def __call__(self):
+        return self.ds.image(self.i)
+
+
+def _raiser(err: Exception):
+    def load():
+        raise err
+    return load
+
+
+def _attach_boxes(items: list[Item], boxes_file: str) -> None:
+    """Boxes from a JSON file: ``{image id or path: [[x0, y0, x1, y1], ...] or [{"box": [...], "label": "..."}]}``."""
+    path = Path(boxes_file)
+    if not path.is_file():
+        raise InferInputError(f"boxes file {boxes_file} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InferInputError(f"{boxes_file}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise InferInputError(f"{boxes_file}: expected a mapping image -> list of boxes")
+    by_key = {it.id: it for it in items} | {it.source: it for it in items}
+    unknown = [k for k in data if k not in by_key]
+    if unknown:
+        raise InferInputError(f"{boxes_file}: image {unknown[0]!r} is not among the inputs ({len(unknown)} such)")
+    for key, entries in data.items():
+        it = by_key[key]
+        if not isinstance(entries, list):
+            raise InferInputError(f"{boxes_file}: {key}: expected a list of boxes")
+        it.boxes, it.labels = [], []
+        for j, e in enumerate(entries):
+            box, label = (e.get("box"), e.get("label")) if isinstance(e, dict) else (e, None)
+            if not isinstance(box, list) or len(box) != 4:
+                raise InferInputError(f"{boxes_file}: {key}: box #{j} is not [x0, y0, x1, y1]")
+            it.boxes.append(box)
+            it.labels.append(label)
+
+
+def _load_or_problem(predictor, it: Item):
+    """(image or None, problem or None): a callable loader's failure is a problem too."""
+    from regionmed.inference import ImageInputError
+
+    if callable(it.load):
+        try:
+            return predictor.load_image(it.load(), it.source), None
+        except (ImageInputError, RegionmedError, OSError, ValueError) as err:
+            return None, {"id": it.id, "source": it.source, "reason": getattr(err, "reason", "unreadable_image"),
+                          "detail": str(err)}
+    return it.load, None
+
+
+def embed_items(predictor, items: list[Item], use_boxes: bool = True, progress: bool = True) -> Iterator[tuple[list[Item], Any, list[dict]]]:
+    """Embed ``items`` chunk by chunk: yields (items embedded, ImageEmbeddingResult, problems)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), desc="embed", unit="img", disable=not (progress and sys.stderr.isatty()))
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start: start + CHUNK]
+        problems, ready = [], []
+        for it in chunk:
+            image, prob = _load_or_problem(predictor, it)
+            if prob:
+                problems.append(prob)
+            else:
+                ready.append((it, image))
+        res = predictor.embed_images([im for _, im in ready], [it.boxes for it, _ in ready] if use_boxes else None,
+                                     names=[it.source for it, _ in ready], errors="skip")
+        for p in res.problems:
+            it = ready[p.index][0]
+            problems.append({"id": it.id, "source": it.source, "reason": p.reason, "detail": p.detail,
+                             **({"box": p.box} if p.box is not None else {})})
+        bar.update(len(chunk))
+        yield [ready[i][0] for i in res.indices], res, problems
+    bar.close()
+
+
+def _predictor(args):
+    from regionmed.inference import Predictor
+
+    if args.batch_size < 1:
+        raise InferInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    return Predictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size)
+
+
+def _report_problems(problems: list[dict], out: Path | None, command: str) -> None:
+    if out is not None:
+        with open(out, "w", encoding="utf-8") as fh:
+            for p in problems:
+                fh.write(json.dumps(p, ensure_ascii=False) + "\n")
+    for p in problems[:20]:
+        print(f"regionmed {command}: problem: {p['detail']}", file=sys.stderr)
+    if len(problems) > 20:
+        print(f"regionmed {command}: ... {len(problems) - 20} more problems{f' in {out}' if out else ''}", file=sys.stderr)
+
+
+# -- embed -----------------------------------------------------------------------------------
+def cmd_embed(args: argparse.Namespace) -> int:
+    items = collect_items(args.inputs, args.split, args.boxes)
+    predictor = _predictor(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids, sources, sizes, glob, fused, problems = [], [], [], [], [], []
+    region_rows, region_vecs = [], []
+    for done, res, probs in embed_items(predictor, items, not args.no_boxes, not args.no_progress):
+        problems += probs
+        for n, it in enumerate(done):
+            ids.append(it.id)
+            sources.append(it.source)
+            sizes.append(res.sizes[n])
+            for j, box in enumerate(res.boxes[n]):
+                if box is None:
+                    continue
+                region_rows.append({"id": f"{it.id}#{j}", "image_id": it.id, "box": box,
+                                    **({"label": it.labels[j]} if j < len(it.labels) and it.labels[j] else {})})
+                region_vecs.append(res.roi[n][j].numpy())
+        glob.append(res.global_.numpy())
+        fused.append(res.fused.numpy())
+    d = predictor.embed_dim
+    arrays = {
+        "image_global": np.concatenate(glob) if glob else np.zeros((0, d), np.float32),
+        "image_fused": np.concatenate(fused) if fused else np.zeros((0, d), np.float32),
+        "region": np.stack(region_vecs).astype(np.float32) if region_vecs else np.zeros((0, d), np.float32),
+    }
+    image_rows = [{"row": i, "id": ids[i], "source": sources[i], "width": sizes[i][0], "height": sizes[i][1]} for i in range(len(ids))]
+    for i, r in enumerate(region_rows):
+        r["row"] = i
+    fmt = args.format
+    if fmt == "parquet":
+        _write_parquet(out, arrays, image_rows, region_rows)
+    else:
+        np.savez(out / "embeddings.npz", **arrays, image_id=np.array(ids, dtype=object).astype(str),
+                 region_id=np.array([r["id"] for r in region_rows], dtype=object).astype(str))
+    _write_jsonl(out / "images.jsonl", image_rows)
+    _write_jsonl(out / "regions.jsonl", region_rows)
+    (out / "embed.json").write_text(json.dumps({"model": str(args.model), "model_id": predictor.model_id, "dim": d,
+                                                "images": len(ids), "regions": len(region_rows), "problems": len(problems),
+                                                "format": fmt, "normalised": "L2 (cosine = dot product)"}, indent=2),
+                                    encoding="utf-8")
+    _report_problems(problems, out / "problems.jsonl", "embed")
+    note = f"; {len(problems)} problems in {out / 'problems.jsonl'}" if problems else ""
+    print(f"embedded {len(ids)} images and {len(region_rows)} regions (dim {d}) into {out}{note}")
+    return 1 if problems else 0
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _write_parquet(out: Path, arrays: dict, image_rows: list[dict], region_rows: list[dict]) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise InferInputError("--format parquet needs pyarrow (pip install pyarrow); the default npz needs nothing") from err
+    img = {"id": [r["id"] for r in image_rows], "source": [r["source"] for r in image_rows],
+           "global": list(arrays["image_global"]), "fused": list(arrays["image_fused"])}
+    pq.write_table(pa.table(img), out / "images.parquet")
+    reg = {"id": [r["id"] for r in region_rows], "image_id": [r["image_id"] for r in region_rows],
+           "box": [r["box"] for r in region_rows], "embedding": list(arrays["region"])}
+    pq.write_table(pa.table(reg), out / "regions.parquet")
+
+
+# -- classify --------------------------------------------------------------------------------
+def _read_labels(args) -> tuple[Any, bool]:
+    multi = bool(args.multi_label)
+    if args.labels and args.labels_file:
+        raise InferInputError("give --labels or --labels-file, not both")
+    if args.labels:
+        names = [x.strip() for x in args.labels.split(",")]
+        if any(not x for x in names):
+            raise InferInputError(f"--labels {args.labels!r} has an empty label")
+        return names, multi
+    if not args.labels_file:
+        raise InferInputError("no labels: give --labels a,b,c or --labels-file labels.yaml")
+    import yaml
+
+    path = Path(args.labels_file)
+    if not path.is_file():
+        raise InferInputError(f"labels file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InferInputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if isinstance(data, dict) and "labels" in data:
+        multi = multi or bool(data.get("multi_label", False))
+        data = data["labels"]
+    if isinstance(data, list) and all(isinstance(x, str) for x in data):
+        return data, multi
+    if isinstance(data, dict) and all(isinstance(v, (str, list)) for v in data.values()):
+        return {str(k): v for k, v in data.items()}, multi
+    raise InferInputError(f"{path}: expected a list of labels, a mapping label -> prompts, or {{labels: ..., multi_label: ...}}")
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    labels, multi = _read_labels(args)
+    items = collect_items(args.inputs, args.split, None)
+    predictor = _predictor(args)
+    class_prompts = predictor.class_prompts(labels, args.prompts)
+    problems, rows = [], []
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start: start + CHUNK]
+        ready = []
+        for it in chunk:
+            image, prob = _load_or_problem(predictor, it)
+            if prob:
+                problems.append(prob)
+            else:
+                ready.append((it, image))
+        res = predictor.classify([im for _, im in ready], class_prompts, multi_label=multi, truncate=args.truncate,
+                                 names=[it.source for it, _ in ready], errors="skip", progress=not args.no_progress and sys.stderr.isatty())
+        for p in res.problems:
+            it = ready[p.index][0]
+            problems.append({"id": it.id, "source": it.source, "reason": p.reason, "detail": p.detail})
+        for n, i in enumerate(res.indices):
+            top, score = res.top(n)
+            rows.append([ready[i][0].id, *[f"{v:.6f}" for v in res.scores[n]], top])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", *class_prompts, "top_label"])
+        w.writerows(rows)
+    probs_path = out.with_suffix(".problems.jsonl")
+    _report_problems(problems, probs_path if problems else None, "classify")
+    kind = "cosine similarity per label (multi-label)" if multi else "softmax probabilities"
+    print(f"classified {len(rows)} images into {len(class_prompts)} labels ({kind}): {out}"
+          f"{f'; {len(problems)} problems in {probs_path}' if problems else ''}")
+    return 1 if problems else 0
+
+
+# -- ground ----------------------------------------------------------------------------------
+def overlay(image, heatmap: np.ndarray, box: list[float], peak, opacity: float = 0.45):
+    """An RGB PIL image: ``image`` in gray, ``heatmap`` ([0, 1], same size) in a jet colour
+    map blended at ``opacity``, the box in red and the peak as a cross."""
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    rgb = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32)
+    colours = matplotlib.colormaps["jet"](heatmap)[..., :3] * 255.0
+    blend = Image.fromarray(np.round(rgb * (1 - opacity) + colours * opacity).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(blend)
+    w = max(2, round(max(blend.size) / 200))
+    draw.rectangle([box[0], box[1], max(box[0], box[2] - 1), max(box[1], box[3] - 1)], outline=(255, 0, 0), width=w)
+    r = 4 * w
+    draw.line([peak[0] - r, peak[1], peak[0] + r, peak[1]], fill=(255, 255, 255), width=w)
+    draw.line([peak[0], peak[1] - r, peak[0], peak[1] + r], fill=(255, 255, 255), width=w)
+    return blend
+
+
+def _slug(text: str, n: int = 40) -> str:
+    s = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+    while "--" in s:
+        s = s.replace("--", "-")
+    return s[:n] or "phrase"
+
+
+def cmd_ground(args: argparse.Namespace) -> int:
+    phrases = list(args.phrase or [])
+    if args.phrases_file:
+        try:
+            text = Path(args.phrases_file).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InferInputError(f"phrases file {args.phrases_file}: cannot be read as UTF-8 text ({err})") from err
+        phrases += [ln.strip() for ln in text.splitlines() if ln.strip()]
+    from regionmed.inference import TextInputError
+
+    if not phrases:
+        raise TextInputError("the phrase list is empty: give --phrase TEXT (repeatable) or --phrases-file")
+    items = collect_items(args.inputs, args.split, None)
+    predictor = _predictor(args)
+    predictor._check_texts(phrases, "phrase", args.truncate)  # before any image work: a clear error at once
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, problems = [], []
+    from regionmed.inference import ImageInputError
+
+    for k, it in enumerate(items):
+        image, prob = _load_or_problem(predictor, it)
+        if prob:
+            problems.append(prob)
+            continue
+        try:
+            image = predictor.load_image(image, it.source)
+            found = predictor.ground(image, phrases, args.read_out, threshold=args.threshold, truncate=args.truncate)
+        except ImageInputError as err:
+            problems.append({"id": it.id, "source": it.source, "reason": err.reason, "detail": str(err)})
+            continue
+        stem = f"{k:04d}-{_slug(Path(it.id).stem)}" if len(items) > 1 else _slug(Path(it.id).stem)
+        entry = {"id": it.id, "size": list(image.size), "phrases": []}
+        for t, g in enumerate(found):
+            png = out / f"{stem}_{t:02d}_{_slug(g.phrase)}.png"
+            overlay(image, g.heatmap, g.box, g.peak, args.opacity).save(png)
+            entry["phrases"].append({**g.to_dict(), "overlay": png.name})
+        results.append(entry)
+    (out / "groundings.json").write_text(json.dumps({"model_id": predictor.model_id, "images": results,
+                                                     "problems": problems}, indent=2), encoding="utf-8")
+    _report_problems(problems, None, "ground")
+    print(f"grounded {len(phrases)} phrase(s) in {len(results)} image(s): overlays and groundings.json in {out}"
+          f"{f'; {len(problems)} problems' if problems else ''}")
+    return 1 if problems else 0
+
+
+# -- index / search --------------------------------------------------------------------------
+def cmd_index(args: argparse.Namespace) -> int:
+    from regionmed.index import INDEX_FILE, EmbeddingIndex
+
+    folder = Path(args.index)
+    exists = (folder / INDEX_FILE).is_file()
+    if exists and not args.add:
+        raise InferInputError(f"{folder} already holds an index: pass --add to add to it, or choose another folder")
+    items = collect_items(args.inputs, args.split, args.boxes)
+    predictor = _predictor(args)
+    if args.add and exists:
+        index = EmbeddingIndex.load(folder)
+        index.check_model(predictor.model_id, predictor.embed_dim, f"model {args.model}'s embeddings")
+    else:
+        index = EmbeddingIndex.create(predictor)
+    index.extra.setdefault("model_path", str(Path(args.model).resolve()))
+    have = {m["id"] for m in index.metadata("image")}
+    skipped = [it for it in items if it.id in have]
+    items = [it for it in items if it.id not in have]
+    problems, added = [], {"image": 0, "region": 0}
+    for done, res, probs in embed_items(predictor, items, not args.no_boxes, not args.no_progress):
+        problems += probs
+        n = index.add_embeddings(res, ids=[it.id for it in done], sources=[it.source for it in done],
+                                 labels=[it.labels for it in done], model_id=predictor.model_id)
+        added["image"] += n["image"]
+        added["region"] += n["region"]
+    index.save(folder)
+    _report_problems(problems, folder / "problems.jsonl" if problems else None, "index")
+    print(f"{'added' if args.add and exists else 'indexed'} {added['image']} images and {added['region']} regions "
+          f"({index.count('image')} / {index.count('region')} in {folder})"
+          f"{f'; {len(skipped)} already indexed, left as they were' if skipped else ''}"
+          f"{f'; {len(problems)} problems' if problems else ''}")
+    return 1 if problems else 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from regionmed.index import EmbeddingIndex
+
+    if bool(args.text) == bool(args.image):
+        raise InferInputError("give one query: --text TEXT or --image PATH")
+    if args.k < 1:
+        raise InferInputError(f"-k must be >= 1, got {args.k}")
+    index = EmbeddingIndex.load(args.index)
+    model = args.model or index.extra.get("model_path")
+    if not model:
+        raise InferInputError(f"no --model given and {args.index} does not record the model that built it")
+    args.model = model
+    predictor = _predictor(args)
+    if args.text:
+        hits = index.search_text(predictor, args.text, args.k, args.kind, truncate=args.truncate)[0]
+        query = {"text": args.text}
+    else:
+        box = [float(v) for v in args.box.split(",")] if args.box else None
+        if box is not None and len(box) != 4:
+            raise InferInputError(f"--box {args.box!r} is not x0,y0,x1,y1")
+        hits = index.search_image(predictor, args.image, args.k, args.kind, box=box)[0]
+        query = {"image": args.image, **({"box": box} if box else {})}
+    payload = {"query": query, "kind": args.kind, "k": args.k, "hits": [h.to_dict() for h in hits]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    if args.format == "json":
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"{'rank':>4}  {'score':>7}  {'kind':6}  {'id':40}  box")
+        for r, h in enumerate(hits, 1):
+            box = "" if h.box is None else "[" + ", ".join(f"{v:.0f}" for v in h.box) + "]"
+            label = f"  ({h.label})" if h.label else ""
+            print(f"{r:>4}  {h.score:7.4f}  {h.kind:6}  {h.id[:40]:40}  {box}{label}")
+        if not hits:
+            print("(the index is empty)")
+    return 0
+
+
+# -- parsers ---------------------------------------------------------------------------------
+_INPUTS_HELP = ("images, folders (searched recursively), .txt lists (one path a line) or a MedRegion dataset "
+                "folder (with --split); PNG, JPEG, other Pillow formats and single-frame DICOM")
+
+
+def _common(p: argparse.ArgumentParser, inputs: bool = True) -> None:
+    if inputs:
+        p.add_argument("model", help="a saved model folder (regionmed.load)")
+        p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
+        p.add_argument("--split", default=None, help="the split of a MedRegion dataset input (default test)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none is shown when stderr is not a terminal)")
+
+
+def add_infer_parsers(sub) -> None:
+    """Register ``embed``, ``classify``, ``ground``, ``index`` and ``search``."""
+    p = sub.add_parser("embed", help="embed images and their boxes with a trained model (npz + JSONL ids)",
+                       description="Embed images (whole image: global and fused; each given box: its ROI embedding) and write "
+                                   "OUT/embeddings.npz (image_global, image_fused (N, D), region (R, D), image_id, region_id; "
+                                   "L2-normalised float32), OUT/images.jsonl and OUT/regions.jsonl (ids, sources, sizes, boxes), "
+                                   "OUT/problems.jsonl (inputs not used, with reasons) and OUT/embed.json. "
+                                   "--format parquet writes images.parquet / regions.parquet instead of the npz (needs pyarrow).")
+    _common(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--boxes", help="JSON {image id or path: [[x0,y0,x1,y1], ...] or [{box, label}]} (pixel boxes); "
+                                   "a MedRegion input brings its own")
+    p.add_argument("--no-boxes", action="store_true", help="image level only (ignore boxes)")
+    p.add_argument("--format", choices=("npz", "parquet"), default="npz", help="array file format (default npz)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("classify", help="zero-shot classify images against labels (CSV of scores)",
+                       description="Zero-shot classification with prompt ensembles (eval/prompts/default.yaml, or --prompts). "
+                                   "Single-label: softmax probabilities over the labels. --multi-label: each label's cosine "
+                                   "similarity with the image (uncalibrated scores for ranking). Writes a CSV: id, one column per "
+                                   "label, top_label; problems in <out>.problems.jsonl.")
+    _common(p)
+    p.add_argument("--labels", help="comma-separated labels, e.g. pneumonia,normal")
+    p.add_argument("--labels-file", help="YAML: a list of labels, a mapping label -> list of prompts, or {labels: ..., multi_label: true}")
+    p.add_argument("--multi-label", action="store_true", help="score each label on its own (cosine similarity)")
+    p.add_argument("--prompts", help="a prompt YAML with the layout of eval/prompts/default.yaml")
+    p.add_argument("--truncate", action="store_true", help="cut prompts longer than the text context instead of stopping")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("ground", help="ground phrases in images (heatmap overlay PNGs + JSON boxes)",
+                       description="For each image and phrase: a similarity heatmap at the image's size, its peak, a box and a "
+                                   "score (windows through the model's region path, or the patch map). Writes OUT/<image>_<n>_<phrase>.png "
+                                   "overlays (heatmap, red box, white cross at the peak) and OUT/groundings.json.")
+    _common(p)
+    p.add_argument("--phrase", action="append", help="a phrase to ground (repeatable)")
+    p.add_argument("--phrases-file", help="a text file with one phrase a line")
+    p.add_argument("--read-out", choices=("auto", "windows", "patch"), default="auto",
+                   help="windows (region path), patch (patch-text map), auto: windows when the model has a region path")
+    p.add_argument("--threshold", type=float, default=0.5, help="patch read-out: box threshold between the map's min and max (default 0.5)")
+    p.add_argument("--opacity", type=float, default=0.45, help="heatmap opacity in the overlays (default 0.45)")
+    p.add_argument("--truncate", action="store_true", help="cut phrases longer than the text context instead of stopping")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_ground)
+
+    p = sub.add_parser("index", help="build (or --add to) a FAISS index of images and regions",
+                       description="Embed images and their boxes and store them in a FAISS index folder (exact inner product "
+                                   "over L2-normalised vectors = cosine) with a metadata sidecar (ids, sources, boxes, labels). "
+                                   "--add adds to an existing index built by the same model (images already in it are left as "
+                                   "they are). Needs faiss: pip install 'regionmed[index]'.")
+    _common(p)
+    p.add_argument("--index", required=True, help="index folder")
+    p.add_argument("--add", action="store_true", help="add to the index in --index (else it must not exist)")
+    p.add_argument("--boxes", help="JSON {image id or path: [[x0,y0,x1,y1], ...] or [{box, label}]}")
+    p.add_argument("--no-boxes", action="store_true", help="image level only")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an index by text or image (top-k images and regions)",
+                       description="Query an index folder with a text or an image (optionally one --box of it); prints the "
+                                   "top-k images and regions with their boxes as a table (or JSON).")
+    p.add_argument("index", help="index folder (regionmed index)")
+    p.add_argument("--model", help="model folder (default: the one that built the index, as recorded in it)")
+    p.add_argument("--text", help="text query")
+    p.add_argument("--image", help="image query (a file)")
+    p.add_argument("--box", help="with --image: x0,y0,x1,y1 of a region to search by")
+    p.add_argument("-k", "--k", type=int, default=10, help="results (default 10)")
+    p.add_argument("--kind", choices=("both", "image", "region"), default="both", help="what to return (default both)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="stdout format (default table)")
+    p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--truncate", action="store_true", help="cut a text longer than the context instead of stopping")
+    _common(p, inputs=False)
+    p.set_defaults(func=cmd_search)
+
