@@ -103,10 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
-    from regionmed.apps.serve import add_serve_parser
-
-    add_serve_parser(sub)
-
     from regionmed.apps.evaluate.cli import add_ablate_parser, add_eval_parser
 
     add_eval_parser(sub)
@@ -115,10 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     from regionmed.apps.infer import add_infer_parsers  # embed, classify, ground, index, search
 
     add_infer_parsers(sub)
-
-    from regionmed.apps.interop import add_interop_parsers
-
-    add_interop_parsers(sub)
 
     try:  # the dataset builder's commands (regionmed.apps.curation)
         from regionmed.apps.curation.cli import (
