@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
+    from regionmed.apps.serve import add_serve_parser
+
+    add_serve_parser(sub)
+
     from regionmed.apps.evaluate.cli import add_ablate_parser, add_eval_parser
 
     add_eval_parser(sub)

@@ -1,0 +1,676 @@
+"""``regionmed serve``: a Gradio web demo of a trained model (grounding, zero-shot labels, index search).
+
+The page (Gradio Blocks, built by :func:`build_app`) has three tabs over one uploaded image:
+
+* **Ground**: phrases (one per line) → one overlay per phrase (the phrase's heatmap,
+  :meth:`regionmed.inference.Predictor.ground`, coloured where it reaches the threshold,
+  blended at the chosen opacity, with the predicted box and the peak drawn) and a table of
+  the boxes in the image's own pixels. Threshold and opacity re-render without
+  running the model again.
+* **Classify**: labels (one per line, a default list given) → zero-shot scores
+  (:meth:`~regionmed.inference.Predictor.classify`, single- or multi-label).
+* **Search**: a text query against the index loaded with ``--index``
+  (:meth:`regionmed.index.EmbeddingIndex.search_text`) → the top images and regions as
+  a gallery with the boxes drawn, and a table.
+
+Privacy: uploads go through the library's PHI-safe decoder
+(:func:`regionmed.inference.load_image`; no DICOM attribute leaves it). The uploaded
+file is read once and deleted from Gradio's upload folder; its name is never shown,
+logged or passed to the decoder (messages call it "the uploaded file"). Uploads over the
+size limit are refused in the browser before they are sent (Gradio's own message would
+quote the file name), and by the server (Gradio's ``max_file_size``). Gradio's run
+history, share links and analytics are off, the page loads no web fonts, and the server
+listens on loopback (127.0.0.1) unless ``--host`` says otherwise.
+
+Every bad input (an undecodable image, a multi-frame DICOM or one without pixel data, too
+many pixels, an oversized upload, no or too many phrases, a phrase longer than the
+model's text context, no index loaded, an index built by another model) ends in a
+message in the page's status line; the server keeps serving.
+
+Through the HTTP API (``gradio_client`` or Gradio's ``/gradio_api`` routes) the same
+functions are ``/load_image`` (file → decoded image, message), ``/ground`` (image,
+phrases, threshold, opacity → overlays, boxes, message), ``/classify`` (image, labels,
+multi-label → scores, table, message) and ``/search`` (query, k, kind → gallery, table,
+message).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from regionmed.errors import RegionmedError
+
+if TYPE_CHECKING:  # gradio is an optional dependency (pip install 'regionmed[serve]')
+    import gradio as gr
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_LABELS",
+    "DemoBackend",
+    "ServeLimits",
+    "add_serve_parser",
+    "build_app",
+    "launch_app",
+    "load_index_for",
+    "parse_lines",
+    "render_overlay",
+]
+
+DEFAULT_LABELS = ("no finding", "nodule", "mass", "opacity", "pleural effusion", "cardiomegaly", "pneumothorax")
+DEFAULT_PHRASES = ("nodule", "pleural effusion")
+UPLOAD_NAME = "the uploaded file"  # how messages name an upload (never its own file name)
+# Box / caption colours per phrase (colour-blind-safe qualitative set, Okabe & Ito 2008).
+PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167))
+SEARCH_KINDS = ("both", "image", "region")
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What the demo accepts (each a ``regionmed serve`` option).
+
+    ``max_upload_mb``: the largest upload in MB (10^6 bytes), refused in the browser and
+    by the server; ``max_pixels``: the most pixels (width x height) of a decoded image,
+    refused before decoding; ``max_phrases`` / ``max_labels``: lines read from the
+    phrase / label boxes; ``max_results``: the largest k of a search;
+    ``display_max_side``: overlays and search thumbnails are drawn with at most this
+    many pixels on the long side (boxes and peaks in the tables stay in the image's own
+    pixels)."""
+
+    max_upload_mb: float = 50.0
+    max_pixels: int = 50_000_000
+    max_phrases: int = 8
+    max_labels: int = 32
+    max_results: int = 50
+    display_max_side: int = 1024
+
+    def __post_init__(self):
+        for name in ("max_upload_mb", "max_pixels", "max_phrases", "max_labels", "max_results", "display_max_side"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServeLimits.{name} must be > 0, got {getattr(self, name)!r}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)
+
+
+class DemoInputError(RegionmedError, ValueError):
+    """A page input the demo refuses (the message is shown in the page as it is)."""
+
+
+# -- drawing ------------------------------------------------------------------------------
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _display_scale(width: int, height: int, max_side: int) -> float:
+    return min(1.0, max_side / max(width, height))
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] → (H, W, 3) uint8 through matplotlib's ``inferno`` colour map
+    (perceptually uniform, readable in grey scale)."""
+    from matplotlib import colormaps
+
+    lut = (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    return lut[np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)]
+
+
+def render_overlay(
+    image: Image.Image,
+    heatmap: np.ndarray | None,
+    *,
+    box: list[float] | None = None,
+    peak: tuple[float, float] | None = None,
+    label: str | None = None,
+    threshold: float = 0.5,
+    opacity: float = 0.5,
+    color: tuple[int, int, int] = PALETTE[0],
+    max_side: int = 1024,
+) -> Image.Image:
+    """Draw one phrase's heatmap, box and peak over ``image``.
+
+    ``image``: the decoded image (any PIL mode); ``heatmap``: (H, W) float in [0, 1] at
+    the image's size (``None``: no heatmap); pixels whose value is ``>= threshold`` are
+    coloured by the ``inferno`` map and alpha-blended with weight ``opacity`` in [0, 1]
+    (below the threshold the image shows unchanged). ``box``: [x0, y0, x1, y1] and
+    ``peak``: (x, y), in the image's pixels, drawn in ``color``; ``label``: a caption
+    drawn above the box. The result is RGB, scaled so that its long side is at most
+    ``max_side`` pixels (the image's aspect kept). Raises ``ValueError`` when the heatmap's
+    shape is not the image's (H, W).
+    """
+    w, h = image.size
+    if heatmap is not None and tuple(heatmap.shape) != (h, w):
+        raise ValueError(f"heatmap of shape {tuple(heatmap.shape)} for an image of {w}x{h} (expected ({h}, {w}))")
+    s = _display_scale(w, h, max_side)
+    dw, dh = max(1, round(w * s)), max(1, round(h * s))
+    base = image.convert("RGB")
+    if (dw, dh) != (w, h):
+        base = base.resize((dw, dh), Image.Resampling.BILINEAR)
+    out = np.asarray(base, dtype=np.float32)
+    if heatmap is not None and opacity > 0:
+        heat = np.asarray(heatmap, dtype=np.float32)
+        if (dw, dh) != (w, h):
+            heat = np.asarray(Image.fromarray(heat, "F").resize((dw, dh), Image.Resampling.BILINEAR))
+        heat = np.nan_to_num(np.clip(heat, 0.0, 1.0))
+        alpha = (heat >= threshold).astype(np.float32)[..., None] * float(np.clip(opacity, 0.0, 1.0))
+        out = out * (1.0 - alpha) + _colormap(heat).astype(np.float32) * alpha
+    result = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(result)
+    line = max(2, round(max(dw, dh) / 250))
+    if box is not None:
+        x0, y0, x1, y1 = (float(v) * s for v in box)
+        draw.rectangle([x0, y0, x1, y1], outline=color, width=line)
+        if label:
+            font = _font(max(12, round(max(dw, dh) / 40)))
+            tx, ty = x0, y0 - line
+            left, t, r, b = draw.textbbox((tx, ty), label, font=font, anchor="ld")
+            if t < 0:  # no room above the box: inside it
+                tx, ty = x0 + line, y0 + line + (b - t)
+                left, t, r, b = draw.textbbox((tx, ty), label, font=font, anchor="ld")
+            draw.rectangle([left - 2, t - 2, r + 2, b + 2], fill=(0, 0, 0))
+            draw.text((tx, ty), label, fill=color, font=font, anchor="ld")
+    if peak is not None:
+        px, py = float(peak[0]) * s, float(peak[1]) * s
+        r = 3 * line
+        draw.line([px - r, py, px + r, py], fill=color, width=line)
+        draw.line([px, py - r, px, py + r], fill=color, width=line)
+    return result
+
+
+# -- inputs -------------------------------------------------------------------------------
+
+def parse_lines(text: str | None, what: str, limit: int) -> list[str]:
+    """The non-blank lines of ``text`` (stripped, duplicates dropped, order kept).
+    Raises :class:`DemoInputError` for none, or more than ``limit``."""
+    seen: dict[str, None] = {}
+    for raw in (text or "").splitlines():
+        item = raw.strip()
+        if item:
+            seen.setdefault(item, None)
+    items = list(seen)
+    if not items:
+        raise DemoInputError(f"Type at least one {what} (one per line).")
+    if len(items) > limit:
+        raise DemoInputError(f"{len(items)} {what}s given; this demo takes at most {limit} at once (--max-{what}s).")
+    return items
+
+
+def _image_message(err: RegionmedError, limits: ServeLimits) -> str:
+    """A page message for an image that cannot be used (ImageInputError's reason)."""
+    reason = getattr(err, "reason", None)
+    detail = getattr(err, "detail", None) or str(err)
+    if reason == "too_many_pixels":
+        return (f"The image has too many pixels ({detail}); this demo accepts at most "
+                f"{limits.max_pixels / 1e6:g} megapixels (--max-pixels).")
+    if reason == "unsupported_dicom":
+        return f"This DICOM file cannot be shown: {detail}. The demo takes single-frame DICOM images with pixel data."
+    if reason == "truncated_image":
+        return f"The image file is incomplete (cut short): {detail}."
+    if reason == "empty_image":
+        return f"The uploaded file holds no image: {detail}."
+    if reason == "unreadable_image":
+        return f"The uploaded file could not be read as an image (PNG, JPEG or DICOM): {detail}."
+    return f"The image cannot be used: {detail}."
+
+
+def _error_message(err: Exception | str) -> str:
+    # The library's text errors name the Python/CLI way out (truncate=True, --truncate): not a page control.
+    text = re.sub(r",? or pass truncate=True \(--truncate\) to cut it", "", str(err))
+    return f"**Error:** {text}"
+
+
+def _unexpected(what: str, err: Exception) -> str:
+    # The message of an unexpected exception may quote an input: log its type and where it came from only.
+    log.error("%s failed with %s\n%s", what, type(err).__name__, "".join(traceback.format_tb(err.__traceback__)))
+    return f"**Error:** {what} failed unexpectedly ({type(err).__name__}); the server log has the traceback."
+
+
+# -- index --------------------------------------------------------------------------------
+
+def load_index_for(predictor, folder: str | os.PathLike | None) -> tuple[Any | None, str | None]:
+    """Load the retrieval index at ``folder`` for ``predictor``'s model.
+
+    Returns ``(index, None)``, or ``(None, message)`` when there is no folder, no index
+    there, or it was built by another model (embedding size or model id differ): the
+    demo then serves without search and shows the message when a search is tried."""
+    if folder is None:
+        return None, "No index is loaded: start the demo with --index FOLDER (built by `regionmed index`) to search."
+    from regionmed.index import EmbeddingIndex
+
+    try:
+        index = EmbeddingIndex.load(folder)
+        index.check_model(predictor.model_id, predictor.embed_dim, "the demo's model embeddings")
+    except RegionmedError as err:
+        log.warning("index not loaded: %s", err)
+        return None, f"The index could not be used, search is off: {err}"
+    return index, None
+
+
+# -- the demo's functions (no Gradio here: the app wires them) -----------------------------
+
+@dataclass
+class GroundState:
+    """What the overlays are re-drawn from when threshold or opacity change."""
+
+    groundings: list[Any]
+
+
+class DemoBackend:
+    """The demo's page functions over a :class:`~regionmed.inference.Predictor`, an
+    optional index and :class:`ServeLimits`. Each returns its outputs followed by a
+    Markdown status message; a bad input gives empty outputs and the message (never an
+    exception), so that the page says what was wrong and the server keeps serving."""
+
+    def __init__(self, predictor, index=None, *, limits: ServeLimits | None = None, index_problem: str | None = None):
+        self.predictor = predictor
+        self.index = index
+        self.limits = limits or ServeLimits()
+        self.index_problem = index_problem if index is None else None
+        if index is None and self.index_problem is None:
+            self.index_problem = "No index is loaded: start the demo with --index FOLDER (built by `regionmed index`) to search."
+        self._thumbs: dict[str, Image.Image] = {}
+
+    # upload ---------------------------------------------------------------------------
+    def load_upload(self, path: str | None) -> tuple[Image.Image | None, str]:
+        """The uploaded file (Gradio's temporary path) → (decoded 8-bit image, message).
+        The file is deleted once read; its name appears nowhere."""
+        if not path:
+            return None, "Upload an image (PNG, JPEG or DICOM)."
+        try:
+            size = os.path.getsize(path)
+            if size > self.limits.max_upload_bytes:
+                raise DemoInputError(f"The uploaded file is {size / 1e6:.1f} MB; this demo accepts uploads up to "
+                                     f"{self.limits.max_upload_mb:g} MB (--max-upload-mb).")
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as err:
+            return None, _error_message(DemoInputError(f"The upload could not be read ({err.strerror or type(err).__name__})."))
+        except DemoInputError as err:
+            return None, _error_message(err)
+        finally:
+            _remove_quietly(path)
+        return self.load_bytes(raw)
+
+    def load_bytes(self, raw: bytes) -> tuple[Image.Image | None, str]:
+        from regionmed.inference import ImageInputError, load_image
+
+        try:
+            image = load_image(raw, name=UPLOAD_NAME, max_pixels=self.limits.max_pixels)
+        except ImageInputError as err:
+            return None, _error_message(_image_message(err, self.limits))
+        except Exception as err:  # noqa: BLE001 - the page must say something and keep serving
+            return None, _unexpected("Decoding the upload", err)
+        kind = "DICOM" if len(raw) >= 132 and raw[128:132] == b"DICM" else "image"
+        return image, f"Loaded a {image.width} × {image.height} {kind} ({'grey scale' if image.mode == 'L' else 'colour'})."
+
+    def _image(self, image) -> Image.Image:
+        from regionmed.inference import load_image
+
+        if image is None:
+            raise DemoInputError("Upload an image first (PNG, JPEG or DICOM).")
+        return load_image(image, name="the image", max_pixels=self.limits.max_pixels)
+
+    # ground ---------------------------------------------------------------------------
+    def ground(self, image, phrases: str, threshold: float, opacity: float) -> tuple[list, list[list], GroundState | None, str]:
+        """(image, phrases one per line, threshold, opacity) → (overlays as (image,
+        caption) pairs, box rows, state for re-rendering, message)."""
+        from regionmed.inference import ImageInputError
+
+        try:
+            img = self._image(image)
+            items = parse_lines(phrases, "phrase", self.limits.max_phrases)
+            groundings = self.predictor.ground(img, items)
+        except ImageInputError as err:
+            return [], [], None, _error_message(_image_message(err, self.limits))
+        except RegionmedError as err:
+            return [], [], None, _error_message(err)
+        except Exception as err:  # noqa: BLE001
+            return [], [], None, _unexpected("Grounding", err)
+        state = GroundState(groundings)
+        rows = [[g.phrase, round(float(g.score), 4), *[round(float(v), 1) for v in g.box],
+                 round(float(g.peak[0]), 1), round(float(g.peak[1]), 1)] for g in groundings]
+        read_out = groundings[0].read_out if groundings else ""
+        message = (f"Grounded {len(groundings)} phrase{'s' if len(groundings) != 1 else ''} in a {img.width} × {img.height} "
+                   f"image ({read_out} read-out; score: cosine similarity behind the box).")
+        return self._overlays(img, state, threshold, opacity), rows, state, message
+
+    def rerender(self, image, state: GroundState | None, threshold: float, opacity: float) -> list:
+        """The overlays again with a new threshold / opacity (no model call)."""
+        if image is None or state is None or not state.groundings:
+            return []
+        try:
+            img = self._image(image)
+            if img.size != tuple(state.groundings[0].size):
+                return []
+            return self._overlays(img, state, threshold, opacity)
+        except Exception as err:  # noqa: BLE001
+            _unexpected("Re-drawing the overlays", err)
+            return []
+
+    def _overlays(self, img: Image.Image, state: GroundState, threshold: float, opacity: float) -> list:
+        out = []
+        for i, g in enumerate(state.groundings):
+            caption = f"{g.phrase} (score {float(g.score):.3f})"
+            over = render_overlay(img, g.heatmap, box=g.box, peak=g.peak, label=g.phrase, threshold=float(threshold),
+                                  opacity=float(opacity), color=PALETTE[i % len(PALETTE)], max_side=self.limits.display_max_side)
+            out.append((over, caption))
+        return out
+
+    # classify -------------------------------------------------------------------------
+    def classify(self, image, labels: str, multi_label: bool) -> tuple[dict | None, list[list], str]:
+        """(image, labels one per line, multi-label?) → (label → probability for gr.Label,
+        or None for multi-label; ranked rows [label, score]; message)."""
+        from regionmed.inference import ImageInputError
+
+        try:
+            img = self._image(image)
+            items = parse_lines(labels, "label", self.limits.max_labels)
+            if len(items) < 2 and not multi_label:
+                raise DemoInputError("Type at least two labels for single-label scores (or tick multi-label).")
+            result = self.predictor.classify([img], items, multi_label=bool(multi_label))
+        except ImageInputError as err:
+            return None, [], _error_message(_image_message(err, self.limits))
+        except RegionmedError as err:
+            return None, [], _error_message(err)
+        except Exception as err:  # noqa: BLE001
+            return None, [], _unexpected("Classification", err)
+        scores = np.asarray(result.scores)[0]
+        order = np.argsort(-scores, kind="stable")
+        rows = [[result.labels[j], round(float(scores[j]), 4)] for j in order]
+        if result.multi_label:
+            return None, rows, ("Multi-label scores: the cosine similarity of the image with each label's prompts "
+                                "(uncalibrated; compare within a label across images, not across labels).")
+        best = result.labels[int(order[0])]
+        probs = {result.labels[j]: float(scores[j]) for j in order}
+        return probs, rows, f"Most likely: **{best}** ({float(scores[order[0]]):.1%}; softmax over the {len(items)} labels)."
+
+    # search ---------------------------------------------------------------------------
+    def search(self, query: str, k: float, kind: str) -> tuple[list, list[list], str]:
+        """(text query, k, kind) → (gallery of (image with box, caption), rows, message)."""
+        if self.index is None:
+            return [], [], _error_message(self.index_problem)
+        query = (query or "").strip()
+        if not query:
+            return [], [], _error_message("Type a text query.")
+        kind = kind if kind in SEARCH_KINDS else "both"
+        try:
+            k = int(k) if k is not None else 0
+            if not 1 <= k <= self.limits.max_results:
+                raise DemoInputError(f"k must be between 1 and {self.limits.max_results}, got {k}.")
+            hits = self.index.search_text(self.predictor, query, k=k, kind=kind)[0]
+        except RegionmedError as err:
+            return [], [], _error_message(err)
+        except Exception as err:  # noqa: BLE001
+            return [], [], _unexpected("Search", err)
+        gallery, rows, missing = [], [], 0
+        for rank, hit in enumerate(hits, 1):
+            box = _hit_box(hit)
+            hit_kind = hit.kind
+            score = float(hit.score)
+            hit_id = str(hit.id)
+            coords = [round(float(v), 1) for v in box] if box else [None] * 4
+            rows.append([rank, hit_id, hit_kind, round(score, 4), *coords])
+            thumb = self._thumbnail(hit.source)
+            if thumb is None:
+                missing += 1
+                continue
+            caption = f"{rank}. {hit_id} ({hit_kind}, {score:.3f})"
+            gallery.append((self._draw_hit(thumb, box), caption))
+        message = f"{len(hits)} result{'s' if len(hits) != 1 else ''} for “{query}”."
+        if missing:
+            message += f" {missing} image{'s' if missing != 1 else ''} of the index could not be read (listed in the table only)."
+        return gallery, rows, message
+
+    def _thumbnail(self, path) -> Image.Image | None:
+        if path is None:
+            return None
+        key = str(path)
+        if key not in self._thumbs:
+            from regionmed.inference import load_image
+
+            try:
+                img = load_image(key, max_pixels=self.limits.max_pixels)
+            except RegionmedError as err:
+                log.warning("index image not readable (%s)", getattr(err, "reason", type(err).__name__))
+                return None
+            if len(self._thumbs) >= 512:
+                self._thumbs.pop(next(iter(self._thumbs)))
+            self._thumbs[key] = img
+        return self._thumbs[key]
+
+    def _draw_hit(self, img: Image.Image, box) -> Image.Image:
+        return render_overlay(img, None, box=box, threshold=1.0, opacity=0.0, color=PALETTE[0],
+                              max_side=min(512, self.limits.display_max_side))
+
+
+def _hit_box(hit) -> list[float] | None:
+    box = hit.box
+    if box is None:
+        return None
+    box = [float(v) for v in box]
+    return box if len(box) == 4 and all(math.isfinite(v) for v in box) else None
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+# -- the Gradio app -----------------------------------------------------------------------
+
+# Refuses an over-size file in the browser before it is uploaded, with a message that does not
+# quote the file's name (Gradio's own message would). Runs once when the page loads.
+_UPLOAD_GUARD_JS = """
+() => {
+  const limit = %(limit)d, limitMb = "%(limit_mb)s";
+  const show = (text) => {
+    const el = document.getElementById("upload-limit-message");
+    if (el) { el.textContent = text; el.style.display = text ? "block" : "none"; }
+  };
+  document.addEventListener("change", (ev) => {
+    const input = ev.target;
+    if (!(input instanceof HTMLInputElement) || input.type !== "file" || !input.files) return;
+    const big = Array.from(input.files).find((f) => f.size > limit);
+    if (!big) { show(""); return; }
+    ev.stopImmediatePropagation();
+    ev.preventDefault();
+    input.value = "";
+    show("Error: the file is " + (big.size / 1e6).toFixed(1) + " MB; this demo accepts uploads up to " + limitMb +
+         " MB (--max-upload-mb). Nothing was uploaded.");
+  }, true);
+}
+"""
+
+_CSS = """
+#upload-limit-message { display: none; color: var(--error-text-color, #b91c1c); font-weight: 600; padding: 4px 0; }
+"""
+
+
+def build_app(predictor, index=None, *, limits: ServeLimits | None = None, index_problem: str | None = None,
+              labels: tuple[str, ...] | list[str] = DEFAULT_LABELS, title: str = "regionmed demo") -> "gr.Blocks":
+    """The demo's Gradio Blocks (not launched: :func:`launch_app` starts it with the limits).
+
+    ``predictor``: a :class:`regionmed.inference.Predictor`; ``index``: an
+    :class:`regionmed.index.EmbeddingIndex` or None (``index_problem``: the message
+    shown when searching without one, e.g. from :func:`load_index_for`); ``labels``: the
+    default zero-shot labels. The app keeps its :class:`DemoBackend` as ``app.backend``
+    and ``limits`` as ``app.serve_limits``."""
+    import gradio as gr
+
+    limits = limits or ServeLimits()
+    backend = DemoBackend(predictor, index, limits=limits, index_problem=index_problem)
+    model_note = f"model `{predictor.model_id}`" + ("" if predictor.has_region_path else " (no region path: patch read-out)")
+    index_note = "an index is loaded" if index is not None else "no index loaded"
+
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as app:
+        gr.Markdown(f"## {title}\n{model_note}; {index_note}. Research demo: not for clinical use. "
+                    f"Uploads up to {limits.max_upload_mb:g} MB and {limits.max_pixels / 1e6:g} megapixels; "
+                    "PNG, JPEG or single-frame DICOM (no DICOM attribute is shown).")
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.UploadButton("Upload an image (PNG, JPEG, DICOM)", type="filepath", file_count="single",
+                                         variant="primary", elem_id="upload-button")
+                gr.HTML('<div id="upload-limit-message" role="alert"></div>')
+                image = gr.Image(label="Image", type="pil", image_mode=None, format="png", interactive=False,
+                                 buttons=["fullscreen"], elem_id="input-image", height=360)
+                status = gr.Markdown("Upload an image to start.", elem_id="status")
+            with gr.Column(scale=2):
+                with gr.Tab("Ground phrases"):
+                    with gr.Row():
+                        phrases = gr.Textbox(label="Phrases (one per line)", value="\n".join(DEFAULT_PHRASES), lines=3,
+                                             max_lines=limits.max_phrases + 2, elem_id="phrases", scale=3)
+                        with gr.Column(scale=2):
+                            threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap threshold", elem_id="threshold")
+                            opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity", elem_id="opacity")
+                    ground_btn = gr.Button("Ground", variant="primary", elem_id="ground-button")
+                    overlays = gr.Gallery(label="Heatmaps and boxes", columns=2, height="auto", format="png",
+                                          object_fit="contain", buttons=["download", "fullscreen"], elem_id="overlays")
+                    boxes = gr.Dataframe(headers=["phrase", "score", "x0", "y0", "x1", "y1", "peak x", "peak y"],
+                                         datatype=["str", "number", "number", "number", "number", "number", "number", "number"],
+                                         label="Boxes (pixels of the image)", interactive=False, elem_id="boxes")
+                    ground_state = gr.State(None)
+                with gr.Tab("Zero-shot labels"):
+                    label_box = gr.Textbox(label="Labels (one per line)", value="\n".join(labels), lines=6, elem_id="labels")
+                    multi = gr.Checkbox(label="Multi-label (a similarity per label instead of one softmax)", value=False)
+                    classify_btn = gr.Button("Classify", variant="primary", elem_id="classify-button")
+                    label_out = gr.Label(label="Scores", num_top_classes=10, elem_id="label-scores")
+                    label_table = gr.Dataframe(headers=["label", "score"], datatype=["str", "number"], label="All labels",
+                                               interactive=False, elem_id="label-table")
+                with gr.Tab("Search the index"):
+                    with gr.Row():
+                        query = gr.Textbox(label="Text query", value="left lower zone opacity", scale=3, elem_id="query")
+                        k = gr.Number(label=f"k (1 to {limits.max_results})", value=8, precision=0, scale=1)
+                        kind = gr.Radio(list(SEARCH_KINDS), value="both", label="Results", scale=2)
+                    search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
+                    results = gr.Gallery(label="Images and regions", columns=4, height="auto", format="png",
+                                         object_fit="contain", elem_id="search-results")
+                    result_table = gr.Dataframe(headers=["rank", "id", "kind", "score", "x0", "y0", "x1", "y1"],
+                                                datatype=["number", "str", "str", "number", "number", "number", "number", "number"],
+                                                label="Results", interactive=False, elem_id="search-table")
+
+        upload.upload(backend.load_upload, inputs=upload, outputs=[image, status], api_name="load_image",
+                      concurrency_limit=2)
+        ground_btn.click(backend.ground, inputs=[image, phrases, threshold, opacity],
+                         outputs=[overlays, boxes, ground_state, status], api_name="ground", concurrency_limit=1)
+        for slider in (threshold, opacity):
+            slider.change(backend.rerender, inputs=[image, ground_state, threshold, opacity], outputs=overlays,
+                           api_visibility="private", trigger_mode="always_last", show_progress="hidden")
+        classify_btn.click(backend.classify, inputs=[image, label_box, multi], outputs=[label_out, label_table, status],
+                           api_name="classify", concurrency_limit=1)
+        search_btn.click(backend.search, inputs=[query, k, kind], outputs=[results, result_table, status],
+                         api_name="search", concurrency_limit=1)
+    app.backend = backend
+    app.serve_limits = limits
+    return app
+
+
+def launch_app(app: "gr.Blocks", *, host: str = "127.0.0.1", port: int | None = None, block: bool = True,
+               quiet: bool = False) -> str:
+    """Start ``app`` (from :func:`build_app`) on ``host:port`` with its upload limit; returns
+    the local URL. ``block``: serve until interrupted (False: return at once, for tests;
+    stop with ``app.close()``). ``port`` None: Gradio's default (7860, or the next free)."""
+    import gradio as gr
+
+    limits: ServeLimits = getattr(app, "serve_limits", ServeLimits())
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts
+    js = _UPLOAD_GUARD_JS % {"limit": limits.max_upload_bytes, "limit_mb": f"{limits.max_upload_mb:g}"}
+    _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=quiet, share=False,
+                           show_error=False, max_file_size=limits.max_upload_bytes, ssr_mode=False, run_history=False,
+                           footer_links=["api"], theme=theme, css=_CSS, js=js, mcp_server=False)
+    if block:
+        try:
+            app.block_thread()
+        finally:
+            app.close()
+    return url
+
+
+def serve(model: str | Path, index: str | Path | None = None, *, host: str = "127.0.0.1", port: int | None = 7860,
+          device: str | None = None, limits: ServeLimits | None = None, labels: list[str] | None = None) -> None:
+    """``regionmed serve``: load the model (and index), build the page, serve until interrupted."""
+    from regionmed.inference import Predictor
+
+    limits = limits or ServeLimits()
+    predictor = Predictor.from_pretrained(model, device=device, max_pixels=limits.max_pixels)
+    idx, problem = load_index_for(predictor, index) if index is not None else (None, None)
+    if problem:
+        print(f"regionmed serve: warning: {problem}")
+    app = build_app(predictor, idx, limits=limits, index_problem=problem, labels=tuple(labels or DEFAULT_LABELS))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"regionmed serve: warning: listening on {host}: anyone who can reach this machine can upload images "
+              "to it (no authentication)")
+    url = launch_app(app, host=host, port=port, block=False, quiet=True)
+    print(f"regionmed serve: model {model} ({predictor.model_id}) at {url} (Ctrl+C stops)", flush=True)
+    try:
+        app.block_thread()
+    finally:
+        app.close()
+
+
+# -- command line -------------------------------------------------------------------------
+
+def _cmd_serve(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError as err:
+        print(f"regionmed serve: error: the web demo needs Gradio ({err}): pip install 'regionmed[serve]'", file=sys.stderr)
+        return 2
+    try:
+        limits = ServeLimits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_phrases=args.max_phrases,
+                             max_labels=args.max_labels, max_results=args.max_results)
+    except ValueError as err:
+        print(f"regionmed serve: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        serve(args.model, args.index, host=args.host, port=args.port, device=args.device, limits=limits,
+              labels=args.label or None)
+    except OSError as err:  # the port is taken, the address is not this machine's
+        print(f"regionmed serve: error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    """Register ``regionmed serve`` on an argparse sub-parser set."""
+    d = ServeLimits()
+    p = sub.add_parser(
+        "serve", help="a web demo (Gradio): grounding heatmaps, zero-shot labels, index search",
+        description="Serve a web page over a trained model: upload a PNG, JPEG or DICOM image (decoded PHI-safe: no DICOM "
+                    "attribute is shown or logged), ground phrases (heatmaps with threshold and opacity, boxes), score "
+                    "zero-shot labels, and search an index built by `regionmed index` by text. Listens on 127.0.0.1 "
+                    "(this machine only) unless --host says otherwise. Gradio's HTTP API serves /load_image, /ground, "
+                    "/classify and /search.")
+    p.add_argument("--model", required=True, help="model folder (e.g. runs/demo/region/model)")
+    p.add_argument("--index", help="index folder from `regionmed index`, built by the same model (optional: search is off without it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the demo to "
+                                                        "the network, without authentication)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--device", help="torch device (default: cpu)")
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb, help=f"largest upload in MB (default {d.max_upload_mb:g})")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"most pixels (width x height) of an image (default {d.max_pixels:,})")
+    p.add_argument("--max-phrases", type=int, default=d.max_phrases, help=f"phrases per grounding (default {d.max_phrases})")
+    p.add_argument("--max-labels", type=int, default=d.max_labels, help=f"labels per classification (default {d.max_labels})")
+    p.add_argument("--max-results", type=int, default=d.max_results, help=f"largest k of a search (default {d.max_results})")
+    p.add_argument("--label", action="append", default=[], metavar="TEXT",
+                   help="a default zero-shot label shown in the page (repeatable; default: "
+                        + ", ".join(DEFAULT_LABELS) + ")")
+    p.set_defaults(func=_cmd_serve)
