@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_infer_parsers(sub)
 
+    from regionmed.apps.interop import add_interop_parsers
+
+    add_interop_parsers(sub)
+
     try:  # the dataset builder's commands (regionmed.apps.curation)
         from regionmed.apps.curation.cli import (
             add_build_parser,

@@ -17,7 +17,7 @@ from torch import nn
 from regionmed import __version__
 from regionmed.config import ConfigError, from_dict, to_dict
 from regionmed.data.transforms import PREPROCESS_FILE, Preprocessor
-from regionmed.model.config import ModelConfig, validate_model_config
+from regionmed.model.config import ModelConfig, ProjectionConfig, validate_model_config
 from regionmed.model.roi import ROIProcessor, align_roi_features, scatter_rois
 from regionmed.model.towers import ImageTower, TextTower, WeightsError
 from regionmed.optim import nonfinite_tensors
@@ -89,6 +89,36 @@ def plan_text_chunks(
     return chunks
 
 
+class MlpProjection(nn.Module):
+    """``fc2(GELU(fc1(x)))``: ``Linear(width, hidden) -> GELU (exact, erf) -> Linear(hidden, out)``.
+
+    Works on any leading shape ``(..., width) -> (..., out)``. The form of open_clip's MLP
+    heads (TimmModel ``mlp``: timm ``Mlp``; HFTextEncoder ``mlp``), without their dropout."""
+
+    def __init__(self, width: int, hidden: int, out: int, hidden_bias: bool, bias: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden, bias=hidden_bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def build_projection(pc: ProjectionConfig, width: int, embed_dim: int, where: str) -> nn.Module:
+    """The projection of a tower's pooled feature ``(..., width)`` to ``(..., embed_dim)`` that
+    ``pc`` describes (see :class:`~regionmed.model.config.ProjectionConfig`). A linear one keeps
+    the state-dict names of earlier versions (``projections.image.weight``). Raises
+    :class:`ConfigError` naming ``where`` for ``none`` with ``width != embed_dim``."""
+    if pc.type == "linear":
+        return nn.Linear(width, embed_dim, bias=pc.bias)
+    if pc.type == "mlp":
+        return MlpProjection(width, pc.hidden or 2 * embed_dim, embed_dim, pc.hidden_bias, pc.bias)
+    if width != embed_dim:
+        raise ConfigError(f"{where}.type is 'none', but the tower's width {width} differs from model.embed_dim {embed_dim}")
+    return nn.Identity()
+
+
 class RegionMedCLIP(nn.Module):
     """CLIP-style model aligning images and their regions with text.
 
@@ -104,8 +134,8 @@ class RegionMedCLIP(nn.Module):
         self.text_tower = TextTower(cfg.text, source=text_source)
         self.projections = nn.ModuleDict(
             {
-                "image": nn.Linear(self.image_tower.width, cfg.embed_dim, bias=False),
-                "text": nn.Linear(self.text_tower.width, cfg.embed_dim, bias=False),
+                "image": build_projection(cfg.image.projection, self.image_tower.width, cfg.embed_dim, "model.image.projection"),
+                "text": build_projection(cfg.text.projection, self.text_tower.width, cfg.embed_dim, "model.text.projection"),
             }
         )
         if cfg.roi.mode != "none" and self.image_tower.width % cfg.roi.num_heads:
@@ -199,7 +229,7 @@ class RegionMedCLIP(nn.Module):
         the embeddings do not depend on the chunking (beyond float rounding)."""
         unique = list(dict.fromkeys(texts))
         if not unique:
-            return self.projections["text"].weight.new_zeros(0, self.cfg.embed_dim)
+            return self.logit_scale.new_zeros(0, self.cfg.embed_dim)
         device = self.logit_scale.device
         tokenizer = self.text_tower.tokenizer
         ids = tokenizer.ids(unique)
@@ -226,7 +256,8 @@ class RegionMedCLIP(nn.Module):
         directory = Path(directory)
         check_preprocessor(self.preprocessor, self.cfg, "the model's preprocessor", "its config")  # never write a folder that cannot load
         directory.mkdir(parents=True, exist_ok=True)
-        cfg = dataclasses.replace(self.cfg, image=dataclasses.replace(self.cfg.image, pretrained=None))
+        # The weights are in the folder: where they first came from is not part of it.
+        cfg = dataclasses.replace(self.cfg, image=dataclasses.replace(self.cfg.image, pretrained=None), init_from=None)
         (directory / CONFIG_NAME).write_text(
             json.dumps({"regionmed_version": __version__, "model": to_dict(cfg)}, indent=2), encoding="utf-8"
         )
@@ -353,5 +384,13 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> Reg
 
 
 def create_model(cfg: ModelConfig) -> RegionMedCLIP:
-    """Build a model from a :class:`ModelConfig` (pretrained weights from local paths in it)."""
+    """Build a model from a :class:`ModelConfig` (pretrained weights from local paths in it).
+
+    With ``cfg.init_from`` (a regionmed model folder, e.g. one written by ``regionmed
+    import-open-clip``) the towers, projections and temperature start from that folder's
+    weights; see :func:`regionmed.model.interop.init_from_folder` for the checks and errors."""
+    if cfg.init_from:
+        from regionmed.model.interop import init_from_folder
+
+        return init_from_folder(cfg)
     return RegionMedCLIP(cfg)

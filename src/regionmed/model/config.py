@@ -17,6 +17,23 @@ MODULE_NAMES = ("image_tower", "text_tower", "roi_processor", "projections", "lo
 
 
 @dataclass
+class ProjectionConfig:
+    """How a tower's pooled feature is mapped into the joint space.
+
+    ``linear``: one ``Linear(width, embed_dim)`` (bias: ``bias``), regionmed's default.
+    ``mlp``: ``Linear(width, hidden) -> GELU -> Linear(hidden, embed_dim)``, the first with
+    bias ``hidden_bias``, the second with ``bias``; ``hidden`` None = ``2 x embed_dim`` (the
+    image MLP of open_clip's TimmModel; its text MLP uses ``(width + embed_dim) // 2``).
+    ``none``: identity (needs ``width == embed_dim``).
+    """
+
+    type: Literal["linear", "mlp", "none"] = "linear"
+    bias: bool = False
+    hidden: int | None = None
+    hidden_bias: bool = True
+
+
+@dataclass
 class ImageTowerConfig:
     name: str = "vit_tiny_patch16_224"  # any timm model name
     image_size: int = 128
@@ -30,6 +47,10 @@ class ImageTowerConfig:
     # number of crops works, and training matches evaluation); "batch" uses each crop
     # batch's own statistics and updates the running ones (needs >= 2 values per channel).
     crop_batchnorm: Literal["running", "batch"] = "running"
+    # Pooling set after the timm model is built (``reset_classifier(0, global_pool=...)``, as
+    # open_clip's TimmModel does): "avg", "token", "max", ... None = the model's own default.
+    global_pool: str | None = None
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
 
 
 @dataclass
@@ -39,7 +60,11 @@ class TextTowerConfig:
     name: str = "minilm"
     pretrained: bool = True  # False: same architecture, random init (tests, smoke runs)
     context_length: int = 64
-    pooling: Literal["mean", "cls"] = "mean"
+    # mean: masked mean of the last hidden states; cls: the first token's last hidden state
+    # (open_clip's cls_last_hidden_state_pooler); pooler: the encoder's own pooler output
+    # (BERT: tanh(Linear(CLS)), open_clip's cls_pooler).
+    pooling: Literal["mean", "cls", "pooler"] = "mean"
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     grad_checkpointing: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. num_hidden_layers for tiny tests
 
@@ -63,6 +88,11 @@ class ModelConfig:
     roi: RoiConfig = field(default_factory=RoiConfig)
     logit_scale_init: float = 2.6593  # ln(1/0.07)
     logit_scale_max: float = 100.0
+    # A regionmed model folder (e.g. written by `regionmed import-open-clip`) whose towers,
+    # projections and temperature initialise this model; the ROI processor is taken too when
+    # the folder's ROI settings are the same, otherwise it starts new. The folder's tower and
+    # projection settings must equal this config's (checked). None = towers as configured.
+    init_from: str | None = None
 
 
 def check_finite(obj: Any, prefix: str, source: str) -> None:
@@ -105,6 +135,12 @@ def validate_model_config(cfg: ModelConfig, source: str = "<config>") -> None:
     need(bool(cfg.image.name.strip()), "model.image.name", "is empty: give a timm model name")
     need(cfg.image.pretrained is None or bool(cfg.image.pretrained.strip()), "model.image.pretrained",
          "is empty: give a weights file or null")
+    need(cfg.image.global_pool is None or bool(cfg.image.global_pool.strip()), "model.image.global_pool",
+         "is empty: give a timm pooling ('avg', 'token', ...) or null for the model's default")
+    for side in ("image", "text"):
+        proj = getattr(cfg, side).projection
+        need(proj.hidden is None or proj.hidden > 0, f"model.{side}.projection.hidden", "must be > 0 or null")
+    need(cfg.init_from is None or bool(cfg.init_from.strip()), "model.init_from", "is empty: give a model folder or null")
     need(cfg.image.image_size >= 16, "model.image.image_size", "must be >= 16")
     need(len(cfg.image.mean) == 3 and len(cfg.image.std) == 3, "model.image.mean/std", "must have 3 values")
     need(all(s > 0 for s in cfg.image.std), "model.image.std", "must be > 0")

@@ -94,6 +94,12 @@ class ImageTower(nn.Module):
             self.model, self.dynamic_size = self._create_pretrained(cfg)
         else:
             self.model, self.dynamic_size = _create_timm(cfg.name, cfg, pretrained=False)
+        if cfg.global_pool is not None:
+            try:
+                self.model.reset_classifier(0, global_pool=cfg.global_pool)
+            except (AssertionError, ValueError, TypeError, KeyError, NotImplementedError) as err:
+                raise ConfigError(f"model.image.global_pool: {cfg.global_pool!r} is not a pooling of timm model "
+                                  f"{cfg.name!r} ({err or type(err).__name__})") from err
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.width = int(self.model.num_features)
@@ -206,7 +212,7 @@ def text_position_limit(hf_config, hf_tokenizer=None) -> int | None:
 
 
 class TextTower(nn.Module):
-    """A Hugging Face encoder with mean or CLS pooling, giving ``(N, width)``."""
+    """A Hugging Face encoder with mean, CLS or pooler-output pooling, giving ``(N, width)``."""
 
     def __init__(self, cfg: TextTowerConfig, source: str | None = None):
         """``source``: a folder to read the HF config/tokenizer from (a saved regionmed model);
@@ -235,12 +241,15 @@ class TextTower(nn.Module):
         if load_weights and cfg.config_overrides:
             raise WeightsError("model.text.config_overrides changes the architecture: use it with pretrained: false")
         try:
-            self.model = self._build(AutoModel, path, hf_config, load_weights)
+            self.model = self._build(AutoModel, path, hf_config, load_weights, pooler=cfg.pooling == "pooler")
         except (ValueError, RuntimeError, OSError, SafetensorError) as err:  # an impossible architecture, bad weights files
             if cfg.config_overrides:
                 raise ConfigError(f"model.text.config_overrides {cfg.config_overrides}: the text encoder {cfg.name!r} "
                                   f"cannot be built with them ({err})") from err
             raise WeightsError(f"text tower {cfg.name!r}: cannot build the encoder from {path!r}: {err}") from err
+        if cfg.pooling == "pooler" and getattr(self.model, "pooler", None) is None:
+            raise ConfigError(f"model.text.pooling is 'pooler', but the text encoder {cfg.name!r} has no pooler layer: "
+                              "use 'cls' or 'mean'")
         if cfg.grad_checkpointing:
             enable = getattr(self.model, "activation_checkpointing_enable", None) or getattr(self.model, "gradient_checkpointing_enable")
             enable()
@@ -248,15 +257,16 @@ class TextTower(nn.Module):
         self.tokenizer = TextTokenizer(self.hf_tokenizer, cfg.context_length)
 
     @staticmethod
-    def _build(auto_model, path: str, hf_config, load_weights: bool) -> nn.Module:
+    def _build(auto_model, path: str, hf_config, load_weights: bool, pooler: bool = False) -> nn.Module:
         from transformers.utils import logging as hf_logging
 
-        # No pooler: it is unused (we pool ourselves) and would leave parameters without gradients.
+        # No pooler unless pooling is "pooler": it would be unused (we pool ourselves) and
+        # would leave parameters without gradients.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the dropped pooler weights are expected, not news
         hf_logging.disable_progress_bar()
         try:
-            for extra in ({"add_pooling_layer": False}, {}):
+            for extra in ({"add_pooling_layer": pooler}, {}):
                 try:
                     if load_weights:
                         return auto_model.from_pretrained(path, config=hf_config, **extra)
@@ -269,7 +279,10 @@ class TextTower(nn.Module):
         raise WeightsError(f"cannot build a text encoder from {path!r}")  # pragma: no cover
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.cfg.pooling == "pooler":
+            return out.pooler_output
+        hidden = out.last_hidden_state
         if self.cfg.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
