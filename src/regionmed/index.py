@@ -9,10 +9,11 @@
 
 Vectors are the model's L2-normalised embeddings, so the inner product FAISS
 computes is the cosine similarity (the score of every :class:`Hit`). Two FAISS
-indexes are kept, one per ``kind``: ``image`` (one vector per image: its ``fused``
-embedding, == global when the image was embedded without boxes) and ``region``
-(one vector per box: its ROI embedding); ``kind="both"`` searches both and merges by
-score.
+indexes are kept, one per ``kind``: ``image`` (one vector per image: its ``global_``
+embedding, the whole image, so that an image query — embedded without boxes — and the
+indexed images are compared on the same footing whatever boxes were indexed) and
+``region`` (one vector per box: its ROI embedding, which carries the region-aware
+part); ``kind="both"`` searches both and merges by score.
 
 **FAISS index type**: ``IndexFlatIP`` (exact inner product). It needs no training,
 so adding to an existing index is exact and order-independent, and its results are
@@ -188,7 +189,7 @@ class EmbeddingIndex:
 
     def add_embeddings(self, result, ids: Sequence[str] | None = None, sources: Sequence[str] | None = None,
                        labels: Sequence[Sequence[str | None]] | None = None, model_id: str | None = None) -> dict:
-        """Add an :class:`~regionmed.inference.ImageEmbeddingResult`: each image's ``fused``
+        """Add an :class:`~regionmed.inference.ImageEmbeddingResult`: each image's ``global_``
         vector (kind ``image``) and each usable box's ROI vector (kind ``region``, id
         ``"<image id>#<box position>"``, ``box`` in pixels, ``label`` from ``labels``).
         ``ids`` / ``sources``: one per result row (default: the result's sources).
@@ -198,7 +199,7 @@ class EmbeddingIndex:
         ids = list(ids) if ids is not None else sources
         if len(ids) != n or len(sources) != n:
             raise IndexMismatchError(f"{n} embedded images but {len(ids)} ids and {len(sources)} sources")
-        self.add(result.fused.float().numpy(), [{"id": ids[i], "source": sources[i], "size": list(result.sizes[i])}
+        self.add(result.global_.float().numpy(), [{"id": ids[i], "source": sources[i], "size": list(result.sizes[i])}
                                                  if result.sizes else {"id": ids[i], "source": sources[i]} for i in range(n)],
                  "image", model_id)
         vecs, meta, skipped = [], [], 0
@@ -260,11 +261,11 @@ class EmbeddingIndex:
 
     def search_image(self, predictor, image, k: int = 10, kind: str = "both", box: Sequence[float] | None = None) -> list[list[Hit]]:
         """Search by an image (any input :func:`regionmed.inference.load_image` takes),
-        embedded whole (``fused`` without boxes == global), or by one region of it
+        embedded whole (its global embedding), or by one region of it
         (``box``: its ROI embedding). One hit list."""
         self.check_model(predictor.model_id, predictor.embed_dim, "the predictor's embeddings")
         emb = predictor.embed_images([image], [[list(box)]] if box is not None else None)
-        vec = emb.roi[0] if box is not None else emb.fused
+        vec = emb.roi[0] if box is not None else emb.global_
         return self.search(vec.float().numpy(), k, kind)
 
     # -- folder ---------------------------------------------------------------------------
@@ -284,6 +285,7 @@ class EmbeddingIndex:
             os.replace(tmp, folder / f"{kd}.jsonl")
         info = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "dim": self.dim, "faiss_type": FAISS_TYPE,
                 "metric": "inner product of L2-normalised vectors (cosine)",
+                "vectors": {"image": "global embedding", "region": "ROI embedding of the box"},
                 "counts": {kd: self.count(kd) for kd in KINDS}, "extra": self.extra}
         tmp = folder / f".{INDEX_FILE}.tmp"
         tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")

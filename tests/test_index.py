@@ -1,0 +1,94 @@
+"""The retrieval index (regionmed.index) with a real FAISS index over real images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from infer_helpers import save_tiny_model, slake_image
+from regionmed.index import EmbeddingIndex, IndexMismatchError, IndexNotFoundError
+from regionmed.inference import Predictor
+
+
+@pytest.fixture(scope="module")
+def predictors(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return (Predictor.from_pretrained(save_tiny_model(root / "a", seed=0)),
+            Predictor.from_pretrained(save_tiny_model(root / "b", seed=1)))
+
+
+def test_add_save_load_search_and_add_more(predictors, tmp_path):
+    p, _ = predictors
+    first = [slake_image(i) for i in range(4)]
+    boxes = [[[10, 10, 100, 100], [50, 60, 200, 220]], [], [[0, 0, 128, 128]], []]
+    index = EmbeddingIndex.create(p)
+    res = p.embed_images(first, boxes)
+    counts = index.add_embeddings(res, ids=[f"img{i}" for i in range(4)], labels=[["liver", "lung"], [], ["brain"], []])
+    assert counts == {"image": 4, "region": 3, "skipped_regions": 0}
+    index.save(tmp_path / "idx")
+
+    loaded = EmbeddingIndex.load(tmp_path / "idx")
+    assert (loaded.model_id, loaded.dim, loaded.count("image"), loaded.count("region")) == (p.model_id, p.embed_dim, 4, 3)
+    hits = loaded.search_image(p, first[2], k=3, kind="image")[0]
+    assert hits[0].id == "img2" and hits[0].score == pytest.approx(1.0, abs=1e-4)  # the image finds itself
+    region = loaded.search_image(p, first[0], k=1, kind="region", box=[50, 60, 200, 220])[0][0]
+    assert (region.id, region.image_id, region.label) == ("img0#1", "img0", "lung")
+    assert region.box == [50.0, 60.0, 200.0, 220.0] and region.score == pytest.approx(1.0, abs=1e-4)
+    both = loaded.search_text(p, "liver", k=7, kind="both")[0]
+    assert len(both) == 7 and {h.kind for h in both} == {"image", "region"}
+    assert [h.score for h in both] == sorted((h.score for h in both), reverse=True)
+    text = p.embed_texts(["liver"])[0]
+    exact = sorted([float(res.global_[i] @ text) for i in range(4)], reverse=True)
+    assert [h.score for h in loaded.search_text(p, "liver", k=4, kind="image")[0]] == pytest.approx(exact, abs=1e-5)
+
+    more = [slake_image(i) for i in range(4, 7)]
+    loaded.add_embeddings(p.embed_images(more), ids=["img4", "img5", "img6"])
+    loaded.save(tmp_path / "idx")
+    again = EmbeddingIndex.load(tmp_path / "idx")
+    assert again.count("image") == 7 and again.count("region") == 3
+    assert again.search_image(p, more[1], k=1, kind="image")[0][0].id == "img5"
+    assert [m["id"] for m in again.metadata("image")] == [f"img{i}" for i in range(7)]
+
+
+def test_another_model_or_size_is_refused(predictors, tmp_path):
+    p, other = predictors
+    index = EmbeddingIndex.create(p)
+    index.add_embeddings(p.embed_images([slake_image(0)]), ids=["a"])
+    index.save(tmp_path / "idx")
+    index = EmbeddingIndex.load(tmp_path / "idx")
+    assert other.model_id != p.model_id
+    with pytest.raises(IndexMismatchError, match="built by model"):
+        index.search_text(other, "liver")
+    with pytest.raises(IndexMismatchError, match="built by model"):
+        index.add(other.embed_images([slake_image(1)]).fused, [{"id": "b"}], model_id=other.model_id)
+    with pytest.raises(IndexMismatchError, match="embedding size 32"):
+        index.add(np.ones((1, 32), np.float32), [{"id": "c"}])
+    with pytest.raises(IndexMismatchError, match="embedding size 32"):
+        index.search(np.ones((1, 32), np.float32))
+    with pytest.raises(IndexMismatchError, match="NaN"):
+        index.add(torch.full((1, p.embed_dim), float("nan")), [{"id": "d"}])
+    assert index.count("image") == 1  # nothing half added
+
+
+def test_missing_and_damaged_folders(predictors, tmp_path):
+    p, _ = predictors
+    with pytest.raises(IndexNotFoundError, match="does not exist"):
+        EmbeddingIndex.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IndexNotFoundError, match="index.json is missing"):
+        EmbeddingIndex.load(tmp_path / "empty")
+    index = EmbeddingIndex.create(p)
+    index.add_embeddings(p.embed_images([slake_image(0), slake_image(1)]), ids=["a", "b"])
+    folder = index.save(tmp_path / "idx")
+    lines = (folder / "image.jsonl").read_text().splitlines()
+    (folder / "image.jsonl").write_text(lines[0] + "\n")
+    with pytest.raises(IndexMismatchError, match="damaged"):
+        EmbeddingIndex.load(folder)
+    (folder / "image.faiss").unlink()
+    with pytest.raises(IndexNotFoundError, match="image.faiss is missing"):
+        EmbeddingIndex.load(folder)
+    info = json.loads((folder / "index.json").read_text())
+    assert info["faiss_type"] == "IndexFlatIP" and info["model_id"] == p.model_id
