@@ -203,7 +203,8 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
     Per-image fields are cut by rows; per-ROI fields (``roi_crops``, ``captions``,
     ``roi_negatives``, ``roi_negative_rules``), which list the valid ROIs in
     ``roi_mask.nonzero()`` order, are cut at the rows' ROI counts. Concatenating the
-    parts gives ``batch`` back. Raises ``ValueError`` when ``len(batch)`` is not a
+    parts gives ``batch`` back (batch-level records, ``bad_samples`` and any reader
+    state, stay with the first part). Raises ``ValueError`` when ``len(batch)`` is not a
     multiple of ``parts``.
     """
     n = len(batch)
@@ -225,6 +226,7 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
             roi_negatives=batch.roi_negatives[k0:k1], image_negatives=batch.image_negatives[r0:r1], ids=batch.ids[r0:r1],
             roi_negative_rules=batch.roi_negative_rules[k0:k1] if batch.roi_negative_rules else [],
             bad_samples=list(batch.bad_samples) if p == 0 else [],
+            **({"sources": batch.sources[r0:r1]} if getattr(batch, "sources", None) else {}),
         ))
     return out
 

@@ -103,7 +103,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path, smooth: int = 5) -> Path:
     """Plot every ``loss.*`` term of each run's metrics.jsonl (one panel per run),
-    with stage boundaries as dotted lines. ``runs``: {label: metrics.jsonl path}."""
+    with stage boundaries as dotted lines, and the validation records' total loss
+    (points) and image→report R@1 (right axis) where the run validated.
+    ``runs``: {label: metrics.jsonl path}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,6 +128,19 @@ def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path, smooth: i
                 ys = np.convolve(ys, np.ones(smooth) / smooth, mode="valid")
                 xs = xs[smooth - 1 :]
             ax.plot(xs, ys, label=term[5:])
+        # Validation in the loop (apps/train/validation.py): the held-out total, as points
+        # on the curves' axes (the same terms and scale: loss batches of the training size).
+        vals = {r["step"]: r for r in records if r["event"] == "val" and "loss.total" in r}
+        if vals:
+            xs = sorted(vals)
+            ax.plot(xs, [vals[s]["loss.total"] for s in xs], "ko--", markersize=3, linewidth=1, label="val total")
+            r1 = [(s, vals[s]["i2t_R@1"]) for s in xs if "i2t_R@1" in vals[s]]
+            if r1:
+                twin = ax.twinx()
+                twin.plot([s for s, _ in r1], [100 * v for _, v in r1], "s:", color="tab:purple", markersize=3,
+                          linewidth=1, label="val image→report R@1 (%)")
+                twin.set_ylabel("val R@1 (%)", color="tab:purple")
+                twin.legend(fontsize=7, loc="upper center")
         for r in records:
             if r["event"] == "stage":
                 ax.axvline(r["step"], color="grey", linestyle=":", linewidth=1)
