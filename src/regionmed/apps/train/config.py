@@ -17,10 +17,34 @@ from regionmed.model.config import MODULE_NAMES, ModelConfig, check_finite, vali
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a mixed (or streamed) run."""
+
+    name: str = ""  # tag of its samples in the metrics; default: the folder / first URL's name
+    path: str = ""  # MedRegion dataset: a folder (both readers) or a URL holding manifest.json (streaming)
+    urls: list[str] = field(default_factory=list)  # streaming only: shard URLs / brace patterns, instead of path
+    weight: float = 1.0  # sampling weight (relative; the role of open_clip's upsampling factors)
+    split: str = ""  # default: data.split
+
+
+@dataclass
 class DataConfig:
-    train: str = ""  # MedRegion dataset folder
+    train: str = ""  # MedRegion dataset folder (a single dataset; or give data.sources / data.urls)
     split: str = "train"
+    # "indexed": random access from the build-time index (exact, world-size-independent resume);
+    # "streaming": WebDataset pipeline over local paths or URLs (resume at shard granularity).
+    reader: Literal["indexed", "streaming"] = "indexed"
+    sources: list[SourceConfig] = field(default_factory=list)  # several datasets mixed with weights
+    urls: list[str] = field(default_factory=list)  # streaming: shard URLs / brace patterns of one dataset
+    shuffle_buffer: int = 1000  # streaming: samples per reading slot (rank x worker); 0/1 = no buffer
+    resampled: bool = False  # streaming: draw shards with replacement, endlessly
+    max_open_files: int = 16  # indexed: shard files open at once per process (least recently used closed)
+    # Data counts for the start-of-run checks: "auto" = the manifest's build-time statistics, else one
+    # pass over the records (indexed reader) or none (streaming); "always" = one pass; "never" = none.
+    audit: Literal["auto", "always", "never"] = "auto"
     num_workers: int = 0
+    pin_memory: Literal["auto", "on", "off"] = "auto"  # auto = on when CUDA is present
+    prefetch_factor: int = 2  # batches in flight per worker (with num_workers > 0)
     max_negatives: int = 3  # negative captions kept per region
     max_image_negatives: int = 2  # negative reports kept per image (long texts: each costs a report's encoding)
     # Unreadable samples (an image that does not decode, a broken record) are named, skipped
@@ -47,6 +71,9 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 32  # global batch (split across ranks)
+    # Gradient accumulation (open_clip's name): each step takes accum_freq * batch_size samples
+    # (accum_freq micro-batches of batch_size), one optimiser step.
+    accum_freq: int = 1
     output_dir: str = "runs/train"
     stages: list[StageConfig] = field(default_factory=list)
     grad_clip: float = 1.0
@@ -86,11 +113,34 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
     d = cfg.data
     need(d.split in SPLITS, "data.split", f"is {d.split!r}: must be one of {list(SPLITS)}")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 = no shuffle buffer)")
+    need(d.max_open_files >= 1, "data.max_open_files", "must be >= 1")
+    need(d.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+    given = [name for name, v in (("data.train", d.train.strip()), ("data.sources", d.sources), ("data.urls", d.urls)) if v]
+    need(len(given) <= 1, given[-1] if given else "data", f"is given together with {given[0] if given else ''}: "
+         "give one of data.train (one dataset), data.sources (datasets mixed with weights) or data.urls (streaming)")
+    need(not d.urls or d.reader == "streaming", "data.urls", "needs data.reader: streaming (the indexed reader reads dataset "
+         "folders: data.train or data.sources[].path)")
+    need(not d.resampled or d.reader == "streaming", "data.resampled", "needs data.reader: streaming")
+    names = set()
+    for i, src in enumerate(d.sources):
+        where = f"data.sources[{i}]"
+        need(bool(src.path.strip()) != bool(src.urls), where, "needs exactly one of 'path' (a MedRegion dataset) or 'urls'")
+        need(not src.urls or d.reader == "streaming", f"{where}.urls", "needs data.reader: streaming (the indexed reader "
+             "reads dataset folders: give 'path')")
+        need(not src.path or d.reader == "streaming" or "://" not in src.path, f"{where}.path",
+             f"is the URL {src.path!r}: the indexed reader reads local folders (use data.reader: streaming)")
+        need(src.weight > 0, f"{where}.weight", f"is {src.weight}: must be > 0")
+        need(not src.split or src.split in SPLITS, f"{where}.split", f"is {src.split!r}: must be one of {list(SPLITS)}")
+        name = src.name or src.path or (src.urls[0] if src.urls else "")
+        need(name not in names, f"{where}.name", f"{name!r} is used twice: give each source its own name")
+        names.add(name)
     need(d.max_negatives >= 0, "data.max_negatives", "must be >= 0")
     need(d.max_image_negatives >= 0, "data.max_image_negatives", "must be >= 0")
     need(d.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0 (0 = stop at the first unreadable sample)")
     t = cfg.train
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.accum_freq >= 1, "train.accum_freq", f"is {t.accum_freq}: must be >= 1 (1 = no accumulation)")
     need(bool(t.output_dir.strip()), "train.output_dir", "is empty")
     need(bool(t.stages), "train.stages", "is empty: give at least one stage")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping)")
@@ -156,7 +206,8 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
 # (where data and outputs live, logging, checkpoint cadence, stopping rules, memory-only
 # settings; the image tower's pretrained file only initialises a run that has not started).
 RESUME_NEUTRAL_FIELDS = (
-    "data.train", "data.num_workers", "data.max_bad_samples",
+    "data.train", "data.num_workers", "data.max_bad_samples", "data.max_open_files", "data.audit", "data.pin_memory",
+    "data.prefetch_factor",
     "train.output_dir", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_nonfinite", "train.tensorboard",
     "model.image.pretrained", "model.image.grad_checkpointing", "model.text.grad_checkpointing",

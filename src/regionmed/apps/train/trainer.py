@@ -42,8 +42,23 @@ from regionmed.apps.train.config import RunConfig, trajectory_changes, validate_
 from regionmed.apps.train.metrics import MetricsLogger
 from regionmed.apps.train.schedule import StagePlan, learning_rate, plan_stages, stage_at
 from regionmed.config import ConfigError, to_dict
-from regionmed.data.loader import Batch, RegionSampleDataset, StepBatchSampler, make_loader
-from regionmed.data.shards import read_manifest, write_json_atomic
+from regionmed.data.loader import (
+    Batch,
+    MixedSampleDataset,
+    MixedStepBatchSampler,
+    RegionSampleDataset,
+    StepBatchSampler,
+    make_loader,
+)
+from regionmed.data.shards import counts_from_stats, read_manifest, write_json_atomic
+from regionmed.data.stream import (
+    RESUME_EXACT,
+    MedRegionStream,
+    StreamSource,
+    StreamState,
+    gather_stream_state,
+    make_stream_loader,
+)
 from regionmed.data.transforms import Preprocessor
 from regionmed.distributed import DistInfo, all_reduce_sum, init_distributed, prepare_batchnorm
 from regionmed.errors import RegionmedError
@@ -85,7 +100,13 @@ def build_optimizer(model: RegionMedCLIP, cfg: RunConfig) -> torch.optim.Optimiz
 class Trainer:
     """Train a RegionMedCLIP model through the stages of a :class:`RunConfig`.
 
-    Reads the MedRegion dataset ``cfg.data.train``; writes into ``cfg.train.output_dir``:
+    Reads the MedRegion dataset ``cfg.data.train`` (or the datasets of ``cfg.data.sources``,
+    mixed with their weights, or the shard URLs ``cfg.data.urls``) with the reader
+    ``cfg.data.reader``: ``indexed`` (random access, exact resume at any world size) or
+    ``streaming`` (:mod:`regionmed.data.stream`, resume at shard granularity). Each step takes
+    ``train.accum_freq * train.batch_size`` samples. The data counts of the start-of-run
+    checks come from the manifests' build-time statistics (no pass over the records).
+    Writes into ``cfg.train.output_dir``:
     ``metrics.jsonl``, ``checkpoints/``, ``model/`` (the final model folder, written
     atomically), ``config.json`` (the resolved run config) and ``loss_curve.png``.
 
@@ -104,8 +125,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | bool | None = None, progress: bool = True, dist: DistInfo | None = None,
                  allow_config_changes: bool = False):
         validate_run_config(cfg, "the run config")
-        if not cfg.data.train.strip():
-            raise ConfigError("the run config: data.train is empty: give the MedRegion dataset folder (--data DIR)")
+        if not (cfg.data.train.strip() or cfg.data.sources or cfg.data.urls):
+            raise ConfigError("the run config: data.train is empty: give the MedRegion dataset folder (--data DIR), "
+                              "or data.sources / data.urls")
         self.cfg = cfg
         self.dist = dist or init_distributed()
         if cfg.train.batch_size % self.dist.world_size:
@@ -119,6 +141,7 @@ class Trainer:
                 f"{self.out} already holds the checkpoints of a run ({self.out / 'checkpoints'}): pass --resume to continue "
                 "it, or give another train.output_dir (--output-dir), or remove the folder to start anew"
             )
+        self.sources = self._source_specs()
         self.data_fingerprint = self._data_fingerprint()
         self.resumed_from: str | None = None
         self.config_changes: list[tuple[str, object, object]] = []
@@ -131,15 +154,40 @@ class Trainer:
         if note:
             self.notes.append(note)
         self.pre = Preprocessor.from_model(self.model)
-        self.data = RegionSampleDataset(
-            cfg.data.train, cfg.data.split, self.pre, cfg.data.max_negatives, use_rois=cfg.model.roi.mode != "none",
-            max_image_negatives=cfg.data.max_image_negatives, on_bad="substitute",
-        )
-        self.steps_per_epoch = len(self.data) // cfg.train.batch_size
-        if self.steps_per_epoch == 0:
-            raise TrainingError(
-                f"{cfg.data.train}: split {cfg.data.split!r} has {len(self.data)} samples, fewer than one batch of {cfg.train.batch_size}"
-            )
+        self.step_batch = cfg.train.batch_size * cfg.train.accum_freq  # samples per optimiser step, all ranks
+        self.stream_sources: list[StreamSource] = []
+        self.data: RegionSampleDataset | MixedSampleDataset | None = None
+        if cfg.data.reader == "indexed":
+            parts = [RegionSampleDataset(path, split, self.pre, cfg.data.max_negatives, use_rois=cfg.model.roi.mode != "none",
+                                         max_image_negatives=cfg.data.max_image_negatives, on_bad="substitute",
+                                         max_open_files=cfg.data.max_open_files, source=name if len(self.sources) > 1 else "")
+                     for name, path, _, _, split in self.sources]
+            self.data = parts[0] if len(parts) == 1 else MixedSampleDataset(parts)
+            self.n_samples: int | None = len(self.data)
+        else:
+            self.stream_sources = [StreamSource.from_urls(name, urls, weight) if urls else
+                                   StreamSource.from_dataset(name, path, split, weight)
+                                   for name, path, urls, weight, split in self.sources]
+            sizes = [s.samples for s in self.stream_sources]
+            self.n_samples = None if None in sizes else sum(sizes)
+        self.reader = cfg.data.reader
+        self.resume_guarantee = RESUME_EXACT if self.reader == "indexed" else "fresh"
+        self.stream_resume: dict | None = None
+        self.stream_state: StreamState | None = None
+        self._stream_state_all: StreamState | None = None
+        if self.n_samples is None:
+            for i, st in enumerate(cfg.train.stages):
+                if st.epochs is not None:
+                    raise ConfigError(f"the run config: train.stages[{i}].epochs needs the number of samples, which shard URLs "
+                                      "without a manifest do not give: use 'steps'")
+            self.steps_per_epoch = 1
+        else:
+            self.steps_per_epoch = self.n_samples // self.step_batch
+            if self.steps_per_epoch == 0:
+                raise TrainingError(
+                    f"{self._data_name()}: split {cfg.data.split!r} has {self.n_samples} samples, fewer than one batch of "
+                    f"{self.step_batch}" + (" (train.batch_size x train.accum_freq)" if cfg.train.accum_freq > 1 else "")
+                )
         self.plans = plan_stages(cfg.train.stages, self.steps_per_epoch)
         self.total_steps = self.plans[-1].end
         self.optimizer = build_optimizer(self.model, cfg)
@@ -149,18 +197,89 @@ class Trainer:
         self.step = 0
         self.counters: Counter = Counter()
         self.bad_samples: dict[str, str] = {}  # "<shard>:<key>" -> why it cannot be read (distinct samples)
-        # One pass over the records (JSON only) when the run needs region or negative counts.
-        needs_counts = self.data.use_rois or any(st.losses.get("hard_negative", 0) > 0 for st in cfg.train.stages)
-        self.audit = self.data.audit() if needs_counts else Counter()
+        self.unreadable_records: list[tuple[str, str]] = []
+        self.counts_from = "none"
+        self.audit = self._data_counts()
         if resume_folder is not None:
             self._resume(resume_folder)
 
     # ---------------------------------------------------------------------------------
+    def _source_specs(self) -> list[tuple[str, str, list[str], float, str]]:
+        """``(name, path, urls, weight, split)`` of each dataset the run reads."""
+        d = self.cfg.data
+        if d.sources:
+            return [(s.name or Path(s.path.rstrip("/")).name or s.path or s.urls[0], s.path, list(s.urls), s.weight,
+                     s.split or d.split) for s in d.sources]
+        if d.urls:
+            return [("urls", "", list(d.urls), 1.0, d.split)]
+        return [(Path(d.train.rstrip("/")).name or d.train, d.train, [], 1.0, d.split)]
+
+    def _data_name(self) -> str:
+        return ", ".join(path or urls[0] for _, path, urls, _, _ in self.sources)
+
+    def _manifest_entry(self, path: str, split: str) -> dict:
+        if self.cfg.data.reader == "streaming":
+            from regionmed.data.stream import read_remote_manifest
+
+            return read_remote_manifest(path).get("splits", {}).get(split, {})
+        return read_manifest(path)["splits"].get(split, {})
+
     def _data_fingerprint(self) -> str:
-        """A digest of the split's entry in manifest.json (shard names and counts): a resumed
-        run must read the same data."""
-        entry = read_manifest(self.cfg.data.train)["splits"].get(self.cfg.data.split, {})
-        return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+        """A digest of each source's split entry in manifest.json (shard names and counts) or
+        of its shard URLs, and of the weights: a resumed run must read the same data."""
+        parts = []
+        for name, path, urls, weight, split in self.sources:
+            if urls:
+                parts.append({"urls": urls, "weight": weight})
+                continue
+            entry = dict(self._manifest_entry(path, split))
+            entry.pop("index", None)  # how it is read, not what it holds
+            entry.pop("stats", None)
+            parts.append(entry if len(self.sources) == 1 else {"entry": entry, "weight": weight, "name": name})
+        data = parts[0] if len(parts) == 1 else parts
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _data_counts(self) -> Counter:
+        """The counts of the start-of-run checks (samples, regions, negatives, boxes clipped or
+        dropped, ROIs beyond max_rois), summed over the sources: from the manifests' build-time
+        statistics; without them (``data.audit: auto``), one pass over the records for the
+        indexed reader, none for the streaming one (said once); ``always``: one pass."""
+        cfg = self.cfg
+        needs = cfg.model.roi.mode != "none" or any(st.losses.get("hard_negative", 0) > 0 for st in cfg.train.stages)
+        if cfg.data.audit == "never" or not needs:
+            return Counter()
+        parts = self.data.datasets if isinstance(self.data, MixedSampleDataset) else [self.data] if self.data else []
+        total: Counter = Counter()
+        missing = []
+        for k, (name, path, urls, _, split) in enumerate(self.sources):
+            counts = None
+            if cfg.data.audit == "auto":
+                if parts:
+                    counts = parts[k].manifest_counts()
+                else:
+                    stats = self.stream_sources[k].stats
+                    if stats:
+                        counts = counts_from_stats(stats, self.pre.max_rois, cfg.data.max_negatives, cfg.data.max_image_negatives)
+            if counts is None and parts:
+                counts = parts[k].audit()  # one pass over the records (JSON only)
+                self.unreadable_records += parts[k].unreadable_records
+                missing.append(name)
+            if counts is None:
+                missing.append(name)
+                continue
+            total.update(counts)
+        if missing and cfg.data.audit == "auto":
+            fix = "rebuild it, or add them with 'regionmed index-shards DIR'"
+            self.notes.append(
+                f"{', '.join(missing)}: manifest.json has no build-time statistics for split {cfg.data.split!r}; "
+                + (f"counted them in one pass over the records ({fix})" if parts else
+                   f"the start-of-run data checks are skipped ({fix})"))
+        self.counts_from = "audit" if cfg.data.audit == "always" else ("manifest" if not missing else
+                                                                       "manifest+audit" if parts else "partial")
+        if not parts and missing and len(missing) == len(self.sources):
+            self.counts_from = "none"
+            return Counter()
+        return total
 
     def _resume_check(self, path: Path, allow_changes: bool) -> Path:
         """The checkpoint folder to resume from; refuses a config that changes the run's trajectory."""
@@ -173,7 +292,7 @@ class Trainer:
         old_data = saved.get("data_fingerprint")
         if old_data and old_data != self.data_fingerprint:
             changes.append(("data", f"split {self.cfg.data.split!r} as checkpointed",
-                            f"split {self.cfg.data.split!r} of {self.cfg.data.train} (other shards or counts in manifest.json)"))
+                            f"split {self.cfg.data.split!r} of {self._data_name()} (other shards or counts in manifest.json)"))
         if changes and not allow_changes:
             listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in changes[:8])
             more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
@@ -191,6 +310,7 @@ class Trainer:
         self.guard.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.counters = Counter(state.get("counters", {}))
         self.bad_samples = dict(state.get("bad_samples", {}))
+        self.stream_resume = state.get("stream")
         self.model.text_tower.tokenizer.restore_truncated(state.get("text_truncated_digests", []))
         self.resumed_from = state["checkpoint"]
         if self.config_changes:
@@ -237,7 +357,9 @@ class Trainer:
                 "counters": {**self.counters, "text_truncated": self.model.text_tower.tokenizer.truncated},
                 "bad_samples": dict(self.bad_samples), "data_fingerprint": self.data_fingerprint,
                 "text_truncated_digests": self.model.text_tower.tokenizer.truncated_digests(),
-                "config": to_dict(self.cfg), "world_size": self.dist.world_size}
+                "config": to_dict(self.cfg), "world_size": self.dist.world_size,
+                "reader": self.reader, "resume_guarantee": self.resume_guarantee,
+                **({"stream": self._stream_state_all.as_dict(self.step)} if self._stream_state_all is not None else {})}
 
     def _check_weights(self, what: str) -> None:
         """Raise :class:`TrainingError` when a weight holds NaN/inf: such weights are never saved."""
@@ -266,6 +388,7 @@ class Trainer:
 
     def _checkpoint(self, plan: StagePlan) -> None:
         self._sync_truncated()
+        self._stream_state_all = gather_stream_state(self.stream_state, self.dist.world_size) if self.stream_state else None
         self._check_weights("checkpoint")  # the same weights on every rank: every rank decides alike
         if self.dist.is_main:
             save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self._state(plan), self.cfg.train.keep_checkpoints)
@@ -318,7 +441,7 @@ class Trainer:
             # counters) equal an uninterrupted run with that limit.
             self._checkpoint(plan)
             raise TrainingError(
-                f"step {self.step}: {len(seen)} distinct sample(s) of {self.cfg.data.train} cannot be read, more than "
+                f"step {self.step}: {len(seen)} distinct sample(s) of {self._data_name()} cannot be read, more than "
                 f"data.max_bad_samples = {limit} (e.g. {'; '.join(f'{w}: {r}' for w, r in list(seen.items())[-3:])}). "
                 f"Checkpoint step_{self.step:08d} was written: repair or remove these samples, or raise data.max_bad_samples, "
                 "then --resume"
@@ -352,15 +475,15 @@ class Trainer:
     def _fit(self, logger: MetricsLogger) -> dict:
         cfg = self.cfg
         first_step = self.step
-        per_rank = cfg.train.batch_size // self.dist.world_size
+        per_rank = self.step_batch // self.dist.world_size
         if self.resumed_from:
             logger.write("resume", step=self.step, checkpoint=self.resumed_from,
                          config_changes=[[n, o, v] for n, o, v in self.config_changes])
         problems, fatal = self._learnability()
-        unreadable = self.data.unreadable_records
+        unreadable = self.unreadable_records
         if len(unreadable) > cfg.data.max_bad_samples:
             fatal.append(
-                f"{len(unreadable)} record(s) of {cfg.data.train} split {cfg.data.split!r} cannot be read, more than "
+                f"{len(unreadable)} record(s) of {self._data_name()} split {cfg.data.split!r} cannot be read, more than "
                 f"data.max_bad_samples = {cfg.data.max_bad_samples} (e.g. {'; '.join(w for w, _ in unreadable[:3])})"
             )
         elif unreadable:
@@ -368,26 +491,33 @@ class Trainer:
                             + "; ".join(r for _, r in unreadable[:5]))
         if fatal:
             raise TrainingError("; ".join(fatal))
-        sampler = StepBatchSampler(len(self.data), cfg.train.batch_size, cfg.seed, self.total_steps, self.step,
-                                   self.dist.rank, self.dist.world_size)
-        loader = make_loader(self.data, sampler, cfg.data.num_workers, cfg.seed)
+        loader = self._loader()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
         if self.dist.is_main:
             for note in [*self.notes, *problems, *self._input_notes()]:
                 self._say(note)
             for problem in problems:
                 logger.write("warning", step=self.step, message=problem)
-            logger.write("data", step=self.step, steps_per_epoch=self.steps_per_epoch, **{"samples": len(self.data), **dict(self.audit)})
+            logger.write("data", step=self.step, steps_per_epoch=self.steps_per_epoch,
+                         **{"samples": self.n_samples, **dict(self.audit)}, counts_from=self.counts_from, reader=self.reader,
+                         resume_guarantee=self.resume_guarantee, samples_per_step=self.step_batch,
+                         sources={name: {"weight": w, "split": split, "where": path or urls[:3]}
+                                  for name, path, urls, w, split in self.sources})
         plan = stage_at(self.plans, self.step)
         self._enter_stage(plan, logger)
         last: dict[str, float] = {}
         t_last = time.perf_counter()
         try:
             for batch in loader:
+                if self.step >= self.total_steps:  # the streaming loader is endless
+                    break
                 if self.step >= plan.end:
                     plan = stage_at(self.plans, self.step)
                     self._enter_stage(plan, logger)
                 self._bad_samples_in(batch, plan, logger)
+                if self.stream_state is not None:
+                    self.stream_state.update(batch)
+                self._count_sources(batch)
                 losses = self.train_step(batch, plan)
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
@@ -397,14 +527,16 @@ class Trainer:
                     last = losses
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps - 1:
                         record = {f"loss.{k}": v for k, v in losses.items()}
+                        if len(self.sources) > 1:
+                            record["source_samples"] = {n: self.counters[f"source.{n}"] for n, *_ in self.sources}
                         record.update(step=self.step, stage=plan.name, lr=learning_rate(plan, self.step),
-                                      samples_per_s=cfg.train.batch_size / dt, samples_per_s_per_rank=per_rank / dt,
+                                      samples_per_s=self.step_batch / dt, samples_per_s_per_rank=per_rank / dt,
                                       step_time_s=dt, logit_scale=float(self.model.scale().detach()))
                         if self.model.roi_processor is not None:
                             record["gate.global"] = float(torch.tanh(self.model.roi_processor.global_gate.detach()))
                             record["gate.region"] = float(torch.tanh(self.model.roi_processor.region_gate.detach()))
                         logger.write("step", **record)
-                    bar.set_postfix(stage=plan.name, loss=f"{losses['total']:.3f}", sps=f"{cfg.train.batch_size / dt:.1f}")
+                    bar.set_postfix(stage=plan.name, loss=f"{losses['total']:.3f}", sps=f"{self.step_batch / dt:.1f}")
                 self.step += 1
                 bar.update(1)
                 every = cfg.train.checkpoint_every
@@ -431,6 +563,39 @@ class Trainer:
                 log.warning("loss plot not written: %s", err)
         return summary
 
+    def _loader(self):
+        """This rank's loader from the current step: one :class:`Batch` of ``accum_freq x batch_size / world``
+        samples per step."""
+        cfg, d = self.cfg, self.cfg.data
+        pin = {"auto": None, "on": True, "off": False}[d.pin_memory]
+        if self.reader == "indexed":
+            if isinstance(self.data, MixedSampleDataset):
+                sampler = MixedStepBatchSampler(self.data.sizes, [w for _, _, _, w, _ in self.sources], self.step_batch,
+                                                cfg.seed, self.total_steps, self.step, self.dist.rank, self.dist.world_size)
+            else:
+                sampler = StepBatchSampler(len(self.data), self.step_batch, cfg.seed, self.total_steps, self.step,
+                                           self.dist.rank, self.dist.world_size)
+            return make_loader(self.data, sampler, d.num_workers, cfg.seed, pin_memory=pin, prefetch_factor=d.prefetch_factor)
+        stream = MedRegionStream(
+            self.stream_sources, self.pre, self.step_batch // self.dist.world_size, seed=cfg.seed, rank=self.dist.rank,
+            world=self.dist.world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
+            use_rois=cfg.model.roi.mode != "none", max_negatives=d.max_negatives, max_image_negatives=d.max_image_negatives,
+            resume=self.stream_resume if self.step else None)
+        self.resume_guarantee = stream.resume_guarantee
+        self.stream_state = StreamState(stream.n_slots, stream.initial_state())
+        return make_stream_loader(stream, pin_memory=pin, prefetch_factor=d.prefetch_factor)
+
+    def _count_sources(self, batch: Batch) -> None:
+        """Per-source sample counts of the global batch (mixing), summed over the ranks."""
+        if len(self.sources) <= 1:
+            return
+        names = [n for n, *_ in self.sources]
+        local = torch.tensor([float(batch.sources.count(n)) for n in names], device=self.device)
+        if self.dist.world_size > 1:
+            local = all_reduce_sum(local)
+        for n, c in zip(names, local.tolist()):
+            self.counters[f"source.{n}"] += int(c)
+
     def _learnability(self) -> tuple[list[str], list[str]]:
         """What each stage's active losses need that the data lacks, from the dataset's counts
         (:meth:`RegionSampleDataset.audit`, no extra pass): ``(warnings, errors)``. A stage
@@ -439,7 +604,7 @@ class Trainer:
         if not self.audit:
             return [], []
         a = self.audit
-        split = f"split {self.cfg.data.split!r} of {self.cfg.data.train}"
+        split = f"split {self.cfg.data.split!r} of {self._data_name()}"
         warnings, errors = [], []
         for plan in self.plans:
             st = plan.config
