@@ -170,6 +170,8 @@ def test_bad_command_line_inputs_are_one_line_errors(models, folder, tmp_path, c
     one_line_error(rc, err, "embed", "does not exist")
     rc, _, err = run(capsys, "embed", tmp_path / "no-model", image, "--out", tmp_path / "e")
     one_line_error(rc, err, "embed", "does not exist")
+    rc, stdout, err = run(capsys, "embed", models[0], image, "--out", tmp_path / "e", "--max-pixels", 100 * 100)
+    assert rc == 1 and "too_many_pixels" in err and "embedded 0 images" in stdout  # an oversized image
     rc, stdout, err = run(capsys, "ground", models[0], folder / "cine.dcm", "--phrase", "liver", "--out", tmp_path / "g")
     assert rc == 1 and "multi-frame" in err and "grounded 1 phrase(s) in 0 image(s)" in stdout
     assert_no_phi(stdout + err)

@@ -204,7 +204,7 @@ def _predictor(args):
     if args.batch_size < 1:
         raise InferInputError(f"--batch-size must be >= 1, got {args.batch_size}")
 
-    return Predictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size)
+    return Predictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size, max_pixels=args.max_pixels)
 
 
 def _report_problems(problems: list[dict], out: Path | None, command: str) -> None:
@@ -399,9 +399,11 @@ def cmd_ground(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, problems = [], []
+    from tqdm import tqdm
+
     from regionmed.inference import ImageInputError
 
-    for k, it in enumerate(items):
+    for k, it in enumerate(tqdm(items, desc="ground", unit="img", disable=args.no_progress or not sys.stderr.isatty())):
         image, prob = _load_or_problem(predictor, it)
         if prob:
             problems.append(prob)
@@ -512,6 +514,8 @@ def _common(p: argparse.ArgumentParser, inputs: bool = True) -> None:
         p.add_argument("--split", default=None, help="the split of a MedRegion dataset input (default test)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="largest image accepted, width x height (default 67108864 = 64 megapixels); larger ones are problems")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none is shown when stderr is not a terminal)")
 
 
