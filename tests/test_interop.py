@@ -276,3 +276,30 @@ def test_real_biomedclip_shapes(tmp_path):
     assert model.projections["text"].fc1.weight.shape == (640, 768)  # (768 + 512) // 2
     assert model.projections["image"].weight.shape == (512, 768)
     assert_same_embeddings(oc, model, bert, 256, 224)
+
+
+def test_region_training_starts_from_imported_checkpoint(tmp_path, bert, phantom_data):
+    """A run config whose model section is the import's model.yaml trains (global then region
+    stage) from the checkpoint's weights with a new ROI processor; the result loads."""
+    from conftest import tiny_run_config
+
+    from regionmed.apps.train.trainer import Trainer
+
+    oc, ckpt, cfg_path = build_open_clip(tmp_path / "oc", biomedclip_config(bert, context_length=32))
+    out = tmp_path / "imported"
+    assert main(["import-open-clip", str(ckpt), "--config", str(cfg_path), "--out", str(out)]) == 0
+    run = tiny_run_config(str(phantom_data), str(tmp_path / "run"), steps=(1, 1), batch_size=4)
+    run.model = from_dict(ModelConfig, yaml.safe_load((out / "model.yaml").read_text())["model"], "model")
+    trainer = Trainer(run, progress=False)
+    assert_same_embeddings(oc, trainer.model.eval(), bert, 32, 160)  # step 0 = the checkpoint
+    pixels = torch.randn(2, 3, 160, 160)
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5]], [[0.4, 0.3, 0.9, 0.8]]])
+    crops = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # the new ROI processor starts closed: fused = global
+        emb = trainer.model.encode_image(pixels, boxes, torch.ones(2, 1), crops)
+    assert emb.roi.shape == (2, 1, 32) and torch.allclose(emb.fused, emb.global_, atol=1e-6)
+    trainer.model.train()
+    trainer.fit()
+    trained = regionmed.load(tmp_path / "run" / "model")
+    assert trained.cfg.init_from is None and trained.cfg.text.pooling == "cls"
+    assert not torch.equal(trained.projections["image"].weight, oc.visual.head.proj.weight)  # it trained
