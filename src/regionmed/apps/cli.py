@@ -46,6 +46,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index_shards(args: argparse.Namespace) -> int:
+    from regionmed.data.shards import index_dataset
+
+    done = index_dataset(args.dataset, args.split or None, progress=not args.no_progress and sys.stderr.isatty())
+    for split, info in done.items():
+        bad = f", {info['records_unreadable']} unreadable record(s) left out of the statistics" if info["records_unreadable"] else ""
+        print(f"{args.dataset}: split {split}: indexed {info['samples']} samples ({split}-index.npz, statistics in manifest.json){bad}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from regionmed.apps.demo import run_demo
 
@@ -102,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 0.1 for a smoke run)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("index-shards", help="add the shard index and the split statistics to a MedRegion dataset written without them",
+                       description="Walk the tar headers and read the records of each split once, then write "
+                                   "<split>-index.npz beside the shards and the split's statistics into manifest.json "
+                                   "(datasets built by this regionmed have both already).")
+    p.add_argument("dataset", help="MedRegion dataset folder")
+    p.add_argument("--split", action="append", help="only this split (repeatable; default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_index_shards)
 
     from regionmed.apps.serve import add_serve_parser
 
