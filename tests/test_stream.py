@@ -1,0 +1,192 @@
+"""The streaming reader: shards from a local HTTP server trained on by two real
+processes (torchrun, gloo), resume at shard granularity, pipe: URLs, bad samples
+named and counted, config errors naming the field."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_run_config
+from regionmed.apps.train.config import SourceConfig, validate_run_config
+from regionmed.apps.train.metrics import read_metrics
+from regionmed.config import ConfigError, to_dict
+from regionmed.data.shards import MedRegionDataset
+from regionmed.data.stream import RESUME_PASS, RESUME_SHARD, MedRegionStream, StreamSource, make_stream_loader
+from regionmed.data.transforms import Preprocessor
+
+ROOT = Path(__file__).resolve().parents[1]
+PRE = Preprocessor(image_size=32, roi_size=16, max_rois=3)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """32 phantoms in 8 shards of 4."""
+    from regionmed.apps.curation.phantoms import PhantomConfig, write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("sharded")
+    write_phantom_dataset(out, n_train=32, n_test=0, seed=1, config=PhantomConfig(image_size=64), shard_max_count=4,
+                          progress=False)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def http_root(sharded):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(sharded)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _shard_of(root: Path) -> dict[str, int]:
+    """id -> shard position in the manifest."""
+    ds = MedRegionDataset(root, "train")
+    return {ds.record(i)["id"]: int(ds.index.shard[i]) for i in range(len(ds))}
+
+
+def test_two_processes_train_from_shards_served_over_http(sharded, http_root, tmp_path):
+    cfg = tiny_run_config("", str(tmp_path / "run"), steps=(2, 2), batch_size=8)
+    cfg.data.reader = "streaming"
+    cfg.data.sources = [SourceConfig(name="phantoms", path=http_root)]
+    cfg.data.shuffle_buffer = 8
+    cfg.train.checkpoint_every = 2
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "regionmed", "train", "--config", str(tmp_path / "run.yaml"), "--no-progress"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    data = next(r for r in rows if r["event"] == "data")
+    assert data["reader"] == "streaming" and data["resume_guarantee"] == "fresh" and data["counts_from"] == "manifest"
+    assert data["samples"] == 32 and data["sources"]["phantoms"]["where"] == http_root
+    steps = [r for r in rows if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [0, 1, 2, 3] and all(r["loss.total"] == r["loss.total"] for r in steps)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["reader"] == "streaming" and state["stream"]["slots"] == 2 and set(state["stream"]["done"]) == {"0", "1"}
+    # 4 steps x 8 samples = 32 = the whole pass: each rank delivered some of its 4 shards completely
+    assert sum(sum(v) for v in state["stream"]["done"].values()) >= 1
+
+
+def _ids(batches) -> list[str]:
+    return [i for b in batches for i in b.ids]
+
+
+def test_a_resumed_stream_skips_no_shard_and_repeats_only_unfinished_ones(sharded):
+    source = StreamSource.from_dataset("p", str(sharded), "train")
+    shard_of = _shard_of(sharded)
+    kw = dict(seed=3, shuffle_buffer=6, use_rois=True)
+    first = MedRegionStream([source], PRE, 4, **kw)
+    it = iter(make_stream_loader(first))
+    before = [next(it) for _ in range(3)]  # 12 samples
+    done = before[-1].stream_state["0"][0]
+    assert 0 < done < 8
+    resumed = MedRegionStream([source], PRE, 4, resume={"slots": 1, "step": 3, "done": {"0": [done]}}, **kw)
+    assert resumed.resume_guarantee == RESUME_SHARD
+    # the slot's shard order of pass 0: which shards were complete at the checkpoint
+    from regionmed.data.stream import slot_shards
+
+    order = [shard for _, (_, _, shard) in zip(range(8), slot_shards(8, 3, 0, 0, 1, False))]
+    finished, pending = set(order[:done]), set(order[done:])
+    assert {shard_of[i] for i in _ids(before)} >= finished  # a finished shard was delivered
+    seen, after = set(_ids(before)), []
+    for _, batch in zip(range(100), make_stream_loader(resumed)):
+        after += batch.ids
+        if seen | set(after) == set(shard_of):
+            break
+    # every sample of pass 0 was delivered, before or after the resume: no shard skipped
+    assert seen | set(after) == set(shard_of)
+    n_pending = 4 * len(pending)
+    # no sample of a finished shard until every pending sample was read (at most the buffer's worth earlier)
+    early = after[: n_pending - kw["shuffle_buffer"]]
+    assert len(early) >= 4 and not {shard_of[i] for i in early} & finished
+    # another number of reading slots: restart at the start of the earliest unfinished pass
+    other = MedRegionStream([source], PRE, 4, resume={"slots": 2, "step": 3, "done": {"0": [1], "1": [2]}}, **kw)
+    assert other.resume_guarantee == RESUME_PASS and other.initial_state() == {"0": [0]}
+
+
+def test_shards_through_pipe_urls_and_a_bad_sample_named_and_counted(sharded, tmp_path):
+    # a copy of shard 0 whose second image does not decode
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(sharded / "train-000000.tar") as src, tarfile.open(bad, "w") as dst:
+        pngs = 0
+        for member in src:
+            data = src.extractfile(member).read()
+            if member.name.endswith(".png"):
+                pngs += 1
+                if pngs == 2:
+                    data, broken = b"not a png", member.name.split(".")[0]
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    urls = [f"pipe:cat {bad}", f"pipe:cat {sharded}/train-{{000001..000003}}.tar"]
+    source = StreamSource.from_urls("piped", urls)
+    assert len(source.urls) == 4 and source.samples is None
+    batches = list(b for _, b in zip(range(3), make_stream_loader(MedRegionStream([source], PRE, 5, shuffle_buffer=0))))
+    assert sum(len(b) for b in batches) == 15
+    named = [w for b in batches for _, w, _ in b.bad_samples]
+    assert named == [f"pipe:cat {bad}:{broken}"]
+    assert broken not in _ids(batches) and all(b.sources == ["piped"] * len(b) for b in batches)
+
+
+def test_trainer_streams_resumes_at_shard_granularity_and_records_it(sharded, tmp_path):
+    from regionmed.apps.train.trainer import Trainer
+
+    cfg = tiny_run_config("", str(tmp_path / "run"), mode="none", steps=(2, 2), batch_size=4)
+    cfg.data.reader, cfg.data.urls, cfg.data.shuffle_buffer = "streaming", [f"{sharded}/train-{{000000..000007}}.tar"], 4
+    cfg.train.checkpoint_every = 2
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.counts_from == "none" and trainer.n_samples is None
+    trainer.total_steps = 2  # stop after the first checkpoint, as an interrupted run would
+    trainer.fit()
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["reader"] == "streaming" and state["stream"]["slots"] == 1 and state["stream"]["step"] == 2
+    resumed = Trainer(cfg, resume=True, progress=False)
+    summary = resumed.fit()
+    assert summary["steps"] == 4 and resumed.resume_guarantee == RESUME_SHARD
+    data = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "data"]
+    assert [d["resume_guarantee"] for d in data] == ["fresh", "shard"]
+    # stages in epochs need the sample count, which bare URLs do not give
+    cfg.train.stages[0].steps, cfg.train.stages[0].epochs, cfg.train.output_dir = None, 1.0, str(tmp_path / "run2")
+    with pytest.raises(ConfigError, match=r"train.stages\[0\].epochs needs the number of samples"):
+        Trainer(cfg, progress=False)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: setattr(c.data, "urls", ["a.tar"]), r"data.urls needs data.reader: streaming"),
+    (lambda c: c.data.sources.append(SourceConfig(path="d", weight=0)), r"data.sources\[0\].weight is 0: must be > 0"),
+    (lambda c: c.data.sources.append(SourceConfig(path="http://h/d")), r"data.sources\[0\].path is the URL"),
+    (lambda c: c.data.sources.append(SourceConfig(path="d", urls=["x"])), r"data.sources\[0\] needs exactly one of"),
+    (lambda c: setattr(c.train, "accum_freq", 0), r"train.accum_freq is 0: must be >= 1"),
+    (lambda c: setattr(c.data, "max_open_files", 0), r"data.max_open_files must be >= 1"),
+])
+def test_data_config_errors_name_the_field(change, match):
+    cfg = tiny_run_config("", "out")
+    change(cfg)
+    with pytest.raises(ConfigError, match=match):
+        validate_run_config(cfg, "run.yaml")
