@@ -99,7 +99,7 @@ def main() -> int:
 
     from gradio_client import Client, handle_file
 
-    from regionmed.apps.serve import DemoBackend, ServeLimits, build_app, launch_app
+    from regionmed.apps.serve import DemoBackend, GroundState, ServeLimits, build_app, launch_app
     from regionmed.inference import Predictor
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -137,7 +137,7 @@ def main() -> int:
             assert img is not None, msg
             g = predictor.ground(img, [args.phrase])
             t2 = time.perf_counter()
-            backend._overlays(img, type("S", (), {"groundings": g})(), 0.5, 0.5)
+            backend.render(img, GroundState.from_groundings(g, img.size, limits.display_max_side), 0.5, 0.5)
             t3 = time.perf_counter()
             for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
                 parts[k].append(v)

@@ -83,7 +83,7 @@ def cxr() -> list[tuple[Path, list[list[float]], list[str]]]:
         boxes.setdefault(a["image_id"], []).append(([x, y, x + w, y + h], names[a["category_id"]]))
     out = []
     for im in sorted(coco["images"], key=lambda r: r["file_name"]):
-        if len(boxes.get(im["id"], [])) == 2 and im["width"] != im["height"]:
+        if len(boxes.get(im["id"], [])) == 2 and im["width"] != im["height"] and min(im["width"], im["height"]) >= 700:
             out.append((root / "images" / im["file_name"], [b for b, _ in boxes[im["id"]]], [n for _, n in boxes[im["id"]]]))
         if len(out) == 3:
             break
@@ -233,13 +233,18 @@ def test_rerender_follows_threshold_and_opacity(predictor, cxr):
     image = load_image(cxr[0][0])
     overlays, rows, state, message = backend.ground(image, "\n".join(PHRASES), 0.5, 0.5)
     assert "Grounded 2 phrases" in message and len(overlays) == 2 and len(rows) == 2
-    for (overlay, caption), g in zip(overlays, state.groundings):
+    expected = predictor.ground(image, PHRASES)
+    for (overlay, caption), g in zip(overlays, expected):
         assert caption.startswith(g.phrase)
         _check_overlay(overlay, image, g, 0.5, 0.5, LIMITS.display_max_side)
-    for (overlay, _), g in zip(backend.rerender(image, state, 0.8, 0.9), state.groundings):
+    for (overlay, _), g in zip(backend.rerender(image, state, 0.8, 0.9), expected):
         _check_overlay(overlay, image, g, 0.8, 0.9, LIMITS.display_max_side)
-    for (overlay, _), g in zip(backend.rerender(image, state, 0.5, 0.0), state.groundings):
+    for (overlay, _), g in zip(backend.rerender(image, state, 0.5, 0.0), expected):
         _check_overlay(overlay, image, g, 0.5, 0.0, LIMITS.display_max_side)
+    big = image.resize((image.width * 2, image.height * 2))  # a session keeps display-size maps only
+    _, _, state, _ = backend.ground(big, PHRASES[0], 0.5, 0.5)
+    assert max(state.heatmaps[0].shape) == LIMITS.display_max_side and state.size == big.size
+    assert backend.rerender(image, state, 0.5, 0.5) == []  # another image than the grounded one: nothing re-drawn
 
 
 # ------------------------------------------------------------------------------ the HTTP API
@@ -272,8 +277,9 @@ def test_api_ground_classify_search(client, predictor, cxr):
 
     gallery, table, message = client.predict("right lung", 4, "region", api_name="/search")
     assert message.startswith("4 results"), message
-    assert [r[2] for r in table["data"]] == ["region"] * 4 and all(r[4] is not None for r in table["data"])
-    assert [r[3] for r in table["data"]] == sorted((r[3] for r in table["data"]), reverse=True)
+    assert [r[2] for r in table["data"]] == ["region"] * 4 and all(r[5] is not None for r in table["data"])
+    assert {r[3] for r in table["data"]} <= {"Right Lung", "Left Lung"}  # the boxes' labels, as indexed
+    assert [r[4] for r in table["data"]] == sorted((r[4] for r in table["data"]), reverse=True)
     assert len(gallery) == 4
     ids = {p.stem[:24]: p for p, _, _ in cxr}
     first = table["data"][0]
@@ -368,6 +374,17 @@ def test_index_problems_are_messages(predictor, cxr, tmp_path):
     finally:
         app.close()
     assert "No index is loaded" in DemoBackend(predictor).search("lung", 5, "both")[2]
+
+
+def test_search_thumbnails_from_dataset_shards(predictor, phantom_data):
+    from regionmed.data.shards import index_tar
+
+    shard = sorted(Path(phantom_data).glob("test-*.tar"))[0]
+    key = index_tar(shard)[1][0]
+    backend = DemoBackend(predictor, limits=LIMITS)
+    raw = backend._source(f"{shard}:{key}")  # how `regionmed index` records a MedRegion sample
+    assert isinstance(raw, bytes) and load_image(raw).size == (128, 128)
+    assert backend._thumbnail(f"{shard}:no-such-key") is None and backend._thumbnail(str(shard) + "x:k") is None
 
 
 def test_cli_serve_help_and_bad_limits(capsys):
@@ -496,11 +513,9 @@ def _save_screenshot(driver, path: Path) -> None:
     """The page after a grounding run, as a small PNG for the README (< 300 KB)."""
     from selenium.webdriver.common.by import By
 
+    driver.set_window_size(1400, 1180)
     driver.execute_script("window.scrollTo(0, 0)")
-    time.sleep(1.0)  # the gallery's images finish loading
-    height = driver.execute_script("return document.body.scrollHeight")
-    driver.set_window_size(1400, min(1400, height + 40))
-    time.sleep(0.5)
+    time.sleep(1.5)  # the gallery's images finish loading at the new size
     shot = Image.open(io.BytesIO(driver.find_element(By.TAG_NAME, "body").screenshot_as_png)).convert("RGB")
     shot = shot.resize((shot.width * 2 // 3, shot.height * 2 // 3), Image.Resampling.LANCZOS)
     path.parent.mkdir(parents=True, exist_ok=True)

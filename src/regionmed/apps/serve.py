@@ -41,6 +41,7 @@ import math
 import os
 import re
 import sys
+import tarfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_LABELS",
     "DemoBackend",
+    "GroundState",
     "ServeLimits",
     "add_serve_parser",
     "build_app",
@@ -266,9 +268,32 @@ def load_index_for(predictor, folder: str | os.PathLike | None) -> tuple[Any | N
 
 @dataclass
 class GroundState:
-    """What the overlays are re-drawn from when threshold or opacity change."""
+    """What the overlays are re-drawn from when threshold or opacity change, at the
+    overlays' size (a session keeps at most ``max_phrases`` maps of ``display_max_side``
+    pixels, whatever the image's size): ``size`` the image's (w, h), ``display`` the
+    overlays' (w, h); per phrase its heatmap (display size), box and peak (display pixels)."""
 
-    groundings: list[Any]
+    size: tuple[int, int]
+    display: tuple[int, int]
+    phrases: list[str]
+    scores: list[float]
+    heatmaps: list[np.ndarray]
+    boxes: list[list[float]]
+    peaks: list[tuple[float, float]]
+
+    @classmethod
+    def from_groundings(cls, groundings: list[Any], size: tuple[int, int], max_side: int) -> "GroundState":
+        w, h = size
+        s = _display_scale(w, h, max_side)
+        display = (max(1, round(w * s)), max(1, round(h * s)))
+
+        def fit(heat: np.ndarray) -> np.ndarray:
+            heat = np.asarray(heat, dtype=np.float32)
+            return heat if display == (w, h) else np.asarray(Image.fromarray(heat, "F").resize(display, Image.Resampling.BILINEAR))
+
+        return cls(size=(w, h), display=display, phrases=[g.phrase for g in groundings], scores=[float(g.score) for g in groundings],
+                   heatmaps=[fit(g.heatmap) for g in groundings], boxes=[[float(v) * s for v in g.box] for g in groundings],
+                   peaks=[(float(g.peak[0]) * s, float(g.peak[1]) * s) for g in groundings])
 
 
 class DemoBackend:
@@ -285,38 +310,43 @@ class DemoBackend:
         if index is None and self.index_problem is None:
             self.index_problem = "No index is loaded: start the demo with --index FOLDER (built by `regionmed index`) to search."
         self._thumbs: dict[str, Image.Image] = {}
+        self._shards: dict[str, dict[str, str]] = {}  # shard path -> sample key -> image member
 
     # upload ---------------------------------------------------------------------------
     def load_upload(self, path: str | None) -> tuple[Image.Image | None, str]:
         """The uploaded file (Gradio's temporary path) → (decoded 8-bit image, message).
-        The file is deleted once read; its name appears nowhere."""
+        The file is deleted once read; its name appears nowhere (it is read by path only
+        so that a ``.dcm`` file without the DICM preamble is still taken as DICOM)."""
         if not path:
             return None, "Upload an image (PNG, JPEG or DICOM)."
         try:
             size = os.path.getsize(path)
             if size > self.limits.max_upload_bytes:
-                raise DemoInputError(f"The uploaded file is {size / 1e6:.1f} MB; this demo accepts uploads up to "
-                                     f"{self.limits.max_upload_mb:g} MB (--max-upload-mb).")
+                return None, _error_message(f"The uploaded file is {size / 1e6:.1f} MB; this demo accepts uploads up to "
+                                            f"{self.limits.max_upload_mb:g} MB (--max-upload-mb).")
             with open(path, "rb") as f:
-                raw = f.read()
+                head = f.read(132)
+            return self._decode(path, head, path)
         except OSError as err:
-            return None, _error_message(DemoInputError(f"The upload could not be read ({err.strerror or type(err).__name__})."))
-        except DemoInputError as err:
-            return None, _error_message(err)
+            return None, _error_message(f"The upload could not be read ({err.strerror or type(err).__name__}).")
         finally:
             _remove_quietly(path)
-        return self.load_bytes(raw)
 
     def load_bytes(self, raw: bytes) -> tuple[Image.Image | None, str]:
+        """Encoded image bytes (PNG, JPEG, DICOM, ...) → (decoded 8-bit image, message)."""
+        return self._decode(raw, raw[:132], None)
+
+    def _decode(self, source: str | bytes, head: bytes, path: str | None) -> tuple[Image.Image | None, str]:
+        from regionmed.data.dicom import is_dicom
         from regionmed.inference import ImageInputError, load_image
 
         try:
-            image = load_image(raw, name=UPLOAD_NAME, max_pixels=self.limits.max_pixels)
+            image = load_image(source, name=UPLOAD_NAME, max_pixels=self.limits.max_pixels)
         except ImageInputError as err:
             return None, _error_message(_image_message(err, self.limits))
         except Exception as err:  # noqa: BLE001 - the page must say something and keep serving
             return None, _unexpected("Decoding the upload", err)
-        kind = "DICOM" if len(raw) >= 132 and raw[128:132] == b"DICM" else "image"
+        kind = "DICOM" if is_dicom(head, path) else "image"
         return image, f"Loaded a {image.width} × {image.height} {kind} ({'grey scale' if image.mode == 'L' else 'colour'})."
 
     def _image(self, image) -> Image.Image:
@@ -342,34 +372,38 @@ class DemoBackend:
             return [], [], None, _error_message(err)
         except Exception as err:  # noqa: BLE001
             return [], [], None, _unexpected("Grounding", err)
-        state = GroundState(groundings)
+        state = GroundState.from_groundings(groundings, img.size, self.limits.display_max_side)
         rows = [[g.phrase, round(float(g.score), 4), *[round(float(v), 1) for v in g.box],
                  round(float(g.peak[0]), 1), round(float(g.peak[1]), 1)] for g in groundings]
         read_out = groundings[0].read_out if groundings else ""
         message = (f"Grounded {len(groundings)} phrase{'s' if len(groundings) != 1 else ''} in a {img.width} × {img.height} "
                    f"image ({read_out} read-out; score: cosine similarity behind the box).")
-        return self._overlays(img, state, threshold, opacity), rows, state, message
+        return self.render(img, state, threshold, opacity), rows, state, message
 
     def rerender(self, image, state: GroundState | None, threshold: float, opacity: float) -> list:
         """The overlays again with a new threshold / opacity (no model call)."""
-        if image is None or state is None or not state.groundings:
+        if image is None or state is None or not state.phrases:
             return []
         try:
             img = self._image(image)
-            if img.size != tuple(state.groundings[0].size):
+            if img.size != tuple(state.size):
                 return []
-            return self._overlays(img, state, threshold, opacity)
+            return self.render(img, state, threshold, opacity)
         except Exception as err:  # noqa: BLE001
             _unexpected("Re-drawing the overlays", err)
             return []
 
-    def _overlays(self, img: Image.Image, state: GroundState, threshold: float, opacity: float) -> list:
+    def render(self, img: Image.Image, state: GroundState, threshold: float, opacity: float) -> list:
+        """One (overlay, caption) per phrase of ``state`` over ``img`` (the grounded image)."""
+        base = img.convert("RGB")
+        if base.size != tuple(state.display):
+            base = base.resize(state.display, Image.Resampling.BILINEAR)
         out = []
-        for i, g in enumerate(state.groundings):
-            caption = f"{g.phrase} (score {float(g.score):.3f})"
-            over = render_overlay(img, g.heatmap, box=g.box, peak=g.peak, label=g.phrase, threshold=float(threshold),
-                                  opacity=float(opacity), color=PALETTE[i % len(PALETTE)], max_side=self.limits.display_max_side)
-            out.append((over, caption))
+        for i, phrase in enumerate(state.phrases):
+            over = render_overlay(base, state.heatmaps[i], box=state.boxes[i], peak=state.peaks[i], label=phrase,
+                                  threshold=float(threshold), opacity=float(opacity), color=PALETTE[i % len(PALETTE)],
+                                  max_side=max(state.display))
+            out.append((over, f"{phrase} (score {state.scores[i]:.3f})"))
         return out
 
     # classify -------------------------------------------------------------------------
@@ -425,12 +459,12 @@ class DemoBackend:
             score = float(hit.score)
             hit_id = str(hit.id)
             coords = [round(float(v), 1) for v in box] if box else [None] * 4
-            rows.append([rank, hit_id, hit_kind, round(score, 4), *coords])
+            rows.append([rank, hit_id, hit_kind, hit.label or "", round(score, 4), *coords])
             thumb = self._thumbnail(hit.source)
             if thumb is None:
                 missing += 1
                 continue
-            caption = f"{rank}. {hit_id} ({hit_kind}, {score:.3f})"
+            caption = f"{rank}. {hit_id}{f' {hit.label}' if hit.label else ''} ({hit_kind}, {score:.3f})"
             gallery.append((self._draw_hit(thumb, box), caption))
         message = f"{len(hits)} result{'s' if len(hits) != 1 else ''} for “{query}”."
         if missing:
@@ -445,14 +479,39 @@ class DemoBackend:
             from regionmed.inference import load_image
 
             try:
-                img = load_image(key, max_pixels=self.limits.max_pixels)
-            except RegionmedError as err:
+                img = load_image(self._source(key), name="an index image", max_pixels=self.limits.max_pixels)
+            except (RegionmedError, OSError, tarfile.TarError) as err:
                 log.warning("index image not readable (%s)", getattr(err, "reason", type(err).__name__))
                 return None
             if len(self._thumbs) >= 512:
                 self._thumbs.pop(next(iter(self._thumbs)))
             self._thumbs[key] = img
         return self._thumbs[key]
+
+    def _source(self, source: str) -> str | bytes:
+        """An index entry's image: a file path as it is, or ``SHARD.tar:KEY`` (a MedRegion
+        sample, as ``regionmed index`` records a dataset split) read from its shard."""
+        if os.path.isfile(source):
+            return source
+        shard, sep, key = source.rpartition(":")
+        if not (sep and shard.endswith(".tar") and os.path.isfile(shard)):
+            return source  # load_image names it missing
+        if shard not in self._shards:
+            from regionmed.data.schema import IMAGE_EXTENSIONS
+
+            members = {}
+            with tarfile.open(shard, "r:") as tar:
+                for m in tar:
+                    base = m.name.rsplit("/", 1)[-1]
+                    stem, _, ext = base.partition(".")
+                    if m.isfile() and ext.lower() in IMAGE_EXTENSIONS:
+                        members[stem] = m.name
+            self._shards[shard] = members
+        name = self._shards[shard].get(key)
+        if name is None:
+            return source
+        with tarfile.open(shard, "r:") as tar:
+            return tar.extractfile(name).read()
 
     def _draw_hit(self, img: Image.Image, box) -> Image.Image:
         return render_overlay(img, None, box=box, threshold=1.0, opacity=0.0, color=PALETTE[0],
@@ -562,8 +621,9 @@ def build_app(predictor, index=None, *, limits: ServeLimits | None = None, index
                     search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
                     results = gr.Gallery(label="Images and regions", columns=4, height="auto", format="png",
                                          object_fit="contain", elem_id="search-results")
-                    result_table = gr.Dataframe(headers=["rank", "id", "kind", "score", "x0", "y0", "x1", "y1"],
-                                                datatype=["number", "str", "str", "number", "number", "number", "number", "number"],
+                    result_table = gr.Dataframe(headers=["rank", "id", "kind", "label", "score", "x0", "y0", "x1", "y1"],
+                                                datatype=["number", "str", "str", "str", "number", "number", "number", "number",
+                                                          "number"],
                                                 label="Results", interactive=False, elem_id="search-table")
 
         upload.upload(backend.load_upload, inputs=upload, outputs=[image, status], api_name="load_image",
