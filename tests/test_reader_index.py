@@ -183,3 +183,15 @@ def test_the_trainer_takes_its_data_counts_from_the_manifest(tmp_path, caplog):
     assert any("has no build-time statistics" in n and "index-shards" in n for n in trainer.notes)
     cfg.data.audit, cfg.train.output_dir = "never", str(tmp_path / "run3")
     assert Trainer(cfg, progress=False).audit == {}
+
+
+def test_a_step_takes_accum_freq_times_the_batch_from_either_reader(tmp_path):
+    from regionmed.apps.train.trainer import Trainer
+
+    root = write_dataset(tmp_path / "data", 24, max_count=4)
+    for reader in ("indexed", "streaming"):
+        cfg = tiny_run_config(str(root), str(tmp_path / reader), steps=(1, 1), batch_size=4)
+        cfg.train.accum_freq, cfg.data.reader, cfg.data.shuffle_buffer = 3, reader, 4
+        trainer = Trainer(cfg, progress=False)
+        assert trainer.steps_per_epoch == 2  # 24 samples // (3 x 4)
+        assert len(next(iter(trainer._loader()))) == 12
