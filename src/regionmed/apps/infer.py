@@ -220,6 +220,11 @@ def _report_problems(problems: list[dict], out: Path | None, command: str) -> No
 
 # -- embed -----------------------------------------------------------------------------------
 def cmd_embed(args: argparse.Namespace) -> int:
+    if args.format == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as err:
+            raise InferInputError("--format parquet needs pyarrow (pip install pyarrow); the default npz needs nothing") from err
     items = collect_items(args.inputs, args.split, args.boxes)
     predictor = _predictor(args)
     out = Path(args.out)
