@@ -282,7 +282,6 @@ def test_region_training_starts_from_imported_checkpoint(tmp_path, bert, phantom
     """A run config whose model section is the import's model.yaml trains (global then region
     stage) from the checkpoint's weights with a new ROI processor; the result loads."""
     from conftest import tiny_run_config
-
     from regionmed.apps.train.trainer import Trainer
 
     oc, ckpt, cfg_path = build_open_clip(tmp_path / "oc", biomedclip_config(bert, context_length=32))
