@@ -384,6 +384,8 @@ def test_search_thumbnails_from_dataset_shards(predictor, phantom_data):
     backend = DemoBackend(predictor, limits=LIMITS)
     raw = backend._source(f"{shard}:{key}")  # how `regionmed index` records a MedRegion sample
     assert isinstance(raw, bytes) and load_image(raw).size == (128, 128)
+    thumb, scale = backend._thumbnail(f"{shard}:{key}")
+    assert thumb.size == (128, 128) and scale == 1.0
     assert backend._thumbnail(f"{shard}:no-such-key") is None and backend._thumbnail(str(shard) + "x:k") is None
 
 

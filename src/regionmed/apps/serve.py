@@ -15,8 +15,10 @@ The page (Gradio Blocks, built by :func:`build_app`) has three tabs over one upl
 
 Privacy: uploads go through the library's PHI-safe decoder
 (:func:`regionmed.inference.load_image`; no DICOM attribute leaves it). The uploaded
-file is read once and deleted from Gradio's upload folder; its name is never shown,
-logged or passed to the decoder (messages call it "the uploaded file"). Uploads over the
+file is read once and deleted from Gradio's upload folder; its name is never shown or
+logged (the decoder sees its path only to recognise a ``.dcm`` suffix; messages call it
+"the uploaded file"). Decoded images and overlays stay in Gradio's cache for at most an
+hour (``delete_cache``). Uploads over the
 size limit are refused in the browser before they are sent (Gradio's own message would
 quote the file name), and by the server (Gradio's ``max_file_size``). Gradio's run
 history, share links and analytics are off, the page loads no web fonts, and the server
@@ -76,6 +78,7 @@ UPLOAD_NAME = "the uploaded file"  # how messages name an upload (never its own 
 # Box / caption colours per phrase (colour-blind-safe qualitative set, Okabe & Ito 2008).
 PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167))
 SEARCH_KINDS = ("both", "image", "region")
+THUMB_SIDE = 512  # search results are drawn at most this large
 
 
 @dataclass(frozen=True)
@@ -309,7 +312,7 @@ class DemoBackend:
         self.index_problem = index_problem if index is None else None
         if index is None and self.index_problem is None:
             self.index_problem = "No index is loaded: start the demo with --index FOLDER (built by `regionmed index`) to search."
-        self._thumbs: dict[str, Image.Image] = {}
+        self._thumbs: dict[str, tuple[Image.Image, float]] = {}
         self._shards: dict[str, dict[str, str]] = {}  # shard path -> sample key -> image member
 
     # upload ---------------------------------------------------------------------------
@@ -465,13 +468,15 @@ class DemoBackend:
                 missing += 1
                 continue
             caption = f"{rank}. {hit_id}{f' {hit.label}' if hit.label else ''} ({hit_kind}, {score:.3f})"
-            gallery.append((self._draw_hit(thumb, box), caption))
+            gallery.append((self._draw_hit(*thumb, box), caption))
         message = f"{len(hits)} result{'s' if len(hits) != 1 else ''} for “{query}”."
         if missing:
             message += f" {missing} image{'s' if missing != 1 else ''} of the index could not be read (listed in the table only)."
         return gallery, rows, message
 
-    def _thumbnail(self, path) -> Image.Image | None:
+    def _thumbnail(self, path) -> tuple[Image.Image, float] | None:
+        """An index image scaled to at most 512 pixels on the long side, and that scale
+        (cached: the last 512 images)."""
         if path is None:
             return None
         key = str(path)
@@ -485,7 +490,10 @@ class DemoBackend:
                 return None
             if len(self._thumbs) >= 512:
                 self._thumbs.pop(next(iter(self._thumbs)))
-            self._thumbs[key] = img
+            s = _display_scale(img.width, img.height, THUMB_SIDE)
+            if s < 1:
+                img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BILINEAR)
+            self._thumbs[key] = (img, s)
         return self._thumbs[key]
 
     def _source(self, source: str) -> str | bytes:
@@ -513,9 +521,9 @@ class DemoBackend:
         with tarfile.open(shard, "r:") as tar:
             return tar.extractfile(name).read()
 
-    def _draw_hit(self, img: Image.Image, box) -> Image.Image:
-        return render_overlay(img, None, box=box, threshold=1.0, opacity=0.0, color=PALETTE[0],
-                              max_side=min(512, self.limits.display_max_side))
+    def _draw_hit(self, thumb: Image.Image, scale: float, box) -> Image.Image:
+        return render_overlay(thumb, None, box=None if box is None else [v * scale for v in box], opacity=0.0,
+                              color=PALETTE[0], max_side=THUMB_SIDE)
 
 
 def _hit_box(hit) -> list[float] | None:
