@@ -24,6 +24,11 @@ Record fields (``*`` = required)::
         caption*     str, region caption
         negatives    list of {"text", "rule"}: near-miss captions for this region
         source       str, where the box came from ("annotation", "unsupervised", ...)
+        caption_rule     (optional) str, how ``caption`` was made: "location" (label + box
+                         position) or "report:<rule>" (a report sentence matched to the box)
+        report_captions  (optional) list of {"text", "rule"}: report sentences matched to
+                         this box by anatomy/laterality terms (rule: anatomy, laterality,
+                         laterality+zone, bilateral)
     labels           {class name: 0 | 1}
     group            str, split group (a hashed patient key or the image id)
     meta             {str: str | int | float}, allow-listed non-identifying attributes
@@ -132,6 +137,9 @@ def validate_record(record: Any, where: str | None = None) -> dict:
         if not isinstance(region.get("caption"), str):
             raise RecordError(f"{rctx}.caption must be a string")
         _check_negatives(region.get("negatives", []), f"{rctx}.negatives")
+        if "caption_rule" in region and not isinstance(region["caption_rule"], str):
+            raise RecordError(f"{rctx}.caption_rule must be a string")
+        _check_negatives(region.get("report_captions", []), f"{rctx}.report_captions")
     labels = record.get("labels", {})
     if not isinstance(labels, dict):
         raise RecordError(f"{ctx}: field 'labels' must be an object")

@@ -576,3 +576,112 @@ def make_negatives(text: str, n: int, cfg: CaptionConfig, key: str = "") -> list
         seen.add(key_n)
         out.append({"text": neg, "rule": rule})
     return out
+
+
+# --------------------------------------------------------------------------- report sentences as region captions
+
+# Side terms of a sentence (the patient's side, as reports write it).
+_SIDE_TERMS = [
+    ("bilateral", re.compile(r"\b(bilateral(ly)?|both (lungs?|sides|hemithora\w*|lung fields|bases|apices|upper|lower|mid)|"
+                             r"bibasal|bibasilar|biapical)\b", re.I)),
+    ("right", re.compile(r"\b(right|rul|rml|rll|r\.? ?(upper|middle|lower) lobe)\b", re.I)),
+    ("left", re.compile(r"\b(left|lul|lll|lingula\w*)\b", re.I)),
+]
+# Vertical position terms (a lobe abbreviation counts too).
+_VERTICAL_TERMS = [
+    ("upper", re.compile(r"\b(upper|apical|apex|apices|rul|lul|superior)\b", re.I)),
+    ("middle", re.compile(r"\b(middle|mid|rml|lingula\w*|hilar|perihilar)\b", re.I)),
+    ("lower", re.compile(r"\b(lower|basal|bases?|basilar|bibasal|bibasilar|rll|lll|inferior)\b", re.I)),
+]
+REPORT_CAPTION_RULES = ("anatomy", "laterality", "laterality+zone", "bilateral")
+
+
+def _terms(text: str, table) -> set[str]:
+    return {name for name, rx in table if rx.search(text)}
+
+
+def _region_side(label: str, loc: dict[str, str]) -> str:
+    """The patient's side a region stands for: named in its label ("Right Lung"), else the
+    side of its box under the modality's convention (:func:`location`)."""
+    named = _terms(label, _SIDE_TERMS[1:])
+    return named.pop() if len(named) == 1 else loc.get("side", "")
+
+
+def match_report_sentences(report: str, regions: list[dict], height: int, cfg: CaptionConfig,
+                           zonal_fraction: float = 0.5) -> list[list[dict[str, str]]]:
+    """Report sentences that describe each region, matched by anatomy and laterality terms.
+
+    ``regions``: ``{"label", "box", "location"}`` dicts as the builder writes them
+    (``location`` from :func:`location`: ``side`` is the *patient's* side, radiological
+    convention by default, so a box in the image's left half is the patient's right).
+    Only finding sentences about the image (a finding term and an imaging word, or
+    "image"/"located" as in QA facts) are candidates; each match is
+    ``{"text": sentence, "rule": rule}`` with rule one of :data:`REPORT_CAPTION_RULES`:
+
+    * ``anatomy`` — the sentence names the region's label ("cardiomegaly", "liver"), and
+      no side contradicts it (labels naming a side, "Right Lung", are matched by side);
+    * ``laterality`` — the sentence names one side (right / left, RUL, lingula, ...)
+      and it is the region's side;
+    * ``laterality+zone`` — as ``laterality``, and for a zonal box (height below
+      ``zonal_fraction`` of the image) the sentence's upper/middle/lower term is the
+      box's vertical third; a zonal box whose third the sentence contradicts is not
+      matched (a whole-lung box matches on side alone);
+    * ``bilateral`` — "bilateral", "both lungs", "bibasal": every region with a side.
+
+    A sentence naming both sides without "bilateral" ("right effusion, left clear") is
+    matched to no side-only region (its clauses cannot be told apart by terms).
+    Returns one list per region, in sentence order, without repeats."""
+    find = _finding_re(cfg)
+    sents = []  # (the sentence as written, with its section header; its statement)
+    for a, b in _segments(report):
+        prefix, body = _body(report[a:b])
+        imaging = _IMAGING_WORDS.search(body) or re.search(r"\b(image|picture|located)\b", body, re.I)
+        if body and find.search(body) and imaging and not _QUESTION_START.match(body):
+            sents.append((_LIST_PREFIX.sub("", report[a:b]).strip(), body.strip()))
+    out: list[list[dict[str, str]]] = []
+    for reg in regions:
+        label = " ".join(str(reg.get("label") or "").split())
+        loc = reg.get("location") or {}
+        side = _region_side(label, loc)
+        box = reg.get("box") or [0, 0, 0, 0]
+        zonal = height > 0 and (box[3] - box[1]) < zonal_fraction * height
+        # a sided label ("Right Lung") is matched by its side, not by the organ word ("lung disease")
+        label_words = "" if _terms(label, _SIDE_TERMS[1:]) else normalize(label)
+        matches: list[dict[str, str]] = []
+        for written, s in sents:
+            sides = _terms(s, _SIDE_TERMS)
+            rule = None
+            if label_words and len(label_words) > 2 and re.search(rf"\b{re.escape(label_words)}\b", normalize(s)):
+                if not (sides - {"bilateral"}) or side in sides or "bilateral" in sides:
+                    rule = "anatomy"
+            if rule is None and side in ("left", "right"):
+                if "bilateral" in sides:
+                    rule = "bilateral"
+                elif sides == {side}:
+                    rule = "laterality"
+                    vertical = _terms(s, _VERTICAL_TERMS)
+                    if zonal and vertical:
+                        rule = "laterality+zone" if loc.get("vertical") in vertical else None
+            if rule and all(m["text"] != written for m in matches):
+                matches.append({"text": written, "rule": rule})
+        out.append(matches)
+    return out
+
+
+def attach_report_captions(regions: list[dict], report: str, height: int, cfg: CaptionConfig,
+                           replace: bool = False) -> int:
+    """Add to each region the report sentences that describe it (:func:`match_report_sentences`)
+    as ``report_captions`` (``[{"text", "rule"}]``), and set ``caption_rule`` on every region:
+    ``"location"`` for the label + box-position caption, or, with ``replace``, the first
+    matched sentence becomes ``caption`` and ``caption_rule`` is ``"report:<rule>"``.
+    Returns the number of regions with at least one matched sentence."""
+    matched = 0
+    for reg, found in zip(regions, match_report_sentences(report, regions, height, cfg)):
+        reg.setdefault("caption_rule", "location")
+        if not found:
+            continue
+        matched += 1
+        reg["report_captions"] = found
+        if replace:
+            reg["caption"], reg["caption_rule"] = found[0]["text"], f"report:{found[0]['rule']}"
+    return matched
