@@ -23,6 +23,7 @@ import logging
 import os
 import tarfile
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -419,6 +420,28 @@ class SplitIndex:
         return cls(arrays, shard_names)
 
 
+@dataclass(frozen=True)
+class SampleEntry:
+    shard: int
+    key: str
+    image_ext: str
+    image_offset: int
+    image_size: int
+    json_offset: int
+    json_size: int
+
+
+class _EntryView:
+    def __init__(self, ds: "MedRegionDataset"):
+        self._ds = ds
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, index: int) -> SampleEntry:
+        return self._ds.entry(index)
+
+
 _warned_unindexed: set[tuple[str, str]] = set()
 
 
@@ -506,6 +529,17 @@ class MedRegionDataset:
             raise SampleError(f"{self.shard_paths[shard]}", f"shard ends at {offset + len(data)}, before the member's "
                                                             f"{size} bytes at {offset} (truncated shard or stale index)")
         return data
+
+    def entry(self, index: int) -> "SampleEntry":
+        """Where sample ``index`` lies: shard, key, image extension, member offsets and sizes."""
+        ix = self.index
+        return SampleEntry(int(ix.shard[index]), ix.key(index), IMAGE_EXTENSIONS[int(ix.ext[index])],
+                           int(ix.image_offset[index]), int(ix.image_size[index]),
+                           int(ix.json_offset[index]), int(ix.json_size[index]))
+
+    @property
+    def _entries(self) -> "_EntryView":  # the former list of entries, as a view (made per access)
+        return _EntryView(self)
 
     def where(self, index: int) -> str:
         """``<shard path>:<key>`` of sample ``index``: how errors name a sample."""
