@@ -59,16 +59,18 @@ def test_eval_command_end_to_end_with_bad_inputs(data_dir, tmp_path):  # noqa: F
     empty.mkdir()
     out = tmp_path / "eval"
     args = parser.parse_args(["eval", str(tmp_path / "model"), "--out", str(out), "--data-root", str(data_dir),
-                              "--tasks", "zeroshot,vqa_rad,slake_vqa,grounding", "--class-folder", str(empty),
+                              "--tasks", "zeroshot,vqa_rad,slake_vqa,grounding", "--class-folder", str(empty), "--builtin",
                               "--limit-images", "24", "--limit-questions", "60", "--n-boot", "50", "--vqa-epochs", "3",
                               "--overlays", "2"])
     assert args.func(args) == 0
     res = json.loads((out / "results.json").read_text())
     tasks = res["tasks"]
     assert {"slake_modality", "slake_organ", "slake_abnormality"} <= set(tasks["zeroshot"])
-    assert tasks["zeroshot"]["slake_modality"]["rois"] == "given"
-    assert tasks["vqa_rad"]["rois"] == "none" and "no boxes" in tasks["vqa_rad"]["rois_note"]
-    assert tasks["slake_vqa"]["test_questions"] > 0 and tasks["slake_vqa"]["rois"] == "given"
+    # the default test-time input is the whole image
+    assert tasks["zeroshot"]["slake_modality"]["rois"] == "none"
+    assert tasks["vqa_rad"]["rois"] == "none" and "rois_note" not in tasks["vqa_rad"]
+    assert tasks["slake_vqa"]["test_questions"] > 0 and tasks["slake_vqa"]["rois"] == "none"
+    assert tasks["grounding"]["dataset"] == "slake test" and res["builtin_sets"] is True
     g = tasks["grounding"]
     assert g["overall"]["n"] > 0 and g["windows"]["overall"]["n"] == g["overall"]["n"]
     assert sorted(p.name.rsplit("_", 1)[1] for p in (out / "grounding_overlays").glob("*.png")) == ["patch.png", "patch.png", "windows.png", "windows.png"]

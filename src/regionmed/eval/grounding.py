@@ -20,10 +20,13 @@ the original image. The **point** is the map's maximum; the **box** bounds the
 connected component (8-connectivity) around the maximum of the map thresholded at
 ``min + threshold * (max - min)``.
 
-Metrics against annotated boxes (SLAKE ``detection.json``): pointing game (the
-point falls inside a box of the phrase's class) and IoU ≥ 0.3 / 0.5 of the box
-with the best-matching box of that class. A fixed centre point / whole-image box
-is scored alongside as the reference a map must beat.
+Metrics against annotated boxes (SLAKE ``detection.json``, or the given regions of a
+MedRegion split): pointing game (the point falls inside a box of the phrase's class)
+and IoU ≥ 0.3 / 0.5 of the box with the best-matching box of that class, each with a
+bootstrap 95% CI over phrases. Two references that see no pixels are scored
+alongside: a fixed centre point / whole-image box, and a location prior (the
+phrase's mean relative box over the same dataset's *training* boxes,
+:func:`location_prior`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from regionmed.data.boxes import box_iou, nms
+from regionmed.eval.stats import bootstrap_counts, mean_with_ci
 
 
 @dataclass
@@ -164,8 +168,13 @@ def propose_from_maps(maps: torch.Tensor, geom: Geometry, k: int, threshold: flo
     return [cands[i] for i in keep]
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Pointing game and IoU hit rates over scored phrases (+ the centre baseline)."""
+def summarise(rows: list[dict], n_boot: int = 0, seed: int = 0) -> dict:
+    """Pointing game and IoU hit rates over scored phrases (+ the centre and prior references).
+
+    With ``n_boot > 0``, ``"intervals"`` holds a percentile bootstrap 95% interval of each rate
+    (and of the mean IoU): phrases are resampled with replacement, ``n_boot`` times with
+    ``seed`` (:mod:`regionmed.eval.stats`); the prior's rates use the same resamples
+    restricted to the phrases that have a prior."""
     n = len(rows)
     if n == 0:
         return {"n": 0}
@@ -187,6 +196,23 @@ def summarise(rows: list[dict]) -> dict:
             "baseline_prior_iou@0.3": float(sum(r["prior_iou"] >= 0.3 for r in prior) / len(prior)),
             "baseline_prior_iou@0.5": float(sum(r["prior_iou"] >= 0.5 for r in prior) / len(prior)),
         })
+    if n_boot > 0:
+        counts = bootstrap_counts(n, n_boot, seed)
+        cols = {
+            "pointing_game": [float(bool(r["hit"])) for r in rows],
+            "iou@0.3": [float(r["iou"] >= 0.3) for r in rows],
+            "iou@0.5": [float(r["iou"] >= 0.5) for r in rows],
+            "mean_iou": [float(r["iou"]) for r in rows],
+            "baseline_centre_pointing": [float(bool(r["base_hit"])) for r in rows],
+        }
+        ci = {k: mean_with_ci(v, counts)["ci"] for k, v in cols.items()}
+        has = [i for i, r in enumerate(rows) if r.get("prior_hit") is not None]
+        if has:
+            sub = counts[:, has]
+            ci["baseline_prior_pointing"] = mean_with_ci([float(bool(rows[i]["prior_hit"])) for i in has], sub)["ci"]
+            ci["baseline_prior_iou@0.3"] = mean_with_ci([float(rows[i]["prior_iou"] >= 0.3) for i in has], sub)["ci"]
+        out["intervals"] = ci  # {rate: [lo, hi]}
+        out["n_boot"] = n_boot
     return out
 
 

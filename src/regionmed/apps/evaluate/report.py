@@ -77,20 +77,28 @@ def vqa_md(name: str, r: dict) -> list[str]:
     return lines
 
 
+def _rate_ci(o: dict, key: str) -> str:
+    ci = (o.get("intervals") or {}).get(key)
+    if o.get(key) is None:
+        return "–"
+    return f"{pct(o[key])} [{pct(ci[0])}–{pct(ci[1])}]" if ci and ci[0] is not None else pct(o[key])
+
+
 def grounding_md(r: dict) -> list[str]:
-    lines = ["## Grounding (SLAKE test boxes)", "",
+    lines = [f"## Grounding ({r.get('dataset', 'slake test')})", "",
              f"Read-outs: **patch** = patch–text map over the {r.get('grid')} patch grid, thresholded at {r['threshold']}; "
              "**windows** = sliding windows embedded as regions, best window = box, mean-score map = point "
              f"(contrast, mean over phrases subtracted: {r.get('contrast', False)}). Test-time ROIs: {r['rois']}.",
-             "References that see no pixels: the centre point / whole-image box, and the class's mean box over the SLAKE "
-             "train boxes (location prior).", "",
+             "References that see no pixels: the centre point / whole-image box, and the class's mean box over the "
+             f"training boxes of the same dataset (location prior: {(r.get('prior') or {}).get('source', 'SLAKE train boxes')}). "
+             "Brackets: bootstrap 95% CI over phrases.", "",
              "| read-out | phrases | pointing game | IoU≥0.3 | IoU≥0.5 | mean IoU | centre pointing | prior pointing | prior IoU≥0.3 | prior IoU≥0.5 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for readout in r.get("readouts", ["patch"]):
         o = (r.get(readout) or {}).get("overall") or (r["overall"] if readout == "patch" else {})
         if o.get("n"):
-            lines.append(f"| {readout} | {o['n']} | {pct(o['pointing_game'])} | {pct(o['iou@0.3'])} | {pct(o['iou@0.5'])} | "
-                         f"{o['mean_iou']:.3f} | {pct(o['baseline_centre_pointing'])} | {pct(o.get('baseline_prior_pointing'))} | "
+            lines.append(f"| {readout} | {o['n']} | {_rate_ci(o, 'pointing_game')} | {_rate_ci(o, 'iou@0.3')} | {pct(o['iou@0.5'])} | "
+                         f"{o['mean_iou']:.3f} | {_rate_ci(o, 'baseline_centre_pointing')} | {_rate_ci(o, 'baseline_prior_pointing')} | "
                          f"{pct(o.get('baseline_prior_iou@0.3'))} | {pct(o.get('baseline_prior_iou@0.5'))} |")
     if r.get("overlays"):
         lines += ["", f"Overlays (green: annotated, red: predicted box and point): `{Path(r['overlays']).name}/`"]
@@ -114,13 +122,15 @@ def markdown_report(results: dict, title: str = "regionmed evaluation") -> str:
     tasks = results.get("tasks", {})
     if "zeroshot" in tasks:
         lines += zeroshot_md(tasks["zeroshot"]) + [""]
-    for name in ("vqa_rad", "slake_vqa"):
+    for name in ("vqa", "vqa_rad", "slake_vqa"):
         if name in tasks:
             lines += vqa_md(name, tasks[name]) + [""]
     if "grounding" in tasks:
         lines += grounding_md(tasks["grounding"]) + [""]
     if "retrieval" in tasks:
         lines += retrieval_md(tasks["retrieval"]) + [""]
+    if results.get("skipped"):
+        lines += ["## Skipped tasks", ""] + [f"- {t}: {why}" for t, why in results["skipped"].items()] + [""]
     p = results.get("problems", {})
     lines += ["## Problems", "", f"{p.get('count', 0)} problem(s) counted: {json.dumps(p.get('per_task', {}))}", ""]
     lines += [f"- {m}" for m in p.get("messages", [])[:50]]

@@ -2,12 +2,23 @@
 
 Tasks (names used by ``regionmed eval --tasks``):
 
-* ``zeroshot`` — SLAKE test: modality, organ, abnormality (see
-  :func:`.datasets.slake_zero_shot_tasks`); plus a labelled MedRegion dataset
-  (``medregion``) and/or a folder per class (``class_folder``) when given;
+* ``zeroshot`` — the labels of a MedRegion split (``medregion``) and/or a folder per
+  class (``class_folder``); SLAKE test (modality, organ, abnormality, see
+  :func:`.suites.slake_zero_shot_tasks`) when the built-in sets are used;
 * ``retrieval`` — image↔report R@1/5/10 on a MedRegion split (``medregion``);
-* ``vqa_rad`` — VQA-RAD 3,064 / 451; ``slake_vqa`` — SLAKE English train / validate / test;
-* ``grounding`` — SLAKE test boxes: each box class of an image is a phrase.
+* ``grounding`` — the annotated regions of a MedRegion split (``medregion``; each
+  region's label, or caption, is a phrase) or, with the built-in sets, SLAKE test boxes;
+  the centre-point and location-prior references come from the same dataset's
+  training split;
+* ``vqa`` — a user's question file (``questions``, :func:`.suites.question_file`);
+* ``vqa_rad`` — VQA-RAD 3,064 / 451; ``slake_vqa`` — SLAKE English train / validate / test.
+
+The built-in sets (SLAKE, VQA-RAD under ``data_root``) serve the generic tasks
+(``zeroshot``, ``grounding``) only when no dataset of the user's is given
+(``medregion``, ``class_folder``, ``questions``) or ``builtin`` is set: a task is
+never scored on another dataset's data than the one asked for. A task that none of
+the given datasets can supply is skipped with its reason (:func:`unsupported_tasks`;
+``regionmed eval`` refuses it up front).
 
 Every image-side result states its test-time ROIs (``none`` / ``given`` / ``self``).
 A task that fails is recorded as a problem with its message; the run goes on.
@@ -26,8 +37,12 @@ import torch
 from tqdm import tqdm
 
 from regionmed.apps.evaluate.suites import (
+    SuiteError,
     folder_task,
+    medregion_grounding_items,
+    medregion_prior_items,
     medregion_task,
+    question_file,
     restrict_task,
     slake_grounding_items,
     slake_image_refs,
@@ -47,26 +62,31 @@ from regionmed.eval.grounding import (
     summarise,
     window_boxes,
 )
-from regionmed.eval.images import ImageSetEmbeddings, embed_images, open_image, window_scores
+from regionmed.eval.images import ImageRef, ImageSetEmbeddings, embed_images, open_image, window_scores
 from regionmed.eval.prompts import load_prompts, proposal_phrases
 from regionmed.eval.vqa import VQAConfig, run_vqa, run_vqa_finetune
 from regionmed.eval.zeroshot import run_task
 
 log = logging.getLogger(__name__)
 GROUNDING_READOUTS = ("patch", "windows")
-TASKS = ("zeroshot", "retrieval", "vqa_rad", "slake_vqa", "grounding")
+TASKS = ("zeroshot", "retrieval", "vqa_rad", "slake_vqa", "grounding", "vqa")
+BUILTIN_TASKS = ("zeroshot", "vqa_rad", "slake_vqa", "grounding")
 
 
 @dataclass
 class EvalOptions:
     data_root: str = "../shared/data"
     tasks: list[str] = field(default_factory=lambda: ["zeroshot", "vqa_rad", "slake_vqa", "grounding"])
-    rois: str = "given"  # none | given | self (models without an ROI path run as none)
+    rois: str = "none"  # none | given | self (models without an ROI path run as none); none = the whole image
     image_feature: str = "auto"  # global | fused | roi | auto (fused for ROI models, global otherwise)
     prompts: str | None = None
     medregion: str | None = None
     medregion_split: str = "test"
     class_folder: str | None = None
+    class_names: dict[str, str] = field(default_factory=dict)  # class (folder) name -> words in its prompts
+    questions: str | None = None  # a user's VQA question file (task "vqa")
+    builtin: bool | None = None  # use SLAKE / VQA-RAD for zeroshot and grounding; None = only without user data
+    grounding_phrase: str = "label"  # MedRegion grounding: each region's "label" or "caption" is the phrase
     n_boot: int = 1000
     seed: int = 0
     batch_size: int = 32
@@ -101,6 +121,48 @@ class Problems:
                 "messages": [f"[{i['task']}] {i['message']}" for i in self.items[:200]]}
 
 
+def uses_builtin(opts: EvalOptions) -> bool:
+    """Whether the built-in sets serve the generic tasks: ``opts.builtin``, or by default
+    only when no dataset of the user's is given."""
+    if opts.builtin is not None:
+        return bool(opts.builtin)
+    return not (opts.medregion or opts.class_folder or opts.questions)
+
+
+def default_tasks(opts: EvalOptions) -> list[str]:
+    """The tasks the given datasets can supply (``regionmed eval`` without ``--tasks``)."""
+    tasks = []
+    if opts.medregion or opts.class_folder or uses_builtin(opts):
+        tasks.append("zeroshot")
+    if uses_builtin(opts):
+        tasks += ["vqa_rad", "slake_vqa"]
+    if opts.medregion or uses_builtin(opts):
+        tasks.append("grounding")
+    if opts.medregion:
+        tasks.append("retrieval")
+    if opts.questions:
+        tasks.append("vqa")
+    return tasks
+
+
+def unsupported_tasks(opts: EvalOptions, tasks: list[str] | None = None) -> dict[str, str]:
+    """``{task: why it cannot run on the given datasets}`` for the tasks of ``tasks`` (default
+    ``opts.tasks``) that none of them can supply."""
+    builtin = uses_builtin(opts)
+    why = {}
+    for t in tasks if tasks is not None else opts.tasks:
+        if t == "zeroshot" and not (opts.medregion or opts.class_folder or builtin):
+            why[t] = "zero-shot needs labelled images: --medregion DIR (records with labels), --class-folder DIR, or --builtin (SLAKE test)"
+        elif t == "grounding" and not (opts.medregion or builtin):
+            why[t] = ("grounding needs images with annotated boxes: --medregion DIR (its regions, split --medregion-split) "
+                      "or --builtin (SLAKE test boxes); --class-folder and --questions carry no boxes")
+        elif t == "retrieval" and not opts.medregion:
+            why[t] = "retrieval needs a MedRegion dataset with reports: --medregion DIR"
+        elif t == "vqa" and not opts.questions:
+            why[t] = "vqa needs a question file: --questions FILE (columns image, question, answer, split[, answer_type])"
+    return why
+
+
 def _feature(model, opts: EvalOptions) -> str:
     if opts.image_feature != "auto":
         return opts.image_feature
@@ -123,12 +185,13 @@ def eval_zeroshot(model, opts: EvalOptions, out: Path, problems: Problems) -> di
     results = {}
     jobs = []
     slake = Path(opts.data_root) / "slake"
-    try:
-        refs, tasks, notes = slake_zero_shot_tasks(slake, "test", opts.min_positives)
-        results["slake_notes"] = notes
-        jobs += [(f"slake_{name}", name, refs, t, "slake") for name, t in tasks.items()]
-    except Exception as err:  # noqa: BLE001
-        problems.add("zeroshot", f"SLAKE zero-shot tasks not built: {err}")
+    if uses_builtin(opts):
+        try:
+            refs, tasks, notes = slake_zero_shot_tasks(slake, "test", opts.min_positives)
+            results["slake_notes"] = notes
+            jobs += [(f"slake_{name}", name, refs, t, "slake") for name, t in tasks.items()]
+        except Exception as err:  # noqa: BLE001
+            problems.add("zeroshot", f"SLAKE zero-shot tasks not built: {err}")
     if opts.medregion:
         try:
             refs, t = medregion_task(opts.medregion, opts.medregion_split)
@@ -138,6 +201,10 @@ def eval_zeroshot(model, opts: EvalOptions, out: Path, problems: Problems) -> di
     if opts.class_folder:
         try:
             refs, t = folder_task(opts.class_folder)
+            unknown = sorted(set(opts.class_names) - set(t.classes))
+            if unknown:
+                raise SuiteError(f"class names given for {unknown}, which are not folders of {opts.class_folder} "
+                                 f"(its classes: {t.classes})")
             jobs.append((t.name.replace(":", "_"), "folder", refs, t, "folder"))
         except Exception as err:  # noqa: BLE001
             problems.add("zeroshot", f"class-folder task not built: {err}")
@@ -156,7 +223,7 @@ def eval_zeroshot(model, opts: EvalOptions, out: Path, problems: Problems) -> di
                 problems.add("zeroshot", f"{label}: {len(dropped)} image(s) without an embedding left out")
             idx = emb.index()
             x = emb.get(feature)[torch.tensor([idx[k] for k in task.keys], dtype=torch.long)]
-            prompts = load_prompts(opts.prompts, dataset)
+            prompts = load_prompts(opts.prompts, dataset, opts.class_names if group != "slake" else None)
             res = run_task(model, x, task, prompts, opts.n_boot, opts.seed, roc_png=str(out / f"roc_{label}.png"))
             res.update(rois=emb.rois, image_feature=feature)
             results[label] = res
@@ -171,7 +238,12 @@ def eval_zeroshot(model, opts: EvalOptions, out: Path, problems: Problems) -> di
 
 def eval_vqa(model, opts: EvalOptions, which: str, problems: Problems) -> dict:
     root = Path(opts.data_root) / ("vqa_rad" if which == "vqa_rad" else "slake")
-    if which == "vqa_rad":
+    refs = None
+    if which == "vqa":
+        split_qs, refs = question_file(opts.questions)
+        train, test = split_qs["train"], split_qs["test"]
+        val = (split_qs["val"] or None) if opts.vqa_use_val else None
+    elif which == "vqa_rad":
         train, test, val = vqa_rad_questions(root, "train"), vqa_rad_questions(root, "test"), None
     else:
         train, test = slake_questions(root, "train"), slake_questions(root, "test")
@@ -179,7 +251,10 @@ def eval_vqa(model, opts: EvalOptions, which: str, problems: Problems) -> dict:
     train, test = _limit(train, opts.limit_questions), _limit(test, opts.limit_questions)
     val = _limit(val, opts.limit_questions) if val else val
     keys = list(dict.fromkeys(q.image_key for q in train + test + (val or [])))
-    refs = vqa_rad_image_refs(root, keys) if which == "vqa_rad" else slake_image_refs(root, keys)[0]
+    if which == "vqa":
+        refs = [r for r in refs if r.key in set(keys)]
+    else:
+        refs = vqa_rad_image_refs(root, keys) if which == "vqa_rad" else slake_image_refs(root, keys)[0]
     rois = opts.rois
     note = ""
     if rois == "given" and not any(r.boxes for r in refs):
@@ -198,6 +273,7 @@ def eval_vqa(model, opts: EvalOptions, which: str, problems: Problems) -> dict:
                             f"and count as wrong, e.g. {oos['examples'][:5]}", "answer_outside_set")
     if note:
         res["rois_note"] = note
+    res["dataset"] = str(opts.questions) if which == "vqa" else which
     return res
 
 
@@ -216,20 +292,62 @@ def _slake_location_prior(root: Path, problems: Problems) -> dict[str, list[floa
     return location_prior(items)
 
 
+@dataclass
+class GroundingSuite:
+    """Images with phrases and their boxes, and the no-pixel location prior of the same dataset.
+
+    ``refs[i].box_labels`` are the phrases (one per box; equal phrases in an image are
+    scored together); ``prior`` maps a prior key to a mean relative box and
+    ``prior_key(image key, phrase)`` gives a phrase's key."""
+
+    dataset: str
+    refs: list[ImageRef]
+    prior: dict[str, list[float]]
+    prior_source: str
+    prior_keys: dict[str, dict[str, str]] = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+
+    def prior_key(self, image_key: str, phrase: str) -> str:
+        return self.prior_keys.get(image_key, {}).get(phrase, phrase)
+
+
+def grounding_suite(opts: EvalOptions, problems: Problems) -> GroundingSuite:
+    """The dataset grounding scores: the annotated regions of ``opts.medregion``'s split when
+    given (prior: its ``train`` split), else SLAKE test with the built-in sets (prior: SLAKE
+    train). Raises :class:`SuiteError` when neither is available."""
+    if opts.medregion:
+        refs, prior_keys, notes = medregion_grounding_items(opts.medregion, opts.medregion_split, opts.grounding_phrase)
+        prior, source = {}, "none: the dataset has no train split"
+        if opts.medregion_split == "train":
+            problems.add("grounding", "grounding on the train split: the location prior is fitted on the same boxes it is "
+                                      "scored on (an optimistic reference)", "note")
+        try:
+            prior = location_prior(medregion_prior_items(opts.medregion, "train"))
+            source = f"{notes['dataset']} train regions, mean relative box per label"
+        except Exception as err:  # noqa: BLE001 - no train split: the prior is left out, said so
+            problems.add("grounding", f"no location prior: {err}", "note")
+        return GroundingSuite(f"{notes['dataset']} {opts.medregion_split}", refs, prior, source, prior_keys, notes)
+    if not uses_builtin(opts):
+        raise SuiteError(unsupported_tasks(opts, ["grounding"])["grounding"])
+    root = Path(opts.data_root) / "slake"
+    refs = slake_grounding_items(root, "test")
+    if not refs:
+        raise ValueError("no SLAKE test image with boxes")
+    return GroundingSuite("slake test", refs, _slake_location_prior(root, problems), "SLAKE train boxes, mean relative box per class")
+
+
 def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> dict:
     from regionmed.data.transforms import Preprocessor
 
     unknown = [r for r in opts.grounding_readouts if r not in GROUNDING_READOUTS]
     if unknown:
         raise ValueError(f"grounding read-out(s) {unknown} not in {GROUNDING_READOUTS}")
-    root = Path(opts.data_root) / "slake"
-    refs = _limit(slake_grounding_items(root, "test"), opts.limit_images)
+    suite = grounding_suite(opts, problems)
+    refs = _limit(suite.refs, opts.limit_images)
+    prior = suite.prior
     pre = Preprocessor.from_model(model)  # windows are prepared as the model prepares ROIs (crops in crop mode)
     device = model.logit_scale.device
     phrases = sorted({lab for r in refs for lab in r.box_labels})
-    if not phrases:
-        raise ValueError("no SLAKE test image with boxes")
-    prior = _slake_location_prior(root, problems)
     text = model.encode_text([p.lower() for p in phrases])
     pidx = {p: i for i, p in enumerate(phrases)}
     rows: dict[str, list] = {r: [] for r in opts.grounding_readouts}
@@ -264,7 +382,7 @@ def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> d
         for i, lab in enumerate(labels):
             gt = [b for b, l2 in zip(ref.boxes, ref.box_labels) if l2 == lab]
             base = score_prediction((w / 2, h / 2), [0, 0, w, h], gt)
-            pb = prior.get(lab)
+            pb = prior.get(suite.prior_key(ref.key, lab))
             pri = score_prediction(((pb[0] + pb[2]) / 2 * w, (pb[1] + pb[3]) / 2 * h), [pb[0] * w, pb[1] * h, pb[2] * w, pb[3] * h], gt) if pb else None
             for readout, res_list in found.items():
                 res = res_list[i]
@@ -276,21 +394,26 @@ def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> d
                 if n_overlay < opts.overlays:
                     odir.mkdir(parents=True, exist_ok=True)
                     save_overlay(image, res, gt, f"{ref.key}: {lab.lower()} ({readout})",
-                                 odir / f"{n_overlay:02d}_{ref.key.replace('/', '_')}_{lab.replace(' ', '_')}_{readout}.png")
+                                 odir / f"{n_overlay:02d}_{_safe(ref.key)}_{_safe(lab)[:40]}_{readout}.png")
             if n_overlay < opts.overlays:
                 n_overlay += 1
     out_res: dict = {
+        "dataset": suite.dataset,
         "rois": "none (patch: the whole-image patch grid; windows: sliding windows as ROIs)",
         "readouts": list(rows),
         "threshold": opts.grounding_threshold,
         "contrast": opts.grounding_contrast,
         "grid": list(model.patch_embeddings(torch.zeros(1, 3, pre.image_size, pre.image_size, device=device)).shape[1:3]),
-        "prior": {"source": "SLAKE train boxes, mean relative box per class", "classes": len(prior),
-                  "test_phrases_without_prior": sorted(set(phrases) - set(prior))},
+        "prior": {"source": suite.prior_source, "classes": len(prior),
+                  "test_phrases_without_prior": sorted({lab for r in refs for lab in r.box_labels
+                                                        if suite.prior_key(r.key, lab) not in prior})},
         "overlays": str(odir) if n_overlay else None,
     }
+    if suite.notes:
+        out_res["notes"] = suite.notes
     for readout in rows:
-        block = {"overall": summarise(rows[readout]), "per_class": {c: summarise(r) for c, r in sorted(per_class[readout].items())}}
+        block = {"overall": summarise(rows[readout], opts.n_boot, opts.seed),
+                 "per_class": {c: summarise(r) for c, r in sorted(per_class[readout].items())}}
         if readout == "windows":
             block.update(scales=list(opts.grounding_window_scales), windows_per_image=float(np.mean(n_windows)) if n_windows else 0.0,
                          embedding="ROI path (given windows as boxes)" if model.roi_processor is not None else "window crop as a whole image")
@@ -298,6 +421,10 @@ def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> d
     if "patch" in rows:  # the issue's read-out stays the headline
         out_res.update(overall=out_res["patch"]["overall"], per_class=out_res["patch"]["per_class"])
     return out_res
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
 def eval_retrieval(model, opts: EvalOptions, problems: Problems) -> dict:
@@ -330,14 +457,19 @@ def evaluate(model, opts: EvalOptions, out_dir: str | Path) -> dict:
     for t in unknown:
         problems.add("eval", f"unknown task {t!r} (known: {', '.join(TASKS)}); skipped", "task_failed")
     model.eval()
-    results: dict = {"tasks": {}, "timings_s": {}}
-    for task in [t for t in opts.tasks if t in TASKS]:
+    results: dict = {"tasks": {}, "timings_s": {}, "builtin_sets": uses_builtin(opts)}
+    skipped = unsupported_tasks(opts, [t for t in opts.tasks if t in TASKS])
+    for task, why in skipped.items():
+        problems.add(task, f"skipped: {why}", "skipped")
+    if skipped:
+        results["skipped"] = skipped
+    for task in [t for t in opts.tasks if t in TASKS and t not in skipped]:
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 if task == "zeroshot":
                     results["tasks"][task] = eval_zeroshot(model, opts, out, problems)
-                elif task in ("vqa_rad", "slake_vqa"):
+                elif task in ("vqa_rad", "slake_vqa", "vqa"):
                     with torch.enable_grad():
                         results["tasks"][task] = eval_vqa(model, opts, task, problems)
                 elif task == "grounding":

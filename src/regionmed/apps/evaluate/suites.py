@@ -286,3 +286,175 @@ def restrict_task(task: ZeroShotTask, available: set[str]) -> tuple[ZeroShotTask
     dropped = [k for k in task.keys if k not in available]
     labels = task.labels[keep] if len(task.labels) else task.labels
     return ZeroShotTask(task.name, task.classes, labels, [task.keys[i] for i in keep], task.mode), dropped
+
+
+# --------------------------------------------------------------------------- grounding on a MedRegion split
+
+# Region sources that are proposals, not annotations: never ground truth for grounding.
+PROPOSAL_SOURCES = frozenset({"unsupervised", "detector", "proposal", "self"})
+GROUNDING_PHRASES = ("label", "caption")
+
+
+def _phrase_of(region: dict, phrase: str) -> str:
+    label = " ".join(str(region.get("label") or "").split())
+    caption = " ".join(str(region.get("caption") or "").split()).rstrip(".")
+    return (caption or label) if phrase == "caption" else (label or caption)
+
+
+def medregion_grounding_items(root: str | Path, split: str = "test", phrase: str = "label") -> tuple[list[ImageRef], dict[str, dict[str, str]], dict]:
+    """Grounding items from the given regions of one split of a built MedRegion dataset.
+
+    Each annotated region is a phrase: its ``label`` (``phrase="label"``; the caption when a
+    region has no label) or its ``caption`` (``phrase="caption"``); boxes of the same phrase
+    in one image are its ground truth together. Regions proposed at build time (``source``
+    in :data:`PROPOSAL_SOURCES`) are no ground truth and are left out (counted in the notes).
+
+    Returns ``(refs, prior_keys, notes)``: ``refs[i].box_labels`` are the phrases,
+    ``prior_keys[image key][phrase]`` the label whose training boxes make its location prior.
+    Raises :class:`SuiteError` for a bad ``phrase`` or a split without any annotated region."""
+    from regionmed.data.shards import MedRegionDataset
+
+    if phrase not in GROUNDING_PHRASES:
+        raise SuiteError(f"grounding phrase {phrase!r} is not one of {GROUNDING_PHRASES}")
+    ds = MedRegionDataset(root, split)
+    refs, prior_keys = [], {}
+    notes = {"dataset": f"medregion:{Path(root).name}", "split": split, "phrase": phrase, "images": len(ds),
+             "regions": 0, "proposed_regions_left_out": 0, "images_without_annotated_region": 0}
+    for i in range(len(ds)):
+        rec = ds.record(i)
+        boxes, phrases, keys = [], [], {}
+        for reg in rec.get("regions", []):
+            if str(reg.get("source", "annotation")) in PROPOSAL_SOURCES:
+                notes["proposed_regions_left_out"] += 1
+                continue
+            text = _phrase_of(reg, phrase)
+            if not text:
+                continue
+            boxes.append([float(v) for v in reg["box"]])
+            phrases.append(text)
+            keys[text] = " ".join(str(reg.get("label") or text).split()).lower()
+        if not boxes:
+            notes["images_without_annotated_region"] += 1
+            continue
+        notes["regions"] += len(boxes)
+        key = f"medregion/{rec['id']}"
+        refs.append(ImageRef(key, opener=_MedRegionOpener(ds, i), boxes=boxes, box_labels=phrases))
+        prior_keys[key] = keys
+    if not refs:
+        raise SuiteError(f"{root} split {split!r}: no annotated region to ground (regions proposed at build time "
+                         f"do not count: {notes['proposed_regions_left_out']} left out)")
+    return refs, prior_keys, notes
+
+
+def medregion_prior_items(root: str | Path, split: str = "train") -> list[tuple[list[list[float]], list[str], tuple[int, int]]]:
+    """``(pixel boxes, lower-case labels, (width, height))`` per record of ``split`` with annotated
+    regions: the input of :func:`regionmed.eval.grounding.location_prior` (sizes from the records)."""
+    from regionmed.data.shards import MedRegionDataset
+
+    ds = MedRegionDataset(root, split)
+    items = []
+    for i in range(len(ds)):
+        rec = ds.record(i)
+        regs = [r for r in rec.get("regions", []) if str(r.get("source", "annotation")) not in PROPOSAL_SOURCES]
+        labels = [" ".join(str(r.get("label") or _phrase_of(r, "label")).split()).lower() for r in regs]
+        if regs:
+            items.append(([[float(v) for v in r["box"]] for r in regs], labels, (int(rec["width"]), int(rec["height"]))))
+    return items
+
+
+# --------------------------------------------------------------------------- a generic VQA question file
+
+QUESTION_COLUMNS = ("image", "question", "answer", "split")
+QUESTION_SPLITS = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
+ANSWER_TYPES = ("OPEN", "CLOSED")
+_CLOSED_ANSWERS = {"yes", "no"}
+
+
+def question_file(path: str | Path, encoding: str = "utf-8") -> tuple[dict[str, list[Question]], list[ImageRef]]:
+    """Questions from a user's CSV/TSV or JSONL file, one question a row.
+
+    Columns: ``image`` (a path, relative to the file's folder or absolute), ``question``,
+    ``answer``, ``split`` (``train`` / ``val`` (or ``validate``) / ``test``), and optional
+    ``answer_type`` (``OPEN`` / ``CLOSED``; when empty, CLOSED for a yes/no answer, else OPEN),
+    ``question_type`` (comma-separated, for the per-type table) and ``qid``.
+
+    Returns ``({"train": [...], "val": [...], "test": [...]}, image refs)``. Raises
+    :class:`SuiteError` naming the file, row (and line) and column of the first problem: a
+    missing column, an empty required cell, an unknown split or answer type, a malformed
+    row, or a file without training or test questions. A missing image file is no error
+    here: it is skipped and counted when embedding."""
+    from regionmed.apps.curation.tables import Table, TableError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"question file {path} does not exist")
+    try:
+        table = Table(path, encoding)
+        header = table.header()
+        missing = [c for c in QUESTION_COLUMNS if c not in header]
+        if missing:
+            raise SuiteError(f"{path}: column(s) {missing} missing (has {header}); a question file needs "
+                             f"{', '.join(QUESTION_COLUMNS)} and may have answer_type, question_type, qid")
+        out: dict[str, list[Question]] = {"train": [], "val": [], "test": []}
+        refs: dict[str, ImageRef] = {}
+        for row in table.rows():
+            where = f"{path}: row {row.n} (line {row.line})"
+            if row.problem:
+                raise SuiteError(f"{path}: {row.problem}")
+            cells = {}
+            for col in QUESTION_COLUMNS:
+                cells[col] = row.text(col)
+                if not cells[col]:
+                    raise SuiteError(f"{where}: column {col!r} is empty")
+            split = QUESTION_SPLITS.get(cells["split"].lower())
+            if split is None:
+                raise SuiteError(f"{where}: column 'split': {cells['split']!r} is not one of train, val (validate), test")
+            atype = row.text("answer_type").upper()
+            if not atype:
+                atype = "CLOSED" if cells["answer"].strip().lower() in _CLOSED_ANSWERS else "OPEN"
+            elif atype not in ANSWER_TYPES:
+                raise SuiteError(f"{where}: column 'answer_type': {atype!r} is not OPEN or CLOSED")
+            image = Path(cells["image"])
+            image = image if image.is_absolute() else path.parent / image
+            key = f"questions/{cells['image']}"
+            refs.setdefault(key, ImageRef(key, str(image)))
+            qtypes = [t.strip() for t in row.text("question_type").split(",") if t.strip()] or ["unknown"]
+            out[split].append(Question(row.text("qid") or f"{path.stem}-{row.n}", key, cells["question"], cells["answer"],
+                                       atype, qtypes))
+    except TableError as err:
+        raise SuiteError(str(err)) from None
+    for split in ("train", "test"):
+        if not out[split]:
+            raise SuiteError(f"{path}: no {split} question (column 'split'); a question file needs train and test rows")
+    return out, list(refs.values())
+
+
+def read_class_names(spec: str | None) -> dict[str, str]:
+    """A folder-name → class-name mapping: ``"notumor=no tumor,glioma=glioma tumor"`` or a
+    YAML/JSON file holding a mapping. ``{}`` for ``None``. Raises :class:`SuiteError`."""
+    if not spec:
+        return {}
+    p = Path(spec)
+    if p.suffix.lower() in (".yaml", ".yml", ".json") or p.is_file():
+        import yaml
+
+        if not p.is_file():
+            raise SuiteError(f"class-name file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise SuiteError(f"{p}: not valid YAML/JSON ({err})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, (str, int, float)) for v in data.values()):
+            raise SuiteError(f"{p}: must be a mapping folder name -> class name, e.g. 'notumor: no tumor'")
+        return {str(k): str(v) for k, v in data.items()}
+    out = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise SuiteError(f"class names {spec!r}: {part.strip()!r} is not NAME=TEXT (or give a YAML file)")
+        k, v = part.split("=", 1)
+        if not k.strip() or not v.strip():
+            raise SuiteError(f"class names {spec!r}: {part.strip()!r} has an empty side")
+        out[k.strip()] = v.strip()
+    return out
