@@ -12,6 +12,7 @@ from regionmed.apps.curation.captions import (
     REPORT_CAPTION_RULES,
     CaptionConfig,
     _terms,
+    apply_report_captions,
     attach_report_captions,
     location,
     match_report_sentences,
@@ -119,6 +120,12 @@ def test_attached_captions_record_their_rule_and_fit_the_schema():
     attach_report_captions(replaced, "Right lower lobe consolidation on the radiograph.", h, CFG, replace=True)
     assert replaced[0]["caption"] == "Right lower lobe consolidation on the radiograph."
     assert replaced[0]["caption_rule"] == "report:laterality" and replaced[1]["caption_rule"] == "location"
+    for mode, rule in (("off", None), ("extra", "location"), ("replace", "report:laterality")):
+        regs_m = [dict(r) for r in regs]
+        apply_report_captions(regs_m, "Right lower lobe consolidation on the radiograph.", h, CaptionConfig(report_captions=mode))
+        assert regs_m[0].get("caption_rule") == rule
+    with pytest.raises(ValueError, match="report_captions"):
+        apply_report_captions(regs, "x", h, CaptionConfig(report_captions="all"))
     record = {"schema_version": SCHEMA_VERSION, "id": "x", "split": "train", "width": w, "height": h, "summary": "s",
               "report": "r", "regions": [{k: v for k, v in r.items() if k != "location"} for r in replaced]}
     validate_record(record)

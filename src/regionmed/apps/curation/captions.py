@@ -102,6 +102,10 @@ class CaptionConfig:
     central_radius: float = 0.25  # distance of the box centre from the image centre (fraction of the diagonal / 2)
     confusables: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_CONFUSABLES.items()})
     scrub_dates: bool = True
+    # Report sentences matched to boxes (match_report_sentences): "extra" adds them to each
+    # region as report_captions, "replace" also makes the first one the region's caption,
+    # "off" matches nothing.
+    report_captions: str = "extra"
 
 
 def normalize(text: str) -> str:
@@ -666,6 +670,17 @@ def match_report_sentences(report: str, regions: list[dict], height: int, cfg: C
                 matches.append({"text": written, "rule": rule})
         out.append(matches)
     return out
+
+
+def apply_report_captions(regions: list[dict], report: str, height: int, cfg: CaptionConfig) -> int:
+    """:func:`attach_report_captions` as ``cfg.report_captions`` says (``extra`` / ``replace`` /
+    ``off``); the one call a record builder needs after making its regions. Raises
+    ``ValueError`` for another setting."""
+    if cfg.report_captions not in ("extra", "replace", "off"):
+        raise ValueError(f"captions.report_captions must be extra, replace or off, got {cfg.report_captions!r}")
+    if cfg.report_captions == "off":
+        return 0
+    return attach_report_captions(regions, report, height, cfg, replace=cfg.report_captions == "replace")
 
 
 def attach_report_captions(regions: list[dict], report: str, height: int, cfg: CaptionConfig,
