@@ -8,7 +8,7 @@ from regionmed.config import ConfigError, from_dict, parse_override
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-RUN_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "ablation.yaml")
+RUN_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("ablation"))  # ablation*.yaml: ablation configs
 
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)

@@ -1,4 +1,4 @@
-"""The same-data ablation: four pretraining variants, one dataset, one seed, one step budget.
+"""The same-data ablation: four pretraining variants, one dataset, one step budget, several seeds.
 
 ``regionmed ablate --config configs/ablation.yaml``:
 
@@ -26,21 +26,31 @@
    the region variants again with SLAKE's annotated boxes given
    (``eval.given_rois_tasks``), reported apart because those boxes carry label
    information.
-4. **report** — ``<out>/report.md`` (table with 95% CIs, plots) and ``<out>/results.json``.
+4. **seeds** — steps 2–3 run once per seed of ``seeds`` (default 0, 1, 2) in
+   ``<out>/<variant>/seed-<s>/``. The report gives, per variant and metric, the mean and
+   the 95% interval across seeds (Student t: mean ± t(0.975, n−1)·sd/√n), and a paired
+   comparison of the full method against global-only CLIP seed by seed.
+5. **resume** — a finished variant/seed (its ``entry.json``) is kept; an unfinished one
+   resumes from its last checkpoint (``train.checkpoint_every``) through the trainer's
+   resume; the dataset build resumes by itself. A variant/seed folder made with another
+   config (its ``ablation_run.json`` fingerprint differs) is started again, said so.
+6. **report** — ``<out>/report.md`` (tables with 95% intervals, plots) and ``<out>/results.json``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from regionmed.apps.evaluate.report import pct, with_ci, write_json, write_report
+from regionmed.apps.evaluate.report import pct, write_json, write_report
 from regionmed.apps.evaluate.run import EvalOptions, evaluate
 from regionmed.apps.train.config import RunConfig, StageConfig, load_run_config, validate_run_config
 from regionmed.config import ConfigError, load_yaml_config
@@ -77,6 +87,7 @@ class AblationTrain:
     lr: float = 5.0e-4
     text_lr_scale: float = 0.1
     warmup_steps: int = 5
+    checkpoint_every: int = 20  # steps: a stopped run resumes from here (0 = stage ends only)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted run-config overrides for every variant
 
 
@@ -105,7 +116,8 @@ class AblationEval:
 class AblationConfig:
     out: str = "runs/ablation"
     data_root: str | None = None  # default: $REGIONMED_DATA
-    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seed: int | None = None  # a single seed: replaces `seeds`
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     build: AblationBuild = field(default_factory=AblationBuild)
     train: AblationTrain = field(default_factory=AblationTrain)
@@ -121,6 +133,10 @@ def load_ablation_config(path: str | Path, overrides: dict[str, Any] | None = No
         raise ConfigError(f"{path}: variants {bad or cfg.variants} (known: {', '.join(VARIANTS)})")
     if cfg.train.steps < 4:
         raise ConfigError(f"{path}: train.steps must be >= 4 (the progressive variant has four stages)")
+    if cfg.seed is not None:
+        cfg.seeds = [cfg.seed]
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of distinct integers, got {cfg.seeds}")
     return cfg
 
 
@@ -220,10 +236,11 @@ def rescale_stages(stages: list[StageConfig], total: int, source: str) -> list[S
             for st, n in zip(stages, steps)]
 
 
-def variant_config(cfg: AblationConfig, variant: str, data: Path, out: Path) -> RunConfig:
+def variant_config(cfg: AblationConfig, variant: str, data: Path, out: Path, seed: int | None = None) -> RunConfig:
     t = cfg.train
-    overrides = {"data.train": str(data), "data.split": "train", "train.output_dir": str(out), "seed": cfg.seed,
-                 "train.batch_size": t.batch_size, **t.overrides}
+    overrides = {"data.train": str(data), "data.split": "train", "train.output_dir": str(out),
+                 "seed": cfg.seeds[0] if seed is None else seed, "train.batch_size": t.batch_size,
+                 "train.checkpoint_every": t.checkpoint_every, **t.overrides}
     run = load_run_config(_base_config(cfg), overrides)
     run = copy.deepcopy(run)
     run.train.tensorboard = False
@@ -247,57 +264,116 @@ def variant_config(cfg: AblationConfig, variant: str, data: Path, out: Path) -> 
 # --------------------------------------------------------------------------- run
 
 
-def _eval_options(cfg: AblationConfig) -> EvalOptions:
+def _eval_options(cfg: AblationConfig, seed: int | None = None) -> EvalOptions:
     e = cfg.eval
-    return EvalOptions(data_root=str(_data_root(cfg)), tasks=list(e.tasks), rois=e.rois, n_boot=e.n_boot, seed=cfg.seed,
+    return EvalOptions(data_root=str(_data_root(cfg)), tasks=list(e.tasks), rois=e.rois, n_boot=e.n_boot,
+                       seed=cfg.seeds[0] if seed is None else seed,
                        batch_size=e.batch_size, overlays=e.overlays, grounding_readouts=list(e.grounding_readouts),
                        vqa=VQAConfig(epochs=e.vqa_epochs, hidden=e.vqa_hidden, finetune=e.vqa_finetune,
                                      finetune_epochs=e.vqa_finetune_epochs, finetune_lr=e.vqa_finetune_lr),
                        limit_images=e.limit_images, limit_questions=e.limit_questions)
 
 
-def run_ablation(cfg: AblationConfig, log=print) -> dict:
+def run_fingerprint(run: RunConfig, opts: EvalOptions, given_tasks: list[str]) -> str:
+    """A hash of what makes a variant/seed's result: its run config (without the output
+    folder and the checkpoint cadence) and its evaluation options."""
+    cfg = asdict(run)
+    cfg["train"].pop("output_dir", None)
+    cfg["train"].pop("checkpoint_every", None)
+    blob = json.dumps({"run": cfg, "eval": asdict(opts), "given": list(given_tasks)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_variant_seed(cfg: AblationConfig, variant: str, seed: int, data: Path, out: Path, log=print) -> tuple[dict, dict]:
+    """Train and evaluate one variant with one seed in ``out/<variant>/seed-<seed>``, or keep /
+    resume what an earlier run left there. Returns ``(entry, timings)``; ``entry["status"]`` is
+    ``kept`` (finished earlier), ``resumed`` (training continued from a checkpoint),
+    ``evaluated`` (trained earlier, evaluated now) or ``trained``."""
     import torch
 
+    from regionmed.apps.train.checkpoint import step_folders
     from regionmed.apps.train.trainer import train
     from regionmed.model.clip import load
 
+    run_dir = out / variant / f"seed-{seed}"
+    run = variant_config(cfg, variant, data, run_dir, seed)
+    opts = _eval_options(cfg, seed)
+    fp = run_fingerprint(run, opts, cfg.eval.given_rois_tasks)
+    marker = run_dir / "ablation_run.json"
+    state = _read_json(marker)
+    if run_dir.exists() and (state is None or state.get("fingerprint") != fp):
+        log(f"[ablate] {variant} seed {seed}: {run_dir} was made with another config (or is not an ablation run); "
+            "starting it again")
+        shutil.rmtree(run_dir, ignore_errors=True)
+    entry = _read_json(run_dir / "entry.json")
+    if entry is not None:
+        log(f"[ablate] {variant} seed {seed}: finished earlier, kept ({run_dir / 'entry.json'})")
+        return {**entry, "status": "kept"}, {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fp, "variant": variant, "seed": seed}), encoding="utf-8")
+    timings: dict[str, float] = {}
+    summary = _read_json(run_dir / "train_summary.json")
+    status = "evaluated"
+    if summary is None or not (run_dir / "model").is_dir():
+        resume = bool(step_folders(run_dir / "checkpoints"))
+        status = "resumed" if resume else "trained"
+        log(f"[ablate] {LABELS[variant]}, seed {seed}: {cfg.train.steps} steps, batch {run.train.batch_size}, "
+            f"stages {[st.name for st in run.train.stages]}" + (" (resuming from the last checkpoint)" if resume else ""))
+        t = time.perf_counter()
+        torch.manual_seed(seed)
+        summary = train(run, resume=True if resume else None, progress=cfg.progress)
+        summary = {"steps": summary["steps"], "steps_this_run": summary.get("steps_this_run", summary["steps"]),
+                   "final_losses": summary["final_losses"]}
+        (run_dir / "train_summary.json").write_text(json.dumps(summary), encoding="utf-8")
+        timings["train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model = load(run_dir / "model")
+    res = evaluate(model, opts, run_dir / "eval")
+    res["model"] = str(run_dir / "model")
+    write_report(res, run_dir / "eval", f"evaluation: {LABELS[variant]}, seed {seed}")
+    entry = {"label": LABELS[variant], "seed": seed, "train": summary, "stages": [asdict(st) for st in run.train.stages],
+             "eval": res}
+    if cfg.eval.given_rois_tasks and cfg.eval.rois != "given" and model.roi_processor is not None:
+        given = replace(opts, rois="given", tasks=list(cfg.eval.given_rois_tasks), overlays=0)
+        entry["eval_given"] = evaluate(model, given, run_dir / "eval_given")
+        write_report(entry["eval_given"], run_dir / "eval_given", f"evaluation with given boxes: {LABELS[variant]}, seed {seed}")
+    timings["eval_s"] = time.perf_counter() - t
+    entry["timings_s"] = timings
+    write_json(run_dir / "entry.json", entry)  # written last: its presence means "finished"
+    return {**entry, "status": status}, timings
+
+
+def run_ablation(cfg: AblationConfig, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    log(f"[ablate] building the training data in {out / 'data'}")
+    log(f"[ablate] building the training data in {out / 'data'} (kept when already built with this config)")
     data = build_training_data(cfg, out / "data", log=log)
     data_info = assert_training_only(data, _data_root(cfg))
     timings["build_s"] = time.perf_counter() - t0
-    log(f"[ablate] training split: {data_info}")
+    log(f"[ablate] training split: {data_info}; seeds {cfg.seeds}")
     results: dict[str, Any] = {"config": asdict(cfg), "data": data_info, "variants": {}}
-    opts = _eval_options(cfg)
-    for variant in cfg.variants:
-        run_dir = out / variant
-        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: never mix runs in a comparison
-        run = variant_config(cfg, variant, data, run_dir)
-        log(f"[ablate] {LABELS[variant]}: {cfg.train.steps} steps, batch {run.train.batch_size}, seed {cfg.seed}, "
-            f"stages {[s.name for s in run.train.stages]}")
-        t = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        summary = train(run, progress=cfg.progress)
-        timings[f"train_{variant}_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        model = load(run_dir / "model")
-        res = evaluate(model, opts, run_dir / "eval")
-        res["model"] = str(run_dir / "model")
-        write_report(res, run_dir / "eval", f"evaluation: {LABELS[variant]}")
-        entry = {"label": LABELS[variant], "train": {"steps": summary["steps"], "final_losses": summary["final_losses"]},
-                 "stages": [asdict(s) for s in run.train.stages], "eval": res}
-        if cfg.eval.given_rois_tasks and cfg.eval.rois != "given" and model.roi_processor is not None:
-            given = replace(opts, rois="given", tasks=list(cfg.eval.given_rois_tasks), overlays=0)
-            entry["eval_given"] = evaluate(model, given, run_dir / "eval_given")
-            write_report(entry["eval_given"], run_dir / "eval_given", f"evaluation with given boxes: {LABELS[variant]}")
-        timings[f"eval_{variant}_s"] = time.perf_counter() - t
-        results["variants"][variant] = entry
-        write_json(out / "results.json", {**results, "timings_s": timings})
-        log(f"[ablate] {variant}: train {timings[f'train_{variant}_s']:.0f} s, eval {timings[f'eval_{variant}_s']:.0f} s")
+    for seed in cfg.seeds:  # seed-major: a stopped run has whole seeds to compare
+        for variant in cfg.variants:
+            entry, tm = run_variant_seed(cfg, variant, seed, data, out, log)
+            for k, v in tm.items():
+                timings[f"{k[:-2]}_{variant}_seed{seed}_s"] = v
+            results["variants"].setdefault(variant, {"label": LABELS[variant], "seeds": {}})["seeds"][str(seed)] = entry
+            write_json(out / "results.json", {**results, "timings_s": timings})
+            if tm:
+                log(f"[ablate] {variant} seed {seed} ({entry['status']}): "
+                    + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in tm.items()))
+    for v, r in results["variants"].items():
+        r["aggregate"] = aggregate_variant(r)
+    results["paired"] = paired_comparison(results)
     timings["total_s"] = time.perf_counter() - t0
     results["timings_s"] = timings
     plots = make_plots(results, out)
@@ -339,14 +415,91 @@ def _get(d, path):
     return d
 
 
+def _ci_of(tasks, path) -> list | None:
+    """The bootstrap CI of the value at ``path`` (``ci`` of its parent, or the grounding
+    ``intervals`` entry), or ``None``."""
+    parent = _get(tasks, path[:-1])
+    if not isinstance(parent, dict):
+        return None
+    ci = parent.get("ci")
+    if ci is None:
+        ci = (parent.get("intervals") or {}).get(path[-1])
+    return ci if ci and ci[0] is not None else None
+
+
 def _cell(tasks, path) -> str:
     value = _get(tasks, path)
-    parent = _get(tasks, path[:-1])
     if value is None:
         return "–"
-    if isinstance(parent, dict) and parent.get("ci") and parent["ci"][0] is not None:
-        return with_ci(parent, path[-1])
-    return pct(value)
+    ci = _ci_of(tasks, path)
+    return f"{pct(value)} [{pct(ci[0])}–{pct(ci[1])}]" if ci else pct(value)
+
+
+def seed_interval(values: list[float]) -> dict:
+    """Mean and 95% interval across seeds: mean ± t(0.975, n−1)·sd/√n (Student t; sd with
+    n−1). ``interval`` is ``[None, None]`` with one seed."""
+    from scipy import stats
+
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    if n == 0:
+        return {"mean": None, "interval": [None, None], "n": 0, "values": []}
+    mean = sum(vals) / n
+    if n < 2:
+        return {"mean": mean, "interval": [None, None], "n": 1, "values": vals}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "interval": [mean - half, mean + half], "n": n, "sd": sd, "values": vals}
+
+
+def _seeds(r: dict) -> list[dict]:
+    return [r["seeds"][k] for k in sorted(r.get("seeds", {}), key=int)]
+
+
+def aggregate_variant(r: dict) -> dict:
+    """Per metric of the tables: its values over the variant's seeds, mean and 95% interval."""
+    out = {"eval": {}, "eval_given": {}}
+    for label, path in COLUMNS:
+        out["eval"][label] = seed_interval([_get(e["eval"]["tasks"], path) for e in _seeds(r)])
+    for label, path in GIVEN_COLUMNS:
+        vals = [_get(e["eval_given"]["tasks"], path) for e in _seeds(r) if e.get("eval_given")]
+        if vals:
+            out["eval_given"][label] = seed_interval(vals)
+    return out
+
+
+def paired_comparison(results: dict, variant: str = "full", reference: str = "global") -> dict | None:
+    """The full method against global-only CLIP, seed by seed (the same seed's data order and
+    initialisation): per metric, each seed's difference (variant − reference), whether that
+    seed's bootstrap CIs are apart, how many seeds favour the variant, and the mean
+    difference with its 95% interval across seeds (a paired t interval)."""
+    vs = results["variants"]
+    if variant not in vs or reference not in vs:
+        return None
+    seeds = sorted(set(vs[variant]["seeds"]) & set(vs[reference]["seeds"]), key=int)
+    cols = {}
+    for label, path in COLUMNS:
+        diffs, apart = {}, []
+        for s in seeds:
+            a, b = (vs[x]["seeds"][s]["eval"]["tasks"] for x in (variant, reference))
+            va, vb = _get(a, path), _get(b, path)
+            if va is None or vb is None:
+                continue
+            diffs[s] = va - vb
+            ca, cb = _ci_of(a, path), _ci_of(b, path)
+            if ca and cb and (ca[0] > cb[1] or cb[0] > ca[1]):
+                apart.append(s)
+        if diffs:
+            cols[label] = {**seed_interval(list(diffs.values())), "per_seed": diffs,
+                           "seeds_favouring_variant": sum(d > 0 for d in diffs.values()), "seeds_with_cis_apart": apart}
+    return {"variant": variant, "reference": reference, "seeds": [int(s) for s in seeds], "columns": cols}
+
+
+def _agg_cell(agg: dict | None) -> str:
+    if not agg or agg.get("mean") is None:
+        return "–"
+    lo, hi = agg["interval"]
+    return f"{pct(agg['mean'])} [{pct(lo)}–{pct(hi)}]" if lo is not None else pct(agg["mean"])
 
 
 def _ordered(results: dict) -> list[str]:
@@ -355,14 +508,44 @@ def _ordered(results: dict) -> list[str]:
     return order + [v for v in results["variants"] if v not in order]
 
 
-def ablation_table(results: dict, columns=None) -> str:
+def _n_seeds(results: dict) -> int:
+    return max((len(r.get("seeds", {})) for r in results["variants"].values()), default=0)
+
+
+def ablation_table(results: dict, columns=None, which: str = "eval") -> str:
+    """One row per variant: with several seeds the mean [95% interval across seeds], with one
+    seed its value [bootstrap 95% CI]."""
     columns = columns or COLUMNS
     head = "| variant | " + " | ".join(c for c, _ in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
+    many = _n_seeds(results) > 1
     for v in _ordered(results):
         r = results["variants"][v]
-        tasks = r["eval"]["tasks"]
-        lines.append(f"| {r['label']} | " + " | ".join(_cell(tasks, p) for _, p in columns) + " |")
+        entries = [e for e in _seeds(r) if e.get(which)]
+        if not entries:
+            continue
+        if many:
+            agg = r.get("aggregate") or aggregate_variant(r)
+            cells = [_agg_cell(agg[which].get(c)) for c, _ in columns]
+        else:
+            cells = [_cell(entries[0][which]["tasks"], p) for _, p in columns]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(results: dict) -> str | None:
+    p = results.get("paired")
+    if not p or not p["columns"]:
+        return None
+    seeds = [str(s) for s in p["seeds"]]
+    lines = ["| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean difference [95% interval] | seeds favouring full | seeds with CIs apart |",
+             "|" + "---|" * (len(seeds) + 4)]
+    for label, c in p["columns"].items():
+        per = [(f"{100 * c['per_seed'][s]:+.1f}" if s in c["per_seed"] else "–") for s in seeds]
+        lo, hi = c["interval"]
+        mean = f"{100 * c['mean']:+.1f}" + (f" [{100 * lo:+.1f} to {100 * hi:+.1f}]" if lo is not None else "")
+        lines.append(f"| {label} | " + " | ".join(per) + f" | {mean} | {c['seeds_favouring_variant']}/{c['n']} | "
+                     f"{', '.join(map(str, c['seeds_with_cis_apart'])) or 'none'} |")
     return "\n".join(lines)
 
 
@@ -378,23 +561,19 @@ GIVEN_COLUMNS = [
 
 def given_table(results: dict) -> str | None:
     """The region variants again with SLAKE's annotated boxes given at test time."""
-    rows = [v for v in _ordered(results) if results["variants"][v].get("eval_given")]
-    if not rows:
+    if not any(e.get("eval_given") for r in results["variants"].values() for e in _seeds(r)):
         return None
-    lines = ["| variant | " + " | ".join(c for c, _ in GIVEN_COLUMNS) + " |", "|" + "---|" * (len(GIVEN_COLUMNS) + 1)]
-    for v in rows:
-        tasks = results["variants"][v]["eval_given"]["tasks"]
-        lines.append(f"| {results['variants'][v]['label']} | " + " | ".join(_cell(tasks, p) for _, p in GIVEN_COLUMNS) + " |")
-    return "\n".join(lines)
+    return ablation_table(results, GIVEN_COLUMNS, which="eval_given")
 
 
 def _grounding_references(results: dict) -> str:
-    """The no-pixel references of the grounding suite (the same for every variant)."""
+    """The no-pixel references of the grounding suite (the same for every variant and seed)."""
     for r in results["variants"].values():
-        o = _get(r["eval"]["tasks"], ("grounding", "overall")) or _get(r["eval"]["tasks"], ("grounding", "windows", "overall"))
-        if o and o.get("n"):
-            return (f"centre point: pointing {pct(o['baseline_centre_pointing'])}; the phrase's mean SLAKE-train box: pointing "
-                    f"{pct(o.get('baseline_prior_pointing'))}, IoU≥0.3 {pct(o.get('baseline_prior_iou@0.3'))} (n = {o['n']} phrases)")
+        for e in _seeds(r):
+            o = _get(e["eval"]["tasks"], ("grounding", "overall")) or _get(e["eval"]["tasks"], ("grounding", "windows", "overall"))
+            if o and o.get("n"):
+                return (f"centre point: pointing {pct(o['baseline_centre_pointing'])}; the phrase's mean SLAKE-train box: pointing "
+                        f"{pct(o.get('baseline_prior_pointing'))}, IoU≥0.3 {pct(o.get('baseline_prior_iou@0.3'))} (n = {o['n']} phrases)")
     return "not computed"
 
 
@@ -411,27 +590,32 @@ def make_plots(results: dict, out: Path) -> dict:
     variants = _ordered(results)
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(COLUMNS)), 4))
     width = 0.8 / max(1, len(variants))
+    many = _n_seeds(results) > 1
     for j, v in enumerate(variants):
-        tasks = results["variants"][v]["eval"]["tasks"]
+        r = results["variants"][v]
+        agg = (r.get("aggregate") or aggregate_variant(r))["eval"]
+        first = _seeds(r)[0]["eval"]["tasks"]
         vals, lo, hi = [], [], []
-        for _, path in COLUMNS:
-            x = _get(tasks, path)
-            parent = _get(tasks, path[:-1])
-            ci = parent.get("ci") if isinstance(parent, dict) else None
+        for label, path in COLUMNS:
+            x = agg[label]["mean"]
+            ci = agg[label]["interval"] if many else _ci_of(first, path)
             vals.append(np.nan if x is None else 100 * x)
             lo.append(0 if not ci or ci[0] is None or x is None else 100 * (x - ci[0]))
             hi.append(0 if not ci or ci[1] is None or x is None else 100 * (ci[1] - x))
-        ax.bar(np.arange(len(COLUMNS)) + j * width, vals, width, yerr=[lo, hi], capsize=2, label=results["variants"][v]["label"])
+        ax.bar(np.arange(len(COLUMNS)) + j * width, vals, width, yerr=[lo, hi], capsize=2, label=r["label"])
     ax.set_xticks(np.arange(len(COLUMNS)) + width * (len(variants) - 1) / 2)
     ax.set_xticklabels([c for c, _ in COLUMNS], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("% (95% CI where it applies)")
+    ax.set_ylabel("% (mean, 95% interval across seeds)" if many else "% (95% CI where it applies)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=90)
     plt.close(fig)
     plots["metrics"] = "ablation.png"
     try:
-        runs = {results["variants"][v]["label"]: out / v / "metrics.jsonl" for v in variants}
+        runs = {}
+        for v in variants:
+            first = sorted(results["variants"][v]["seeds"], key=int)[0]
+            runs[results["variants"][v]["label"]] = out / v / f"seed-{first}" / "metrics.jsonl"
         plot_loss_curves(runs, out / "loss_curves.png")
         plots["loss_curves"] = "loss_curves.png"
     except Exception as err:  # noqa: BLE001 - a plot must never fail a finished run
@@ -442,8 +626,18 @@ def make_plots(results: dict, out: Path) -> dict:
 def ablation_report(results: dict) -> str:
     c = results["config"]
     t = c["train"]
-    problems = {v: r["eval"]["problems"]["count"] for v, r in results["variants"].items()}
-    rois = {v: sorted({str(_get(r["eval"]["tasks"], (task, "rois"))) for task in ("slake_vqa", "vqa_rad")}) for v, r in results["variants"].items()}
+    problems = {v: sum(e["eval"]["problems"]["count"] for e in _seeds(r)) for v, r in results["variants"].items()}
+    rois = {v: sorted({str(_get(e["eval"]["tasks"], (task, "rois"))) for e in _seeds(r) for task in ("slake_vqa", "vqa_rad")})
+            for v, r in results["variants"].items()}
+    seeds = sorted({int(s) for r in results["variants"].values() for s in r.get("seeds", {})})
+    many = len(seeds) > 1
+    paired = paired_table(results)
+    paired_block = "" if not paired else f"""
+**Paired comparison, (d) full method − (a) global-only CLIP, seed by seed** (percentage points; the same seed
+gives both the same data order and initialisation; "CIs apart": that seed's bootstrap 95% CIs do not overlap)
+
+{paired}
+"""
     timings = ", ".join(f"{k} {v:.0f}" for k, v in results.get("timings_s", {}).items())
     given = given_table(results)
     given_block = "" if not given else f"""
@@ -458,7 +652,8 @@ boxes name the organs present)
 Pretraining data: the `train` split of a MedRegion dataset built from {", ".join(c["build"]["sources"])}
 ({results["data"]["train_images"]} images: {json.dumps(results["data"]["per_source"])}); checked to contain no image
 of SLAKE test/validate or VQA-RAD test ({results["data"]["held_out_images_checked"]} held-out images checked).
-Every variant: base recipe `{t["base"]}`, {t["steps"]} steps, batch {t["batch_size"]}, seed {c["seed"]}.
+Every variant: base recipe `{t["base"]}`, {t["steps"]} steps, batch {t["batch_size"]}, seeds {seeds}
+({"each cell: mean [95% interval across seeds, Student t]" if many else "one seed: each cell its value [bootstrap 95% CI]"}).
 
 **VQA** (accuracy, %)
 
@@ -467,8 +662,9 @@ Every variant: base recipe `{t["base"]}`, {t["steps"]} steps, batch {t["batch_si
 **Zero-shot classification (macro AUC, %) and grounding (%)**
 
 {ablation_table(results, ZS_GROUNDING_COLUMNS)}
-{given_block}
-* Percentages; [95% bootstrap CI] ({c["eval"]["n_boot"]} resamples) for VQA overall/open/closed and zero-shot macro AUC.
+{paired_block}{given_block}
+* Percentages. With several seeds, [95% interval across seeds]; each seed's own bootstrap CIs ({c["eval"]["n_boot"]}
+  resamples) are in `results.json` and `<variant>/seed-<s>/eval/report.md`.
 * VQA: an MLP head on [image ; question] embeddings of the {"model fine-tuned with it (" + str(c["eval"]["vqa_finetune_epochs"]) + " epochs)" if c["eval"].get("vqa_finetune") else "frozen model"}, answers = the training answer set;
   SLAKE English train (best epoch on validate) → test, VQA-RAD 3,064 → 451. Test-time ROIs of the
   headline tables: {json.dumps(rois)} (VQA-RAD images come without boxes in any case).
@@ -477,7 +673,7 @@ Every variant: base recipe `{t["base"]}`, {t["steps"]} steps, batch {t["batch_si
 * Grounding on SLAKE test boxes, each box class of an image a phrase: pointing game and IoU≥0.3 of the box from
   (patch) the thresholded patch–text similarity map and (windows) the best of the sliding windows embedded as regions.
   References that see no pixels: {_grounding_references(results)}.
-* Problems counted per variant: {json.dumps(problems)} (details in each `<variant>/eval/report.md`).
+* Problems counted per variant (all seeds): {json.dumps(problems)} (details in each `<variant>/seed-<s>/eval/report.md`).
 
 ![metrics](ablation.png)
 

@@ -73,7 +73,7 @@ class_text, datasets.<modality|organ|abnormality|medregion|folder>, proposal_phr
 
 Examples:
   regionmed eval runs/demo/region/model --out runs/eval
-  regionmed eval runs/ablation/full/model --tasks zeroshot,grounding --rois self
+  regionmed eval runs/ablation/full/seed-0/model --tasks zeroshot,grounding --rois self
   regionmed eval MODEL --medregion runs/nodules --tasks grounding
   regionmed eval MODEL --class-folder brain_mri/test --class-names notumor="no tumor"
   regionmed eval MODEL --questions my_vqa.csv --tasks vqa
