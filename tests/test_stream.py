@@ -73,7 +73,8 @@ def _shard_of(root: Path) -> dict[str, int]:
 def test_two_processes_train_from_shards_served_over_http(sharded, http_root, tmp_path):
     cfg = tiny_run_config("", str(tmp_path / "run"), steps=(2, 2), batch_size=8)
     cfg.data.reader = "streaming"
-    cfg.data.sources = [SourceConfig(name="phantoms", path=http_root)]
+    # the same shards twice: over HTTP and from the local folder, mixed 1 : 3
+    cfg.data.sources = [SourceConfig(name="phantoms", path=http_root), SourceConfig(name="local", path=str(sharded), weight=3)]
     cfg.data.shuffle_buffer = 8
     cfg.train.checkpoint_every = 2
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
@@ -85,13 +86,14 @@ def test_two_processes_train_from_shards_served_over_http(sharded, http_root, tm
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     data = next(r for r in rows if r["event"] == "data")
     assert data["reader"] == "streaming" and data["resume_guarantee"] == "fresh" and data["counts_from"] == "manifest"
-    assert data["samples"] == 32 and data["sources"]["phantoms"]["where"] == http_root
+    assert data["samples"] == 64 and data["sources"]["phantoms"]["where"] == http_root
     steps = [r for r in rows if r["event"] == "step"]
     assert [r["step"] for r in steps] == [0, 1, 2, 3] and all(r["loss.total"] == r["loss.total"] for r in steps)
+    # per-source counts summed over both ranks
+    assert sum(steps[-1]["source_samples"].values()) == 32 and steps[-1]["source_samples"]["local"] > 0
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
     assert state["reader"] == "streaming" and state["stream"]["slots"] == 2 and set(state["stream"]["done"]) == {"0", "1"}
-    # 4 steps x 8 samples = 32 = the whole pass: each rank delivered some of its 4 shards completely
-    assert sum(sum(v) for v in state["stream"]["done"].values()) >= 1
+    assert all(len(v) == 2 for v in state["stream"]["done"].values())  # shards done per source, per slot
 
 
 def _ids(batches) -> list[str]:
