@@ -42,8 +42,8 @@ from pathlib import Path
 import braceexpand
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 from webdataset.filters import shuffle as wds_shuffle
+from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from regionmed.data.decode import decode_image
