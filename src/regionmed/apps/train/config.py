@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from regionmed.apps.train.validation import ValidationConfig, validate_validation_config
 from regionmed.config import ConfigError, load_yaml_config
 from regionmed.data.schema import SPLITS
 from regionmed.losses import LOSS_NAMES
@@ -93,6 +94,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Validation in the loop (apps/train/validation.py): off unless validation.every > 0.
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
@@ -141,6 +144,7 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
     t = cfg.train
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(t.accum_freq >= 1, "train.accum_freq", f"is {t.accum_freq}: must be >= 1 (1 = no accumulation)")
+    validate_validation_config(cfg.validation, source)
     need(bool(t.output_dir.strip()), "train.output_dir", "is empty")
     need(bool(t.stages), "train.stages", "is empty: give at least one stage")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping)")
@@ -211,6 +215,8 @@ RESUME_NEUTRAL_FIELDS = (
     "train.output_dir", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_nonfinite", "train.tensorboard",
     "model.image.pretrained", "model.image.grad_checkpointing", "model.text.grad_checkpointing",
+    # Validation reads the weights and restores every random state: it never changes them.
+    "validation.every", "validation.data", "validation.split", "validation.max_samples", "validation.batch_size",
 )
 
 

@@ -41,6 +41,7 @@ from regionmed.apps.train.checkpoint import (
 from regionmed.apps.train.config import RunConfig, trajectory_changes, validate_run_config
 from regionmed.apps.train.metrics import MetricsLogger
 from regionmed.apps.train.schedule import StagePlan, learning_rate, plan_stages, stage_at
+from regionmed.apps.train.validation import Validator
 from regionmed.config import ConfigError, to_dict
 from regionmed.data.loader import (
     Batch,
@@ -64,7 +65,7 @@ from regionmed.distributed import DistInfo, all_reduce_sum, init_distributed, pr
 from regionmed.errors import RegionmedError
 from regionmed.model.clip import RegionMedCLIP, create_model
 from regionmed.optim import GuardedStep, NonFiniteError, NonFiniteWeightsError, nonfinite_tensors
-from regionmed.task import REGION_LOSSES, TrainingTask
+from regionmed.task import REGION_LOSSES, TrainingTask, accumulate, split_batch
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +201,29 @@ class Trainer:
         self.unreadable_records: list[tuple[str, str]] = []
         self.counts_from = "none"
         self.audit = self._data_counts()
+        self.validator = self._validator()
         if resume_folder is not None:
             self._resume(resume_folder)
+
+    def _validator(self) -> Validator | None:
+        """The held-out split's :class:`Validator` on the main process (None elsewhere, or
+        without ``validation.every``); a split that cannot be read is an error before step 0."""
+        v = self.cfg.validation
+        if not v.every or not self.dist.is_main:
+            return None
+        root = v.data.strip() or self.cfg.data.train.strip()
+        if not root:
+            raise ConfigError("the run config: validation.every is set but validation.data is empty and there is no "
+                              "data.train to take the held-out split from: give validation.data (a MedRegion folder)")
+        try:
+            validator = Validator(v, root, self.pre, v.batch_size or self.cfg.train.batch_size, self.cfg.model.roi.max_rois,
+                                  self.cfg.data.max_negatives, self.cfg.data.max_image_negatives,
+                                  use_rois=self.cfg.model.roi.mode != "none")
+        except (RegionmedError, OSError) as err:
+            raise ConfigError(f"the run config: validation.split {v.split!r} of {root} cannot be read: {err}") from err
+        if not len(validator):
+            raise ConfigError(f"the run config: validation.split {v.split!r} of {root} holds no sample")
+        return validator
 
     # ---------------------------------------------------------------------------------
     def _source_specs(self) -> list[tuple[str, str, list[str], float, str]]:
@@ -403,10 +425,19 @@ class Trainer:
             group["lr"] = lr * st.lr_scale.get(group["module"], 1.0)
         self.model.train()
         batch = batch.to(self.device)
-        with self.guard.autocast(self.device):
-            terms = self.runner(batch)
+        backward = None
+        if self.cfg.train.accum_freq > 1:
+            # One Batch of accum_freq x the micro-batch per rank; the loss and gradient of the
+            # whole of it, one micro-batch's activations at a time (regionmed.task.accumulate).
+            acc = accumulate(self.runner, self.task, split_batch(batch, self.cfg.train.accum_freq),
+                             lambda: self.guard.autocast(self.device))
+            terms, backward = acc.terms, acc.backward
+        else:
+            with self.guard.autocast(self.device):
+                terms = self.runner(batch)
         try:
-            losses = self.guard.step(terms, self.optimizer, self.model.parameters(), where=f"step {self.step}")
+            losses = self.guard.step(terms, self.optimizer, self.model.parameters(), where=f"step {self.step}",
+                                     backward=backward)
         except NonFiniteWeightsError as err:
             bad = nonfinite_tensors(self.model.named_parameters())
             raise TrainingError(f"{err}{f' (e.g. {bad[:3]})' if bad else ''}; nothing was saved from this step on: resume "
@@ -506,6 +537,7 @@ class Trainer:
         plan = stage_at(self.plans, self.step)
         self._enter_stage(plan, logger)
         last: dict[str, float] = {}
+        last_val: dict = {}
         t_last = time.perf_counter()
         try:
             for batch in loader:
@@ -539,6 +571,9 @@ class Trainer:
                     bar.set_postfix(stage=plan.name, loss=f"{losses['total']:.3f}", sps=f"{self.step_batch / dt:.1f}")
                 self.step += 1
                 bar.update(1)
+                if cfg.validation.every and (self.step % cfg.validation.every == 0 or self.step == self.total_steps):
+                    last_val = self._validate(logger) or last_val
+                    t_last = time.perf_counter()  # validation time is not step time
                 every = cfg.train.checkpoint_every
                 if self.step == plan.end or (every and self.step % every == 0):
                     self._checkpoint(plan)
@@ -549,6 +584,8 @@ class Trainer:
         self.counters["text_truncated"] = self.model.text_tower.tokenizer.truncated
         summary = {"steps": self.step, "steps_this_run": self.step - first_step, "final_losses": last,
                    "counters": dict(self.counters), "data": dict(self.audit)}
+        if last_val:
+            summary["validation"] = last_val
         self._check_weights("the model folder")
         if self.dist.is_main:
             save_model_folder(self.model, self.out / "model")
@@ -584,6 +621,25 @@ class Trainer:
         self.resume_guarantee = stream.resume_guarantee
         self.stream_state = StreamState(stream.n_slots, stream.initial_state())
         return make_stream_loader(stream, pin_memory=pin, prefetch_factor=d.prefetch_factor)
+
+    def _validate(self, logger: MetricsLogger) -> dict:
+        """Score the held-out split (main process; the others wait) and log a ``val`` record
+        at the step just taken; returns the figures (empty on the other processes)."""
+        out: dict = {}
+        if self.validator is not None:
+            out = self.validator.run(self.task)
+            logger.write("val", step=self.step - 1, split=self.cfg.validation.split, **out)
+            parts = [f"loss {out['loss.total']:.4f}" if "loss.total" in out else "",
+                     f"image→report R@1 {out['i2t_R@1']:.1%}" if "i2t_R@1" in out else "",
+                     f"region→caption R@1 {out['region_i2t_R@1']:.1%}" if "region_i2t_R@1" in out else ""]
+            message = f"validation after step {self.step - 1} ({out['samples']} samples): " + ", ".join(p for p in parts if p)
+            if self.progress:
+                tqdm.write(message)
+            else:
+                log.info(message)
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+        return out
 
     def _count_sources(self, batch: Batch) -> None:
         """Per-source sample counts of the global batch (mixing), summed over the ranks."""

@@ -1,0 +1,105 @@
+"""The trainer's loop features: gradient accumulation (train.accum_freq) and validation in the
+loop (validation.every), end to end with real shards, one process and two (torchrun, gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_run_config
+from regionmed.apps.train.config import validate_run_config
+from regionmed.apps.train.metrics import read_metrics
+from regionmed.apps.train.trainer import train
+from regionmed.config import ConfigError, to_dict
+
+
+def events(out: Path, kind: str) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if r["event"] == kind}
+
+
+def assert_same_losses(a: dict[int, dict], b: dict[int, dict], tol: float = 1e-5) -> None:
+    assert sorted(a) == sorted(b)
+    for step in a:
+        keys = {k for k in a[step] if k.startswith("loss.")}
+        assert keys == {k for k in b[step] if k.startswith("loss.")}
+        for k in keys:
+            assert abs(a[step][k] - b[step][k]) <= tol * max(1.0, abs(a[step][k])), (step, k, a[step][k], b[step][k])
+
+
+def run(phantom_data, out: Path, batch_size: int, accum: int = 1, val_every: int = 0) -> dict:
+    cfg = tiny_run_config(str(phantom_data), str(out), steps=(2, 2), batch_size=batch_size)
+    cfg.train.accum_freq = accum
+    cfg.validation.every = val_every
+    cfg.validation.split = "test"
+    cfg.validation.max_samples = 16
+    return train(cfg, progress=False)
+
+
+def test_accumulation_trains_as_the_large_batch(phantom_data, tmp_path):
+    """accum_freq 2 x batch 8 takes the same 16 samples per step as batch 16, and gives the
+    same losses at every step (so the same updates), through both stages."""
+    run(phantom_data, tmp_path / "large", batch_size=16)
+    run(phantom_data, tmp_path / "accum", batch_size=8, accum=2)
+    large, accum = events(tmp_path / "large", "step"), events(tmp_path / "accum", "step")
+    assert "loss.region" in large[3]
+    assert_same_losses(large, accum)
+    data = next(r for r in read_metrics(tmp_path / "accum" / "metrics.jsonl") if r["event"] == "data")
+    assert data["samples_per_step"] == 16
+
+
+def test_validation_logs_records_and_changes_nothing_else(phantom_data, tmp_path):
+    plain = run(phantom_data, tmp_path / "plain", batch_size=8)
+    validated = run(phantom_data, tmp_path / "val", batch_size=8, val_every=2)
+    val = events(tmp_path / "val", "val")
+    assert sorted(val) == [1, 3]  # after steps 1 and 3 (every 2, and the last)
+    assert "region_i2t_R@1" not in val[1] and "region_i2t_R@1" in val[3]  # stage 2 uses ROIs
+    for record in val.values():
+        assert record["samples"] == 16 and 0 <= record["i2t_R@1"] <= 1 and record["loss.total"] > 0
+    assert validated["validation"]["loss.total"] == val[3]["loss.total"]
+    # Validation restores every random state: the training run is the same as without it.
+    assert_same_losses(events(tmp_path / "plain", "step"), events(tmp_path / "val", "step"), tol=0)
+    a = load_file(str(tmp_path / "plain" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "val" / "model" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    assert plain["steps"] == validated["steps"] == 4
+    assert (tmp_path / "val" / "loss_curve.png").stat().st_size > 0
+
+
+def test_a_missing_validation_split_is_an_error_before_step_0(phantom_data, tmp_path):
+    cfg = tiny_run_config(str(phantom_data), str(tmp_path / "out"), steps=(1, 1))
+    cfg.validation.every = 1
+    cfg.validation.split = "val"  # phantoms have train and test only
+    with pytest.raises(ConfigError, match="validation.split 'val'"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    cfg.validation.every = -2
+    with pytest.raises(ConfigError, match="validation.every"):
+        validate_run_config(cfg)
+
+
+def test_two_processes_with_accumulation_equal_one_process_without(phantom_data, tmp_path):
+    """torchrun, 2 ranks x accum_freq 2 x micro-batch 2 = one process with batch 8: DDP's
+    no_sync passes and the gathered local loss compose with the recomputed micro-batches."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    outs = {}
+    for name, batch, accum, launcher in (("single", 8, 1, []),
+                                         ("ddp", 4, 2, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        cfg = tiny_run_config(str(phantom_data), str(tmp_path / name), steps=(2, 2), batch_size=batch)
+        cfg.train.accum_freq = accum
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(to_dict(cfg)))
+        args = [sys.executable, *launcher, *(["-m", "regionmed"] if not launcher else ["-m", "regionmed"]),
+                "train", "--config", str(config), "--no-progress"]
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        outs[name] = tmp_path / name
+    assert_same_losses(events(outs["single"], "step"), events(outs["ddp"], "step"))
+    a = load_file(str(outs["single"] / "model" / "model.safetensors"))
+    b = load_file(str(outs["ddp"] / "model" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
