@@ -21,11 +21,16 @@ and the library never imports it. Pieces:
 Records written by the builder add these optional fields to schema v1:
 ``sha256`` (hex digest of the stored image bytes), ``phash`` (64 hex digits,
 256-bit DCT perceptual hash of the image; 16 digits before builder 1.1) and, on regions, ``location``
-({"side", "vertical", "radial"}).
+({"side", "vertical", "radial"}); from builder 1.2, ``caption_rule`` and ``report_captions``
+(report sentences matched to the region, each with its rule), and each split's
+``<split>-index.npz`` with build-time statistics in the manifest.
+
+An unfinished build is resumed only by the same builder version (staged items of
+another version are built again).
 """
 
 from __future__ import annotations
 
-BUILDER_VERSION = "1.1.0"
+BUILDER_VERSION = "1.2.0"
 
 __all__ = ["BUILDER_VERSION"]

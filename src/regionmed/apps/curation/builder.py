@@ -34,7 +34,15 @@ from typing import Any, Callable, Iterator
 from tqdm import tqdm
 
 from regionmed.apps.curation import BUILDER_VERSION
-from regionmed.apps.curation.captions import CaptionConfig, clean_report, make_negatives, make_summary, region_caption, report_text
+from regionmed.apps.curation.captions import (
+    CaptionConfig,
+    apply_report_captions,
+    clean_report,
+    make_negatives,
+    make_summary,
+    region_caption,
+    report_text,
+)
 from regionmed.apps.curation.config import BuildConfig, ConfigError
 from regionmed.apps.curation.images import ItemReject, load_image, phash_hex, sha256
 from regionmed.apps.curation.items import REJECT_REASONS, RawItem, hashed, norm_modality
@@ -121,10 +129,13 @@ def _process(item: RawItem) -> dict:
                                    "detail": f"box {['%.1f' % v for v in box]} in {width}x{height} image"})
             continue
         caption, loc = region_caption(label, clean, width, height, modality, body, ccfg, loaded.pixel_spacing)
-        regions.append({
-            "box": [round(v, 2) for v in clean], "label": label, "caption": caption, "source": src, "location": loc,
-            "negatives": make_negatives(caption, ccfg.negatives_per_region, ccfg, key=f"{item.id}/{j}"),
-        })
+        regions.append({"box": [round(v, 2) for v in clean], "label": label, "caption": caption, "source": src,
+                        "location": loc, "_key": f"{item.id}/{j}"})
+    # Report sentences that describe a region (anatomy / laterality / zone), recorded with their
+    # rule (captions.report_captions: extra, replace or off); negatives are made from the final caption.
+    apply_report_captions(regions, report, height, ccfg)
+    for reg in regions:
+        reg["negatives"] = make_negatives(reg["caption"], ccfg.negatives_per_region, ccfg, key=reg.pop("_key"))
     if cfg.require_regions and not regions:
         raise ItemReject("no_regions", "no region left after proposing and clipping")
     meta = {k: v for k, v in {**item.meta, **loaded.meta}.items() if isinstance(v, (str, int, float))}
@@ -313,7 +324,8 @@ def build(
     staging = out / STAGING
     state_path = staging / "state.json"
     resumed_ids: list[str] = []
-    if staging.is_dir() and not force and state_path.is_file() and json.loads(state_path.read_text()).get("config_hash") == chash:
+    if staging.is_dir() and not force and state_path.is_file() and json.loads(state_path.read_text()).get("config_hash") == chash \
+            and json.loads(state_path.read_text()).get("builder_version") == BUILDER_VERSION:
         resumed_ids, _ = _read_staging(staging)
         if resumed_ids:
             log(f"resuming: {len(resumed_ids)} items already staged")

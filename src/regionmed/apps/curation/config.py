@@ -106,6 +106,9 @@ class BuildConfig:
 
             if rule not in RULES:
                 raise ConfigError(f"{where}: captions.rules: unknown rule {rule!r}; known {list(RULES)}")
+        if self.captions.report_captions not in ("extra", "replace", "off"):
+            raise ConfigError(f"{where}: captions.report_captions must be 'extra', 'replace' or 'off', "
+                              f"got {self.captions.report_captions!r}")
         for mod, conv in self.captions.laterality.items():
             if conv not in ("radiological", "image"):
                 raise ConfigError(f"{where}: captions.laterality.{mod} must be 'radiological' or 'image', got {conv!r}")
