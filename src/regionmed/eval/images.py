@@ -52,7 +52,8 @@ class ImageSetEmbeddings:
     n_rois: torch.Tensor  # (N,)
     rois: str  # effective test-time ROI mode
     missing: list[tuple[str, str]] = field(default_factory=list)
-    boxes: dict[str, list[list[float]]] = field(default_factory=dict)
+    boxes: dict[str, list[list[float]]] = field(default_factory=dict)  # the boxes each image was embedded with
+    box_problems: list[tuple[str, str]] = field(default_factory=list)  # (key, given boxes that were not used and why)
 
     def index(self) -> dict[str, int]:
         return {k: i for i, k in enumerate(self.keys)}
@@ -115,14 +116,21 @@ class _Images(Dataset):
             image = open_image(ref)
         except Exception as err:  # noqa: BLE001 - a bad file is reported, not fatal
             return {"key": ref.key, "error": f"{type(err).__name__}: {err}"}
-        boxes = []
+        boxes, notes = [], []
         if self.boxes is not None:
             w, h = image.size
-            boxes = [b for b in (sanitize_box(list(b), w, h)[0] for b in self.boxes.get(ref.key, [])) if b is not None]
-            boxes = boxes[: self.pre.max_rois]
+            given = self.boxes.get(ref.key, [])
+            boxes = [b for b in (sanitize_box(list(b), w, h)[0] for b in given) if b is not None]
+            if len(boxes) < len(given):
+                notes.append(f"{len(given) - len(boxes)} of its {len(given)} boxes lie outside the {w}x{h} image or have "
+                             "no area; not used")
+            if len(boxes) > self.pre.max_rois:
+                notes.append(f"{len(boxes) - self.pre.max_rois} box(es) beyond the model's max_rois = {self.pre.max_rois} "
+                             "not used")
+                boxes = boxes[: self.pre.max_rois]
         out = self.pre(image, boxes)
         return {"key": ref.key, "image": out["image"], "boxes": out["boxes"], "crops": out["crops"], "size": image.size,
-                "pixel_boxes": [list(b) for b in boxes]}
+                "pixel_boxes": [list(b) for b in boxes], "box_notes": notes}
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -240,7 +248,7 @@ def embed_images(model, refs: list[ImageRef], rois: str = "none", batch_size: in
     """Embed ``refs`` with ``model`` (eval mode, no gradients) using test-time ROIs ``rois``."""
     model.eval()
     plan = resolve_rois(model, refs, rois, phrases, batch_size, num_workers)
-    keys, g, f, rp, nr, missing, used = [], [], [], [], [], [], {}
+    keys, g, f, rp, nr, missing, used, box_problems = [], [], [], [], [], [], {}, []
     from tqdm import tqdm
 
     for batch in tqdm(_loader(refs, plan.pre, plan.boxes, batch_size, num_workers), desc="embed images", disable=not progress, leave=False):
@@ -256,12 +264,15 @@ def embed_images(model, refs: list[ImageRef], rois: str = "none", batch_size: in
         for s in batch["ok"]:
             keys.append(s["key"])
             used[s["key"]] = s["pixel_boxes"]
+            box_problems += [(s["key"], note) for note in s.get("box_notes", [])]
     for key, why in missing:
         log.warning("image %s skipped: %s", key, why)
+    if box_problems:
+        log.warning("%d image(s) had given boxes that were not used, e.g. %s: %s", len(box_problems), *box_problems[0])
     d = model.cfg.embed_dim
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, d)  # noqa: E731
     return ImageSetEmbeddings(keys, cat(g), cat(f), cat(rp), torch.cat(nr) if nr else torch.zeros(0, dtype=torch.long),
-                              plan.label, missing, used)
+                              plan.label, missing, used, box_problems)
 
 
 @torch.no_grad()

@@ -178,6 +178,8 @@ def _embed(model, refs, opts: EvalOptions, problems: Problems, task: str, rois: 
                        phrases=proposal_phrases(opts.prompts))
     for key, why in emb.missing:
         problems.add(task, f"image {key} could not be read ({why}); skipped")
+    for key, why in emb.box_problems:
+        problems.add(task, f"image {key}: {why}")
     return emb
 
 
