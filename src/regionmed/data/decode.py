@@ -136,7 +136,7 @@ def _open(raw: bytes, max_pixels: int | None, where: str | None) -> Image.Image:
         if w <= 0 or h <= 0:
             raise ImageDecodeError("unreadable_image", "zero-sized image", where)
         if max_pixels is not None and w * h > max_pixels:
-            raise ImageDecodeError("decompression_bomb", f"{w}x{h} exceeds max_image_pixels={max_pixels}", where)
+            raise ImageDecodeError("decompression_bomb", f"{w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} (the builder's max_image_pixels, the commands' --max-pixels)", where)
         try:
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

@@ -160,7 +160,7 @@ def read_dicom(raw: bytes, max_pixels: int, window: str = "auto") -> DicomImage:
     if rows <= 0 or cols <= 0:
         raise DicomError("unsupported_dicom", "no image size")
     if rows * cols > max_pixels:
-        raise DicomError("decompression_bomb", f"{cols}x{rows} exceeds max_image_pixels={max_pixels}")
+        raise DicomError("decompression_bomb", f"{cols}x{rows} = {cols * rows:,} pixels, more than the limit of {max_pixels:,} (the builder's max_image_pixels, the commands' --max-pixels)")
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     tsyntax_name = getattr(tsyntax, "name", str(tsyntax)) if tsyntax else "unknown"
     try:
