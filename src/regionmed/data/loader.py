@@ -19,7 +19,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from regionmed.data.schema import BoxStats, RecordError, sanitize_regions
-from regionmed.data.shards import DEFAULT_MAX_OPEN_FILES, DatasetError, MedRegionDataset, SampleError, counts_from_stats
+from regionmed.data.shards import (
+    DEFAULT_MAX_OPEN_FILES,
+    DatasetError,
+    MedRegionDataset,
+    SampleError,
+    counts_from_stats,
+    unreadable_from_stats,
+)
 from regionmed.data.transforms import Preprocessor
 from regionmed.errors import RegionmedError
 
@@ -147,11 +154,15 @@ class RegionSampleDataset(Dataset):
 
     def manifest_counts(self) -> Counter | None:
         """The counts of :meth:`audit` from the split's build-time statistics in manifest.json
-        (no pass over the records), or None when the manifest has none."""
+        (no pass over the records), or None when the manifest has none. The unreadable
+        records the statistics name go to :attr:`unreadable_records` (a few; all are
+        counted in ``records_unreadable``)."""
         stats = self.data.info.get("stats")
         if not stats:
             return None
-        return counts_from_stats(stats, self.pre.max_rois, self.max_negatives, self.max_image_negatives)
+        counts = counts_from_stats(stats, self.pre.max_rois, self.max_negatives, self.max_image_negatives)
+        self.unreadable_records = unreadable_from_stats(stats)
+        return counts
 
     def audit(self) -> Counter:
         """Count, once over all records (JSON only): samples, usable regions, region and

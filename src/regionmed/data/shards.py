@@ -76,6 +76,10 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+#: How many unreadable records a manifest's ``stats`` names (all are counted).
+UNREADABLE_EXAMPLES = 20
+
+
 class SplitStats:
     """Counts over the records of one split, taken once (at build time, or by
     :func:`index_dataset`), for the trainer's data checks and data log.
@@ -86,10 +90,16 @@ class SplitStats:
     ``{count: how many}`` with string keys (JSON): ``regions_per_image``,
     ``negatives_per_region`` (over usable regions) and ``negatives_per_image``. The
     histograms let a reader derive capped counts (``max_rois``, ``max_negatives``)
-    without a pass over the records (:func:`counts_from_stats`).
+    without a pass over the records (:func:`counts_from_stats`). ``records_unreadable``:
+    the records that could not be read (left out of every other count; 0 at build time,
+    where every record is validated before it is written), with up to
+    :data:`UNREADABLE_EXAMPLES` of them as ``records_unreadable_examples``
+    (``[["<shard>:<key>", reason], ...]``).
     """
 
     def __init__(self) -> None:
+        self.unreadable = 0
+        self.unreadable_examples: list[list[str]] = []
         self.samples = 0
         self.boxes = BoxStats()
         self.regions_per_image: Counter[int] = Counter()
@@ -104,9 +114,16 @@ class SplitStats:
             self.negatives_per_region[len(region.get("negatives", []))] += 1
         self.negatives_per_image[len(record.get("negatives", []))] += 1
 
+    def add_unreadable(self, where: str, reason: str) -> None:
+        """Count a record that cannot be read (``where``: ``<shard>:<key>``)."""
+        self.unreadable += 1
+        if len(self.unreadable_examples) < UNREADABLE_EXAMPLES:
+            self.unreadable_examples.append([where, reason])
+
     def as_dict(self) -> dict:
         hist = lambda c: {str(k): v for k, v in sorted(c.items())}  # noqa: E731
-        return {"version": STATS_VERSION, "samples": self.samples,
+        return {"version": STATS_VERSION, "samples": self.samples, "records_unreadable": self.unreadable,
+                "records_unreadable_examples": list(self.unreadable_examples),
                 "regions": sum(k * v for k, v in self.regions_per_image.items()),
                 **{f"boxes_{k}": v for k, v in self.boxes.as_dict().items()},
                 "regions_per_image": hist(self.regions_per_image),
@@ -119,7 +136,8 @@ def counts_from_stats(stats: dict, max_rois: int, max_negatives: int, max_image_
     equal to those of one pass over the records (:meth:`regionmed.data.loader.RegionSampleDataset.audit`):
     ``samples``, ``regions``, ``region_negatives`` / ``image_negatives`` (capped at
     ``max_negatives`` / ``max_image_negatives`` per region / image), ``rois_over_max``
-    (regions beyond ``max_rois`` per image) and ``boxes_*``. Raises :class:`DatasetError`
+    (regions beyond ``max_rois`` per image), ``boxes_*`` and ``records_unreadable`` (when
+    any; :func:`unreadable_from_stats` names them). Raises :class:`DatasetError`
     for an entry of another version or without the histograms."""
     try:
         if stats.get("version") != STATS_VERSION:
@@ -133,9 +151,17 @@ def counts_from_stats(stats: dict, max_rois: int, max_negatives: int, max_image_
         counts["rois_over_max"] = sum(max(0, k - max_rois) * v for k, v in rpi.items())
         for name in BoxStats.__dataclass_fields__:
             counts[f"boxes_{name}"] = int(stats[f"boxes_{name}"])
+        if int(stats.get("records_unreadable", 0)):
+            counts["records_unreadable"] = int(stats["records_unreadable"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise DatasetError(f"manifest 'stats' entry is not of version {STATS_VERSION} or lacks field {err}") from err
     return counts
+
+
+def unreadable_from_stats(stats: dict | None) -> list[tuple[str, str]]:
+    """The unreadable records a manifest ``stats`` entry names: ``[(where, reason)]`` (at
+    most :data:`UNREADABLE_EXAMPLES`; ``stats["records_unreadable"]`` counts them all)."""
+    return [(str(w), str(r)) for w, r in (stats or {}).get("records_unreadable_examples", [])]
 
 
 class _IndexBuilder:
@@ -451,7 +477,8 @@ class MedRegionDataset:
     Reads ``<root>/manifest.json`` and the split's index (``<split>-index.npz``, written
     at build time): no shard is opened at construction. A split without an index file is
     indexed by walking its tar headers, with one warning naming
-    ``regionmed index-shards DIR`` (:func:`index_dataset`), which adds it.
+    ``regionmed index-shards DIR`` (:func:`index_dataset`), which adds it; so is a split
+    whose manifest lists an index file that is missing (the warning says so).
 
     ``ds[i]`` returns ``(PIL.Image, record)``; ``ds.record(i)`` the record only. At most
     ``max_open_files`` shard files are open at once per process (least recently used
@@ -478,8 +505,15 @@ class MedRegionDataset:
         self.shard_paths: list[Path] = [self.root / name for name in names]
         index_info = info.get("index")
         self.index: SplitIndex | None = None
-        if index_info:
-            index = SplitIndex.load(self.root / index_info["name"], index_info.get("sha256"))
+        index_path = self.root / index_info["name"] if index_info else None
+        if index_path is not None and not index_path.is_file():
+            if (str(self.root), split) not in _warned_unindexed:
+                _warned_unindexed.add((str(self.root), split))
+                log.warning("%s: %s lists the index %s of split %r, but the file is missing: walking the tar headers of "
+                            "its %d shard(s) instead (slow on network storage); restore it with: regionmed index-shards %s",
+                            self.root, MANIFEST_NAME, index_info["name"], split, len(names), self.root)
+        elif index_path is not None:
+            index = SplitIndex.load(index_path, index_info.get("sha256"))
             if index.shard_names == names:
                 self.index = index
             else:  # the manifest's shard list was changed after the index was written
@@ -579,18 +613,42 @@ class MedRegionDataset:
         self._handles = OrderedDict()
 
 
+def _index_records(root: Path, names: list[str], index: SplitIndex):
+    """``(where, record or None, reason)`` for each sample of ``index``, read shard by shard."""
+    for shard, name in enumerate(names):
+        rows = np.flatnonzero(index.shard == shard)
+        with open(root / name, "rb") as fh:
+            for i in rows:
+                where = f"{root / name}:{index.key(int(i))}"
+                fh.seek(int(index.json_offset[i]))
+                raw = fh.read(int(index.json_size[i]))
+                try:
+                    if len(raw) != int(index.json_size[i]):
+                        raise RecordError(f"{where}: the shard ends inside the json member (truncated shard)")
+                    try:
+                        record = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                        raise RecordError(f"{where}: json member is not valid JSON ({err})") from err
+                    yield where, validate_record(record, where), ""
+                except RecordError as err:
+                    yield where, None, str(err)
+
+
 def index_dataset(root: str | Path, splits: list[str] | None = None, progress: bool = False) -> dict[str, dict]:
     """Add ``<split>-index.npz`` and the split's statistics (:class:`SplitStats`) to a
     MedRegion dataset written without them (``regionmed index-shards DIR``): one walk of
-    the tar headers and one pass over the records, then ``manifest.json`` is rewritten
-    (atomically) with ``index`` and ``stats`` for each split. Returns ``{split: {"samples",
-    "records_unreadable"}}``; records that cannot be read are left out of the statistics
-    and named in the log. Raises :class:`DatasetError` for an unreadable dataset."""
+    the tar headers and one pass over the records per split, then the index files are
+    written and ``manifest.json`` is rewritten once (atomically) with ``index`` and
+    ``stats`` for each split. Returns ``{split: {"samples", "records_unreadable"}}``;
+    records that cannot be read are left out of the other statistics, counted in
+    ``stats["records_unreadable"]`` (a few named in ``records_unreadable_examples``) and
+    named in the log. Raises :class:`DatasetError` for an unreadable dataset."""
     from tqdm import tqdm
 
     root = Path(root)
     manifest = read_manifest(root)
     done: dict[str, dict] = {}
+    pending: list[tuple[dict, _IndexBuilder, list[str], SplitStats, str]] = []
     for split, info in manifest["splits"].items():
         if splits is not None and split not in splits:
             continue
@@ -599,19 +657,20 @@ def index_dataset(root: str | Path, splits: list[str] | None = None, progress: b
         builder = _IndexBuilder()
         builder.cols = {name: list(map(int, getattr(index, name))) for name in builder.cols}
         builder.keys = [index.key(i).encode() for i in range(len(index))]
+        stats = SplitStats()
+        for where, record, reason in tqdm(_index_records(root, names, index), total=len(index), desc=f"stats {split}",
+                                          disable=not progress):
+            if record is None:
+                stats.add_unreadable(where, reason)
+                log.warning("%s", reason)
+            else:
+                stats.add(record)
+        pending.append((info, builder, names, stats, split))
+        done[split] = {"samples": len(index), "records_unreadable": stats.unreadable}
+    # Everything was read: now write (the index files, then the manifest that names them).
+    for info, builder, names, stats, split in pending:
         path = root / index_name(split)
         info["index"] = {"name": path.name, "sha256": builder.save(path, names), "version": INDEX_VERSION}
-        write_json_atomic(root / MANIFEST_NAME, manifest)
-        reader = MedRegionDataset(root, split)
-        stats, bad = SplitStats(), 0
-        for i in tqdm(range(len(reader)), desc=f"stats {split}", disable=not progress):
-            try:
-                stats.add(reader.record(i))
-            except RecordError as err:
-                bad += 1
-                log.warning("%s", err)
-        reader.close()
         info["stats"] = stats.as_dict()
-        done[split] = {"samples": len(index), "records_unreadable": bad}
     write_json_atomic(root / MANIFEST_NAME, manifest)
     return done

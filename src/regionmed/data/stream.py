@@ -119,6 +119,16 @@ class StreamSource:
         return cls(name, expanded, weight)
 
 
+def _too_few_shards(what: str, n_shards: int, n_slots: int) -> DatasetError:
+    return DatasetError(f"{what} has {n_shards} shard(s), fewer than the {n_slots} reading slots (world size x "
+                        "data.num_workers): give more shards, fewer workers, or data.resampled: true")
+
+
+#: At most this many unreadable samples/shards are kept between two batches (or
+#: ``4 x batch_size`` if larger); reaching it without a batch is a :class:`DatasetError`.
+MAX_BAD_BETWEEN_BATCHES = 10_000
+
+
 def _rng(*parts: int) -> random.Random:
     seed = 0
     for p in parts:
@@ -139,8 +149,7 @@ def slot_shards(n_shards: int, seed: int, source: int, slot: int, n_slots: int, 
             pos += 1
     per_pass = len(range(slot, n_shards, n_slots))
     if per_pass == 0:
-        raise DatasetError(f"source {source} has {n_shards} shard(s), fewer than the {n_slots} reading slots "
-                           "(world size x data.num_workers): give more shards, fewer workers, or data.resampled: true")
+        raise _too_few_shards(f"source {source}", n_shards, n_slots)
     p, i = divmod(start, per_pass)
     while True:
         order = list(range(n_shards))
@@ -185,7 +194,9 @@ class MedRegionStream(IterableDataset):
     {"<slot>": [shards done per source]}}`` or None. :attr:`resume_guarantee` says what
     the resume keeps (:data:`RESUME_SHARD`, :data:`RESUME_PASS`, :data:`RESUME_RESAMPLED`
     or :data:`RESUME_FRESH`). Raises :class:`DatasetError` for a source without shards or
-    with fewer shards than slots (without resampling).
+    with fewer shards than slots (without resampling); while iterating, for a source none
+    of whose shards a slot reads in a whole pass holds a readable sample, and when
+    :data:`MAX_BAD_BETWEEN_BATCHES` unreadable samples come without a batch.
     """
 
     def __init__(self, sources: list[StreamSource], pre: Preprocessor, batch_size: int, *, seed: int = 0, rank: int = 0,
@@ -203,9 +214,7 @@ class MedRegionStream(IterableDataset):
         if not resampled:
             for j, src in enumerate(sources):
                 if len(src.urls) < self.n_slots:
-                    raise DatasetError(f"source {src.name!r} has {len(src.urls)} shard(s), fewer than the {self.n_slots} reading "
-                                       "slots (world size x data.num_workers): give more shards, fewer workers, or "
-                                       "data.resampled: true")
+                    raise _too_few_shards(f"source {src.name!r}", len(src.urls), self.n_slots)
         self.resume_step = int(resume.get("step", 0)) if resume else 0
         self.starts: dict[int, list[int]] = {}
         if not resume:
@@ -249,13 +258,37 @@ class MedRegionStream(IterableDataset):
                                  handler=handler)
 
     def _source_iter(self, j: int, slot: int, progress: _Progress, bad: list):
+        """The raw samples of source ``j`` for ``slot``: ``(j, position, sample)``, endlessly.
+
+        Raises :class:`DatasetError` (naming the source and the first reasons) when no
+        sample could be read from a whole pass's worth of the slot's shards in a row
+        (without resampling: as many consecutive shards as the slot reads per pass; with
+        it: every distinct shard of the source, drawn since the last readable sample),
+        instead of looping over unreadable shards forever."""
         src = self.sources[j]
-        for pos, _pass, shard in slot_shards(len(src.urls), self.seed, j, slot, self.n_slots, self.resampled, progress.done[j]):
+        n_shards = len(src.urls)
+        per_pass = len(range(slot, n_shards, self.n_slots))
+        empty_run: list[int] = []  # shard indices read in a row without a sample
+        reasons: list[str] = []
+        for pos, _pass, shard in slot_shards(n_shards, self.seed, j, slot, self.n_slots, self.resampled, progress.done[j]):
             n = 0
-            for raw in self._shard_samples(src.urls[shard], bad):
+            mine: list = []
+            for raw in self._shard_samples(src.urls[shard], mine):
                 n += 1
                 yield j, pos, raw
+            bad += mine
             progress.finished_reading(j, pos, n)
+            if n:
+                empty_run, reasons = [], []
+                continue
+            empty_run.append(shard)
+            if len(reasons) < 3:
+                reasons.append(f"{src.urls[shard]}: {mine[0][2]}" if mine else f"{src.urls[shard]}: holds no sample")
+            if (len(set(empty_run)) >= n_shards) if self.resampled else (len(empty_run) >= per_pass):
+                raise DatasetError(
+                    f"source {src.name!r}: no sample could be read from {len(empty_run)} shard(s) in a row "
+                    f"({len(set(empty_run))} distinct of {n_shards}; reading slot {slot}), e.g. {'; '.join(reasons)}: "
+                    "check the shard paths/URLs, or rebuild the shards")
 
     def _prepare(self, j: int, raw: dict) -> dict:
         where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
@@ -280,6 +313,7 @@ class MedRegionStream(IterableDataset):
         slot = self._slot()
         progress = _Progress(self.starts.get(slot, [0] * len(self.sources)))
         bad: list[tuple[int, str, str]] = []
+        cap = max(MAX_BAD_BETWEEN_BATCHES, 4 * self.batch_size)
         iters = [self._source_iter(j, slot, progress, bad) for j in range(len(self.sources))]
         weights = [s.weight for s in self.sources]
         mix_rng = _rng(self.seed, slot, self.resume_step, 3)
@@ -299,11 +333,18 @@ class MedRegionStream(IterableDataset):
                 bad.append((-1, err.where, err.reason))
                 sample = None
             progress.deliver(j, pos)
+            if len(bad) >= cap:
+                raise DatasetError(
+                    f"{len(bad)} samples or shards in a row cannot be read without a batch of {self.batch_size} readable "
+                    f"samples (e.g. {'; '.join(f'{w}: {r}' for _, w, r in bad[:3])}): check the sources "
+                    f"({', '.join(repr(s.name) for s in self.sources)})")
             if sample is None:
                 continue
             samples.append(sample)
             if len(samples) == self.batch_size:
-                samples[0]["bad"], bad = bad, []
+                # The readers hold this very list: hand a copy to the batch and empty it in place.
+                samples[0]["bad"] = list(bad)
+                bad.clear()
                 batch = collate(samples, max_rois=self.max_rois)
                 batch.stream_state = {str(slot): list(progress.done)}
                 samples = []

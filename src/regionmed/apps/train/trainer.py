@@ -51,7 +51,7 @@ from regionmed.data.loader import (
     StepBatchSampler,
     make_loader,
 )
-from regionmed.data.shards import counts_from_stats, read_manifest, write_json_atomic
+from regionmed.data.shards import counts_from_stats, read_manifest, unreadable_from_stats, write_json_atomic
 from regionmed.data.stream import (
     RESUME_EXACT,
     MedRegionStream,
@@ -278,10 +278,13 @@ class Trainer:
             if cfg.data.audit == "auto":
                 if parts:
                     counts = parts[k].manifest_counts()
+                    if counts is not None:  # the unreadable records the statistics name
+                        self.unreadable_records += parts[k].unreadable_records
                 else:
                     stats = self.stream_sources[k].stats
                     if stats:
                         counts = counts_from_stats(stats, self.pre.max_rois, cfg.data.max_negatives, cfg.data.max_image_negatives)
+                        self.unreadable_records += unreadable_from_stats(stats)
             if counts is None and parts:
                 counts = parts[k].audit()  # one pass over the records (JSON only)
                 self.unreadable_records += parts[k].unreadable_records
@@ -511,14 +514,15 @@ class Trainer:
             logger.write("resume", step=self.step, checkpoint=self.resumed_from,
                          config_changes=[[n, o, v] for n, o, v in self.config_changes])
         problems, fatal = self._learnability()
-        unreadable = self.unreadable_records
-        if len(unreadable) > cfg.data.max_bad_samples:
+        unreadable = self.unreadable_records  # named ones; the manifests' statistics may count more
+        n_unreadable = max(len(unreadable), self.audit.get("records_unreadable", 0))
+        if n_unreadable > cfg.data.max_bad_samples:
             fatal.append(
-                f"{len(unreadable)} record(s) of {self._data_name()} split {cfg.data.split!r} cannot be read, more than "
+                f"{n_unreadable} record(s) of {self._data_name()} split {cfg.data.split!r} cannot be read, more than "
                 f"data.max_bad_samples = {cfg.data.max_bad_samples} (e.g. {'; '.join(w for w, _ in unreadable[:3])})"
             )
-        elif unreadable:
-            problems.append(f"{len(unreadable)} record(s) cannot be read and will be skipped when met: "
+        elif n_unreadable:
+            problems.append(f"{n_unreadable} record(s) cannot be read and will be skipped when met: "
                             + "; ".join(r for _, r in unreadable[:5]))
         if fatal:
             raise TrainingError("; ".join(fatal))

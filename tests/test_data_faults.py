@@ -1,0 +1,144 @@
+"""Faults on the data path: unreadable sources end in a clear error instead of an
+endless loop, a missing shard index falls back to the tar headers, unreadable records
+are recorded at index time and reported by the trainer, and the DICOM modality LUT is
+applied before the VOI LUT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from regionmed.data.shards import DatasetError
+from regionmed.data.stream import MedRegionStream, StreamSource, make_stream_loader
+from regionmed.data.transforms import Preprocessor
+
+PRE = Preprocessor(image_size=32, roi_size=16, max_rois=3)
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Fail the test (instead of hanging) when the block runs longer than ``seconds``."""
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """16 phantoms in 4 shards of 4."""
+    from regionmed.apps.curation.phantoms import PhantomConfig, write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("sharded")
+    write_phantom_dataset(out, n_train=16, n_test=0, seed=3, config=PhantomConfig(image_size=64), shard_max_count=4,
+                          progress=False)
+    return out
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_a_stream_whose_shards_all_fail_raises_naming_the_source(tmp_path, resampled):
+    corrupt = tmp_path / "corrupt.tar"
+    corrupt.write_bytes(b"this is not a tar archive" * 40)
+    urls = [str(tmp_path / f"missing-{i}.tar") for i in range(3)] + [str(corrupt)]
+    stream = MedRegionStream([StreamSource.from_urls("broken", urls)], PRE, 2, shuffle_buffer=0, resampled=resampled)
+    with time_limit(60), pytest.raises(DatasetError) as err:
+        next(iter(make_stream_loader(stream)))
+    msg = str(err.value)
+    assert "'broken'" in msg and "in a row" in msg and ("missing-" in msg or "corrupt.tar" in msg)
+
+
+def test_a_stream_with_two_workers_over_unreadable_shards_raises(tmp_path):
+    urls = [str(tmp_path / f"missing-{i}.tar") for i in range(4)]
+    stream = MedRegionStream([StreamSource.from_urls("gone", urls)], PRE, 2, shuffle_buffer=0, num_workers=2)
+    with time_limit(120), pytest.raises(Exception) as err:  # re-raised by the DataLoader from its worker
+        next(iter(make_stream_loader(stream)))
+    assert "'gone'" in str(err.value) and "in a row" in str(err.value)
+
+
+def test_unreadable_shards_between_readable_ones_are_named_in_later_batches(sharded, tmp_path):
+    missing = [str(tmp_path / f"missing-{i}.tar") for i in range(3)]
+    urls = [str(p) for p in sorted(sharded.glob("train-*.tar"))] + missing
+    stream = MedRegionStream([StreamSource.from_urls("mixed", urls)], PRE, 2, shuffle_buffer=0)
+    with time_limit(120):
+        # the 16 samples of the first pass, and one batch of the second (after the pass's last shards)
+        batches = [b for _, b in zip(range(9), make_stream_loader(stream))]
+    named = [w for b in batches for _, w, _ in b.bad_samples]
+    assert set(named) == set(missing)  # every one, also those met after the first batch
+    assert all(len(b) == 2 for b in batches)
+
+
+# ------------------------------------------------------------------ the indexed reader
+def test_a_missing_index_file_falls_back_to_the_tar_headers_with_a_warning(tmp_path, caplog):
+    from regionmed.data.shards import MedRegionDataset, SplitIndex
+    from test_reader_index import write_dataset
+
+    root = write_dataset(tmp_path / "d", 7, max_count=3)
+    (root / "train-index.npz").unlink()
+    with caplog.at_level(logging.WARNING, logger="regionmed"):
+        ds = MedRegionDataset(root, "train")
+    assert len(ds) == 7 and not ds.indexed and ds.record(6)["id"] == "train-6"
+    assert "train-index.npz" in caplog.text and "missing" in caplog.text and f"regionmed index-shards {root}" in caplog.text
+    walked = SplitIndex.from_headers(root, ds.index.shard_names)
+    assert np.array_equal(walked.json_offset, ds.index.json_offset)
+
+
+def test_index_dataset_counts_unreadable_records_and_writes_the_manifest_once(tmp_path, monkeypatch):
+    from regionmed.data import shards
+    from test_run_robustness import write_split
+
+    root = write_split(tmp_path / "d", "train", 6, bad_json={1, 4}, regions=True)
+    writes = []
+    real = shards.write_json_atomic
+    monkeypatch.setattr(shards, "write_json_atomic", lambda path, data: (writes.append(path), real(path, data)))
+    done = shards.index_dataset(root)
+    assert done == {"train": {"samples": 6, "records_unreadable": 2}} and len(writes) == 1
+    stats = shards.read_manifest(root)["splits"]["train"]["stats"]
+    assert stats["samples"] == 4 and stats["records_unreadable"] == 2
+    assert [w.rsplit(":", 1)[1] for w, _ in stats["records_unreadable_examples"]] == ["train1", "train4"]
+    counts = shards.counts_from_stats(stats, 2, 3, 2)
+    assert counts["records_unreadable"] == 2 and counts["samples"] == 4
+
+
+def test_index_dataset_that_fails_leaves_the_manifest_as_it_was(tmp_path):
+    from regionmed.data import shards
+    from test_run_robustness import write_split
+
+    root = write_split(tmp_path / "d", "train", 4)
+    write_split(root, "test", 4)
+    (root / "test-000000.tar").unlink()
+    before = (root / "manifest.json").read_bytes()
+    with pytest.raises(DatasetError, match="test-000000.tar"):
+        shards.index_dataset(root)
+    assert (root / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_the_trainer_reports_unreadable_records_counted_at_index_time(tmp_path, limit, caplog):
+    from regionmed.apps.train.trainer import Trainer, TrainingError
+    from regionmed.data import shards
+    from test_run_robustness import small_config, write_split
+
+    root = write_split(tmp_path / "d", "train", 8, bad_json={1, 3}, regions=True)
+    shards.index_dataset(root)
+    cfg = small_config(root, tmp_path / "run", steps=(1, 1), mode="crop")
+    cfg.data.max_bad_samples = limit
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.counts_from == "manifest" and trainer.audit["records_unreadable"] == 2
+    assert [w.rsplit(":", 1)[1] for w, _ in trainer.unreadable_records] == ["train1", "train3"]
+    if limit == 1:
+        with pytest.raises(TrainingError, match=r"2 record\(s\) of .* cannot be read, more than data.max_bad_samples = 1"):
+            trainer.fit()
+    else:
+        with caplog.at_level(logging.WARNING):
+            trainer.fit()
+        assert "2 record(s) cannot be read and will be skipped when met" in caplog.text
