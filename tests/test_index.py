@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from infer_helpers import save_tiny_model, slake_image
-from regionmed.index import EmbeddingIndex, IndexMismatchError, IndexNotFoundError
+from regionmed.index import EmbeddingIndex, IndexInputError, IndexMismatchError, IndexNotFoundError
 from regionmed.inference import Predictor
 
 
@@ -73,6 +73,19 @@ def test_another_model_or_size_is_refused(predictors, tmp_path):
     assert index.count("image") == 1  # nothing half added
 
 
+def test_metadata_without_id_is_refused_naming_the_row(predictors):
+    p, _ = predictors
+    index = EmbeddingIndex.create(p)
+    vectors = p.embed_images([slake_image(0), slake_image(1), slake_image(2)]).global_
+    for bad, pattern in [({"source": "s.png"}, r"metadata #1 has no 'id' \(keys: \['source'\]\)"),
+                         ({"id": ""}, r"metadata #1 has no 'id'"), ("b", r"metadata #1 is a str")]:
+        with pytest.raises(IndexInputError, match=pattern):
+            index.add(vectors, [{"id": "a"}, bad, {"id": "c"}])
+    assert index.count("image") == 0  # no row of a refused call is added
+    index.add(vectors, [{"id": "a"}, {"id": 2}, {"id": "c"}])
+    assert [m["id"] for m in index.metadata("image")] == ["a", "2", "c"]
+
+
 def test_missing_and_damaged_folders(predictors, tmp_path):
     p, _ = predictors
     with pytest.raises(IndexNotFoundError, match="does not exist"):
@@ -92,3 +105,6 @@ def test_missing_and_damaged_folders(predictors, tmp_path):
         EmbeddingIndex.load(folder)
     info = json.loads((folder / "index.json").read_text())
     assert info["faiss_type"] == "IndexFlatIP" and info["model_id"] == p.model_id
+    (folder / "index.json").write_text('{"model_id": ', encoding="utf-8")
+    with pytest.raises(IndexMismatchError, match=r"index\.json: not valid JSON \(the index description\)"):
+        EmbeddingIndex.load(folder)

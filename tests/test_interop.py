@@ -261,8 +261,11 @@ def test_checkpoint_that_does_not_fit_names_the_tensors(tmp_path, bert):
         save_file({k: v.contiguous() for k, v in bad.items()}, str(path))
         with pytest.raises(InteropError, match=pattern):
             import_open_clip(path, cfg_path)
-    with pytest.raises(InteropError, match="does not exist"):
+    with pytest.raises(InteropError, match=r"open_clip config .*nope\.json is missing"):
         import_open_clip(tmp_path / "x.bin", tmp_path / "nope.json")
+    (tmp_path / "broken.json").write_text('{"model_cfg": ', encoding="utf-8")
+    with pytest.raises(InteropError, match=r"broken\.json: not valid JSON \(open_clip config\)"):
+        import_open_clip(tmp_path / "x.bin", tmp_path / "broken.json")
 
 
 @pytest.mark.slow

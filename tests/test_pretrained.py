@@ -89,7 +89,7 @@ def test_tower_features_equal_timm_features_from_same_weights(classifier):
 def test_bad_files_name_the_tensor(tmp_path, source_state):
     cases = {
         "missing": ({k: v for k, v in source_state.items() if k != "_blocks.5._bn1.running_mean"},
-                    r"1 tensors of efficientnet_lite0 missing \(e\.g\. \['blocks\.3\.0\.bn2\.running_mean'\]"),
+                    r"1 missing tensors \(e\.g\. \['blocks\.3\.0\.bn2\.running_mean'\]"),
         "unknown": ({**source_state, "_blocks.2._squeeze.weight": torch.zeros(1)}, r"follow no .*_blocks\.2\._squeeze"),
         "beyond": ({**source_state, "_blocks.16._bn1.weight": torch.zeros(1)}, r"_blocks\.16\._bn1\.weight"),
         "shape": ({**source_state, "_conv_head.weight": torch.zeros(1280, 320, 3, 3)},

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from regionmed.errors import RegionmedError
+from regionmed.io import read_json, write_json_atomic, write_jsonl_atomic
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -61,6 +62,10 @@ class IndexNotFoundError(RegionmedError, FileNotFoundError):
 class IndexMismatchError(RegionmedError, ValueError):
     """Vectors or a model that do not belong to an index: another model id, another
     embedding size, metadata that do not match the vectors, a damaged index folder."""
+
+
+class IndexInputError(RegionmedError, ValueError):
+    """An item given to an index that it cannot hold, e.g. a metadata entry without an ``id``."""
 
 
 class IndexDependencyError(RegionmedError, ImportError):
@@ -177,8 +182,11 @@ class EmbeddingIndex:
             raise IndexMismatchError("vectors hold NaN or inf values: leave such rows out (they are listed as problems)")
         rows = []
         for i, m in enumerate(metadata):
-            if "id" not in m or m["id"] in (None, ""):
-                raise ValueError(f"metadata #{i} has no 'id'")
+            if not isinstance(m, Mapping):
+                raise IndexInputError(f"metadata #{i} is a {type(m).__name__}, not a mapping with an 'id'")
+            if m.get("id") in (None, ""):
+                raise IndexInputError(f"metadata #{i} has no 'id' (keys: {sorted(map(str, m))[:6]}): every indexed "
+                                      "item needs an id to be found again")
             row = {k: _jsonable(v) for k, v in m.items()}
             row["id"] = str(m["id"])
             row["kind"] = kind
@@ -278,18 +286,12 @@ class EmbeddingIndex:
             tmp = folder / f".{kd}.faiss.tmp"
             faiss.write_index(self._indexes[kd], str(tmp))
             os.replace(tmp, folder / f"{kd}.faiss")
-            tmp = folder / f".{kd}.jsonl.tmp"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for m in self._meta[kd]:
-                    fh.write(json.dumps(m, ensure_ascii=False) + "\n")
-            os.replace(tmp, folder / f"{kd}.jsonl")
+            write_jsonl_atomic(folder / f"{kd}.jsonl", self._meta[kd])
         info = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "dim": self.dim, "faiss_type": FAISS_TYPE,
                 "metric": "inner product of L2-normalised vectors (cosine)",
                 "vectors": {"image": "global embedding", "region": "ROI embedding of the box"},
                 "counts": {kd: self.count(kd) for kd in KINDS}, "extra": self.extra}
-        tmp = folder / f".{INDEX_FILE}.tmp"
-        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
-        os.replace(tmp, folder / INDEX_FILE)
+        write_json_atomic(folder / INDEX_FILE, info, sort_keys=False)
         self.folder = folder
         return folder
 
@@ -303,13 +305,12 @@ class EmbeddingIndex:
         if not folder.is_dir():
             raise IndexNotFoundError(f"index folder {folder} does not exist: build one with `regionmed index`")
         info_path = folder / INDEX_FILE
-        if not info_path.is_file():
-            raise IndexNotFoundError(f"{info_path} is missing: {folder} is not a regionmed index folder")
+        info = read_json(info_path, IndexMismatchError, "the index description",
+                         missing_cls=IndexNotFoundError)
         try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
             model_id, dim = str(info["model_id"]), int(info["dim"])
             counts = {kd: int(info["counts"][kd]) for kd in KINDS}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise IndexMismatchError(f"{info_path}: not a valid index description ({type(err).__name__}: {err})") from err
         if info.get("format_version") != FORMAT_VERSION:
             raise IndexMismatchError(f"{info_path}: format_version {info.get('format_version')!r}, this regionmed reads {FORMAT_VERSION}")

@@ -11,7 +11,6 @@ a model, a dataset or another caller shares.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from regionmed.config import ConfigError
 from regionmed.data.decode import to_8bit
 from regionmed.data.schema import sanitize_box
 from regionmed.errors import RegionmedError
+from regionmed.io import read_json
 
 PREPROCESS_FILE = "preprocess.json"
 ROI_MODES = ("crop", "align", "none")
@@ -160,12 +160,7 @@ class Preprocessor:
         """Read ``directory/preprocess.json`` (a saved model folder); a missing or
         malformed file raises :class:`~regionmed.config.ConfigError` naming it."""
         path = Path(directory) / PREPROCESS_FILE
-        if not path.is_file():
-            raise ConfigError(f"{path} is missing: a model folder needs its preprocessing settings")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        data = read_json(path, ConfigError, "the preprocessing settings of the model folder")
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict:

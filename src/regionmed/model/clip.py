@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +10,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from regionmed import __version__
 from regionmed.config import ConfigError, from_dict, to_dict
 from regionmed.data.transforms import PREPROCESS_FILE, Preprocessor
+from regionmed.io import read_json, write_json_atomic
 from regionmed.model.config import ModelConfig, ProjectionConfig, validate_model_config
 from regionmed.model.roi import ROIProcessor, align_roi_features, scatter_rois
 from regionmed.model.towers import ImageTower, TextTower, WeightsError
@@ -258,10 +258,8 @@ class RegionMedCLIP(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         # The weights are in the folder: where they first came from is not part of it.
         cfg = dataclasses.replace(self.cfg, image=dataclasses.replace(self.cfg.image, pretrained=None), init_from=None)
-        (directory / CONFIG_NAME).write_text(
-            json.dumps({"regionmed_version": __version__, "model": to_dict(cfg)}, indent=2), encoding="utf-8"
-        )
-        (directory / PREPROCESS_NAME).write_text(json.dumps(self.preprocess_config(), indent=2), encoding="utf-8")
+        write_json_atomic(directory / CONFIG_NAME, {"regionmed_version": __version__, "model": to_dict(cfg)}, sort_keys=False)
+        write_json_atomic(directory / PREPROCESS_NAME, self.preprocess_config(), sort_keys=False)
         self.text_tower.model.config.save_pretrained(directory / TEXT_DIR)
         self.text_tower.hf_tokenizer.save_pretrained(directory / TEXT_DIR)
         save_model(self, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "regionmed_version": __version__})
@@ -283,22 +281,8 @@ class RegionMedCLIP(nn.Module):
         weights that do not fit the config (missing or unexpected tensors, other shapes);
         non-finite weights."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise WeightsError(f"model folder {directory} does not exist (or is not a folder)")
+        cfg = read_model_config(directory)
         config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise WeightsError(f"{config_path} is missing: {directory} is not a regionmed model folder")
-        try:
-            data = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise WeightsError(f"{config_path}: not valid JSON ({err})") from err
-        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-            raise WeightsError(f"{config_path}: no 'model' mapping (the model config): not a regionmed model folder")
-        try:
-            cfg = from_dict(ModelConfig, data["model"], "model", str(config_path))
-            validate_model_config(cfg, str(config_path))
-        except ConfigError as err:
-            raise WeightsError(f"cannot load {directory}: {err}") from err
         try:
             pre = Preprocessor.from_folder(directory)
         except ConfigError as err:
@@ -317,6 +301,45 @@ class RegionMedCLIP(nn.Module):
         model.preprocessor = pre
         load_weights(model, weights, device=str(map_location))
         return model.to(map_location).eval()
+
+
+def read_model_config(folder: str | Path, where: str = "") -> ModelConfig:
+    """The validated :class:`ModelConfig` of the regionmed model folder ``folder`` (its
+    ``config.json``). Raises :class:`WeightsError` naming the folder or file when the folder
+    or ``config.json`` is missing, not JSON, lacks its ``model`` mapping or holds a bad field.
+    ``where`` (e.g. ``"model.init_from"``) starts every message."""
+    folder = Path(folder)
+    lead = f"{where}: " if where else ""
+    if not folder.is_dir():
+        raise WeightsError(f"{lead}model folder {folder} does not exist (or is not a folder)")
+    config_path = folder / CONFIG_NAME
+    data = read_json(config_path, WeightsError, f"{lead}the model config")
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise WeightsError(f"{lead}{config_path}: no 'model' mapping (the model config): not a regionmed model folder")
+    try:
+        cfg = from_dict(ModelConfig, data["model"], "model", str(config_path))
+        validate_model_config(cfg, str(config_path))
+    except ConfigError as err:
+        raise WeightsError(f"{lead}cannot load {folder}: {err}") from err
+    return cfg
+
+
+def read_model_folder(folder: str | Path, where: str = "") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """``(config, state dict)`` of the regionmed model folder ``folder``: its ``config.json``
+    (:func:`read_model_config`) and the tensors of its ``model.safetensors`` (CPU, by
+    regionmed name). Raises :class:`WeightsError` naming the file when either is missing,
+    damaged or truncated. ``where`` starts every message."""
+    folder = Path(folder)
+    cfg = read_model_config(folder, where)
+    weights = folder / WEIGHTS_NAME
+    lead = f"{where}: " if where else ""
+    if not weights.is_file():
+        raise WeightsError(f"{lead}{weights} is missing: {folder} holds no weights")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"{lead}{weights} cannot be read (truncated or not safetensors): {err}") from err
+    return cfg, state
 
 
 def load_weights(model: nn.Module, path: str | Path, device: str = "cpu") -> None:

@@ -42,7 +42,6 @@ open_clip crops away. Embeddings are equal (to float rounding) on equal pixel te
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -50,14 +49,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from regionmed.config import ConfigError, from_dict, to_dict
+from regionmed.config import ConfigError, to_dict
 from regionmed.errors import RegionmedError
+from regionmed.io import read_json
 from regionmed.model.config import ImageTowerConfig, ModelConfig, ProjectionConfig, RoiConfig, TextTowerConfig
-from regionmed.model.towers import WeightsError, read_state_dict
+from regionmed.model.towers import WeightsError, check_state_dict, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +88,7 @@ def read_open_clip_config(path: str | Path) -> dict[str, Any]:
     Returns ``{"model_cfg": {...}, "preprocess_cfg": {...}}``. Raises :class:`InteropError`
     naming the file when it is missing, not JSON or has no model config."""
     path = Path(path)
-    if not path.is_file():
-        raise InteropError(f"open_clip config {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InteropError(f"{path}: not valid JSON ({err})") from err
+    data = read_json(path, InteropError, "open_clip config")
     if isinstance(data, dict) and isinstance(data.get("model_cfg"), dict):
         return {"model_cfg": data["model_cfg"], "preprocess_cfg": data.get("preprocess_cfg") or {}}
     if isinstance(data, dict) and "embed_dim" in data:
@@ -257,18 +250,7 @@ def convert_open_clip_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelCo
             unknown.append(key)
     if dropped:
         log.info("%s: left out %d tensor(s) the regionmed model does not use: %s", source, len(dropped), dropped[:4])
-    new_keys = {k for k in out}
-    unexpected = sorted(new_keys - set(expected))
-    missing = sorted(set(expected) - new_keys)
-    shapes = [f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(new_keys & set(expected)) if tuple(out[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    for what, items in (("unknown tensors", sorted(unknown)), ("tensors the model does not have", unexpected),
-                        ("missing tensors", missing), ("shape mismatches", shapes)):
-        if items:
-            problems.append(f"{len(items)} {what} (e.g. {items[:3]})")
-    if problems:
-        raise InteropError(f"{source} does not fit the open_clip config: {'; '.join(problems)}")
+    check_state_dict(out, expected, source, "the open_clip config", unknown=unknown, error_cls=InteropError)
     return {k: v.to(expected[k].dtype) for k, v in out.items()}
 
 
@@ -276,12 +258,9 @@ def _load_global_path(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
     """Load ``state`` (regionmed names) into ``model``: every tensor of the towers,
     projections and temperature must be there (and the ROI processor's when ``with_roi``)."""
     target = {k: v for k, v in model.state_dict().items() if with_roi or not k.startswith("roi_processor.")}
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    shapes = [k for k in set(target) & set(state) if tuple(target[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        raise WeightsError(f"{source} does not fit the model: missing {missing[:4]} ({len(missing)}), unexpected "
-                           f"{unexpected[:4]} ({len(unexpected)}), other shapes {sorted(shapes)[:4]} ({len(shapes)})")
+    own = model.state_dict()
+    # tensors of the model outside ``target`` (the ROI processor) are left alone, not "unexpected"
+    check_state_dict({k: v for k, v in state.items() if k in target or k not in own}, target, source)
     model.load_state_dict({k: state[k] for k in target}, strict=False)
 
 
@@ -406,17 +385,11 @@ def init_from_folder(cfg: ModelConfig) -> "RegionMedCLIP":  # noqa: F821
     ``text.name``, ``text.config_overrides``, ``logit_scale_*``) must equal the folder's:
     otherwise :class:`~regionmed.config.ConfigError` names the first differing field with
     both values. A damaged or missing folder raises :class:`WeightsError`."""
-    from regionmed.model.clip import CONFIG_NAME, TEXT_DIR, WEIGHTS_NAME, RegionMedCLIP
+    from regionmed.model.clip import CONFIG_NAME, TEXT_DIR, WEIGHTS_NAME, RegionMedCLIP, read_model_folder
 
     folder = Path(cfg.init_from)
     config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise WeightsError(f"model.init_from: {config_path} is missing: {folder} is not a regionmed model folder")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-        theirs = from_dict(ModelConfig, data["model"], "model", str(config_path))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ConfigError) as err:
-        raise WeightsError(f"model.init_from: {config_path} cannot be read as a regionmed model config: {err}") from err
+    theirs, state = read_model_folder(folder, "model.init_from")
     if cfg.image.pretrained:
         raise ConfigError("model.image.pretrained and model.init_from are both set: the image tower would start from two "
                           "weights files; keep one")
@@ -433,10 +406,6 @@ def init_from_folder(cfg: ModelConfig) -> "RegionMedCLIP":  # noqa: F821
         raise WeightsError(f"model.init_from: {text_dir} is missing (the text tower's config and tokenizer)")
     model = RegionMedCLIP(cfg, text_source=str(text_dir))
     weights = folder / WEIGHTS_NAME
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise WeightsError(f"model.init_from: {weights} cannot be read (missing, truncated or not safetensors): {err}") from err
     with_roi = dataclasses.asdict(theirs.roi) == dataclasses.asdict(cfg.roi) and cfg.roi.mode != "none"
     if not with_roi:
         state = {k: v for k, v in state.items() if not k.startswith("roi_processor.")}

@@ -26,7 +26,7 @@ from pathlib import Path
 import timm
 import torch
 
-from regionmed.model.towers import WeightsError, read_state_dict
+from regionmed.model.towers import WeightsError, check_state_dict, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,16 +113,8 @@ def efficientnet_lite_to_timm(state: Mapping[str, torch.Tensor], timm_name: str 
             out[f"{_TOP[top.group(1)]}.{top.group(2)}"] = value
         else:
             unknown.append(key)
-    missing = sorted(set(target) - set(out))
-    extra = sorted(set(out) - set(target))
-    shapes = [f"{k}: file {tuple(out[k].shape)} vs {timm_name} {tuple(target[k].shape)}"
-              for k in sorted(set(out) & set(target)) if out[k].shape != target[k].shape]
-    problems = [f"{len(items)} {what} (e.g. {items[:3]})" for what, items in (
-        ("names that follow no efficientnet_pytorch rule", sorted(unknown)), (f"tensors {timm_name} does not have", extra),
-        (f"tensors of {timm_name} missing", missing), ("shape mismatches", shapes)) if items]
-    if problems:
-        raise WeightsError(f"{source}: does not fit timm model {timm_name!r} as efficientnet_pytorch weights: "
-                           f"{'; '.join(problems)}")
+    check_state_dict(out, target, f"{source}:", f"timm model {timm_name!r} as efficientnet_pytorch weights",
+                     unknown=unknown, unknown_label="names that follow no efficientnet_pytorch rule")
     return out
 
 

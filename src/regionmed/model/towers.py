@@ -15,6 +15,7 @@ import hashlib
 import logging
 import pickle
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -54,6 +55,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a state dict of tensors")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str,
+                     what: str = "the model", unknown: Sequence[str] = (), unknown_label: str = "unknown tensors",
+                     error_cls: type[Exception] = WeightsError) -> None:
+    """Check that ``state`` fits ``expected`` (a model's state dict, or the part of it that must
+    be loaded) name by name: no tensor missing, none the model lacks, every shape equal.
+
+    ``unknown``: names of the source that no renaming rule took (reported first, as
+    ``unknown_label``). Raises
+    ``error_cls`` (default :class:`WeightsError`) starting with ``source`` and ``what``, giving
+    each kind of problem with its count and the first three names (shapes: file vs model)."""
+    extra = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = [f"{len(items)} {kind} (e.g. {items[:3]})" for kind, items in (
+        (unknown_label, sorted(unknown)), ("tensors the model does not have", extra),
+        ("missing tensors", missing), ("shape mismatches", shapes)) if items]
+    if problems:
+        raise error_cls(f"{source} does not fit {what}: {'; '.join(problems)}")
 
 
 def _strip_trunk_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
