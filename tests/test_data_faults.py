@@ -142,3 +142,66 @@ def test_the_trainer_reports_unreadable_records_counted_at_index_time(tmp_path, 
         with caplog.at_level(logging.WARNING):
             trainer.fit()
         assert "2 record(s) cannot be read and will be skipped when met" in caplog.text
+
+
+# ------------------------------------------------------------------ DICOM LUT order
+def _rescaled_dicom(stored: np.ndarray, slope: float, intercept: float, window=None, voi_lut=None) -> bytes:
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if voi_lut is not None:
+        first_map, lut = voi_lut
+        item = Dataset()
+        item.LUTDescriptor = [len(lut), first_map, 16]
+        item["LUTDescriptor"].VR = "US"
+        item.LUTData = [int(v) for v in lut]
+        item["LUTData"].VR = "US"
+        ds.VOILUTSequence = [item]
+    ds.PixelData = stored.astype("<u2").tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+STORED = np.tile(np.arange(0, 1000, 10, dtype=np.uint16), (4, 1))  # 4 x 100 stored values
+SLOPE, INTERCEPT = 2.0, 100.0  # modality values 100..2080
+
+
+def test_dicom_window_applies_to_rescaled_values():
+    from regionmed.data.dicom import read_dicom
+
+    c, w = 1000.0, 801.0
+    img = read_dicom(_rescaled_dicom(STORED, SLOPE, INTERCEPT, window=(c, w)), max_pixels=10**6).array
+    m = STORED * SLOPE + INTERCEPT  # DICOM PS3.3 C.11.1 then C.11.2.1.2.1, by hand
+    expected = np.round(np.clip((m - (c - 0.5)) / (w - 1) + 0.5, 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(img, expected)
+
+
+def test_dicom_voi_lut_sequence_maps_the_modality_lut_output():
+    from regionmed.data.dicom import read_dicom
+
+    lut = np.array([(k * k) >> 8 for k in range(4096)])  # non-linear: the input values matter after min-max
+    img = read_dicom(_rescaled_dicom(STORED, SLOPE, INTERCEPT, voi_lut=(0, lut)), max_pixels=10**6)
+    m = (STORED * SLOPE + INTERCEPT).astype(np.int64)
+    voi = lut[np.clip(m, 0, len(lut) - 1)].astype(np.float64)
+    expected = np.round((voi - voi.min()) / (voi.max() - voi.min()) * 255).astype(np.uint8)
+    assert img.meta["decode_mapping"] == "DICOM VOI LUT sequence"
+    assert np.array_equal(img.array, expected)
+    stored_voi = lut[STORED.astype(np.int64)].astype(np.float64)  # the former order: LUT on stored values
+    assert not np.array_equal(img.array, np.round((stored_voi - stored_voi.min()) / np.ptp(stored_voi) * 255).astype(np.uint8))

@@ -202,9 +202,15 @@ def _window(arr: np.ndarray, ds, window: str) -> tuple[np.ndarray, str]:
     """Modality LUT, then VOI LUT / window; return (values in [0, 1], the mapping in words)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    data = apply_modality_lut(arr, ds).astype(np.float64)
+    modality = apply_modality_lut(arr, ds)
+    data = modality.astype(np.float64)
     if window == "auto" and "VOILUTSequence" in ds:
-        voi = np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
+        # The VOI LUT maps the modality LUT's output, not the stored values (DICOM PS3.3
+        # C.11.2; pydicom's apply_voi_lut: "a modality LUT or rescale operation ... must be
+        # applied before"); a LUT is indexed by integers, so rescaled values are rounded.
+        if np.issubdtype(modality.dtype, np.floating):
+            modality = np.rint(modality).astype(np.int64)
+        voi = np.asarray(apply_voi_lut(modality, ds), dtype=np.float64)
         lo, hi = float(voi.min()), float(voi.max())
         return (np.zeros_like(voi) if hi <= lo else (voi - lo) / (hi - lo)), "DICOM VOI LUT sequence"
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
