@@ -205,3 +205,25 @@ def test_dicom_voi_lut_sequence_maps_the_modality_lut_output():
     assert np.array_equal(img.array, expected)
     stored_voi = lut[STORED.astype(np.int64)].astype(np.float64)  # the former order: LUT on stored values
     assert not np.array_equal(img.array, np.round((stored_voi - stored_voi.min()) / np.ptp(stored_voi) * 255).astype(np.uint8))
+
+
+# ------------------------------------------------------------------ writer offsets checked
+def test_the_writer_checks_recorded_offsets_against_each_closed_shard(tmp_path):
+    from regionmed.data.shards import MedRegionDataset, MedRegionWriter, SplitIndex, write_manifest
+    from test_reader_index import _png, _record
+
+    with MedRegionWriter(tmp_path / "ok", "train", max_count=2) as w:  # 3 shards, a 124-character key in the 2nd
+        for i in range(5):
+            w.write(_record(i), _png(i))
+    assert w._verified == {0, 1, 2}
+    write_manifest(tmp_path / "ok", {"train": w.summary()})
+    ds = MedRegionDataset(tmp_path / "ok", "train")
+    assert np.array_equal(ds.index.json_offset, SplitIndex.from_headers(ds.root, ds.index.shard_names).json_offset)
+
+    w = MedRegionWriter(tmp_path / "bad", "train", max_count=2)
+    w.write(_record(0), _png(0))
+    w.write(_record(1), _png(1))
+    w._index.cols["json_offset"][1] += 512  # as if the tar stream's offsets were read otherwise
+    with pytest.raises(DatasetError, match=r"shard .*train-000000.tar: the offset recorded for member train-1.json"):
+        w.write(_record(2), _png(2))  # opens the next shard: the first one is closed and checked
+    w._writer.close()

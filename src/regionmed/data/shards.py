@@ -236,6 +236,8 @@ class MedRegionWriter:
         self._per_shard: Counter[str] = Counter()
         self._index = _IndexBuilder()
         self._shard_names: list[str] = []
+        self._verified: set[int] = set()
+        self._shard_first: list[int] = []  # the index row of each shard's first sample
         self.stats = SplitStats()
         self.samples = 0
         self.regions = 0
@@ -278,7 +280,10 @@ class MedRegionWriter:
         del tar.members[:]  # tarfile keeps every member in write mode: not needed, bounded memory
         name = Path(w.fname).name
         if not self._shard_names or self._shard_names[-1] != name:
+            if self._shard_names:  # the previous shard was closed by next_stream()
+                self._verify_shard(len(self._shard_names) - 1)
             self._shard_names.append(name)
+            self._shard_first.append(len(self._index))
         self._index.add(len(self._shard_names) - 1, key, image_ext, where[image_ext], where["json"])
         self._per_shard[name] += 1
         self.stats.add(record)
@@ -291,6 +296,42 @@ class MedRegionWriter:
 
     def close(self) -> None:
         self._writer.close()
+        if self._shard_names and len(self._shard_names) - 1 not in self._verified:
+            self._verify_shard(len(self._shard_names) - 1)
+
+    def _verify_shard(self, shard: int) -> None:
+        """Check, in the closed shard file, that the member offsets recorded for its first
+        and last sample point at those members (the header block just before each offset
+        names the member and gives its size; the json member holds the record). The
+        offsets come from the tar stream being written (webdataset's ``ShardWriter``
+        internals): a version that writes otherwise fails here, at build time. Raises
+        :class:`DatasetError` naming the shard."""
+        self._verified.add(shard)
+        cols, path = self._index.cols, self.out_dir / self._shard_names[shard]
+        first = self._shard_first[shard]
+        last = self._shard_first[shard + 1] - 1 if shard + 1 < len(self._shard_first) else len(self._index) - 1
+        with open(path, "rb") as fh:
+            for i in sorted({first, last}):
+                key = self._index.keys[i].decode()
+                ext = IMAGE_EXTENSIONS[cols["ext"][i]]
+                for member, offset, size in ((ext, cols["image_offset"][i], cols["image_size"][i]),
+                                             ("json", cols["json_offset"][i], cols["json_size"][i])):
+                    problem = None
+                    try:
+                        fh.seek(offset - tarfile.BLOCKSIZE)
+                        info = tarfile.TarInfo.frombuf(fh.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
+                        expected = f"{key}.{member}"
+                        if info.size != size or not info.name or not expected.startswith(info.name):
+                            problem = f"the header there is {info.name!r} ({info.size} bytes)"
+                        elif member == "json" and _safe_key(json.loads(fh.read(size))["id"]) != key:
+                            problem = "the json member there holds another record"
+                    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as err:
+                        problem = f"no member header there ({type(err).__name__}: {err})"
+                    if problem:
+                        raise DatasetError(
+                            f"shard {path}: the offset recorded for member {key}.{member} ({offset}) is wrong: {problem}. "
+                            "The index is computed from webdataset's tar writer; this webdataset version writes otherwise "
+                            "(pyproject pins the tested versions)")
 
     def __enter__(self) -> "MedRegionWriter":
         return self
