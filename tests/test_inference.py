@@ -12,7 +12,14 @@ from PIL import Image
 from infer_helpers import PHI_STRINGS, assert_no_phi, covid_images, make_dicom, ramp, save_tiny_model, slake_image
 from regionmed.data.transforms import BoxError
 from regionmed.errors import RegionmedError
-from regionmed.inference import ImageInputError, Predictor, TextInputError, load_image, model_digest
+from regionmed.inference import (
+    ImageInputError,
+    InferenceArgumentError,
+    Predictor,
+    TextInputError,
+    load_image,
+    model_digest,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +74,29 @@ def test_load_image_bad_inputs_name_the_source(tmp_path):
         load_image(np.zeros((0, 4), np.uint8))
     with pytest.raises(TypeError):
         load_image(42)
+    with pytest.raises(ImageInputError, match="unsupported_input"):  # one base class for the CLI and the server
+        load_image(42)
+
+
+def test_array_inputs_non_finite_values_and_alpha():
+    values = np.linspace(0.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+    for bad in (np.nan, np.inf):
+        arr = values.copy()
+        arr[1, 2] = bad
+        with pytest.raises(ImageInputError, match="non_finite_pixels.*1 NaN/inf"):
+            load_image(arr, name="scan.npy")
+        with pytest.raises(ImageInputError, match="non_finite_pixels"):
+            load_image(np.dstack([arr] * 3))
+    rgb = np.random.default_rng(1).random((6, 5, 3)) * 500 + 100
+    opaque = np.asarray(load_image(np.dstack([rgb, np.ones((6, 5))])))
+    assert np.array_equal(opaque, np.asarray(load_image(rgb)))  # alpha 1: the colours' min–max alone
+    half = np.asarray(load_image(np.dstack([rgb, np.full((6, 5), 0.5)])), dtype=np.int16)
+    assert (half <= opaque).all() and (half < opaque).any()  # alpha blended, not min–max scaled with the colours
+    rgb16 = (rgb * 10).astype(np.uint16)
+    full16 = np.dstack([rgb16, np.full((6, 5), 65535, np.uint16)])
+    assert np.array_equal(np.asarray(load_image(full16)), np.asarray(load_image(rgb16)))  # alpha by the dtype's maximum
+    with pytest.raises(ImageInputError, match="alpha"):
+        load_image(np.dstack([rgb, np.full((6, 5), 255.0)]))
 
 
 def test_dicom_inputs_single_multi_frame_and_no_pixels(tmp_path):
@@ -194,6 +224,29 @@ def test_classify_single_and_multi_label(predictor):
         predictor.classify(paths, ["liver"])
     with pytest.raises(TextInputError, match="longer than"):
         predictor.classify(paths, {"a": ["x " * 100], "b": ["y"]})
+
+
+def test_classify_is_the_evaluation_ensemble(predictor):
+    """The Predictor scores with regionmed.eval.zeroshot's ensemble (one home for the logic)."""
+    from regionmed.eval.prompts import load_prompts
+    from regionmed.eval.zeroshot import class_scores
+
+    paths = [slake_image(i) for i in range(2)]
+    emb = predictor.embed_images(paths).fused
+    res = predictor.classify(paths, ["liver", "lung"])
+    expected = class_scores(predictor.model, emb, ["liver", "lung"], load_prompts(None), "softmax")
+    assert np.allclose(res.scores, expected, atol=1e-6)
+
+
+def test_argument_mistakes_are_regionmed_errors(predictor):
+    path = slake_image(0)
+    for call in (lambda: predictor.embed_images([path, path], boxes=[[]]),
+                 lambda: predictor.embed_images([path], names=["a", "b"]),
+                 lambda: predictor.embed_images([path], errors="ignore"),
+                 lambda: predictor.ground(path, ["liver"], read_out="pixels")):
+        with pytest.raises(InferenceArgumentError) as err:
+            call()
+        assert isinstance(err.value, RegionmedError) and isinstance(err.value, ValueError)
 
 
 # -- grounding ------------------------------------------------------------------------------------

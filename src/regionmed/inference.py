@@ -28,8 +28,10 @@ warning naming how many texts were cut.
 
 Errors: :class:`ImageInputError` (an image that cannot be used), :class:`BoxError`
 (a box that cannot be used, from :mod:`regionmed.data.transforms`),
-:class:`TextInputError` (an empty phrase list, an empty or too long text). All are
-:class:`~regionmed.errors.RegionmedError` and ``ValueError``.
+:class:`TextInputError` (an empty phrase list, an empty or too long text),
+:class:`InferenceArgumentError` (``boxes`` / ``names`` not one per image, an unknown
+``errors`` or ``read_out``). All are :class:`~regionmed.errors.RegionmedError` and
+``ValueError`` (:class:`ImageTypeError`, an input of an unsupported type, is also a ``TypeError``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ __all__ = [
     "Grounding",
     "ImageEmbeddingResult",
     "ImageInputError",
+    "ImageTypeError",
+    "InferenceArgumentError",
     "Predictor",
     "Problem",
     "TextInputError",
@@ -83,7 +87,8 @@ class ImageInputError(RegionmedError, ValueError):
     ``source``: the input's name (a path, the ``name`` given, or ``"<array>"``,
     ``"<bytes>"``, ``"<PIL image>"``); ``reason``: a short key (``unreadable_image``,
     ``truncated_image``, ``decompression_bomb``, ``too_many_pixels``,
-    ``unsupported_dicom``, ``empty_image``, ``unsupported_input``, ``missing_file``);
+    ``unsupported_dicom``, ``empty_image``, ``unsupported_input``, ``missing_file``,
+    ``non_finite_pixels``);
     ``detail``: what was found. The message is ``"<source>: <reason>: <detail>"``
     and never holds a DICOM attribute value."""
 
@@ -94,9 +99,19 @@ class ImageInputError(RegionmedError, ValueError):
         self.detail = detail
 
 
+class ImageTypeError(ImageInputError, TypeError):
+    """An image input of a type :func:`load_image` does not take (reason ``unsupported_input``);
+    a ``TypeError`` too."""
+
+
 class TextInputError(RegionmedError, ValueError):
     """A text input that cannot be used: an empty phrase/label list, an empty text,
     a text longer than the model's context (without ``truncate=True``)."""
+
+
+class InferenceArgumentError(RegionmedError, ValueError):
+    """A call argument that does not fit: ``boxes`` / ``names`` not one per image, an
+    unknown ``errors`` mode or ``read_out``."""
 
 
 @dataclass
@@ -216,7 +231,15 @@ def _source_name(source: Any, name: str | None) -> str:
 
 
 def _array_to_image(arr: np.ndarray, where: str) -> Image.Image:
-    """A numpy pixel array as an 8-bit L/RGB PIL image (non-uint8 values by min–max)."""
+    """A numpy pixel array as an 8-bit L/RGB PIL image.
+
+    uint8 as is; other dtypes by a per-image min–max to 0..255 (for colour, one min–max
+    over the colour channels, which keeps the colour balance). An alpha channel (H x W x 4)
+    is not part of that min–max: a float alpha must lie in [0, 1] (1 = opaque), an integer
+    alpha is scaled by its dtype's maximum; the image is then composited as
+    :func:`regionmed.data.decode.to_8bit` composites RGBA. Raises :class:`ImageInputError`
+    for NaN / inf values (reason ``non_finite_pixels``: a silent replacement would be a
+    wrong image) and a float alpha outside [0, 1]."""
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
@@ -225,18 +248,33 @@ def _array_to_image(arr: np.ndarray, where: str) -> Image.Image:
         raise ImageInputError(where, "empty_image", f"array of shape {tuple(arr.shape)}")
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
-    if not (np.issubdtype(arr.dtype, np.number)):
+    if not (np.issubdtype(arr.dtype, np.number)) or np.iscomplexobj(arr):
         raise ImageInputError(where, "unsupported_input", f"array of dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise ImageInputError(where, "non_finite_pixels", f"array holds {bad} NaN/inf value(s) (of {arr.size})")
     if arr.ndim == 2:
         if arr.dtype == np.uint8:
             return Image.fromarray(np.ascontiguousarray(arr), "L")
         return to_8bit(Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), "F"))[0]
-    if arr.dtype != np.uint8:  # one min–max over all colour channels (keeps the colour balance)
-        values = arr.astype(np.float64)
-        finite = np.isfinite(values)
-        lo, hi = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)
-        values = np.where(finite, values, lo)
+    alpha = None
+    if arr.dtype != np.uint8:
+        if arr.shape[-1] == 4:
+            a = arr[..., 3].astype(np.float64)
+            if np.issubdtype(arr.dtype, np.floating):
+                if a.min() < 0.0 or a.max() > 1.0:
+                    raise ImageInputError(where, "unsupported_input", f"float alpha channel in [{a.min():g}, {a.max():g}] "
+                                                                      "(expected [0, 1], 1 = opaque)")
+            else:
+                a = np.clip(a, 0.0, None) / float(np.iinfo(arr.dtype).max)
+            alpha = np.round(a * 255).astype(np.uint8)
+            arr = arr[..., :3]
+        values = arr.astype(np.float64)  # one min–max over all colour channels (keeps the colour balance)
+        lo, hi = float(values.min()), float(values.max())
         arr = np.zeros(arr.shape, np.uint8) if hi <= lo else np.round((values - lo) / (hi - lo) * 255).astype(np.uint8)
+        if alpha is not None:
+            arr = np.concatenate([arr, alpha[..., None]], axis=-1)
     mode = "RGB" if arr.shape[-1] == 3 else "RGBA"
     return to_8bit(Image.fromarray(np.ascontiguousarray(arr), mode))[0]
 
@@ -255,8 +293,8 @@ def load_image(source: Any, *, name: str | None = None, max_pixels: int | None =
     applied). DICOM: :func:`regionmed.data.dicom.read_dicom` (single frame; window /
     VOI LUT; no identifier leaves it). PIL images and arrays: the pixel grid as given.
 
-    Raises :class:`ImageInputError` naming the source and the reason; ``TypeError``
-    for an input of another type.
+    Raises :class:`ImageInputError` naming the source and the reason;
+    :class:`ImageTypeError` (also a ``TypeError``) for an input of another type.
     """
     where = _source_name(source, name)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
@@ -285,7 +323,8 @@ def load_image(source: Any, *, name: str | None = None, max_pixels: int | None =
         return _decode_bytes(raw, where, limit, str(path))
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode_bytes(bytes(source), where, limit, None)
-    raise TypeError(f"load_image takes a PIL image, a numpy array, a path or bytes, not {type(source).__name__}")
+    raise ImageTypeError(where, "unsupported_input",
+                         f"load_image takes a PIL image, a numpy array, a path or bytes, not {type(source).__name__}")
 
 
 def _decode_bytes(raw: bytes, where: str, limit: int, path: str | None) -> Image.Image:
@@ -341,7 +380,7 @@ class Predictor:
     def __init__(self, model, device: str | torch.device | None = None, batch_size: int = 32,
                  max_pixels: int | None = None):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InferenceArgumentError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device) if device is not None else model.logit_scale.device
         self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
@@ -401,12 +440,12 @@ class Predictor:
         in ``problems``). ``progress``: a tqdm bar.
         """
         if errors not in ("raise", "skip"):
-            raise ValueError(f"errors {errors!r} is not 'raise' or 'skip'")
+            raise InferenceArgumentError(f"errors {errors!r} is not 'raise' or 'skip'")
         items = _as_list(images)
         if boxes is not None and len(boxes) != len(items):
-            raise ValueError(f"boxes has {len(boxes)} lists for {len(items)} images (give one list per image, [] for none)")
+            raise InferenceArgumentError(f"boxes has {len(boxes)} lists for {len(items)} images (give one list per image, [] for none)")
         if names is not None and len(names) != len(items):
-            raise ValueError(f"names has {len(names)} entries for {len(items)} images")
+            raise InferenceArgumentError(f"names has {len(names)} entries for {len(items)} images")
         from tqdm import tqdm
 
         d = self.embed_dim
@@ -539,17 +578,13 @@ class Predictor:
         if not multi_label and len(class_prompts) < 2:
             raise TextInputError(f"single-label classification needs at least two labels, got {list(class_prompts)} "
                                  "(use multi_label for a score per label)")
-        flat = [p for ps in class_prompts.values() for p in ps]
-        text = self.embed_texts(flat, truncate=truncate)
-        ens, start = [], 0
-        for ps in class_prompts.values():
-            ens.append(torch.nn.functional.normalize(text[start: start + len(ps)].mean(0), dim=-1))
-            start += len(ps)
-        classes = torch.stack(ens)
+        from regionmed.eval.zeroshot import ensemble, ensemble_scores
+
+        classes = ensemble(self.model, list(class_prompts.values()),
+                           embed=lambda texts: self.embed_texts(texts, truncate=truncate))
         emb = self.embed_images(images, boxes, names=names, errors=errors, progress=progress)
-        sims = emb.fused.float() @ classes.T
-        scores = sims if multi_label else torch.softmax(float(self.model.scale().detach().cpu()) * sims, dim=-1)
-        return ClassificationResult(list(class_prompts), scores.numpy().astype(np.float32), bool(multi_label), class_prompts,
+        scores = ensemble_scores(self.model, emb.fused, classes, "similarity" if multi_label else "softmax")
+        return ClassificationResult(list(class_prompts), scores.astype(np.float32), bool(multi_label), class_prompts,
                                     emb.indices, emb.sources, emb.problems)
 
     def class_prompts(self, labels, prompts=None) -> dict[str, list[str]]:
@@ -590,43 +625,24 @@ class Predictor:
         Raises :class:`TextInputError` for an empty phrase list, an empty phrase or one
         longer than the context (unless ``truncate``); :class:`ImageInputError`.
         """
-        from regionmed.eval.grounding import Geometry, locate, locate_windows, similarity_maps, window_boxes
-        from regionmed.eval.images import window_scores
+        from regionmed.eval.grounding import ground_image, heatmap_at
 
         if read_out not in READ_OUTS:
-            raise ValueError(f"read_out {read_out!r} is not one of {list(READ_OUTS)}")
+            raise InferenceArgumentError(f"read_out {read_out!r} is not one of {list(READ_OUTS)}")
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
         if not phrases:
             raise TextInputError("the phrase list is empty: give at least one phrase to ground")
         phrases = self._check_texts(phrases, "phrase", truncate)
         image = to_rgb(self.load_image(image, name))
         w, h = image.size
-        text = self.embed_texts(phrases, truncate=True).to(self.device)
+        text = self.embed_texts(phrases, truncate=True)
         mode = ("windows" if self.has_region_path else "patch") if read_out == "auto" else read_out
-        pre = self.preprocessor
+        locs = ground_image(self.model, self.preprocessor, image, text, mode, threshold=threshold)
         out = []
-        if mode == "windows":
-            boxes = window_boxes(w, h)
-            scores = _finite(window_scores(self.model, pre, image, boxes, text), "window").float().cpu()
-            locs = [locate_windows(scores[:, t], boxes, w, h) for t in range(len(phrases))]
-        else:
-            with torch.no_grad():
-                x = dataclasses.replace(pre, roi_mode="none")(image)["image"][None].to(self.device)
-                maps = _finite(similarity_maps(self.model, x, text), "patch")[0].float().cpu()
-            geom = Geometry(w, h, pre.image_size)
-            locs = [locate(maps[t], geom, threshold) for t in range(len(phrases))]
         for phrase, loc in zip(phrases, locs):
-            out.append(Grounding(phrase, _heatmap(loc["map"], w, h), tuple(float(v) for v in loc["point"]),
+            out.append(Grounding(phrase, heatmap_at(loc["map"], w, h), tuple(float(v) for v in loc["point"]),
                                  [float(v) for v in loc["box"]], float(loc["peak"]), mode, (w, h)))
         return out
-
-
-def _heatmap(values: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A 2-D map covering the whole image, resized (bilinear) to (height, width), min–max to [0, 1]."""
-    m = Image.fromarray(np.asarray(values, dtype=np.float32), "F").resize((width, height), Image.BILINEAR)
-    arr = np.asarray(m, dtype=np.float32)
-    lo, hi = float(arr.min()), float(arr.max())
-    return np.zeros_like(arr) if hi <= lo else np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def _finite(t, what: str = "image"):

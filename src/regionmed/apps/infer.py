@@ -168,16 +168,28 @@ def _load_or_problem(predictor, it: Item):
         try:
             return predictor.load_image(it.load(), it.source), None
         except (ImageInputError, RegionmedError, OSError, ValueError) as err:
-            return None, {"id": it.id, "source": it.source, "reason": getattr(err, "reason", "unreadable_image"),
-                          "detail": str(err)}
+            return None, _error_row(it, err)
     return it.load, None
 
 
-def embed_items(predictor, items: list[Item], use_boxes: bool = True, progress: bool = True) -> Iterator[tuple[list[Item], Any, list[dict]]]:
-    """Embed ``items`` chunk by chunk: yields (items embedded, ImageEmbeddingResult, problems)."""
-    from tqdm import tqdm
+def _error_row(it: Item, err: Exception) -> dict:
+    """A problems-list row for ``it`` that failed with ``err`` (its ``reason``, else ``unreadable_image``)."""
+    from regionmed.inference import Problem
 
-    bar = tqdm(total=len(items), desc="embed", unit="img", disable=not (progress and sys.stderr.isatty()))
+    return _problem_row(it, Problem(-1, it.source, getattr(err, "reason", None) or "unreadable_image", str(err)))
+
+
+def _problem_row(it: Item, problem) -> dict:
+    """A problems-list row for ``it``: its id plus the library's :class:`~regionmed.inference.Problem`
+    (source, reason, detail, box when it is a box's problem)."""
+    row = problem.to_dict()
+    row.pop("index", None)
+    return {"id": it.id, **row}
+
+
+def _ready_chunks(predictor, items: list[Item]) -> Iterator[tuple[list[Item], list[tuple[Item, Any]], list[dict]]]:
+    """``items`` in chunks of ``CHUNK``: yields (the chunk, its loaded (item, image) pairs,
+    problems of the items that could not be loaded)."""
     for start in range(0, len(items), CHUNK):
         chunk = items[start: start + CHUNK]
         problems, ready = [], []
@@ -187,12 +199,18 @@ def embed_items(predictor, items: list[Item], use_boxes: bool = True, progress: 
                 problems.append(prob)
             else:
                 ready.append((it, image))
+        yield chunk, ready, problems
+
+
+def embed_items(predictor, items: list[Item], use_boxes: bool = True, progress: bool = True) -> Iterator[tuple[list[Item], Any, list[dict]]]:
+    """Embed ``items`` chunk by chunk: yields (items embedded, ImageEmbeddingResult, problems)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), desc="embed", unit="img", disable=not (progress and sys.stderr.isatty()))
+    for chunk, ready, problems in _ready_chunks(predictor, items):
         res = predictor.embed_images([im for _, im in ready], [it.boxes for it, _ in ready] if use_boxes else None,
                                      names=[it.source for it, _ in ready], errors="skip")
-        for p in res.problems:
-            it = ready[p.index][0]
-            problems.append({"id": it.id, "source": it.source, "reason": p.reason, "detail": p.detail,
-                             **({"box": p.box} if p.box is not None else {})})
+        problems += [_problem_row(ready[p.index][0], p) for p in res.problems]
         bar.update(len(chunk))
         yield [ready[i][0] for i in res.indices], res, problems
     bar.close()
@@ -329,20 +347,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
     predictor = _predictor(args)
     class_prompts = predictor.class_prompts(labels, args.prompts)
     problems, rows = [], []
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start: start + CHUNK]
-        ready = []
-        for it in chunk:
-            image, prob = _load_or_problem(predictor, it)
-            if prob:
-                problems.append(prob)
-            else:
-                ready.append((it, image))
+    for _, ready, probs in _ready_chunks(predictor, items):
+        problems += probs
         res = predictor.classify([im for _, im in ready], class_prompts, multi_label=multi, truncate=args.truncate,
                                  names=[it.source for it, _ in ready], errors="skip", progress=not args.no_progress and sys.stderr.isatty())
-        for p in res.problems:
-            it = ready[p.index][0]
-            problems.append({"id": it.id, "source": it.source, "reason": p.reason, "detail": p.detail})
+        problems += [_problem_row(ready[p.index][0], p) for p in res.problems]
         for n, i in enumerate(res.indices):
             top, score = res.top(n)
             rows.append([ready[i][0].id, *[f"{v:.6f}" for v in res.scores[n]], top])
@@ -362,21 +371,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 # -- ground ----------------------------------------------------------------------------------
 def overlay(image, heatmap: np.ndarray, box: list[float], peak, opacity: float = 0.45):
-    """An RGB PIL image: ``image`` in gray, ``heatmap`` ([0, 1], same size) in a jet colour
-    map blended at ``opacity``, the box in red and the peak as a cross."""
-    import matplotlib
-    from PIL import Image, ImageDraw
+    """An RGB PIL image at ``image``'s size: ``image`` in gray, ``heatmap`` ([0, 1], same
+    size) in the jet colour map blended at ``opacity`` everywhere, the box in red and the
+    peak as a white cross (the library's :func:`regionmed.eval.overlay.render_overlay`)."""
+    from regionmed.eval.overlay import render_overlay
 
-    rgb = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32)
-    colours = matplotlib.colormaps["jet"](heatmap)[..., :3] * 255.0
-    blend = Image.fromarray(np.round(rgb * (1 - opacity) + colours * opacity).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(blend)
-    w = max(2, round(max(blend.size) / 200))
-    draw.rectangle([box[0], box[1], max(box[0], box[2] - 1), max(box[1], box[3] - 1)], outline=(255, 0, 0), width=w)
-    r = 4 * w
-    draw.line([peak[0] - r, peak[1], peak[0] + r, peak[1]], fill=(255, 255, 255), width=w)
-    draw.line([peak[0], peak[1] - r, peak[0], peak[1] + r], fill=(255, 255, 255), width=w)
-    return blend
+    return render_overlay(image, heatmap, box=box, peak=peak, threshold=0.0, opacity=opacity, cmap="jet", gray=True,
+                          color=(255, 0, 0), peak_color=(255, 255, 255), max_side=max(image.size))
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -417,7 +418,7 @@ def cmd_ground(args: argparse.Namespace) -> int:
             image = predictor.load_image(image, it.source)
             found = predictor.ground(image, phrases, args.read_out, threshold=args.threshold, truncate=args.truncate)
         except ImageInputError as err:
-            problems.append({"id": it.id, "source": it.source, "reason": err.reason, "detail": str(err)})
+            problems.append(_error_row(it, err))
             continue
         stem = f"{k:04d}-{_slug(Path(it.id).stem)}" if len(items) > 1 else _slug(Path(it.id).stem)
         entry = {"id": it.id, "size": list(image.size), "phrases": []}

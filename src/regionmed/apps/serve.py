@@ -50,9 +50,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from regionmed.errors import RegionmedError
+from regionmed.eval.overlay import display_scale as _display_scale
+from regionmed.eval.overlay import render_overlay
 
 if TYPE_CHECKING:  # gradio is an optional dependency (pip install 'regionmed[serve]')
     import gradio as gr
@@ -112,90 +114,6 @@ class ServeLimits:
 
 class DemoInputError(RegionmedError, ValueError):
     """A page input the demo refuses (the message is shown in the page as it is)."""
-
-
-# -- drawing ------------------------------------------------------------------------------
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _display_scale(width: int, height: int, max_side: int) -> float:
-    return min(1.0, max_side / max(width, height))
-
-
-def _colormap(values: np.ndarray) -> np.ndarray:
-    """(H, W) in [0, 1] → (H, W, 3) uint8 through matplotlib's ``inferno`` colour map
-    (perceptually uniform, readable in grey scale)."""
-    from matplotlib import colormaps
-
-    lut = (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
-    return lut[np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)]
-
-
-def render_overlay(
-    image: Image.Image,
-    heatmap: np.ndarray | None,
-    *,
-    box: list[float] | None = None,
-    peak: tuple[float, float] | None = None,
-    label: str | None = None,
-    threshold: float = 0.5,
-    opacity: float = 0.5,
-    color: tuple[int, int, int] = PALETTE[0],
-    max_side: int = 1024,
-) -> Image.Image:
-    """Draw one phrase's heatmap, box and peak over ``image``.
-
-    ``image``: the decoded image (any PIL mode); ``heatmap``: (H, W) float in [0, 1] at
-    the image's size (``None``: no heatmap); pixels whose value is ``>= threshold`` are
-    coloured by the ``inferno`` map and alpha-blended with weight ``opacity`` in [0, 1]
-    (below the threshold the image shows unchanged). ``box``: [x0, y0, x1, y1] and
-    ``peak``: (x, y), in the image's pixels, drawn in ``color``; ``label``: a caption
-    drawn above the box. The result is RGB, scaled so that its long side is at most
-    ``max_side`` pixels (the image's aspect kept). Raises ``ValueError`` when the heatmap's
-    shape is not the image's (H, W).
-    """
-    w, h = image.size
-    if heatmap is not None and tuple(heatmap.shape) != (h, w):
-        raise ValueError(f"heatmap of shape {tuple(heatmap.shape)} for an image of {w}x{h} (expected ({h}, {w}))")
-    s = _display_scale(w, h, max_side)
-    dw, dh = max(1, round(w * s)), max(1, round(h * s))
-    base = image.convert("RGB")
-    if (dw, dh) != (w, h):
-        base = base.resize((dw, dh), Image.Resampling.BILINEAR)
-    out = np.asarray(base, dtype=np.float32)
-    if heatmap is not None and opacity > 0:
-        heat = np.asarray(heatmap, dtype=np.float32)
-        if (dw, dh) != (w, h):
-            heat = np.asarray(Image.fromarray(heat, "F").resize((dw, dh), Image.Resampling.BILINEAR))
-        heat = np.nan_to_num(np.clip(heat, 0.0, 1.0))
-        alpha = (heat >= threshold).astype(np.float32)[..., None] * float(np.clip(opacity, 0.0, 1.0))
-        out = out * (1.0 - alpha) + _colormap(heat).astype(np.float32) * alpha
-    result = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(result)
-    line = max(2, round(max(dw, dh) / 250))
-    if box is not None:
-        x0, y0, x1, y1 = (float(v) * s for v in box)
-        draw.rectangle([x0, y0, x1, y1], outline=color, width=line)
-        if label:
-            font = _font(max(12, round(max(dw, dh) / 40)))
-            tx, ty = x0, y0 - line
-            left, t, r, b = draw.textbbox((tx, ty), label, font=font, anchor="ld")
-            if t < 0:  # no room above the box: inside it
-                tx, ty = x0 + line, y0 + line + (b - t)
-                left, t, r, b = draw.textbbox((tx, ty), label, font=font, anchor="ld")
-            draw.rectangle([left - 2, t - 2, r + 2, b + 2], fill=(0, 0, 0))
-            draw.text((tx, ty), label, fill=color, font=font, anchor="ld")
-    if peak is not None:
-        px, py = float(peak[0]) * s, float(peak[1]) * s
-        r = 3 * line
-        draw.line([px - r, py, px + r, py], fill=color, width=line)
-        draw.line([px, py - r, px, py + r], fill=color, width=line)
-    return result
 
 
 # -- inputs -------------------------------------------------------------------------------

@@ -132,6 +132,55 @@ def locate_windows(scores: torch.Tensor, boxes: list[list[float]], width: int, h
     return {"point": ((px + 0.5) / sx, (py + 0.5) / sy), "box": list(boxes[best]), "peak": float(sc[best]), "map": m}
 
 
+READ_OUTS = ("windows", "patch")
+
+
+def ground_image(model, pre, image, text_emb: torch.Tensor, read_out: str, *, threshold: float = 0.5,
+                 contrast: bool = False, select: list[int] | None = None,
+                 window_scales=(0.25, 0.4, 0.6)) -> list[dict]:
+    """Ground phrases in one image with one read-out: one :func:`locate` /
+    :func:`locate_windows` result (``{"point", "box", "peak", "map"}``, original pixels)
+    per phrase.
+
+    ``model``: a :class:`~regionmed.model.RegionMedCLIP` in eval mode; ``pre``: its
+    :class:`~regionmed.data.transforms.Preprocessor`; ``image``: an RGB PIL image;
+    ``text_emb``: (T, D) phrase embeddings (L2-normalised). ``read_out``: ``"windows"``
+    (sliding windows at ``window_scales`` through the region path, :func:`window_boxes`)
+    or ``"patch"`` (the patch–text map thresholded at ``threshold``, :func:`locate`).
+    ``contrast``: subtract from each score the mean over all T phrases (per window, or per
+    patch cell) before the read-out. ``select``: the rows of ``text_emb`` to read out
+    (default all, in order; with ``contrast`` the mean still runs over all T).
+    Raises ``ValueError`` for an unknown read-out and
+    :class:`~regionmed.eval.images.NonFiniteEmbeddingError` when the model computes
+    NaN/inf scores.
+    """
+    from dataclasses import replace
+
+    from regionmed.eval.images import require_finite, window_scores
+
+    if read_out not in READ_OUTS:
+        raise ValueError(f"read_out {read_out!r} is not one of {list(READ_OUTS)}")
+    rows = list(range(text_emb.shape[0])) if select is None else list(select)
+    w, h = image.size
+    device = model.logit_scale.device
+    text_emb = text_emb.to(device)
+    if read_out == "windows":
+        boxes = window_boxes(w, h, window_scales)
+        scores = require_finite(window_scores(model, pre, image, boxes, text_emb), "window").float().cpu()  # (K, T)
+        if contrast:
+            scores = scores - scores.mean(1, keepdim=True)
+        return [locate_windows(scores[:, t], boxes, w, h) for t in rows]
+    with torch.no_grad():
+        x = replace(pre, roi_mode="none")(image)["image"][None].to(device)  # no crops needed for the patch grid
+        if contrast:  # (T, h, w) for every phrase, less their mean, then the selected rows
+            maps = require_finite(similarity_maps(model, x, text_emb), "patch")[0]
+            maps = (maps - maps.mean(0, keepdim=True))[rows]
+        else:  # only the selected phrases' maps
+            maps = require_finite(similarity_maps(model, x, text_emb[rows]), "patch")[0]
+    geom = Geometry(w, h, pre.image_size)
+    return [locate(m, geom, threshold) for m in maps]
+
+
 def location_prior(refs) -> dict[str, list[float]]:
     """Per phrase, the mean of its training boxes in relative coordinates [0, 1].
     ``refs``: ``(pixel boxes, labels, (width, height))`` per training image."""
@@ -216,25 +265,26 @@ def summarise(rows: list[dict], n_boot: int = 0, seed: int = 0) -> dict:
     return out
 
 
-def save_overlay(image, result: dict, gt_boxes: list, phrase: str, path) -> None:
-    """Image + similarity heat map + annotated box(es) (green) + predicted box (red) and point."""
-    import matplotlib
+def heatmap_at(values, width: int, height: int) -> np.ndarray:
+    """A read-out's map (any (h, w) grid covering the whole image: :func:`locate`'s or
+    :func:`locate_windows`' ``"map"``) as (height, width) float32 in [0, 1]: resized
+    (bilinear) to the image, then min–max scaled (a constant map gives zeros)."""
+    from PIL import Image
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    m = Image.fromarray(np.asarray(values, dtype=np.float32), "F").resize((width, height), Image.Resampling.BILINEAR)
+    arr = np.asarray(m, dtype=np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    return np.zeros_like(arr) if hi <= lo else np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def save_overlay(image, result: dict, gt_boxes: list, phrase: str, path, max_side: int = 512) -> None:
+    """A PNG at ``path``: the image in grey, the similarity map (jet, opacity 0.35), the
+    annotated box(es) in green, the predicted box and point in red, ``phrase`` above the
+    predicted box; long side at most ``max_side`` pixels
+    (:func:`regionmed.eval.overlay.render_overlay`)."""
+    from regionmed.eval.overlay import render_overlay
 
     w, h = image.size
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(image.convert("L"), cmap="gray")
-    ax.imshow(result["map"], cmap="jet", alpha=0.35, extent=(0, w, h, 0))
-    for g in gt_boxes:
-        ax.add_patch(Rectangle((g[0], g[1]), g[2] - g[0], g[3] - g[1], fill=False, color="lime", lw=2))
-    b = result["box"]
-    ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="red", lw=2, ls="--"))
-    ax.plot([result["point"][0]], [result["point"][1]], "r+", ms=14, mew=3)
-    ax.set_title(phrase, fontsize=9)
-    ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    render_overlay(image, heatmap_at(result["map"], w, h), box=result["box"], peak=result["point"], label=phrase,
+                   threshold=0.0, opacity=0.35, cmap="jet", gray=True, color=(255, 0, 0), max_side=max_side,
+                   reference_boxes=gt_boxes, reference_color=(0, 255, 0)).save(path)

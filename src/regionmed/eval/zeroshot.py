@@ -20,6 +20,7 @@ and negatives, accuracy; each with a seeded bootstrap 95% CI (:mod:`.stats`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,10 +48,15 @@ class ZeroShotTask:
 
 
 @torch.no_grad()
-def ensemble(model, prompt_lists: list[list[str]]) -> torch.Tensor:
-    """(C, D): each list's prompts embedded, averaged, re-normalised."""
+def ensemble(model, prompt_lists: list[list[str]], embed: Callable[[list[str]], torch.Tensor] | None = None) -> torch.Tensor:
+    """(C, D) float32 on the CPU: each list's prompts embedded, averaged, re-normalised
+    (a prompt ensemble, CLIP's practice: Radford et al. 2021, sec. 3.1.4).
+
+    ``embed``: texts → (N, D) L2-normalised embeddings, called once with all prompts
+    (default ``model.encode_text``; the :class:`~regionmed.inference.Predictor` passes
+    its ``embed_texts``, which checks each text against the model's context length)."""
     flat = [p for ps in prompt_lists for p in ps]
-    emb = model.encode_text(flat).float().cpu()
+    emb = (embed or model.encode_text)(flat).float().cpu()
     out, start = [], 0
     for ps in prompt_lists:
         out.append(F.normalize(emb[start : start + len(ps)].mean(0), dim=-1))
@@ -59,25 +65,37 @@ def ensemble(model, prompt_lists: list[list[str]]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def ensemble_scores(model, image_emb: torch.Tensor, class_emb: torch.Tensor, mode: str = "softmax") -> np.ndarray:
+    """(N, C) scores of (N, D) L2-normalised image embeddings against (C, D) class
+    ensembles (:func:`ensemble`): ``"softmax"`` — the softmax over classes of the cosine
+    similarities times the model's logit scale (probabilities, rows sum to 1);
+    ``"similarity"`` — the cosine similarities themselves, in [-1, 1]."""
+    image_emb, class_emb = image_emb.float().cpu(), class_emb.float().cpu()
+    if mode == "similarity":
+        return (image_emb @ class_emb.T).numpy()
+    if mode == "softmax":
+        return torch.softmax(float(model.scale().detach().cpu()) * image_emb @ class_emb.T, dim=-1).numpy()
+    raise ZeroShotError(f"ensemble score mode {mode!r} is not 'softmax' or 'similarity'")
+
+
+@torch.no_grad()
 def class_scores(model, image_emb: torch.Tensor, classes: list[str], prompts: PromptSet, mode: str = "softmax") -> np.ndarray:
-    """(N, C) probabilities."""
+    """(N, C) scores of ``image_emb`` for ``classes`` (see the module docstring for the modes)."""
     if not classes:
         raise ZeroShotError("the class list is empty: give at least two classes (softmax) or one (pairs)")
-    scale = float(model.scale().detach().cpu())
     image_emb = image_emb.float().cpu()
     if mode == "softmax":
         if len(classes) < 2:
             raise ZeroShotError(f"softmax zero-shot needs at least two classes, got {classes}")
-        text = ensemble(model, [prompts.class_prompts(c) for c in classes])
-        return torch.softmax(scale * image_emb @ text.T, dim=-1).numpy()
+        return ensemble_scores(model, image_emb, ensemble(model, [prompts.class_prompts(c) for c in classes]), mode)
     if mode == "pairs":
+        scale = float(model.scale().detach().cpu())
         pos = ensemble(model, [prompts.pair_prompts(c)[0] for c in classes])
         neg = ensemble(model, [prompts.pair_prompts(c)[1] for c in classes])
         logits = torch.stack([image_emb @ pos.T, image_emb @ neg.T], dim=-1) * scale
         return torch.softmax(logits, dim=-1)[..., 0].numpy()
     if mode == "similarity":
-        text = ensemble(model, [prompts.class_prompts(c) for c in classes])
-        return (image_emb @ text.T).numpy()
+        return ensemble_scores(model, image_emb, ensemble(model, [prompts.class_prompts(c) for c in classes]), mode)
     raise ZeroShotError(f"zero-shot mode {mode!r} is not one of {MODES}")
 
 

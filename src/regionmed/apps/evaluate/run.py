@@ -52,17 +52,14 @@ from regionmed.apps.evaluate.suites import (
     vqa_rad_questions,
 )
 from regionmed.eval.grounding import (
-    Geometry,
-    locate,
-    locate_windows,
+    ground_image,
     location_prior,
     save_overlay,
     score_prediction,
-    similarity_maps,
     summarise,
     window_boxes,
 )
-from regionmed.eval.images import ImageRef, ImageSetEmbeddings, embed_images, open_image, window_scores
+from regionmed.eval.images import ImageRef, ImageSetEmbeddings, embed_images, open_image
 from regionmed.eval.prompts import load_prompts, proposal_phrases
 from regionmed.eval.vqa import VQAConfig, run_vqa, run_vqa_finetune
 from regionmed.eval.zeroshot import run_task
@@ -365,22 +362,13 @@ def eval_grounding(model, opts: EvalOptions, out: Path, problems: Problems) -> d
         labels = list(dict.fromkeys(ref.box_labels))
         w, h = image.size
         found = {}
-        if "patch" in rows:
-            x = pre(image)["image"][None].to(device)
-            if opts.grounding_contrast:
-                every = similarity_maps(model, x, text)[0]  # (P, h, w) for every phrase of the suite
-                maps = (every - every.mean(0, keepdim=True))[[pidx[lab] for lab in labels]]
-            else:
-                maps = similarity_maps(model, x, text[[pidx[lab] for lab in labels]])[0]
-            geom = Geometry(w, h, pre.image_size)
-            found["patch"] = [locate(m, geom, opts.grounding_threshold) for m in maps]
-        if "windows" in rows:
-            wins = window_boxes(w, h, opts.grounding_window_scales)
-            n_windows.append(len(wins))
-            scores = window_scores(model, pre, image, wins, text)  # (K, P)
-            if opts.grounding_contrast:
-                scores = scores - scores.mean(1, keepdim=True)
-            found["windows"] = [locate_windows(scores[:, pidx[lab]], wins, w, h) for lab in labels]
+        select = [pidx[lab] for lab in labels]
+        for readout in [r for r in GROUNDING_READOUTS if r in rows]:  # the Predictor's read-outs too
+            found[readout] = ground_image(model, pre, image, text, readout, threshold=opts.grounding_threshold,
+                                          contrast=opts.grounding_contrast, select=select,
+                                          window_scales=opts.grounding_window_scales)
+            if readout == "windows":
+                n_windows.append(len(window_boxes(w, h, opts.grounding_window_scales)))
         for i, lab in enumerate(labels):
             gt = [b for b, l2 in zip(ref.boxes, ref.box_labels) if l2 == lab]
             base = score_prediction((w / 2, h / 2), [0, 0, w, h], gt)
