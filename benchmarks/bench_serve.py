@@ -20,9 +20,7 @@ Two measurements, each the median over ``--repeats`` runs after one cold run (al
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,12 +32,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers: tiny model, DICOM writer, free port
 
 
 def _radiograph(size: int) -> Image.Image:
@@ -51,28 +44,13 @@ def _radiograph(size: int) -> Image.Image:
 
 
 def _dicom(image: Image.Image) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    """The image as a 16-bit (12 bits stored) DICOM without identifiers (the tests' writer)."""
+    from infer_helpers import make_dicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = image.height, image.width
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (np.asarray(image, dtype=np.uint16) * 16).astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return make_dicom(np.asarray(image, dtype=np.uint16) * 16, window=None, identifiers=False)
 
 
 def _tiny_model(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import tiny_model_config
     from regionmed.model.clip import create_model
 
@@ -99,6 +77,7 @@ def main() -> int:
 
     from gradio_client import Client, handle_file
 
+    from infer_helpers import free_port
     from regionmed.apps.serve import DemoBackend, GroundState, ServeLimits, build_app, launch_app
     from regionmed.inference import Predictor
 
@@ -148,7 +127,7 @@ def main() -> int:
         rows.append((f"in-process, {name}", cold, warm, split))
 
     app = build_app(predictor, limits=limits)
-    url = launch_app(app, host="127.0.0.1", port=_free_port(), block=False, quiet=True)
+    url = launch_app(app, host="127.0.0.1", port=free_port(), block=False, quiet=True)
     try:
         client = Client(url, verbose=False)
         for name, path in (("PNG", png), ("DICOM", dcm)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,15 @@ def save_tiny_model(folder: Path, seed: int = 0, **roi) -> Path:
     return folder
 
 
-def make_dicom(arr: np.ndarray | None, frames: int = 1, window=(2048, 4096)) -> bytes:
-    """A DICOM part-10 file (explicit VR little endian, 16-bit MONOCHROME2) with made-up
-    identifiers; ``arr`` None: no pixel data; ``frames`` > 1: a multi-frame file."""
+def make_dicom(arr: np.ndarray | None, frames: int = 1, window: tuple[float, float] | None = (2048, 4096), *,
+               pixels: bool = True, identifiers: bool = True) -> bytes:
+    """A DICOM part-10 file (explicit VR little endian, 16-bit MONOCHROME2, 12 bits stored).
+
+    ``arr``: (rows, columns) values in 0..4095, or None: no image attributes and no pixel
+    data; ``frames`` > 1: a multi-frame file (``arr`` repeated); ``window``: (centre,
+    width) of the VOI window, None: none written; ``pixels=False``: the image attributes
+    without the pixel data; ``identifiers``: the made-up :data:`PHI` values are written
+    (which must never reach an output)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -68,7 +75,7 @@ def make_dicom(arr: np.ndarray | None, frames: int = 1, window=(2048, 4096)) -> 
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    for k, v in PHI.items():
+    for k, v in (PHI.items() if identifiers else ()):
         setattr(ds, k, v)
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
@@ -78,14 +85,23 @@ def make_dicom(arr: np.ndarray | None, frames: int = 1, window=(2048, 4096)) -> 
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.WindowCenter, ds.WindowWidth = window
+        if window is not None:
+            ds.WindowCenter, ds.WindowWidth = window
         if frames > 1:
             ds.NumberOfFrames = frames
             arr = np.stack([arr] * frames)
-        ds.PixelData = arr.astype("<u2").tobytes()
+        if pixels:
+            ds.PixelData = arr.astype("<u2").tobytes()
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ramp(h: int = 48, w: int = 80) -> np.ndarray:
