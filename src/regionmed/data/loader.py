@@ -279,31 +279,20 @@ def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
     )
 
 
-class StepBatchSampler(Sampler[list[int]]):
-    """Yields this rank's indices for steps ``start_step .. total_steps - 1``.
+class _StepSampler(Sampler[list[int]]):
+    """Yields this rank's indices for steps ``start_step .. total_steps - 1``: the
+    ``rank``-th of ``world`` equal slices of :meth:`global_indices` (``step``), which a
+    subclass defines (a function of the step only: exact resumption at any world size)."""
 
-    Each epoch is a permutation seeded by ``(seed, epoch)``; global batch ``s`` is
-    the ``s``-th block of ``global_batch`` indices (the incomplete tail of an epoch
-    is dropped); rank ``r`` takes the ``r``-th of ``world`` equal slices.
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, total_steps: int, start_step: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, global_batch: int, seed: int, total_steps: int, start_step: int, rank: int, world: int):
         if global_batch % world:
             raise ValueError(f"batch size {global_batch} is not divisible by the world size {world}")
-        if n < global_batch:
-            raise DatasetError(f"the dataset has {n} samples, fewer than one batch of {global_batch}")
-        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.global_batch, self.seed = global_batch, seed
         self.total_steps, self.start_step = total_steps, start_step
         self.rank, self.world = rank, world
-        self.steps_per_epoch = n // global_batch
-        self._perm_epoch, self._perm = -1, None
 
     def global_indices(self, step: int) -> list[int]:
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen), epoch
-        return self._perm[pos * self.global_batch : (pos + 1) * self.global_batch].tolist()
+        raise NotImplementedError
 
     def __iter__(self):
         per_rank = self.global_batch // self.world
@@ -314,6 +303,29 @@ class StepBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step)
 
+
+class StepBatchSampler(_StepSampler):
+    """Yields this rank's indices for steps ``start_step .. total_steps - 1``.
+
+    Each epoch is a permutation seeded by ``(seed, epoch)``; global batch ``s`` is
+    the ``s``-th block of ``global_batch`` indices (the incomplete tail of an epoch
+    is dropped); rank ``r`` takes the ``r``-th of ``world`` equal slices.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, total_steps: int, start_step: int = 0, rank: int = 0, world: int = 1):
+        super().__init__(global_batch, seed, total_steps, start_step, rank, world)
+        if n < global_batch:
+            raise DatasetError(f"the dataset has {n} samples, fewer than one batch of {global_batch}")
+        self.n = n
+        self.steps_per_epoch = n // global_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def global_indices(self, step: int) -> list[int]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen), epoch
+        return self._perm[pos * self.global_batch : (pos + 1) * self.global_batch].tolist()
 
 class MixedSampleDataset(Dataset):
     """Several :class:`RegionSampleDataset` s as one index space (dataset ``j`` at offsets
@@ -356,7 +368,7 @@ def mixed_counts(weights: list[float], total: int) -> list[int]:
     return base.tolist()
 
 
-class MixedStepBatchSampler(Sampler[list[int]]):
+class MixedStepBatchSampler(_StepSampler):
     """A deterministic weighted mix of several datasets (the role of open_clip's upsampling
     factors): the global batch of step ``s`` depends only on ``(seed, s)``, as with
     :class:`StepBatchSampler`, so resumption is exact and independent of the world size.
@@ -371,17 +383,13 @@ class MixedStepBatchSampler(Sampler[list[int]]):
 
     def __init__(self, sizes: list[int], weights: list[float], global_batch: int, seed: int, total_steps: int,
                  start_step: int = 0, rank: int = 0, world: int = 1):
-        if global_batch % world:
-            raise ValueError(f"batch size {global_batch} is not divisible by the world size {world}")
+        super().__init__(global_batch, seed, total_steps, start_step, rank, world)
         if len(sizes) != len(weights) or not sizes or any(w <= 0 for w in weights) or any(n <= 0 for n in sizes):
             raise ValueError(f"sizes {sizes} and weights {weights}: one positive weight per non-empty dataset")
         self.sizes, self.weights = list(sizes), list(weights)
         self.starts = [0]
         for n in sizes:
             self.starts.append(self.starts[-1] + n)
-        self.global_batch, self.seed = global_batch, seed
-        self.total_steps, self.start_step = total_steps, start_step
-        self.rank, self.world = rank, world
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
 
     def _draw(self, j: int, pos: int) -> int:
@@ -400,15 +408,6 @@ class MixedStepBatchSampler(Sampler[list[int]]):
         out = [self._draw(j, pos) for j in range(len(self.sizes)) for pos in range(before[j], after[j])]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_777_777 + step)
         return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
-
-    def __iter__(self):
-        per_rank = self.global_batch // self.world
-        for step in range(self.start_step, self.total_steps):
-            batch = self.global_indices(step)
-            yield batch[self.rank * per_rank: (self.rank + 1) * per_rank]
-
-    def __len__(self) -> int:
-        return max(0, self.total_steps - self.start_step)
 
 
 def loader_options(num_workers: int, pin_memory: bool | None = None, prefetch_factor: int | None = None) -> dict:

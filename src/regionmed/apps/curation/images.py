@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from regionmed.data.decode import ImageDecodeError, decode_image, record_meta
+from regionmed.data.dicom import is_dicom
 from regionmed.errors import RegionmedError
 
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -57,12 +58,6 @@ class LoadedImage:
     pixel_spacing: tuple[float, float] | None = None  # (row mm, column mm)
     source_size: tuple[int, int] = (0, 0)
     patient_key: str | None = None
-
-
-def is_dicom(raw: bytes, path: str | None = None) -> bool:
-    if len(raw) >= 132 and raw[128:132] == b"DICM":
-        return True
-    return bool(path) and str(path).lower().endswith((".dcm", ".dicom"))
 
 
 def read_bytes(path: str | None, data: bytes | None) -> bytes:
