@@ -43,6 +43,7 @@ from regionmed.data.schema import (
     validate_record,
 )
 from regionmed.errors import RegionmedError
+from regionmed.io import write_json_atomic as _write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,9 @@ class SampleError(RegionmedError, ValueError):
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename
+    (:func:`regionmed.io.write_json_atomic`, sorted keys; kept here for its many callers)."""
+    _write_json_atomic(path, data)
 
 
 #: How many unreadable records a manifest's ``stats`` names (all are counted).
