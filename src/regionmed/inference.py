@@ -625,7 +625,8 @@ class Predictor:
         Raises :class:`TextInputError` for an empty phrase list, an empty phrase or one
         longer than the context (unless ``truncate``); :class:`ImageInputError`.
         """
-        from regionmed.eval.grounding import ground_image, heatmap_at
+        from regionmed.eval.grounding import heatmap_at
+        from regionmed.eval.readout import ground_image
 
         if read_out not in READ_OUTS:
             raise InferenceArgumentError(f"read_out {read_out!r} is not one of {list(READ_OUTS)}")

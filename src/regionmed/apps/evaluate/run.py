@@ -52,7 +52,6 @@ from regionmed.apps.evaluate.suites import (
     vqa_rad_questions,
 )
 from regionmed.eval.grounding import (
-    ground_image,
     location_prior,
     save_overlay,
     score_prediction,
@@ -61,6 +60,7 @@ from regionmed.eval.grounding import (
 )
 from regionmed.eval.images import ImageRef, ImageSetEmbeddings, embed_images, open_image
 from regionmed.eval.prompts import load_prompts, proposal_phrases
+from regionmed.eval.readout import ground_image
 from regionmed.eval.vqa import VQAConfig, run_vqa, run_vqa_finetune
 from regionmed.eval.zeroshot import run_task
 
