@@ -131,6 +131,19 @@ def test_an_index_that_does_not_match_its_digest_is_refused(tmp_path):
         MedRegionDataset(root, "train")
 
 
+
+def test_a_shard_the_manifest_lists_but_that_was_deleted_is_refused_at_open(tmp_path):
+    root = write_dataset(tmp_path, 6, max_count=2)  # 3 shards
+    shards = sorted(p.name for p in root.glob("*.tar"))
+    assert len(shards) == 3 and len(MedRegionDataset(root, "train")) == 6
+    (root / shards[1]).unlink()
+    with pytest.raises(DatasetError) as err:
+        RegionSampleDataset(str(root), "train", Preprocessor(image_size=32), on_bad="substitute")
+    msg = str(err.value)
+    assert str(root) in msg and shards[1] in msg and "1 of the 3 shard(s)" in msg and "'train'" in msg
+    assert shards[0] not in msg and shards[2] not in msg
+
+
 BOUNDED = textwrap.dedent("""
     import random, resource, sys
     from regionmed.data.shards import MedRegionDataset

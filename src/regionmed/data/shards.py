@@ -521,8 +521,10 @@ class MedRegionDataset:
     ``max_open_files`` shard files are open at once per process (least recently used
     closed first), so a split of any number of shards reads under a small ``ulimit -n``.
 
-    Raises :class:`DatasetError` for a missing folder, a missing or empty shard, an index
-    that does not match the manifest, or counts that disagree with the manifest.
+    Raises :class:`DatasetError` for a missing folder, a missing or empty shard (every
+    shard file the split lists is checked at construction: one ``stat`` each, all missing
+    ones named), an index that does not match the manifest, or counts that disagree with
+    the manifest.
     """
 
     def __init__(self, root: str | Path, split: str = "train", max_open_files: int = DEFAULT_MAX_OPEN_FILES):
@@ -540,6 +542,12 @@ class MedRegionDataset:
         self.info = info
         names = [shard["name"] for shard in info.get("shards", [])]
         self.shard_paths: list[Path] = [self.root / name for name in names]
+        # One stat per shard: a deleted shard stops the run here, not one skipped sample at a time.
+        missing = [name for name, path in zip(names, self.shard_paths) if not path.is_file()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise DatasetError(f"{self.root}: {len(missing)} of the {len(names)} shard(s) that {MANIFEST_NAME} lists for "
+                               f"split {split!r} are missing: {shown} (restore them, or rebuild the dataset)")
         index_info = info.get("index")
         self.index: SplitIndex | None = None
         index_path = self.root / index_info["name"] if index_info else None
