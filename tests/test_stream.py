@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -131,6 +132,35 @@ def test_a_resumed_stream_skips_no_shard_and_repeats_only_unfinished_ones(sharde
     # another number of reading slots: restart at the start of the earliest unfinished pass
     other = MedRegionStream([source], PRE, 4, resume={"slots": 2, "step": 3, "done": {"0": [1], "1": [2]}}, **kw)
     assert other.resume_guarantee == RESUME_PASS and other.initial_state() == {"0": [0]}
+
+
+def test_a_shuffle_buffer_larger_than_a_slots_pass_is_capped_with_a_warning(sharded, caplog):
+    source = StreamSource.from_dataset("p", str(sharded), "train")  # 32 samples
+    with caplog.at_level(logging.WARNING, logger="regionmed.data.stream"):
+        stream = MedRegionStream([source], PRE, 4, seed=1, shuffle_buffer=1000)
+    assert stream.shuffle_buffer == 32
+    warned = [r.getMessage() for r in caplog.records if "data.shuffle_buffer" in r.getMessage()]
+    assert len(warned) == 1 and "1000" in warned[0] and "32" in warned[0]
+
+    class Counting(MedRegionStream):
+        def _shard_samples(self, url, bad):
+            opened.append(url)
+            yield from super()._shard_samples(url, bad)
+
+    # the first batch comes after one pass of the 8 shards and the next shard (an uncapped buffer of 1000
+    # would read ~31 passes first and hold ~31 copies of each sample)
+    for buffer, most in ((1000, 9), (8, 3)):
+        opened = []
+        first = next(iter(Counting([source], PRE, 4, seed=1, shuffle_buffer=buffer)))
+        assert 1 <= len(opened) <= most and len(set(first.ids)) == 4
+    # two slots read 16 each per pass; a buffer within that, or sources without counts, are left as they are
+    assert MedRegionStream([source], PRE, 4, world=2, shuffle_buffer=1000).shuffle_buffer == 16
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="regionmed.data.stream"):
+        assert MedRegionStream([source], PRE, 4, shuffle_buffer=8).shuffle_buffer == 8
+        urls = StreamSource.from_urls("u", [f"{sharded}/train-{{000000..000007}}.tar"])
+        assert MedRegionStream([urls], PRE, 4, shuffle_buffer=1000).shuffle_buffer == 1000
+    assert not caplog.records
 
 
 def test_shards_through_pipe_urls_and_a_bad_sample_named_and_counted(sharded, tmp_path):

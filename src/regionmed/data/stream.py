@@ -12,9 +12,14 @@ systems) or impossible (object storage). Each rank and each DataLoader worker (a
   slots. With ``resampled``, each slot draws shards with replacement (seeded by
   ``(seed, source, slot)``), endlessly; a source then needs no more shards than slots.
 * **Samples.** A seeded shuffle buffer (``shuffle_buffer`` samples per slot) mixes
-  samples of consecutive shards; several sources are mixed per sample with their
-  weights (seeded draws, the role of ``webdataset.RandomMix``), each sample tagged
-  with its source. Decoding, preprocessing and :func:`~regionmed.data.loader.collate`
+  samples of consecutive shards. It is filled before the first sample leaves it and
+  holds the samples as read from the tar files (each sample's members: the encoded
+  image file and its JSON record, as bytes; not decoded, not preprocessed), so its
+  memory per slot is about ``shuffle_buffer`` x the mean size of a sample in the
+  shards. When every source has a manifest (so the samples a slot reads per pass are
+  known: their counts over the slots), the buffer is capped at that, with a warning.
+  Several sources are mixed per sample with their weights (seeded draws, the role of
+  ``webdataset.RandomMix``), each sample tagged with its source. Decoding, preprocessing and :func:`~regionmed.data.loader.collate`
   are those of the indexed reader; an unreadable sample is named (``<url>:<key>``),
   skipped and listed in the next batch's ``bad_samples``, as the indexed reader does.
 * **Resume at shard granularity.** Each batch carries, per slot and source, how many
@@ -211,6 +216,7 @@ class MedRegionStream(IterableDataset):
         self.use_rois, self.max_negatives, self.max_image_negatives = use_rois, max_negatives, max_image_negatives
         self.max_rois = (pre.max_rois if use_rois else 0) if max_rois is None else max_rois
         self.n_slots = world * max(1, num_workers)
+        self.shuffle_buffer = self._capped_buffer(shuffle_buffer, rank)
         if not resampled:
             for j, src in enumerate(sources):
                 if len(src.urls) < self.n_slots:
@@ -235,6 +241,24 @@ class MedRegionStream(IterableDataset):
                 first = min(passes, default=0)
                 for slot in range(self.n_slots):
                     self.starts.setdefault(slot, [0] * len(sources))[j] = first * len(range(slot, len(src.urls), self.n_slots))
+
+    def _capped_buffer(self, requested: int, rank: int) -> int:
+        """``requested`` capped at the samples one slot reads per pass (the sources' manifest
+        counts over the slots, rounded up) when every source has a count: a larger buffer
+        is filled by reading the slot's shards several times over before the first sample,
+        and then holds (and delivers close together) several copies of each sample."""
+        counts = [src.samples for src in self.sources]
+        if requested <= 1 or any(c is None for c in counts):
+            return requested
+        per_slot = max(1, -(-sum(counts) // self.n_slots))
+        if requested <= per_slot:
+            return requested
+        if rank == 0:
+            log.warning("data.shuffle_buffer %d is more than the %d sample(s) each of the %d reading slot(s) (world size x "
+                        "data.num_workers) reads per pass (%d sample(s) in the sources' manifests): using %d, as a larger "
+                        "buffer would read every shard several times before the first batch and repeat samples in it",
+                        requested, per_slot, self.n_slots, sum(counts), per_slot)
+        return per_slot
 
     def initial_state(self) -> dict[str, list[int]]:
         """This rank's slots and where each starts (shards done per source): the stream state
