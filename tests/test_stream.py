@@ -23,7 +23,7 @@ from regionmed.apps.train.config import SourceConfig, validate_run_config
 from regionmed.apps.train.metrics import read_metrics
 from regionmed.config import ConfigError, to_dict
 from regionmed.data.shards import MedRegionDataset
-from regionmed.data.stream import RESUME_PASS, RESUME_SHARD, MedRegionStream, StreamSource, make_stream_loader
+from regionmed.data.stream import RESUME_PASS, RESUME_RESAMPLED, RESUME_SHARD, MedRegionStream, StreamSource, make_stream_loader
 from regionmed.data.transforms import Preprocessor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_two_processes_train_from_shards_served_over_http(sharded, http_root, tm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     data = next(r for r in rows if r["event"] == "data")
-    assert data["reader"] == "streaming" and data["resume_guarantee"] == "fresh" and data["counts_from"] == "manifest"
+    assert data["reader"] == "streaming" and data["resume_guarantee"] == "shard" and data["counts_from"] == "manifest"
     assert data["samples"] == 64 and data["sources"]["phantoms"]["where"] == http_root
     steps = [r for r in rows if r["event"] == "step"]
     assert [r["step"] for r in steps] == [0, 1, 2, 3] and all(r["loss.total"] == r["loss.total"] for r in steps)
@@ -101,11 +101,13 @@ def _ids(batches) -> list[str]:
     return [i for b in batches for i in b.ids]
 
 
-def test_a_resumed_stream_skips_no_shard_and_repeats_only_unfinished_ones(sharded):
+def test_a_resumed_stream_skips_no_shard_and_repeats_only_unfinished_ones(sharded, caplog):
     source = StreamSource.from_dataset("p", str(sharded), "train")
     shard_of = _shard_of(sharded)
     kw = dict(seed=3, shuffle_buffer=6, use_rois=True)
     first = MedRegionStream([source], PRE, 4, **kw)
+    assert first.resume_guarantee == RESUME_SHARD  # what a resume of this new run will keep
+    assert MedRegionStream([source], PRE, 4, resampled=True, **kw).resume_guarantee == RESUME_RESAMPLED
     it = iter(make_stream_loader(first))
     before = [next(it) for _ in range(3)]  # 12 samples
     done = before[-1].stream_state["0"][0]
@@ -130,8 +132,12 @@ def test_a_resumed_stream_skips_no_shard_and_repeats_only_unfinished_ones(sharde
     early = after[: n_pending - kw["shuffle_buffer"]]
     assert len(early) >= 4 and not {shard_of[i] for i in early} & finished
     # another number of reading slots: restart at the start of the earliest unfinished pass
-    other = MedRegionStream([source], PRE, 4, resume={"slots": 2, "step": 3, "done": {"0": [1], "1": [2]}}, **kw)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with caplog.at_level(logging.WARNING, logger="regionmed.data.stream"):
+        other = MedRegionStream([source], PRE, 4, resume={"slots": 2, "step": 3, "done": {"0": [1], "1": [2]}}, **kw)
     assert other.resume_guarantee == RESUME_PASS and other.initial_state() == {"0": [0]}
+    warned = [r.getMessage() for r in caplog.records if "'pass'" in r.getMessage()]
+    assert len(warned) == 1 and "2 reading slot(s) with 1 (world size 1 x data.num_workers 1)" in warned[0]
 
 
 def test_a_shuffle_buffer_larger_than_a_slots_pass_is_capped_with_a_warning(sharded, caplog):
@@ -202,7 +208,8 @@ def test_trainer_streams_resumes_at_shard_granularity_and_records_it(sharded, tm
     summary = resumed.fit()
     assert summary["steps"] == 4 and resumed.resume_guarantee == RESUME_SHARD
     data = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "data"]
-    assert [d["resume_guarantee"] for d in data] == ["fresh", "shard"]
+    # a new run records the guarantee its resume will have
+    assert [d["resume_guarantee"] for d in data] == ["shard", "shard"]
     # stages in epochs need the sample count, which bare URLs do not give
     cfg.train.stages[0].steps, cfg.train.stages[0].epochs, cfg.train.output_dir = None, 1.0, str(tmp_path / "run2")
     with pytest.raises(ConfigError, match=r"train.stages\[0\].epochs needs the number of samples"):

@@ -64,7 +64,6 @@ RESUME_EXACT = "exact"  # indexed reader: the same batches as an uninterrupted r
 RESUME_SHARD = "shard"  # streaming, same slots: no shard skipped, partly delivered shards read again
 RESUME_PASS = "pass"  # streaming, other slots: restart at the earliest unfinished pass
 RESUME_RESAMPLED = "resampled"  # streaming with resampled shards: reseeded, no coverage guarantee
-RESUME_FRESH = "fresh"  # nothing to resume (step 0)
 
 
 def _is_url(s: str) -> bool:
@@ -197,8 +196,9 @@ class MedRegionStream(IterableDataset):
 
     ``resume``: the trainer's saved stream state ``{"slots": n, "step": s, "done":
     {"<slot>": [shards done per source]}}`` or None. :attr:`resume_guarantee` says what
-    the resume keeps (:data:`RESUME_SHARD`, :data:`RESUME_PASS`, :data:`RESUME_RESAMPLED`
-    or :data:`RESUME_FRESH`). Raises :class:`DatasetError` for a source without shards or
+    the resume keeps (:data:`RESUME_SHARD`, :data:`RESUME_PASS` with a warning, or
+    :data:`RESUME_RESAMPLED`); for a new run (``resume`` None), the guarantee its resume
+    will have with the same slots (:data:`RESUME_SHARD`, or :data:`RESUME_RESAMPLED`). Raises :class:`DatasetError` for a source without shards or
     with fewer shards than slots (without resampling); while iterating, for a source none
     of whose shards a slot reads in a whole pass holds a readable sample, and when
     :data:`MAX_BAD_BETWEEN_BATCHES` unreadable samples come without a batch.
@@ -223,8 +223,8 @@ class MedRegionStream(IterableDataset):
                     raise _too_few_shards(f"source {src.name!r}", len(src.urls), self.n_slots)
         self.resume_step = int(resume.get("step", 0)) if resume else 0
         self.starts: dict[int, list[int]] = {}
-        if not resume:
-            self.resume_guarantee = RESUME_FRESH
+        if not resume:  # a new run: the guarantee its resume will have (same slots)
+            self.resume_guarantee = RESUME_RESAMPLED if resampled else RESUME_SHARD
         elif resampled:
             self.resume_guarantee = RESUME_RESAMPLED
         elif int(resume.get("slots", -1)) == self.n_slots and len(resume.get("done", {})) == self.n_slots:
@@ -233,6 +233,13 @@ class MedRegionStream(IterableDataset):
         else:
             self.resume_guarantee = RESUME_PASS
             old_slots = max(1, int(resume.get("slots", 1)))
+            if rank == 0:
+                log.warning("resuming a stream read by %d reading slot(s) with %d (world size %d x data.num_workers %d): "
+                            "resume guarantee %r, not %r: the shard sequences differ, so every slot restarts at the start of "
+                            "the earliest pass any slot had not finished, and samples of that pass delivered before the "
+                            "checkpoint are delivered again; resume with the checkpoint's world size and data.num_workers "
+                            "to restart at shard granularity", old_slots, self.n_slots, world, max(1, num_workers),
+                            RESUME_PASS, RESUME_SHARD)
             for j, src in enumerate(sources):
                 passes = []
                 for slot, done in resume.get("done", {}).items():
