@@ -103,3 +103,38 @@ def test_two_processes_with_accumulation_equal_one_process_without(phantom_data,
     a = load_file(str(outs["single"] / "model" / "model.safetensors"))
     b = load_file(str(outs["ddp"] / "model" / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_loss_curves_are_smoothed_within_stages_only():
+    from regionmed.apps.train.metrics import stage_curves
+
+    steps = [{"step": i, "loss.total": 2.0} for i in range(3)] + [{"step": i, "loss.total": 8.0} for i in range(3, 13)]
+    curves = stage_curves(steps, "loss.total", [(0, 3), (3, float("inf"))], smooth=5)
+    assert len(curves) == 2
+    (x0, y0), (x1, y1) = curves
+    assert list(x0) == [0, 1, 2] and set(y0) == {2.0}  # a short stage is drawn, unsmoothed
+    assert list(x1) == list(range(7, 13)) and set(y1) == {8.0}  # no window mixes the two stages
+
+
+def test_config_refuses_what_the_readers_cannot_do(phantom_data, tmp_path):
+    cfg = tiny_run_config(str(phantom_data), str(tmp_path / "out"))
+    cfg.data.reader, cfg.data.audit = "streaming", "always"
+    with pytest.raises(ConfigError, match="data.audit is 'always', which the streaming reader cannot do"):
+        validate_run_config(cfg)
+    cfg = tiny_run_config(str(phantom_data), str(tmp_path / "out"))
+    cfg.validation.every, cfg.validation.data = 5, "http://127.0.0.1:8000/ds"
+    with pytest.raises(ConfigError, match="validation.data .* not a URL"):
+        validate_run_config(cfg)
+    cfg = tiny_run_config(str(phantom_data), str(tmp_path / "out"))
+    cfg.data.max_bad_shards = -1
+    with pytest.raises(ConfigError, match="data.max_bad_shards"):
+        validate_run_config(cfg)
+
+
+def test_validation_loss_batch_defaults_to_the_rows_of_one_training_loss(phantom_data, tmp_path):
+    cfg = tiny_run_config(str(phantom_data), str(tmp_path / "out"), steps=(1, 1), batch_size=4)
+    cfg.train.accum_freq = 2
+    cfg.validation.every, cfg.validation.split, cfg.validation.max_samples = 2, "test", 16
+    train(cfg, progress=False)
+    val = events(tmp_path / "out", "val")
+    assert [r["loss_batch"] for r in val.values()] == [8]

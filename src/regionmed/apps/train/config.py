@@ -52,6 +52,9 @@ class DataConfig:
     # and counted; the run stops cleanly (after a checkpoint) when more than this many
     # distinct samples were bad. 0 = stop at the first one.
     max_bad_samples: int = 10
+    # Streaming: shards that cannot be read (or break off), whose samples are lost unseen; the
+    # run stops cleanly (after a checkpoint) when more than this many distinct shards were bad.
+    max_bad_shards: int = 0
 
 
 @dataclass
@@ -120,7 +123,8 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
     need(d.max_open_files >= 1, "data.max_open_files", "must be >= 1")
     need(d.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
     given = [name for name, v in (("data.train", d.train.strip()), ("data.sources", d.sources), ("data.urls", d.urls)) if v]
-    need(len(given) <= 1, given[-1] if given else "data", f"is given together with {given[0] if given else ''}: "
+    need(len(given) <= 1, given[-1] if given else "data", f"is given together with {given[0] if given else ''}"
+         f"{' (--data sets data.train)' if given[:1] == ['data.train'] else ''}: "
          "give one of data.train (one dataset), data.sources (datasets mixed with weights) or data.urls (streaming)")
     need(not d.urls or d.reader == "streaming", "data.urls", "needs data.reader: streaming (the indexed reader reads dataset "
          "folders: data.train or data.sources[].path)")
@@ -141,6 +145,13 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
     need(d.max_negatives >= 0, "data.max_negatives", "must be >= 0")
     need(d.max_image_negatives >= 0, "data.max_image_negatives", "must be >= 0")
     need(d.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0 (0 = stop at the first unreadable sample)")
+    need(d.max_bad_shards >= 0, "data.max_bad_shards", "must be >= 0 (0 = stop at the first unreadable shard)")
+    need(not (d.audit == "always" and d.reader == "streaming"), "data.audit",
+         "is 'always', which the streaming reader cannot do (it makes no pass over the data): use 'auto' (the manifest's "
+         "build-time statistics; add them with regionmed index-shards) or 'never'")
+    v = cfg.validation
+    need(not v.every or "://" not in v.data and not v.data.startswith("pipe:"), "validation.data",
+         f"is {v.data!r}: validation reads a local MedRegion folder (random access), not a URL")
     t = cfg.train
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(t.accum_freq >= 1, "train.accum_freq", f"is {t.accum_freq}: must be >= 1 (1 = no accumulation)")
@@ -210,7 +221,7 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
 # (where data and outputs live, logging, checkpoint cadence, stopping rules, memory-only
 # settings; the image tower's pretrained file only initialises a run that has not started).
 RESUME_NEUTRAL_FIELDS = (
-    "data.train", "data.num_workers", "data.max_bad_samples", "data.max_open_files", "data.audit", "data.pin_memory",
+    "data.train", "data.num_workers", "data.max_bad_samples", "data.max_bad_shards", "data.max_open_files", "data.audit", "data.pin_memory",
     "data.prefetch_factor",
     "train.output_dir", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_nonfinite", "train.tensorboard",

@@ -101,16 +101,39 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+def stage_curves(steps: list[dict], term: str, bounds: list[tuple[float, float]], smooth: int) -> list[tuple]:
+    """``(xs, ys)`` arrays of ``term`` per stage ``[lo, hi)`` of ``bounds``: a moving average of
+    ``smooth`` steps within the stage (x = the window's last step), unsmoothed when the stage
+    has fewer than ``smooth`` points; stages without the term are left out."""
+    import numpy as np
+
+    out = []
+    for lo, hi in bounds:
+        xs = np.array([r["step"] for r in steps if term in r and lo <= r["step"] < hi])
+        ys = np.array([r[term] for r in steps if term in r and lo <= r["step"] < hi], dtype=float)
+        if not len(ys):
+            continue
+        if len(ys) >= smooth > 1:
+            ys = np.convolve(ys, np.ones(smooth) / smooth, mode="valid")
+            xs = xs[smooth - 1 :]
+        out.append((xs, ys))
+    return out
+
+
 def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path, smooth: int = 5) -> Path:
-    """Plot every ``loss.*`` term of each run's metrics.jsonl (one panel per run),
-    with stage boundaries as dotted lines, and the validation records' total loss
-    (points) and image→report R@1 (right axis) where the run validated.
-    ``runs``: {label: metrics.jsonl path}."""
+    """Plot every ``loss.*`` term of each run's metrics.jsonl (one panel per run), with
+    stage boundaries as dotted lines, and the validation records' total loss (points)
+    and image→report R@1 (right axis) where the run validated. ``runs``: {label:
+    metrics.jsonl path}.
+
+    Curves are a moving average of ``smooth`` steps taken *within* each stage (a stage
+    changes which terms make the total, so averaging across a boundary would mix two
+    different sums); a stage shorter than ``smooth`` steps is drawn unsmoothed, and
+    validation points are joined only within a stage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, (label, path) in zip(axes[0], runs.items()):
@@ -120,35 +143,40 @@ def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path, smooth: i
         # older files may hold a step twice: the last record wins).
         by_step = {r["step"]: r for r in steps}
         steps = [by_step[s] for s in sorted(by_step)]
+        starts = sorted({r["step"] for r in records if r["event"] == "stage"} | {0})
+        bounds = list(zip(starts, [*starts[1:], float("inf")]))
         terms = sorted({k for r in steps for k in r if k.startswith("loss.")})
         for term in terms:
-            xs = np.array([r["step"] for r in steps if term in r])
-            ys = np.array([r[term] for r in steps if term in r])
-            if len(ys) >= smooth > 1:
-                ys = np.convolve(ys, np.ones(smooth) / smooth, mode="valid")
-                xs = xs[smooth - 1 :]
-            ax.plot(xs, ys, label=term[5:])
+            color, drawn = None, False
+            for xs, ys in stage_curves(steps, term, bounds, smooth):
+                (line,) = ax.plot(xs, ys, color=color, label=None if drawn else term[5:], marker="." if len(ys) < 3 else None)
+                color, drawn = line.get_color(), True
         # Validation in the loop (apps/train/validation.py): the held-out total, as points
-        # on the curves' axes (the same terms and scale: loss batches of the training size).
+        # joined within a stage (the same terms and scale as the training total there).
         vals = {r["step"]: r for r in records if r["event"] == "val" and "loss.total" in r}
         if vals:
-            xs = sorted(vals)
-            ax.plot(xs, [vals[s]["loss.total"] for s in xs], "ko--", markersize=3, linewidth=1, label="val total")
-            r1 = [(s, vals[s]["i2t_R@1"]) for s in xs if "i2t_R@1" in vals[s]]
+            first = True
+            for lo, hi in bounds:
+                xs = [s for s in sorted(vals) if lo <= s < hi]
+                if xs:
+                    ax.plot(xs, [vals[s]["loss.total"] for s in xs], "ko--", markersize=3, linewidth=1,
+                            label="val total" if first else None)
+                    first = False
+            r1 = [(s, vals[s]["i2t_R@1"]) for s in sorted(vals) if "i2t_R@1" in vals[s]]
             if r1:
                 twin = ax.twinx()
                 twin.plot([s for s, _ in r1], [100 * v for _, v in r1], "s:", color="tab:purple", markersize=3,
                           linewidth=1, label="val image→report R@1 (%)")
                 twin.set_ylabel("val R@1 (%)", color="tab:purple")
-                twin.legend(fontsize=7, loc="upper center")
+                twin.legend(fontsize=7, loc="lower left")
         for r in records:
             if r["event"] == "stage":
                 ax.axvline(r["step"], color="grey", linestyle=":", linewidth=1)
                 ax.text(r["step"], ax.get_ylim()[1], f" {r['stage']}", fontsize=7, va="top", color="grey")
         ax.set_title(label)
         ax.set_xlabel("step")
-        ax.set_ylabel(f"loss (moving average of {smooth})" if smooth > 1 else "loss")
-        ax.legend(fontsize=8)
+        ax.set_ylabel(f"loss (moving average of {smooth} within a stage)" if smooth > 1 else "loss")
+        ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

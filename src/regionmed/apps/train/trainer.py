@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -216,7 +217,9 @@ class Trainer:
             raise ConfigError("the run config: validation.every is set but validation.data is empty and there is no "
                               "data.train to take the held-out split from: give validation.data (a MedRegion folder)")
         try:
-            validator = Validator(v, root, self.pre, v.batch_size or self.cfg.train.batch_size, self.cfg.model.roi.max_rois,
+            # Default loss batch: the rows one training loss is computed over (accum_freq x batch_size).
+            rows = v.batch_size or self.cfg.train.batch_size * self.cfg.train.accum_freq
+            validator = Validator(v, root, self.pre, rows, self.cfg.model.roi.max_rois,
                                   self.cfg.data.max_negatives, self.cfg.data.max_image_negatives,
                                   use_rois=self.cfg.model.roi.mode != "none")
         except (RegionmedError, OSError) as err:
@@ -361,6 +364,9 @@ class Trainer:
             # parameter (e.g. `region` alone never uses the fused embedding), and a batch may hold
             # no ROI at all. DDP then leaves a parameter unused on every rank without a gradient,
             # exactly as one process would (AdamW skips it), at the cost of one graph walk per step.
+            # PyTorch warns when a step happens to use every parameter; with stages and ROI-less
+            # batches that is expected here, and the warning would repeat on every rank.
+            warnings.filterwarnings("ignore", message=".*find_unused_parameters=True was specified.*")
             self.runner = DistributedDataParallel(self.task, device_ids=device_ids, find_unused_parameters=True)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         for group in self.optimizer.param_groups:

@@ -6,8 +6,9 @@ active terms, and logs one ``val`` record in ``metrics.jsonl`` beside the traini
 records (``loss_curve.png`` draws ``val.loss.total`` over the training losses):
 
 * ``val.loss.<term>``: each active loss term, averaged over full batches of
-  ``validation.batch_size`` rows (default: ``train.batch_size``, the union batch, so the
-  contrastive terms are on the training loss's scale); a split smaller than one batch
+  ``validation.batch_size`` rows (default: ``train.accum_freq × train.batch_size``, the
+  rows one training loss is computed over, so the contrastive terms — whose chance level
+  is ln(rows) — are on the training loss's scale); a split smaller than one batch
   is scored as one batch of what it has (said in the record's ``loss_batch``);
 * ``val.i2t_R@1`` / ``val.t2i_R@1``: image ↔ report retrieval over the whole subset
   (the fused embedding in stages with ROIs, else the global one; identical reports
@@ -47,7 +48,7 @@ class ValidationConfig:
     data: str = ""  # a MedRegion dataset folder; "" = the training dataset (data.train)
     split: str = "val"  # its held-out split
     max_samples: int = 512  # a fixed, evenly spread subset of the split (0 = all of it)
-    batch_size: int = 0  # rows per loss batch; 0 = train.batch_size
+    batch_size: int = 0  # rows per loss batch; 0 = train.accum_freq x train.batch_size
 
 
 def validate_validation_config(cfg: ValidationConfig, source: str = "the run config") -> None:
