@@ -227,3 +227,54 @@ def test_the_writer_checks_recorded_offsets_against_each_closed_shard(tmp_path):
     with pytest.raises(DatasetError, match=r"shard .*train-000000.tar: the offset recorded for member train-1.json"):
         w.write(_record(2), _png(2))  # opens the next shard: the first one is closed and checked
     w._writer.close()
+
+
+# ------------------------------------------------------------------ URLs that cannot be fetched
+
+@pytest.fixture
+def served(sharded):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(sharded)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_manifest_or_shard_url_that_gives_an_http_error_is_named_in_one_clear_line(served):
+    with pytest.raises(DatasetError) as err:
+        StreamSource.from_dataset("gone", f"{served}/no-such-dataset", "train")
+    assert str(err.value) == f"{served}/no-such-dataset/manifest.json: cannot be read (curl exit 22 (an HTTP error such as 404))"
+    missing = f"{served}/train-999999.tar"
+    urls = [f"{served}/train-00000{i}.tar" for i in range(4)] + [missing]
+    stream = MedRegionStream([StreamSource.from_urls("web", urls)], PRE, 2, shuffle_buffer=0)
+    with time_limit(120):
+        batches = [b for _, b in zip(range(9), make_stream_loader(stream))]
+    reasons = {r for b in batches for _, w, r in b.bad_samples if w == missing}
+    assert reasons and all("curl exit 22 (an HTTP error such as 404)" in r or "an HTTP error such as 404?" in r for r in reasons)
+    assert not any("Pipe object" in r or "['curl'" in r for r in reasons)
+
+
+@pytest.mark.parametrize("code, meaning", [(6, "could not resolve the host"), (7, "connection refused"), (28, "timed out"),
+                                           (35, "see 'man curl', EXIT CODES")])
+def test_curl_exit_statuses_are_explained(code, meaning):
+    from regionmed.data.stream import read_error_reason
+
+    # webdataset.gopen.Pipe's message for a failed curl, and tar_file_expander's re-raise with the stream and the URL
+    err = OSError(f"((['curl', '-f', 'http://h/a.tar'],), {{'bufsize': 8192}}): exit {code} (read) {{}}", object(), "http://h/a.tar")
+    assert read_error_reason("http://h/a.tar", err) == f"curl exit {code} ({meaning})"

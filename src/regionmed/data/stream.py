@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,33 @@ def _join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" if _is_url(base) else str(Path(base) / name)
 
 
+#: What curl's common exit statuses mean (``man curl``, "EXIT CODES"); ``gopen`` reads http(s) URLs with curl.
+CURL_EXIT = {6: "could not resolve the host", 7: "connection refused", 22: "an HTTP error such as 404",
+             28: "timed out"}
+
+
+def read_error_reason(url: str, err: BaseException) -> str:
+    """One line saying why ``url`` (a manifest or a shard) could not be read, from what
+    ``webdataset.gopen`` or ``tarfile`` raised: the exit status of curl (with its meaning
+    for the common ones, :data:`CURL_EXIT`) or of a ``pipe:`` command; an empty stream
+    (what a failed download gives the tar reader); else the exception's own message,
+    without the reprs of the pipe objects webdataset adds to it."""
+    text = str(err.args[0]) if err.args else str(err)
+    status = re.search(r"exit (-?\d+) \(read\)", text)
+    if status:
+        code = int(status.group(1))
+        if url.startswith("pipe:"):
+            return f"the command exited with status {code}"
+        meaning = CURL_EXIT.get(code)
+        return f"curl exit {code}" + (f" ({meaning})" if meaning else " (see 'man curl', EXIT CODES)")
+    if text == "empty file":
+        return ("empty or unreadable shard (an HTTP error such as 404?)" if _is_url(url) and not url.startswith("file:")
+                else "empty or unreadable shard")
+    if isinstance(err, FileNotFoundError):
+        return "no such file"
+    return f"{type(err).__name__}: {text}"
+
+
 def read_remote_manifest(base: str) -> dict:
     """``<base>/manifest.json`` of a local folder or a URL (``http(s)://``, ``file://``), read
     with ``webdataset.gopen``. Raises :class:`DatasetError` naming it when it cannot be read
@@ -84,7 +112,7 @@ def read_remote_manifest(base: str) -> dict:
             raw = fh.read()
         manifest = json.loads(raw)
     except Exception as err:  # gopen raises OSError, or IOError from curl's exit status
-        raise DatasetError(f"{where}: cannot be read ({type(err).__name__}: {err})") from err
+        raise DatasetError(f"{where}: cannot be read ({read_error_reason(where, err)})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{where}: not a MedRegion manifest (field 'format' is not {FORMAT_NAME!r})")
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -281,7 +309,7 @@ class MedRegionStream(IterableDataset):
     def _shard_samples(self, url: str, bad: list):
         """The raw samples of one shard (``{"__key__", "__url__", "json", "png"|"jpg"...}``)."""
         def handler(exn: Exception) -> bool:
-            bad.append((-1, url, f"shard cannot be read ({type(exn).__name__}: {exn})"))
+            bad.append((-1, url, f"shard cannot be read ({read_error_reason(url, exn)})"))
             return True  # go on with the next shard
 
         # A shard that cannot be opened or ends early is named in bad_samples; its readable samples count.
