@@ -193,7 +193,8 @@ def test_the_trainer_takes_its_data_counts_from_the_manifest(tmp_path, caplog):
     cfg.train.output_dir = str(tmp_path / "run2")
     trainer = Trainer(cfg, progress=False)
     assert trainer.counts_from == "manifest+audit" and trainer.audit == reference
-    assert any("has no build-time statistics" in n and "index-shards" in n for n in trainer.notes)
+    assert any(f"{root}/manifest.json has no build-time statistics for split 'train'" in n
+               and f"'regionmed index-shards {root}'" in n for n in trainer.notes)
     cfg.data.audit, cfg.train.output_dir = "never", str(tmp_path / "run3")
     assert Trainer(cfg, progress=False).audit == {}
 

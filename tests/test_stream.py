@@ -210,6 +210,11 @@ def test_trainer_streams_resumes_at_shard_granularity_and_records_it(sharded, tm
     data = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "data"]
     # a new run records the guarantee its resume will have
     assert [d["resume_guarantee"] for d in data] == ["shard", "shard"]
+    # with ROIs the start-of-run checks need counts, which bare URLs do not give: said so, without an index-shards hint
+    cfg.model.roi.mode, cfg.train.output_dir = "crop", str(tmp_path / "run-rois")
+    notes = [n for n in Trainer(cfg, progress=False).notes if "build-time statistics" in n]
+    assert notes == ["urls: shard URLs without a manifest: no build-time statistics, the start-of-run data checks are skipped"]
+    cfg.model.roi.mode = "none"
     # stages in epochs need the sample count, which bare URLs do not give
     cfg.train.stages[0].steps, cfg.train.stages[0].epochs, cfg.train.output_dir = None, 1.0, str(tmp_path / "run2")
     with pytest.raises(ConfigError, match=r"train.stages\[0\].epochs needs the number of samples"):

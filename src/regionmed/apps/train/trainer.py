@@ -297,11 +297,16 @@ class Trainer:
                 continue
             total.update(counts)
         if missing and cfg.data.audit == "auto":
-            fix = "rebuild it, or add them with 'regionmed index-shards DIR'"
-            self.notes.append(
-                f"{', '.join(missing)}: manifest.json has no build-time statistics for split {cfg.data.split!r}; "
-                + (f"counted them in one pass over the records ({fix})" if parts else
-                   f"the start-of-run data checks are skipped ({fix})"))
+            for name, path, urls, _, split in (s for s in self.sources if s[0] in missing):
+                if urls:  # no manifest: nothing index-shards could add
+                    self.notes.append(f"{name}: shard URLs without a manifest: no build-time statistics, the start-of-run "
+                                      "data checks are skipped")
+                    continue
+                fix = ("rebuild it, or add them with 'regionmed index-shards' on the folder it serves" if "://" in path
+                       else f"rebuild it, or add them with 'regionmed index-shards {path}'")
+                self.notes.append(f"{name}: {path}/manifest.json has no build-time statistics for split {split!r}; "
+                                  + (f"counted them in one pass over the records ({fix})" if parts else
+                                     f"the start-of-run data checks are skipped ({fix})"))
         self.counts_from = "audit" if cfg.data.audit == "always" else ("manifest" if not missing else
                                                                        "manifest+audit" if parts else "partial")
         if not parts and missing and len(missing) == len(self.sources):
