@@ -138,3 +138,20 @@ def test_validation_loss_batch_defaults_to_the_rows_of_one_training_loss(phantom
     train(cfg, progress=False)
     val = events(tmp_path / "out", "val")
     assert [r["loss_batch"] for r in val.values()] == [8]
+
+
+def test_a_lost_shard_stops_a_streaming_run_unless_allowed(phantom_data, tmp_path):
+    """A shard that cannot be read loses an unknown number of samples: counted apart from bad
+    samples, against data.max_bad_shards (0 by default), after a checkpoint."""
+    from regionmed.apps.train.trainer import TrainingError
+
+    shard = sorted(Path(phantom_data).glob("train-*.tar"))[0]
+    missing = tmp_path / "gone-000001.tar"
+    cfg = tiny_run_config("", str(tmp_path / "strict"), steps=(4, 3), batch_size=8)  # 56 > the 48 samples of the shard
+    cfg.data.reader, cfg.data.urls, cfg.data.shuffle_buffer = "streaming", [str(missing), str(shard)], 0
+    with pytest.raises(TrainingError, match=r"1 shard\(s\) .* more than data.max_bad_shards = 0"):
+        train(cfg, progress=False)
+    assert (tmp_path / "strict" / "checkpoints").is_dir()
+    cfg.train.output_dir, cfg.data.max_bad_shards = str(tmp_path / "lenient"), 1
+    summary = train(cfg, progress=False)
+    assert summary["counters"]["bad_shards"] == 1 and summary["steps"] == 7

@@ -61,6 +61,10 @@ from regionmed.data.transforms import Preprocessor
 log = logging.getLogger(__name__)
 
 # The resume guarantees a run records (trainer state and the metrics' "data" record).
+#: ``Batch.bad_samples`` index of a shard that cannot be read or breaks off (its other samples
+#: are lost unseen), as opposed to one unreadable sample (index -1).
+SHARD_FAILURE = -2
+
 RESUME_EXACT = "exact"  # indexed reader: the same batches as an uninterrupted run, any world size
 RESUME_SHARD = "shard"  # streaming, same slots: no shard skipped, partly delivered shards read again
 RESUME_PASS = "pass"  # streaming, other slots: restart at the earliest unfinished pass
@@ -309,7 +313,7 @@ class MedRegionStream(IterableDataset):
     def _shard_samples(self, url: str, bad: list):
         """The raw samples of one shard (``{"__key__", "__url__", "json", "png"|"jpg"...}``)."""
         def handler(exn: Exception) -> bool:
-            bad.append((-1, url, f"shard cannot be read ({read_error_reason(url, exn)})"))
+            bad.append((SHARD_FAILURE, url, f"shard cannot be read ({read_error_reason(url, exn)})"))
             return True  # go on with the next shard
 
         # A shard that cannot be opened or ends early is named in bad_samples; its readable samples count.
@@ -343,7 +347,9 @@ class MedRegionStream(IterableDataset):
             empty_run.append(shard)
             if len(reasons) < 3:
                 reasons.append(f"{src.urls[shard]}: {mine[0][2]}" if mine else f"{src.urls[shard]}: holds no sample")
-            if (len(set(empty_run)) >= n_shards) if self.resampled else (len(empty_run) >= per_pass):
+            # every distinct shard of the slot failed since the last sample (a pass boundary may
+            # repeat a failing shard in a row, which alone is not "every shard")
+            if len(set(empty_run)) >= (n_shards if self.resampled else per_pass):
                 raise DatasetError(
                     f"source {src.name!r}: no sample could be read from {len(empty_run)} shard(s) in a row "
                     f"({len(set(empty_run))} distinct of {n_shards}; reading slot {slot}), e.g. {'; '.join(reasons)}: "

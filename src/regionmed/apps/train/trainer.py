@@ -55,6 +55,9 @@ from regionmed.data.loader import (
 from regionmed.data.shards import counts_from_stats, read_manifest, unreadable_from_stats, write_json_atomic
 from regionmed.data.stream import (
     RESUME_EXACT,
+    RESUME_RESAMPLED,
+    RESUME_SHARD,
+    SHARD_FAILURE,
     MedRegionStream,
     StreamSource,
     StreamState,
@@ -173,7 +176,8 @@ class Trainer:
             sizes = [s.samples for s in self.stream_sources]
             self.n_samples = None if None in sizes else sum(sizes)
         self.reader = cfg.data.reader
-        self.resume_guarantee = RESUME_EXACT if self.reader == "indexed" else "fresh"
+        self.resume_guarantee = RESUME_EXACT if self.reader == "indexed" else (
+            RESUME_RESAMPLED if cfg.data.resampled else RESUME_SHARD)
         self.stream_resume: dict | None = None
         self.stream_state: StreamState | None = None
         self._stream_state_all: StreamState | None = None
@@ -199,6 +203,7 @@ class Trainer:
         self.step = 0
         self.counters: Counter = Counter()
         self.bad_samples: dict[str, str] = {}  # "<shard>:<key>" -> why it cannot be read (distinct samples)
+        self.bad_shards: dict[str, str] = {}  # streaming: shard URL -> why it could not be read (or broke off)
         self.unreadable_records: list[tuple[str, str]] = []
         self.counts_from = "none"
         self.audit = self._data_counts()
@@ -343,6 +348,7 @@ class Trainer:
         self.guard.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.counters = Counter(state.get("counters", {}))
         self.bad_samples = dict(state.get("bad_samples", {}))
+        self.bad_shards = dict(state.get("bad_shards", {}))
         self.stream_resume = state.get("stream")
         self.model.text_tower.tokenizer.restore_truncated(state.get("text_truncated_digests", []))
         self.resumed_from = state["checkpoint"]
@@ -391,7 +397,7 @@ class Trainer:
     def _state(self, plan: StagePlan) -> dict:
         return {"stage": plan.name, "nonfinite_in_row": self.guard.nonfinite_in_row,
                 "counters": {**self.counters, "text_truncated": self.model.text_tower.tokenizer.truncated},
-                "bad_samples": dict(self.bad_samples), "data_fingerprint": self.data_fingerprint,
+                "bad_samples": dict(self.bad_samples), "bad_shards": dict(self.bad_shards), "data_fingerprint": self.data_fingerprint,
                 "text_truncated_digests": self.model.text_tower.tokenizer.truncated_digests(),
                 "config": to_dict(self.cfg), "world_size": self.dist.world_size,
                 "reader": self.reader, "resume_guarantee": self.resume_guarantee,
@@ -467,7 +473,7 @@ class Trainer:
         """Count the unreadable samples this step's batch replaced (on every rank; one small
         collective per step under data parallelism); stop cleanly, after a checkpoint, once
         more than ``data.max_bad_samples`` distinct samples were bad."""
-        found = [(where, why) for _, where, why in batch.bad_samples]
+        found = [(where, why, index == SHARD_FAILURE) for index, where, why in batch.bad_samples]
         if self.dist.world_size > 1:
             n = all_reduce_sum(torch.tensor([float(len(found))], device=self.device))
             if n.item() > 0:
@@ -476,6 +482,12 @@ class Trainer:
                 found = [x for part in gathered for x in part]
             else:
                 found = []
+        if not found:
+            return
+        shards = [(where, why) for where, why, shard in found if shard]
+        found = [(where, why) for where, why, shard in found if not shard]
+        if shards:
+            self._bad_shards_in(shards, plan, logger)
         if not found:
             return
         limit = self.cfg.data.max_bad_samples
@@ -499,6 +511,29 @@ class Trainer:
                           f"readable sample ({len(self.bad_samples)} bad so far, data.max_bad_samples = {limit})")
         self.counters["bad_samples"] = len(self.bad_samples)
         logger.write("bad_samples", step=self.step, samples=[w for w, _ in found], distinct_total=len(self.bad_samples))
+
+    def _bad_shards_in(self, shards: list[tuple[str, str]], plan: StagePlan, logger: MetricsLogger) -> None:
+        """Streaming: shards that could not be read (or broke off) lose an unknown number of
+        samples, so they are counted apart from bad samples, against ``data.max_bad_shards``
+        (default 0: the first one stops the run, after a checkpoint, naming it)."""
+        limit = self.cfg.data.max_bad_shards
+        new = {where: why for where, why in shards if where not in self.bad_shards}
+        seen = {**self.bad_shards, **new}
+        if len(seen) > limit:
+            self._checkpoint(plan)
+            raise TrainingError(
+                f"step {self.step}: {len(seen)} shard(s) of {self._data_name()} cannot be read, more than "
+                f"data.max_bad_shards = {limit}; their samples were lost unseen (e.g. "
+                f"{'; '.join(f'{w}: {r}' for w, r in list(seen.items())[-3:])}). Checkpoint step_{self.step:08d} was "
+                "written: repair the shards or the storage, or raise data.max_bad_shards to go on without them, then --resume"
+            )
+        for where, why in new.items():
+            self.bad_shards[where] = why
+            if self.dist.is_main:
+                self._say(f"step {self.step}: shard {where} cannot be read ({why}); its remaining samples are skipped "
+                          f"({len(self.bad_shards)} bad shard(s) so far, data.max_bad_shards = {limit})")
+        self.counters["bad_shards"] = len(self.bad_shards)
+        logger.write("bad_shards", step=self.step, shards=[w for w, _ in shards], distinct_total=len(self.bad_shards))
 
     def fit(self) -> dict:
         """Run from the current step to the end of the last stage; return a summary."""
@@ -729,6 +764,9 @@ class Trainer:
         if c.get("text_truncated"):
             notes.append(f"{c['text_truncated']} distinct text(s) were longer than model.text.context_length = "
                          f"{self.cfg.model.text.context_length} tokens and were truncated")
+        if c.get("bad_shards"):
+            notes.append(f"{c['bad_shards']} shard(s) could not be read (or broke off) and their remaining samples were "
+                         "skipped: " + "; ".join(list(self.bad_shards)[:5]))
         if c.get("bad_samples"):
             notes.append(f"{c['bad_samples']} unreadable sample(s) were skipped ({c.get('bad_samples_skipped', 0)} time(s) in all): "
                          + "; ".join(list(self.bad_samples)[:5]))
