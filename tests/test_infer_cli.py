@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 from infer_helpers import assert_no_phi, covid_images, make_dicom, ramp, save_tiny_model, slake_image
 from regionmed.apps.cli import main
+from regionmed.index import EmbeddingIndex
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def test_index_add_and_search(models, folder, tmp_path, capsys):
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"slake1.jpg": [{"box": [30, 30, 150, 150], "label": "liver"}]}))
     rc, stdout, _ = run(capsys, "index", models[0], folder, "--index", index, "--boxes", boxes)
-    assert rc == 1 and "indexed 5 images and 1 regions" in stdout
+    assert rc == 1 and "indexed 5 images and 1 region " in stdout
     rc, _, err = run(capsys, "index", models[0], folder, "--index", index)
     one_line_error(rc, err, "index", "already holds an index: pass --add")
     more = tmp_path / "more"
@@ -154,6 +156,34 @@ def test_index_add_and_search(models, folder, tmp_path, capsys):
     one_line_error(rc, err, "index", "built by model")
     rc, _, err = run(capsys, "search", tmp_path / "no-such-index", "--text", "liver", "--model", models[0])
     one_line_error(rc, err, "search", "does not exist")
+
+
+def test_index_add_refuses_a_clashing_id_and_a_missing_index_and_works_from_any_directory(models, tmp_path, capsys,
+                                                                                        monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    shutil.copy(slake_image(0), a / "x.jpg")
+    shutil.copy(slake_image(1), b / "x.jpg")  # the same id (x.jpg), another image
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(capsys, "index", models[0], "a", "--index", "nosuch", "--add")
+    one_line_error(rc, err, "index", "nosuch holds no index")
+    assert not (tmp_path / "nosuch").exists()
+    rc, stdout, _ = run(capsys, "index", models[0], "a", "--index", "idx")
+    assert rc == 0 and "indexed 1 image and 0 regions" in stdout
+    rows = [json.loads(ln) for ln in (tmp_path / "idx" / "image.jsonl").read_text().splitlines()]
+    assert rows[0]["source"] == str((a / "x.jpg").resolve())  # absolute: not tied to the working directory
+    rc, _, err = run(capsys, "index", models[0], "b", "--index", "idx", "--add")
+    one_line_error(rc, err, "index", "'x.jpg' is already in idx for another image")
+    assert str(a / "x.jpg") in err and str(b / "x.jpg") in err
+    assert EmbeddingIndex.load(tmp_path / "idx").count("image") == 1  # nothing added
+    rc, stdout, _ = run(capsys, "index", models[0], "a", "--index", "idx", "--add")  # the same image again: skipped
+    assert rc == 0 and "1 already indexed" in stdout
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    hit = EmbeddingIndex.load(tmp_path / "idx").metadata("image")[0]
+    assert Path(hit["source"]).is_file()
 
 
 def test_bad_command_line_inputs_are_one_line_errors(models, folder, tmp_path, capsys):

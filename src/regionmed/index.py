@@ -196,20 +196,32 @@ class EmbeddingIndex:
         self._meta[kind].extend(rows)
 
     def add_embeddings(self, result, ids: Sequence[str] | None = None, sources: Sequence[str] | None = None,
-                       labels: Sequence[Sequence[str | None]] | None = None, model_id: str | None = None) -> dict:
+                       labels: Sequence[Sequence[str | None]] | None = None, model_id: str | None = None,
+                       hashes: Sequence[str | None] | None = None) -> dict:
         """Add an :class:`~regionmed.inference.ImageEmbeddingResult`: each image's ``global_``
         vector (kind ``image``) and each usable box's ROI vector (kind ``region``, id
         ``"<image id>#<box position>"``, ``box`` in pixels, ``label`` from ``labels``).
         ``ids`` / ``sources``: one per result row (default: the result's sources).
-        Returns ``{"image": n, "region": m, "skipped_regions": r}`` (NaN rows: unusable boxes)."""
+        ``hashes``: one content hash (SHA-256 hex of the file's bytes, or None) per row, kept as
+        the image's ``sha256`` (how ``regionmed index --add`` tells the same image from another
+        one with the same id). Returns ``{"image": n, "region": m, "skipped_regions": r}``
+        (NaN rows: unusable boxes)."""
         n = len(result)
         sources = list(sources) if sources is not None else list(result.sources)
         ids = list(ids) if ids is not None else sources
         if len(ids) != n or len(sources) != n:
             raise IndexMismatchError(f"{n} embedded images but {len(ids)} ids and {len(sources)} sources")
-        self.add(result.global_.float().numpy(), [{"id": ids[i], "source": sources[i], "size": list(result.sizes[i])}
-                                                 if result.sizes else {"id": ids[i], "source": sources[i]} for i in range(n)],
-                 "image", model_id)
+        if hashes is not None and len(hashes) != n:
+            raise IndexMismatchError(f"{n} embedded images but {len(hashes)} hashes")
+        rows = []
+        for i in range(n):
+            row = {"id": ids[i], "source": sources[i]}
+            if result.sizes:
+                row["size"] = list(result.sizes[i])
+            if hashes is not None and hashes[i]:
+                row["sha256"] = hashes[i]
+            rows.append(row)
+        self.add(result.global_.float().numpy(), rows, "image", model_id)
         vecs, meta, skipped = [], [], 0
         for i in range(n):
             roi = result.roi[i].float().numpy() if i < len(result.roi) else np.zeros((0, self.dim), np.float32)

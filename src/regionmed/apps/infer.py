@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -286,7 +288,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                                     encoding="utf-8")
     _report_problems(problems, out / "problems.jsonl", "embed")
     note = f"; {len(problems)} problems in {out / 'problems.jsonl'}" if problems else ""
-    print(f"embedded {len(ids)} images and {len(region_rows)} regions (dim {d}) into {out}{note}")
+    print(f"embedded {_n(len(ids), 'image')} and {_n(len(region_rows), 'region')} (dim {d}) into {out}{note}")
     return 1 if problems else 0
 
 
@@ -364,7 +366,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     probs_path = out.with_suffix(".problems.jsonl")
     _report_problems(problems, probs_path if problems else None, "classify")
     kind = "cosine similarity per label (multi-label)" if multi else "softmax probabilities"
-    print(f"classified {len(rows)} images into {len(class_prompts)} labels ({kind}): {out}"
+    print(f"classified {_n(len(rows), 'image')} into {_n(len(class_prompts), 'label')} ({kind}): {out}"
           f"{f'; {len(problems)} problems in {probs_path}' if problems else ''}")
     return 1 if problems else 0
 
@@ -436,6 +438,37 @@ def cmd_ground(args: argparse.Namespace) -> int:
 
 
 # -- index / search --------------------------------------------------------------------------
+def _n(count: int, word: str) -> str:
+    """``1 image``, ``2 images``: the plural only when the count is not 1."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _absolute_source(source: str) -> str:
+    """An index's ``source``: an absolute file path, or ``<absolute shard path>:<key>``, so
+    that the index works from any directory (a path relative to the working directory
+    would only resolve where the index was built)."""
+    if os.path.exists(source):
+        return str(Path(source).resolve())
+    shard, sep, key = source.rpartition(":")
+    if sep and shard and os.path.exists(shard):
+        return f"{Path(shard).resolve()}:{key}"
+    return source
+
+
+def _content_hash(it: Item) -> str | None:
+    """SHA-256 of a file input's bytes (None for a shard sample or an unreadable file)."""
+    if not isinstance(it.load, str):
+        return None
+    h = hashlib.sha256()
+    try:
+        with open(it.load, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from regionmed.index import INDEX_FILE, EmbeddingIndex
 
@@ -443,30 +476,48 @@ def cmd_index(args: argparse.Namespace) -> int:
     exists = (folder / INDEX_FILE).is_file()
     if exists and not args.add:
         raise InferInputError(f"{folder} already holds an index: pass --add to add to it, or choose another folder")
+    if args.add and not exists:
+        raise InferInputError(f"--add: {folder} holds no index ({INDEX_FILE} is missing): build one first without --add")
     items = collect_items(args.inputs, args.split, args.boxes)
+    for it in items:
+        it.source = _absolute_source(it.source)
     predictor = _predictor(args)
-    if args.add and exists:
+    if args.add:
         index = EmbeddingIndex.load(folder)
         index.check_model(predictor.model_id, predictor.embed_dim, f"model {args.model}'s embeddings")
     else:
         index = EmbeddingIndex.create(predictor)
     index.extra.setdefault("model_path", str(Path(args.model).resolve()))
-    have = {m["id"] for m in index.metadata("image")}
-    skipped = [it for it in items if it.id in have]
+    have = {m["id"]: m for m in index.metadata("image")}
+    hashes = {it.id: _content_hash(it) for it in items}
+    skipped = []
+    for it in items:  # an id already indexed: the same image (same source or same bytes) is skipped, another one refused
+        m = have.get(it.id)
+        if m is None:
+            continue
+        same_source = m.get("source") == it.source or _absolute_source(str(m.get("source", ""))) == it.source
+        same_bytes = hashes[it.id] is not None and m.get("sha256") == hashes[it.id]
+        if not (same_source or same_bytes):
+            raise InferInputError(f"image id {it.id!r} is already in {folder} for another image ({m.get('source')}; "
+                                  f"this one is {it.source}): ids are paths relative to the input folder, so two "
+                                  "folders with the same file names clash; index this folder into another index, or "
+                                  "rename its files")
+        skipped.append(it)
     items = [it for it in items if it.id not in have]
     problems, added = [], {"image": 0, "region": 0}
     for done, res, probs in embed_items(predictor, items, not args.no_boxes, not args.no_progress):
         problems += probs
         n = index.add_embeddings(res, ids=[it.id for it in done], sources=[it.source for it in done],
-                                 labels=[it.labels for it in done], model_id=predictor.model_id)
+                                 labels=[it.labels for it in done], model_id=predictor.model_id,
+                                 hashes=[hashes[it.id] for it in done])
         added["image"] += n["image"]
         added["region"] += n["region"]
     index.save(folder)
     _report_problems(problems, folder / "problems.jsonl" if problems else None, "index")
-    print(f"{'added' if args.add and exists else 'indexed'} {added['image']} images and {added['region']} regions "
+    print(f"{'added' if args.add else 'indexed'} {_n(added['image'], 'image')} and {_n(added['region'], 'region')} "
           f"({index.count('image')} / {index.count('region')} in {folder})"
           f"{f'; {len(skipped)} already indexed, left as they were' if skipped else ''}"
-          f"{f'; {len(problems)} problems' if problems else ''}")
+          f"{'; ' + _n(len(problems), 'problem') if problems else ''}")
     return 1 if problems else 0
 
 
@@ -573,8 +624,11 @@ def add_infer_parsers(sub) -> None:
     p = sub.add_parser("index", help="build (or --add to) a FAISS index of images and regions",
                        description="Embed images and their boxes and store them in a FAISS index folder (exact inner product "
                                    "over L2-normalised vectors = cosine) with a metadata sidecar (ids, sources, boxes, labels). "
-                                   "--add adds to an existing index built by the same model (images already in it are left as "
-                                   "they are). Needs faiss: pip install 'regionmed[index]'.")
+                                   "--add adds to an existing index built by the same model (which must exist): an image whose id "
+                                   "(its path relative to the input folder) is already indexed is left as it is when it is the "
+                                   "same image (same absolute path or same bytes), and refused (exit 2, naming both files) when "
+                                   "it is another one, e.g. a second folder with the same file names: index that into another "
+                                   "index. Sources are stored as absolute paths, so the index works from any directory. Needs faiss: pip install 'regionmed[index]'.")
     _common(p)
     p.add_argument("--index", required=True, help="index folder")
     p.add_argument("--add", action="store_true", help="add to the index in --index (else it must not exist)")
