@@ -84,6 +84,10 @@ class RoiConfig:
     align_output: int = 2  # align mode: RoIAlign output grid (n x n), averaged
     num_heads: int = 4
     gate_init: float = 0.0  # tanh(gate) scales the cross-attention; 0 = start as plain CLIP
+    # Each gate is gate_scale x a raw parameter (raw starts at gate_init / gate_scale). Adam moves a
+    # raw scalar by about the learning rate per step, so the gate moves about gate_scale x lr per
+    # step: 1 = as before; e.g. 100 lets the ROI processor act within a short schedule (issue 12).
+    gate_scale: float = 1.0
 
 
 @dataclass
@@ -169,5 +173,6 @@ def validate_model_config(cfg: ModelConfig, source: str = "<config>") -> None:
     need(0.0 <= cfg.roi.context_margin <= 2.0, "model.roi.context_margin", "must be in [0, 2]")
     need(cfg.roi.align_output >= 1, "model.roi.align_output", "must be >= 1")
     need(cfg.roi.num_heads >= 1, "model.roi.num_heads", "must be >= 1")
+    need(cfg.roi.gate_scale > 0, "model.roi.gate_scale", f"is {cfg.roi.gate_scale}: must be > 0 (1 = a plain gate)")
     need(cfg.logit_scale_max > 0, "model.logit_scale_max", "must be > 0")
     need(abs(cfg.logit_scale_init) <= 20, "model.logit_scale_init", "must be in [-20, 20] (it is a log: exp(20) = 4.9e8)")

@@ -57,8 +57,11 @@ class ROIProcessor(nn.Module):
     * global ← regions: the pooled global token attends over the ROI tokens;
       ``fused = global + tanh(g_g) * attn``.
 
-    Gates start at ``cfg.gate_init`` (0: the model starts as plain CLIP). Padded
-    ROIs are masked; an image with no ROI gets ``fused == global`` exactly.
+    Gates start at ``cfg.gate_init`` (0: the model starts as plain CLIP). Each gate is
+    ``cfg.gate_scale × raw`` (a reparametrisation: Adam moves ``raw`` by about the learning
+    rate per step whatever its gradient's size, so the gate moves ``gate_scale`` times
+    faster; as a per-parameter learning-rate multiplier, without an optimizer change).
+    Padded ROIs are masked; an image with no ROI gets ``fused == global`` exactly.
     """
 
     def __init__(self, width: int, cfg: RoiConfig):
@@ -68,11 +71,16 @@ class ROIProcessor(nn.Module):
         self.roi_norm = nn.LayerNorm(width)
         self.context_norm = nn.LayerNorm(width)
         self.region_from_context = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.region_gate = nn.Parameter(torch.tensor(float(cfg.gate_init)))
+        self.gate_scale = float(cfg.gate_scale)
+        self.region_gate = nn.Parameter(torch.tensor(float(cfg.gate_init) / self.gate_scale))
         self.global_norm = nn.LayerNorm(width)
         self.region_kv_norm = nn.LayerNorm(width)
         self.global_from_regions = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.global_gate = nn.Parameter(torch.tensor(float(cfg.gate_init)))
+        self.global_gate = nn.Parameter(torch.tensor(float(cfg.gate_init) / self.gate_scale))
+
+    def gates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate values ``(tanh(scale · g_global), tanh(scale · g_region))``, each in (-1, 1)."""
+        return torch.tanh(self.gate_scale * self.global_gate), torch.tanh(self.gate_scale * self.region_gate)
 
     def forward(
         self, pooled: torch.Tensor, grid: torch.Tensor, roi_feats: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor
@@ -85,7 +93,7 @@ class ROIProcessor(nn.Module):
         rois = roi_feats + self.geometry(box_geometry_features(boxes).to(roi_feats.dtype))
         context = self.context_norm(grid.flatten(2).transpose(1, 2))
         attn, _ = self.region_from_context(self.roi_norm(rois), context, context, need_weights=False)
-        rois = (rois + torch.tanh(self.region_gate) * attn) * mask.unsqueeze(-1)
+        rois = (rois + torch.tanh(self.gate_scale * self.region_gate) * attn) * mask.unsqueeze(-1)
 
         has_roi = mask.any(dim=1)
         # A row with every key masked gives NaN; unmask one padded key there and zero the result.
@@ -96,5 +104,5 @@ class ROIProcessor(nn.Module):
             self.global_norm(pooled).unsqueeze(1), kv, kv, key_padding_mask=key_padding, need_weights=False
         )
         g_attn = g_attn.squeeze(1) * has_roi.unsqueeze(-1).to(g_attn.dtype)
-        fused = pooled + torch.tanh(self.global_gate) * g_attn
+        fused = pooled + torch.tanh(self.gate_scale * self.global_gate) * g_attn
         return fused, rois

@@ -615,8 +615,8 @@ class Trainer:
                                       samples_per_s=self.step_batch / dt, samples_per_s_per_rank=per_rank / dt,
                                       step_time_s=dt, logit_scale=float(self.model.scale().detach()))
                         if self.model.roi_processor is not None:
-                            record["gate.global"] = float(torch.tanh(self.model.roi_processor.global_gate.detach()))
-                            record["gate.region"] = float(torch.tanh(self.model.roi_processor.region_gate.detach()))
+                            gate_global, gate_region = self.model.roi_processor.gates()
+                            record["gate.global"], record["gate.region"] = float(gate_global), float(gate_region)
                         logger.write("step", **record)
                     bar.set_postfix(stage=plan.name, loss=f"{losses['total']:.3f}", sps=f"{self.step_batch / dt:.1f}")
                 self.step += 1
