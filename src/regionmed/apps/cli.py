@@ -14,7 +14,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from regionmed.apps.curation.phantoms import PhantomConfig, write_phantom_dataset
 
     cfg = PhantomConfig(image_size=args.image_size, negatives_per_region=args.negatives)
-    manifest = write_phantom_dataset(args.out, n_train=args.train, n_test=args.test, n_val=args.val, seed=args.seed, config=cfg)
+    if args.shard_size < 1:
+        print(f"regionmed synth: --shard-size must be >= 1, got {args.shard_size}", file=sys.stderr)
+        return 2
+    manifest = write_phantom_dataset(args.out, n_train=args.train, n_test=args.test, n_val=args.val, seed=args.seed, config=cfg,
+                                     shard_max_count=args.shard_size)
     counts = ", ".join(f"{split}: {info['samples']} images / {info['regions']} regions" for split, info in manifest["splits"].items())
     print(f"wrote {args.out} ({counts})")
     return 0
@@ -81,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=400, help="held-out test images (default 400)")
     p.add_argument("--image-size", type=int, default=256, help="stored image side in pixels (default 256)")
     p.add_argument("--negatives", type=int, default=3, help="hard-negative captions per region (default 3)")
+    p.add_argument("--shard-size", type=int, default=500,
+                   help="samples per shard (default 500; smaller gives the several shards that streaming over "
+                        "several ranks x workers needs)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synth)
 
