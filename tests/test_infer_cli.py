@@ -186,6 +186,15 @@ def test_index_add_refuses_a_clashing_id_and_a_missing_index_and_works_from_any_
     assert Path(hit["source"]).is_file()
 
 
+def test_text_length_errors_name_the_cli_flag_and_the_label(models, tmp_path, capsys):
+    long = "small nodule in the right upper zone " * 20
+    rc, _, err = run(capsys, "classify", models[0], slake_image(0), "--labels", f"liver,{long},lung", "--out", tmp_path / "c.csv")
+    one_line_error(rc, err, "classify", "label 'small nodule in the right upper zone")
+    assert "pass --truncate to cut it" in err and "truncate=True" not in err and "text #" not in err
+    rc, _, err = run(capsys, "ground", models[0], slake_image(0), "--phrase", long, "--out", tmp_path / "g")
+    one_line_error(rc, err, "ground", "pass --truncate to cut it")
+
+
 def test_bad_command_line_inputs_are_one_line_errors(models, folder, tmp_path, capsys):
     image = slake_image(0)
     rc, _, err = run(capsys, "ground", models[0], image, "--out", tmp_path / "g")

@@ -197,6 +197,27 @@ def test_texts_longer_than_the_context(predictor, caplog):
         predictor.embed_texts(["liver", "  "])
 
 
+def test_long_label_is_named_as_typed_and_a_cut_text_is_warned_once(predictor, caplog):
+    long = "small nodule in the right upper zone " * 20
+    with pytest.raises(TextInputError, match=r"pass truncate=True to cut it") as info:
+        predictor.classify([slake_image(0)], ["liver", long, "lung"])
+    text = str(info.value)
+    assert text.startswith("label 'small nodule in the right upper zone") and "text #" not in text and "more" not in text
+    assert "--truncate" not in text
+    path = slake_image(0)
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        predictor.ground(path, ["a mass " * 40, "liver"], truncate=True)
+        predictor.ground(path, ["a mass " * 40], truncate=True)
+        warned = [r for r in caplog.records if "cut to it" in r.getMessage()]
+        assert len(warned) == 1 and "a mass a mass" in warned[0].getMessage()
+        caplog.clear()
+        result = predictor.classify([path], ["liver", "large mass in the left lower zone " * 20], truncate=True)
+        warned = [r for r in caplog.records if "cut to it" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].getMessage().startswith("label ")
+    assert result.scores.shape == (1, 2)
+
+
 def test_model_id_is_stable_and_tracks_weights(model_dir, predictor):
     again = Predictor.from_pretrained(model_dir)
     assert again.model_id == predictor.model_id and len(predictor.model_id) == 20

@@ -524,12 +524,16 @@ class Predictor:
     def embed_texts(self, texts: Sequence[str], *, truncate: bool = False) -> torch.Tensor:
         """(N, D) float32 L2-normalised text embeddings on the CPU, one row per text.
         Raises :class:`TextInputError` for an empty text, or one longer than the
-        context unless ``truncate`` (see the module docstring)."""
-        texts = self._check_texts(texts, "text", truncate)
+        context unless ``truncate`` (see the module docstring; each distinct text cut
+        is logged once per predictor)."""
+        return self._embed_texts(texts, truncate, "text")
+
+    def _embed_texts(self, texts, truncate: bool, what: str, warn: bool = True) -> torch.Tensor:
+        texts = self._check_texts(texts, what, truncate, warn)
         with torch.no_grad():
             return _finite(self.model.encode_text(texts), "text").float().cpu()
 
-    def _check_texts(self, texts, what: str, truncate: bool) -> list[str]:
+    def _check_texts(self, texts, what: str, truncate: bool, warn: bool = True) -> list[str]:
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -546,10 +550,19 @@ class Predictor:
             i, n = long[0]
             more = f" ({len(long) - 1} more)" if len(long) > 1 else ""
             raise TextInputError(f"{what} #{i} {_shorten(texts[i])!r} is {n} tokens, longer than the model's text context of "
-                                 f"{self.context_length}{more}: shorten it, or pass truncate=True (--truncate) to cut it")
-        if long:
-            log.warning("%d %s(s) longer than the text context of %d tokens were cut to it", len(long), what, self.context_length)
+                                 f"{self.context_length}{more}: shorten it, or pass truncate=True to cut it")
+        if long and warn:
+            self._warn_cut([(texts[i], n) for i, n in long], what)
         return texts
+
+    def _warn_cut(self, long: list[tuple[str, int]], what: str) -> None:
+        """Log each distinct text cut to the context once per predictor."""
+        warned = self.__dict__.setdefault("_warned_cut", set())
+        for text, n in long:
+            if text not in warned:
+                warned.add(text)
+                log.warning("%s %r is %d tokens, longer than the text context of %d: cut to it", what, _shorten(text), n,
+                            self.context_length)
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Token counts of ``texts`` (special tokens included), before any cut."""
@@ -580,12 +593,34 @@ class Predictor:
                                  "(use multi_label for a score per label)")
         from regionmed.eval.zeroshot import ensemble, ensemble_scores
 
+        self._check_label_prompts(class_prompts, truncate)
         classes = ensemble(self.model, list(class_prompts.values()),
-                           embed=lambda texts: self.embed_texts(texts, truncate=truncate))
+                           embed=lambda texts: self._embed_texts(texts, True, "prompt", warn=False))
         emb = self.embed_images(images, boxes, names=names, errors=errors, progress=progress)
         scores = ensemble_scores(self.model, emb.fused, classes, "similarity" if multi_label else "softmax")
         return ClassificationResult(list(class_prompts), scores.astype(np.float32), bool(multi_label), class_prompts,
                                     emb.indices, emb.sources, emb.problems)
+
+    def _check_label_prompts(self, class_prompts: Mapping[str, list[str]], truncate: bool) -> None:
+        """Name the label (as the user gave it) whose prompts exceed the text context:
+        raise :class:`TextInputError` unless ``truncate``, else warn once per label."""
+        long = []
+        for label, ps in class_prompts.items():
+            for p in ps:
+                if not isinstance(p, str) or not p.strip():
+                    raise TextInputError(f"label {label!r} has an empty prompt")
+            lengths = self.token_lengths(ps)
+            worst = max(range(len(ps)), key=lambda j: lengths[j])
+            if lengths[worst] > self.context_length:
+                long.append((label, ps[worst], lengths[worst]))
+        if long and not truncate:
+            label, prompt, n = long[0]
+            more = f" ({len(long) - 1} more label{'s' if len(long) != 2 else ''})" if len(long) > 1 else ""
+            said = "" if prompt == label else f" (its prompt {_shorten(prompt)!r})"
+            raise TextInputError(f"label {_shorten(label)!r}{said} is {n} tokens, longer than the model's text context of "
+                                 f"{self.context_length}{more}: shorten it, or pass truncate=True to cut it")
+        if long:
+            self._warn_cut([(label, n) for label, _, n in long], "label")
 
     def class_prompts(self, labels, prompts=None) -> dict[str, list[str]]:
         """``{class: prompts}`` for ``labels`` (see :meth:`classify`)."""
@@ -636,7 +671,7 @@ class Predictor:
         phrases = self._check_texts(phrases, "phrase", truncate)
         image = to_rgb(self.load_image(image, name))
         w, h = image.size
-        text = self.embed_texts(phrases, truncate=True)
+        text = self._embed_texts(phrases, True, "phrase", warn=False)
         mode = ("windows" if self.has_region_path else "patch") if read_out == "auto" else read_out
         locs = ground_image(self.model, self.preprocessor, image, text, mode, threshold=threshold)
         out = []

@@ -560,6 +560,26 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 # -- parsers ---------------------------------------------------------------------------------
+def _cli_words(func):
+    """Run a command, wording the library's text errors for the command line (its
+    ``truncate=True`` is the commands' ``--truncate``)."""
+    import functools
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        from regionmed.inference import TextInputError
+
+        try:
+            return func(args)
+        except TextInputError as err:
+            text = str(err).replace("pass truncate=True to cut it", "pass --truncate to cut it")
+            if text == str(err):
+                raise
+            raise TextInputError(text) from err
+    return run
+
+
+
 _INPUTS_HELP = ("images, folders (searched recursively), .txt lists (one path a line) or a MedRegion dataset "
                 "folder (with --split); PNG, JPEG, other Pillow formats and single-frame DICOM")
 
@@ -604,7 +624,7 @@ def add_infer_parsers(sub) -> None:
     p.add_argument("--prompts", help="a prompt YAML with the layout of eval/prompts/default.yaml")
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the text context instead of stopping")
     p.add_argument("--out", required=True, help="CSV file to write")
-    p.set_defaults(func=cmd_classify)
+    p.set_defaults(func=_cli_words(cmd_classify))
 
     p = sub.add_parser("ground", help="ground phrases in images (heatmap overlay PNGs + JSON boxes)",
                        description="For each image and phrase: a similarity heatmap at the image's size, its peak, a box and a "
@@ -619,7 +639,7 @@ def add_infer_parsers(sub) -> None:
     p.add_argument("--opacity", type=float, default=0.45, help="heatmap opacity in the overlays (default 0.45)")
     p.add_argument("--truncate", action="store_true", help="cut phrases longer than the text context instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=cmd_ground)
+    p.set_defaults(func=_cli_words(cmd_ground))
 
     p = sub.add_parser("index", help="build (or --add to) a FAISS index of images and regions",
                        description="Embed images and their boxes and store them in a FAISS index folder (exact inner product "
@@ -650,5 +670,5 @@ def add_infer_parsers(sub) -> None:
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--truncate", action="store_true", help="cut a text longer than the context instead of stopping")
     _common(p, inputs=False)
-    p.set_defaults(func=cmd_search)
+    p.set_defaults(func=_cli_words(cmd_search))
 
