@@ -145,7 +145,7 @@ def test_cnn_avg_pool_mlp_head_and_other_text_heads(tmp_path, bert, pooler, hf_p
     assert_same_embeddings(oc, model, bert, 32, 96)
 
 
-def test_folder_import_command_init_from_and_export(tmp_path, bert):
+def test_folder_import_command_init_from_and_export(tmp_path, bert, monkeypatch):
     """`regionmed import-open-clip` → a folder that regionmed.load reads with the same embeddings;
     its model.yaml starts a model (init_from) with the same global path and a new ROI processor;
     `regionmed export-open-clip` → files open_clip itself loads, same embeddings."""
@@ -171,14 +171,20 @@ def test_folder_import_command_init_from_and_export(tmp_path, bert):
 
     exported = tmp_path / "exported"
     assert main(["export-open-clip", str(out), "--out", str(exported)]) == 0
-    again = open_clip.create_model(f"local-dir:{exported}").eval()
+    shutil.rmtree(out)  # the export stands alone: neither the source folder nor the place it was written matters
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(exported), str(moved))
+    ids = open_clip.tokenizer.HFTokenizer(str(bert), context_length=32)(TEXTS)
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{moved}")(TEXTS), ids)  # from any directory
+    monkeypatch.chdir(moved)  # open_clip resolves text_cfg.hf_model_name (".") against the working directory
+    again = open_clip.create_model(f"local-dir:{moved}").eval()
     gen = torch.Generator().manual_seed(5)
     pixels = torch.randn(2, 3, 160, 160, generator=gen)
-    ids = open_clip.tokenizer.HFTokenizer(str(bert), context_length=32)(TEXTS)
     with torch.no_grad():
         assert (again.encode_image(pixels) - oc.encode_image(pixels)).abs().max() <= TOL
         assert (again.encode_text(ids) - oc.encode_text(ids)).abs().max() <= TOL
-    assert json.loads((exported / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["hf_pooler_type"] == \
+    assert json.loads((moved / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["hf_pooler_type"] == \
         "cls_last_hidden_state_pooler"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 
@@ -33,7 +34,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from regionmed.model.clip import load
-    from regionmed.model.interop import export_open_clip_state_dict, open_clip_config
+    from regionmed.model.interop import InteropError, export_open_clip_state_dict, open_clip_config
 
     model = load(args.model)
     state = export_open_clip_state_dict(model)
@@ -41,10 +42,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "open_clip_model.safetensors"))
     config = open_clip_config(model)
-    text = str((Path(args.model) / "text").resolve())
-    config["model_cfg"]["text_cfg"].update(hf_model_name=text, hf_tokenizer_name=text)
+    # The text tower's Hugging Face config and tokenizer files go into OUT itself: open_clip's
+    # local-dir loading reads the tokenizer from that folder (get_tokenizer('local-dir:OUT')),
+    # and hf_model_name "." is OUT's config.json (open_clip passes it to transformers as it
+    # is, so it resolves against the working directory: see the README).
+    text_dir = Path(args.model) / "text"
+    if not (text_dir / "config.json").is_file():
+        raise InteropError(f"{text_dir / 'config.json'} is missing: {args.model} is not a complete model folder")
+    copied = 0
+    for f in sorted(text_dir.iterdir()):
+        if f.is_file() and f.name != "open_clip_config.json":
+            shutil.copyfile(f, out / f.name)
+            copied += 1
+    config["model_cfg"]["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".")
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    print(f"wrote {out} (open_clip.create_model('local-dir:{out}')); the ROI processor is not part of it")
+    print(f"wrote {out} with the text tower's config and tokenizer ({copied} files): open_clip.create_model("
+          f"'local-dir:{out}') from inside it (or with text_cfg hf_model_name={out}), open_clip.get_tokenizer("
+          f"'local-dir:{out}') from anywhere; the ROI processor is not part of it")
     return 0
 
 
