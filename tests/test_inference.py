@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 import numpy as np
@@ -216,6 +217,30 @@ def test_long_label_is_named_as_typed_and_a_cut_text_is_warned_once(predictor, c
         warned = [r for r in caplog.records if "cut to it" in r.getMessage()]
         assert len(warned) == 1 and warned[0].getMessage().startswith("label ")
     assert result.scores.shape == (1, 2)
+
+
+def _declared_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height (the pixel data is never reached)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (2, 2)).save(buf, "PNG")
+    raw = bytearray(buf.getvalue())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    return bytes(raw)
+
+
+def test_a_declared_size_over_the_limit_gives_the_numbers():
+    from regionmed.apps.serve import ServeLimits
+    from regionmed.data.decode import DEFAULT_MAX_PIXELS
+
+    assert ServeLimits().max_pixels == DEFAULT_MAX_PIXELS  # one default for the commands, the API and the demo
+    with pytest.raises(ImageInputError, match=r"400,000,000 pixels, more than the limit of 67,108,864"):
+        load_image(_declared_png(20000, 20000))  # past Pillow's own bomb limit: refused when opened
+    with pytest.raises(ImageInputError, match=r"9000x9000 = 81,000,000 pixels, more than the limit of 67,108,864"):
+        load_image(_declared_png(9000, 9000))
 
 
 def test_model_id_is_stable_and_tracks_weights(model_dir, predictor):

@@ -275,6 +275,8 @@ def test_api_bad_inputs_give_messages_and_the_server_keeps_serving(client, cxr, 
     assert "too many pixels" in ground("lung", str(tmp_path / "huge.png"))
     message = client.predict(gradio_client.handle_file(str(cxr[1][0])), "only one", False, api_name="/classify")[2]
     assert "at least two labels" in message
+    message = client.predict(gradio_client.handle_file(str(cxr[1][0])), "a\na", False, api_name="/classify")[2]
+    assert "'a' is given twice" in message
     assert "Type a text query" in client.predict("  ", 5, "both", api_name="/search")[2]
     assert "k must be between 1 and 10" in client.predict("lung", 50, "both", api_name="/search")[2]
 
@@ -298,6 +300,34 @@ def test_dicom_upload_shows_and_logs_no_identifier(client, server, cxr, tmp_path
         assert text not in seen
     upload_dir = Path(gradio.utils.get_upload_folder())
     assert not list(upload_dir.rglob(name)), "the uploaded DICOM was left in Gradio's upload folder"
+
+
+def test_api_files_sent_to_ground_and_classify_go_through_the_guarded_decoder(client, cxr, tmp_path, capfd, caplog):
+    """A file sent straight to /ground or /classify (not the page's image) is decoded like an
+    upload: the project's message, no traceback naming it, the file deleted once read."""
+    import gradio.utils
+
+    upload_dir = Path(gradio.utils.get_upload_folder())
+    secret = f"SECRETNAME_PID-987654321_{uuid.uuid4().hex[:6]}"
+    cine = tmp_path / f"{secret}.dcm"
+    cine.write_bytes(_radiograph_dicom(cxr[0][0], frames=3))
+    fake = tmp_path / f"{secret}-text.png"
+    fake.write_text("not an image at all\n" * 20)
+    good = tmp_path / f"{secret}-good.dcm"
+    good.write_bytes(_radiograph_dicom(cxr[0][0]))
+    caplog.clear()
+    capfd.readouterr()
+    gallery, _, message = client.predict(gradio_client.handle_file(str(cine)), "lung", 0.5, 0.5, api_name="/ground")
+    assert gallery == []
+    assert message.startswith("**Error:** This DICOM file cannot be shown"), message
+    scores, table, message = client.predict(gradio_client.handle_file(str(fake)), "a\nb", False, api_name="/classify")
+    assert not scores and message.startswith("**Error:** The uploaded file could not be read as an image"), message
+    gallery, _, message = client.predict(gradio_client.handle_file(str(good)), "lung", 0.5, 0.5, api_name="/ground")
+    assert message.startswith("Grounded 1 phrase") and len(gallery) == 1
+    out, err = capfd.readouterr()
+    seen = " ".join([out, err, caplog.text])
+    assert "SECRETNAME" not in seen and "987654321" not in seen and "Traceback" not in seen
+    assert not [f for f in upload_dir.rglob("*") if "SECRETNAME" in f.name], "an API upload was left in Gradio's upload folder"
 
 
 def test_index_problems_are_messages(predictor, cxr, tmp_path):

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from regionmed.data.decode import ImageDecodeError, decode_image, to_8bit
+from regionmed.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, to_8bit
 from regionmed.data.dicom import DicomError, is_dicom, read_dicom
 from regionmed.data.transforms import BoxError, Preprocessor, check_boxes, to_rgb
 from regionmed.errors import RegionmedError
@@ -73,10 +73,10 @@ __all__ = [
     "model_digest",
 ]
 
-# The most pixels an input image may have (width x height): 64 megapixels, e.g.
-# 8192 x 8192. A full-field mammogram (about 4096 x 5120) fits; larger inputs are refused
-# before their pixels are decoded (Pillow's decompression-bomb guard for files).
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+# DEFAULT_MAX_PIXELS (regionmed.data.decode): the most pixels an input image may have
+# (width x height): 64 Mi pixels, e.g. 8192 x 8192. A full-field mammogram (about
+# 4096 x 5120) fits; larger inputs are refused before their pixels are decoded (Pillow's
+# decompression-bomb guard for files). `regionmed serve` and the commands share it.
 READ_OUTS = ("auto", "windows", "patch")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from regionmed.data.decode import DEFAULT_MAX_PIXELS
 from regionmed.errors import RegionmedError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom")
@@ -592,7 +593,8 @@ def _common(p: argparse.ArgumentParser, inputs: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help="largest image accepted, width x height (default 67108864 = 64 megapixels); larger ones are problems")
+                   help=f"largest image accepted, width x height (default {DEFAULT_MAX_PIXELS:,}, the library's and "
+                        "`regionmed serve`'s default); larger ones are problems")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none is shown when stderr is not a terminal)")
 
 

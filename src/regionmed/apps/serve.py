@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from regionmed.data.decode import DEFAULT_MAX_PIXELS
 from regionmed.errors import RegionmedError
 from regionmed.eval.overlay import display_scale as _display_scale
 from regionmed.eval.overlay import render_overlay
@@ -96,7 +97,7 @@ class ServeLimits:
     pixels)."""
 
     max_upload_mb: float = 50.0
-    max_pixels: int = 50_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the library's default (regionmed.inference), as the commands
     max_phrases: int = 8
     max_labels: int = 32
     max_results: int = 50
@@ -154,7 +155,7 @@ def _image_message(err: RegionmedError, limits: ServeLimits) -> str:
 
 def _error_message(err: Exception | str) -> str:
     # The library's text errors name the Python/CLI way out (truncate=True, --truncate): not a page control.
-    text = re.sub(r",? or pass truncate=True \(--truncate\) to cut it", "", str(err))
+    text = re.sub(r",? or pass truncate=True(?: \(--truncate\))? to cut it", "", str(err))
     return f"**Error:** {text}"
 
 
@@ -271,10 +272,20 @@ class DemoBackend:
         return image, f"Loaded a {image.width} × {image.height} {kind} ({'grey scale' if image.mode == 'L' else 'colour'})."
 
     def _image(self, image) -> Image.Image:
+        """The image input of /ground and /classify: the page's decoded image (a file the
+        demo wrote), or a file sent straight to the HTTP API (:class:`_Upload`), which
+        goes through :meth:`load_upload` (size limit, PHI-safe decoding, the name never
+        shown or logged, the file deleted once read). Raises :class:`DemoInputError` with
+        the page's message."""
         from regionmed.inference import load_image
 
         if image is None:
             raise DemoInputError("Upload an image first (PNG, JPEG or DICOM).")
+        if isinstance(image, _Upload):
+            img, message = self.load_upload(image.path)
+            if img is None:
+                raise DemoInputError(message.removeprefix("**Error:** "))
+            return img
         return load_image(image, name="the image", max_pixels=self.limits.max_pixels)
 
     # ground ---------------------------------------------------------------------------
@@ -336,6 +347,10 @@ class DemoBackend:
         try:
             img = self._image(image)
             items = parse_lines(labels, "label", self.limits.max_labels)
+            typed = [ln.strip() for ln in (labels or "").splitlines() if ln.strip()]
+            if len(typed) != len(items):
+                dup = next(t for i, t in enumerate(typed) if t in typed[:i])
+                raise DemoInputError(f"The label {dup!r} is given twice: type each label once.")
             if len(items) < 2 and not multi_label:
                 raise DemoInputError("Type at least two labels for single-label scores (or tick multi-label).")
             result = self.predictor.classify([img], items, multi_label=bool(multi_label))
@@ -452,6 +467,57 @@ def _hit_box(hit) -> list[float] | None:
     return box if len(box) == 4 and all(math.isfinite(v) for v in box) else None
 
 
+@dataclass(frozen=True)
+class _Upload:
+    """A file sent to /ground or /classify through the HTTP API (not the page's own image):
+    read only through :meth:`DemoBackend.load_upload`."""
+
+    path: str
+
+
+_OWN_OUTPUTS_KEPT = 4096  # the most recent page images remembered as the demo's own files
+
+
+def _guarded_image(**kw) -> "gr.Image":
+    """A ``gr.Image`` whose input is never decoded by Gradio: a file the demo wrote itself (the
+    decoded image shown in the page) comes as its path; any other file (sent to the HTTP API
+    directly: a DICOM, a renamed text file) as an :class:`_Upload`, decoded by the demo's
+    guarded path. Gradio's own decoding would fail with a bare error and log a traceback that
+    quotes the uploaded file's name, and leave the file in its upload folder."""
+    import collections
+
+    import gradio as gr
+
+    # The instance's own pre/postprocess (a gr.Image subclass would make Gradio write a .pyi
+    # stub beside this module).
+    image = gr.Image(**kw)
+    own: collections.OrderedDict[str, None] = collections.OrderedDict()
+    postprocess_image = image.postprocess
+
+    def postprocess(value):
+        data = postprocess_image(value)
+        path = getattr(data, "path", None)
+        if path:
+            own[str(Path(path).resolve())] = None
+            while len(own) > _OWN_OUTPUTS_KEPT:
+                own.popitem(last=False)
+        return data
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        path = getattr(payload, "path", None)
+        if not path:
+            return _Upload("")
+        if str(Path(path).resolve()) in own:
+            return str(path)
+        return _Upload(str(path))
+
+    image.postprocess = postprocess
+    image.preprocess = preprocess
+    return image
+
+
 def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)
@@ -514,8 +580,8 @@ def build_app(predictor, index=None, *, limits: ServeLimits | None = None, index
                 upload = gr.UploadButton("Upload an image (PNG, JPEG, DICOM)", type="filepath", file_count="single",
                                          variant="primary", elem_id="upload-button")
                 gr.HTML('<div id="upload-limit-message" role="alert"></div>')
-                image = gr.Image(label="Image", type="pil", image_mode=None, format="png", interactive=False,
-                                 buttons=["fullscreen"], elem_id="input-image", height=360)
+                image = _guarded_image(label="Image", type="filepath", image_mode=None, format="png", interactive=False,
+                                       buttons=["fullscreen"], elem_id="input-image", height=360)
                 status = gr.Markdown("Upload an image to start.", elem_id="status")
             with gr.Column(scale=2):
                 with gr.Tab("Ground phrases"):

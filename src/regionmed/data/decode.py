@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from typing import Any
 
@@ -62,6 +63,9 @@ DECODING_POLICY = (
     "multi-frame: first frame"
 )
 BACKGROUNDS = {"black": 0, "white": 255}
+# The default most pixels (width x height) of an input image for the inference library, its
+# commands and `regionmed serve` (64 Mi pixels); here so that they share it without torch.
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 ORIENTATION_TAG = 0x0112
 _HIGH_BIT_MODES = ("I", "F")  # every I;16* mode starts with "I"
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
@@ -121,6 +125,21 @@ def _orientation(img: Image.Image, header_only: bool = False) -> int:
         return 1
 
 
+def _bomb_detail(err: Exception, max_pixels: int | None, size: tuple[int, int] | None = None) -> str:
+    """The numbers of a refused declared size: Pillow's decompression-bomb error says the
+    pixel count (``Image size (N pixels) exceeds limit of M pixels``) before the image is
+    opened; ``size``: (w, h) when known."""
+    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(err))
+    pixels = size[0] * size[1] if size else int(found.group(1)) if found else None
+    pillow_limit = int(found.group(2)) if found else None
+    limit = max_pixels if max_pixels is not None and (pixels is None or pixels > max_pixels) else pillow_limit
+    said = f"{size[0]}x{size[1]} = " if size else ""
+    count = f"{said}{pixels:,} pixels" if pixels is not None else "a declared size"
+    bound = f"the limit of {limit:,}" if limit is not None else "the decoder's limit"
+    return (f"declared size of {count}, more than {bound} (the builder's max_image_pixels, the commands' "
+            "--max-pixels; Pillow refuses twice its MAX_IMAGE_PIXELS whatever the limit)")
+
+
 def _open(raw: bytes, max_pixels: int | None, where: str | None) -> Image.Image:
     """Open and fully decode ``raw`` (header checks first), converting Pillow's errors."""
     with warnings.catch_warnings():
@@ -129,7 +148,7 @@ def _open(raw: bytes, max_pixels: int | None, where: str | None) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(raw))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageDecodeError("decompression_bomb", "declared size too large", where) from err
+            raise ImageDecodeError("decompression_bomb", _bomb_detail(err, max_pixels), where) from err
         except Exception as err:  # noqa: BLE001 - Pillow raises many types
             raise ImageDecodeError("unreadable_image", f"not a decodable image ({type(err).__name__})", where) from err
         w, h = img.size
@@ -140,7 +159,7 @@ def _open(raw: bytes, max_pixels: int | None, where: str | None) -> Image.Image:
         try:
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageDecodeError("decompression_bomb", "declared size too large", where) from err
+            raise ImageDecodeError("decompression_bomb", _bomb_detail(err, max_pixels, img.size), where) from err
         except Exception as err:  # noqa: BLE001
             if "truncated" in str(err).lower() or "broken data stream" in str(err).lower():
                 raise ImageDecodeError("truncated_image", "image data ends early", where) from err
