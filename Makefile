@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export REGIONMED_DATA
 
-.PHONY: install demo test lint bench clean
+.PHONY: install system-deps demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/regionmed demo --out runs/demo
 
-test: install
+# The browser test of the web demo drives a real headless Chromium (apt: chromium, chromium-driver).
+system-deps:
+	bash scripts/system-deps.sh
+
+test: install system-deps
 	$(BIN)/python -m pytest -q
 
 lint: install
