@@ -616,7 +616,7 @@ class Trainer:
                                       step_time_s=dt, logit_scale=float(self.model.scale().detach()))
                         if self.model.roi_processor is not None:
                             gate_global, gate_region = self.model.roi_processor.gates()
-                            record["gate.global"], record["gate.region"] = float(gate_global), float(gate_region)
+                            record["gate.global"], record["gate.region"] = float(gate_global.detach()), float(gate_region.detach())
                         logger.write("step", **record)
                     bar.set_postfix(stage=plan.name, loss=f"{losses['total']:.3f}", sps=f"{self.step_batch / dt:.1f}")
                 self.step += 1
