@@ -181,3 +181,15 @@ def test_a_stopped_ablation_keeps_finished_seeds_and_resumes_the_rest(data_dir, 
     # a changed config starts the variant/seed again instead of mixing runs
     changed = run_ablation(load_ablation_config(CONFIG, {**overrides, "seeds": [0], "train.lr": 1e-4}), log=lambda *a: None)
     assert changed["variants"]["global"]["seeds"]["0"]["status"] == "trained"
+
+
+def test_seed_intervals_are_cut_at_the_metric_range():
+    from regionmed.apps.ablation import _agg_cell, seed_interval
+
+    wide = seed_interval([0.98, 0.5])
+    assert wide["interval"][1] > 1.0 and not wide["clipped"]
+    cut = seed_interval([0.98, 0.5], bounds=(0.0, 1.0))
+    assert cut["interval"] == [0.0, 1.0] and cut["clipped"] and cut["mean"] == wide["mean"]
+    assert _agg_cell(cut).endswith("*")
+    inside = seed_interval([0.70, 0.71, 0.72], bounds=(0.0, 1.0))
+    assert not inside["clipped"] and 0.70 < inside["interval"][0] < inside["interval"][1] < 0.72

@@ -435,9 +435,11 @@ def _cell(tasks, path) -> str:
     return f"{pct(value)} [{pct(ci[0])}–{pct(ci[1])}]" if ci else pct(value)
 
 
-def seed_interval(values: list[float]) -> dict:
+def seed_interval(values: list[float], bounds: tuple[float, float] | None = None) -> dict:
     """Mean and 95% interval across seeds: mean ± t(0.975, n−1)·sd/√n (Student t; sd with
-    n−1). ``interval`` is ``[None, None]`` with one seed."""
+    n−1). ``interval`` is ``[None, None]`` with one seed. ``bounds``: the metric's range
+    (e.g. (0, 1) for an accuracy); an interval reaching past it is cut to it and marked
+    ``clipped`` (with two seeds t(0.975, 1) = 12.7, so intervals are wide)."""
     from scipy import stats
 
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -449,7 +451,11 @@ def seed_interval(values: list[float]) -> dict:
         return {"mean": mean, "interval": [None, None], "n": 1, "values": vals}
     sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return {"mean": mean, "interval": [mean - half, mean + half], "n": n, "sd": sd, "values": vals}
+    lo, hi = mean - half, mean + half
+    clipped = bounds is not None and (lo < bounds[0] or hi > bounds[1])
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": mean, "interval": [lo, hi], "n": n, "sd": sd, "values": vals, "clipped": clipped}
 
 
 def _seeds(r: dict) -> list[dict]:
@@ -460,11 +466,11 @@ def aggregate_variant(r: dict) -> dict:
     """Per metric of the tables: its values over the variant's seeds, mean and 95% interval."""
     out = {"eval": {}, "eval_given": {}}
     for label, path in COLUMNS:
-        out["eval"][label] = seed_interval([_get(e["eval"]["tasks"], path) for e in _seeds(r)])
+        out["eval"][label] = seed_interval([_get(e["eval"]["tasks"], path) for e in _seeds(r)], bounds=(0.0, 1.0))
     for label, path in GIVEN_COLUMNS:
         vals = [_get(e["eval_given"]["tasks"], path) for e in _seeds(r) if e.get("eval_given")]
         if vals:
-            out["eval_given"][label] = seed_interval(vals)
+            out["eval_given"][label] = seed_interval(vals, bounds=(0.0, 1.0))
     return out
 
 
@@ -490,7 +496,7 @@ def paired_comparison(results: dict, variant: str = "full", reference: str = "gl
             if ca and cb and (ca[0] > cb[1] or cb[0] > ca[1]):
                 apart.append(s)
         if diffs:
-            cols[label] = {**seed_interval(list(diffs.values())), "per_seed": diffs,
+            cols[label] = {**seed_interval(list(diffs.values()), bounds=(-1.0, 1.0)), "per_seed": diffs,
                            "seeds_favouring_variant": sum(d > 0 for d in diffs.values()), "seeds_with_cis_apart": apart}
     return {"variant": variant, "reference": reference, "seeds": [int(s) for s in seeds], "columns": cols}
 
@@ -499,7 +505,8 @@ def _agg_cell(agg: dict | None) -> str:
     if not agg or agg.get("mean") is None:
         return "–"
     lo, hi = agg["interval"]
-    return f"{pct(agg['mean'])} [{pct(lo)}–{pct(hi)}]" if lo is not None else pct(agg["mean"])
+    mark = "*" if agg.get("clipped") else ""
+    return f"{pct(agg['mean'])} [{pct(lo)}–{pct(hi)}]{mark}" if lo is not None else pct(agg["mean"])
 
 
 def _ordered(results: dict) -> list[str]:
@@ -545,7 +552,7 @@ def paired_table(results: dict) -> str | None:
         lo, hi = c["interval"]
         mean = f"{100 * c['mean']:+.1f}" + (f" [{100 * lo:+.1f} to {100 * hi:+.1f}]" if lo is not None else "")
         lines.append(f"| {label} | " + " | ".join(per) + f" | {mean} | {c['seeds_favouring_variant']}/{c['n']} | "
-                     f"{', '.join(map(str, c['seeds_with_cis_apart'])) or 'none'} |")
+                     f"{', '.join(f'seed {x}' for x in c['seeds_with_cis_apart']) or 'none'} |")
     return "\n".join(lines)
 
 
@@ -653,7 +660,7 @@ Pretraining data: the `train` split of a MedRegion dataset built from {", ".join
 ({results["data"]["train_images"]} images: {json.dumps(results["data"]["per_source"])}); checked to contain no image
 of SLAKE test/validate or VQA-RAD test ({results["data"]["held_out_images_checked"]} held-out images checked).
 Every variant: base recipe `{t["base"]}`, {t["steps"]} steps, batch {t["batch_size"]}, seeds {seeds}
-({"each cell: mean [95% interval across seeds, Student t]" if many else "one seed: each cell its value [bootstrap 95% CI]"}).
+({"each cell: mean [95% interval across seeds, Student t; * = cut at the metric's range]" if many else "one seed: each cell its value [bootstrap 95% CI]"}).
 
 **VQA** (accuracy, %)
 
