@@ -66,20 +66,9 @@ def make_dicom(arr: np.ndarray | None, frames: int = 1, window: tuple[float, flo
     width) of the VOI window, None: none written; ``pixels=False``: the image attributes
     without the pixel data; ``identifiers``: the made-up :data:`PHI` values are written
     (which must never reach an output)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
+    ds = dicom_dataset("CR")
     for k, v in (PHI.items() if identifiers else ()):
         setattr(ds, k, v)
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
     if arr is not None:
         ds.Rows, ds.Columns = arr.shape[-2:]
         ds.SamplesPerPixel = 1
@@ -92,6 +81,27 @@ def make_dicom(arr: np.ndarray | None, frames: int = 1, window: tuple[float, flo
             arr = np.stack([arr] * frames)
         if pixels:
             ds.PixelData = arr.astype("<u2").tobytes()
+    return dicom_bytes(ds)
+
+
+def dicom_dataset(modality: str):
+    """An empty secondary-capture DICOM dataset (explicit VR little endian) with its file meta."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    return ds
+
+
+def dicom_bytes(ds) -> bytes:
+    """``ds`` as a DICOM part-10 file."""
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
+from conftest import http_server
+from infer_helpers import dicom_bytes, dicom_dataset
 from regionmed.data.shards import DatasetError
 from regionmed.data.stream import MedRegionStream, StreamSource, make_stream_loader
 from regionmed.data.transforms import Preprocessor
@@ -146,19 +148,9 @@ def test_the_trainer_reports_unreadable_records_counted_at_index_time(tmp_path, 
 
 # ------------------------------------------------------------------ DICOM LUT order
 def _rescaled_dicom(stored: np.ndarray, slope: float, intercept: float, window=None, voi_lut=None) -> bytes:
-    import io
+    from pydicom.dataset import Dataset
 
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
+    ds = dicom_dataset("CT")
     ds.Rows, ds.Columns = stored.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -174,9 +166,7 @@ def _rescaled_dicom(stored: np.ndarray, slope: float, intercept: float, window=N
         item["LUTData"].VR = "US"
         ds.VOILUTSequence = [item]
     ds.PixelData = stored.astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes(ds)
 
 
 STORED = np.tile(np.arange(0, 1000, 10, dtype=np.uint16), (4, 1))  # 4 x 100 stored values
@@ -233,27 +223,8 @@ def test_the_writer_checks_recorded_offsets_against_each_closed_shard(tmp_path):
 
 @pytest.fixture
 def served(sharded):
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(sharded)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(10)
+    with http_server(sharded) as url:
+        yield url
 
 
 def test_a_manifest_or_shard_url_that_gives_an_http_error_is_named_in_one_clear_line(served):

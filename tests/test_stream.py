@@ -8,17 +8,15 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import tiny_run_config
+from conftest import http_server, tiny_run_config
 from regionmed.apps.train.config import SourceConfig, validate_run_config
 from regionmed.apps.train.metrics import read_metrics
 from regionmed.config import ConfigError, to_dict
@@ -41,28 +39,10 @@ def sharded(tmp_path_factory):
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def http_root(sharded):
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(sharded)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(10)
+    with http_server(sharded) as url:
+        yield url
 
 
 def _shard_of(root: Path) -> dict[str, int]:
