@@ -65,6 +65,14 @@ def test_variants_share_data_steps_seed_and_differ_as_specified(tmp_path):
     assert variant_config(cfg, "roi", tmp_path / "data", tmp_path / "r", seed=2).seed == 2
     with pytest.raises(ConfigError, match="seeds"):
         load_ablation_config(CONFIG, {"seeds": [1, 1]})
+    # a pretrained base recipe: its image tower's learning-rate multiplier reaches every variant alike
+    pre = load_ablation_config(CONFIG, {"train.steps": 40, "train.base": "cpu_pretrained.yaml"})
+    pruns = {v: variant_config(pre, v, tmp_path / "data", tmp_path / v) for v in VARIANTS}
+    assert {v: {s.lr_scale.get("image_tower") for s in r.train.stages} for v, r in pruns.items()} == {v: {0.2} for v in VARIANTS}
+    assert all(r.model.image.name == "efficientnet_lite0" and r.model.image.output_stride == 16 for r in pruns.values())
+    assert variant_config(load_ablation_config(CONFIG, {"train.base": "cpu_pretrained.yaml", "train.image_lr_scale": 0.5}),
+                          "global", tmp_path / "data", tmp_path / "g").train.stages[0].lr_scale["image_tower"] == 0.5
+    assert "image_tower" not in runs["global"].train.stages[0].lr_scale  # the random-init recipe: full rate
     long = load_ablation_config("src/regionmed/configs/ablation_long.yaml")
     assert long.train.steps > cfg.train.steps and len(long.seeds) > len(cfg.seeds)
 

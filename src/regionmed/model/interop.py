@@ -311,11 +311,14 @@ def export_open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Raises :class:`InteropError` for a projection open_clip's heads cannot express (an image
     MLP without a first-layer bias, a text MLP with biases or another hidden width, a
-    linear text projection with a bias)."""
+    linear text projection with a bias, a tower built with ``output_stride``)."""
     cfg: ModelConfig = model.cfg
     ip, tp = cfg.image.projection, cfg.text.projection
     if ip.type == "none":
         raise InteropError("model.image.projection.type 'none' has no open_clip counterpart (TimmModel: linear or mlp)")
+    if cfg.image.output_stride is not None or "output_stride" in cfg.image.kwargs:
+        raise InteropError("model.image.output_stride: open_clip's TimmModel builds the tower at its own stride, where "
+                           "the same weights compute other features; export a model trained without output_stride")
     if ip.type == "mlp" and (not ip.hidden_bias or (ip.hidden or 2 * cfg.embed_dim) != 2 * cfg.embed_dim):
         raise InteropError("model.image.projection: open_clip's mlp head has hidden width 2 x embed_dim and a first-layer bias")
     width = model.text_tower.width

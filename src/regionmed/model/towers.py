@@ -92,12 +92,17 @@ def _create_timm(name: str, cfg: ImageTowerConfig, **extra) -> tuple[nn.Module, 
     if not timm.is_model(name):
         raise ConfigError(f"model.image.name: {name!r} is not a timm model name (e.g. vit_base_patch16_224, resnet50)")
     kwargs = {"num_classes": 0, **cfg.kwargs, **extra}
+    if cfg.output_stride is not None:
+        kwargs["output_stride"] = cfg.output_stride
     try:
         return timm.create_model(name, **kwargs, img_size=cfg.image_size, dynamic_img_size=True), True
     except TypeError:  # CNNs and others take any size and no such arguments
         try:
             return timm.create_model(name, **kwargs), False
         except TypeError as err:
+            if cfg.output_stride is not None and "output_stride" in str(err):
+                raise ConfigError(f"model.image.output_stride: timm model {name!r} has no output_stride (CNNs such as "
+                                  f"resnet18 or efficientnet_lite0 do; for a ViT use a larger image_size)") from err
             raise ConfigError(f"model.image.kwargs {cfg.kwargs}: not accepted by timm model {name!r} ({err})") from err
 
 
