@@ -314,3 +314,75 @@ def test_full_scale_recipe_builds_and_steps_on_cpu():
     assert torch.isfinite(total)
     assert model.image_tower.model.blocks[0].attn.qkv.weight.grad is not None
     assert model.roi_processor.global_gate.grad is not None
+
+
+def _mirrored(boxes):
+    """Boxes mirrored left-right in the normalised frame."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([1.0 - x1, y0, 1.0 - x0, y1], dim=-1)
+
+
+def test_without_box_geometry_roi_tokens_carry_no_box_coordinates():
+    """box_geometry=false: no geometry MLP; moving a box without changing the pixels it selects
+    (crop mode without grid_context: the crops are given) leaves its ROI embedding unchanged,
+    while with geometry (the default) the same move changes it."""
+    torch.manual_seed(0)
+    plain = RegionMedCLIP(tiny_model_config(mode="crop", box_geometry=False)).eval()
+    assert plain.roi_processor.geometry is None
+    assert not any(k.startswith("roi_processor.geometry") for k in plain.state_dict())
+    torch.manual_seed(0)
+    with_geometry = RegionMedCLIP(tiny_model_config(mode="crop")).eval()
+    assert with_geometry.roi_processor.geometry is not None
+    for model in (plain, with_geometry):
+        _open_gates(model, 0.5)
+    images, boxes, mask, crops = _inputs(model)
+    moved = _mirrored(boxes)  # another side, the same crops
+    with torch.no_grad():
+        a, b = plain.encode_image(images, boxes, mask, crops), plain.encode_image(images, moved, mask, crops)
+        c, d = with_geometry.encode_image(images, boxes, mask, crops), with_geometry.encode_image(images, moved, mask, crops)
+    assert torch.allclose(a.roi, b.roi, atol=1e-6)
+    assert not torch.allclose(c.roi[mask], d.roi[mask], atol=1e-3)
+
+
+def test_grid_context_adds_the_global_grid_at_the_box_to_each_crop_token():
+    """grid_context: each ROI token = crop feature + RoIAlign of the whole image's grid over its box,
+    so even without box geometry a token depends on where its box lies in the image."""
+    torch.manual_seed(0)
+    model = RegionMedCLIP(tiny_model_config(mode="crop", box_geometry=False, grid_context=True)).eval()
+    images, boxes, mask, crops = _inputs(model)
+    captured = {}
+
+    def keep(module, args, output):
+        captured.setdefault("roi_feats", args[2])
+
+    model.roi_processor.register_forward_hook(keep)
+    with torch.no_grad():
+        out = model.encode_image(images, boxes, mask, crops)
+        pooled, grid = model.image_tower(images)
+        expected = model.image_tower.encode_crops(crops) + align_roi_features(grid, boxes, mask, model.cfg.roi.align_output)
+    assert torch.allclose(captured["roi_feats"][mask], expected, atol=1e-5)
+    moved = _mirrored(boxes)
+    with torch.no_grad():
+        out_moved = model.encode_image(images, moved, mask, crops)
+    assert not torch.allclose(out.roi[mask], out_moved.roi[mask], atol=1e-4)  # same crops, other place: other token
+
+
+def test_grid_context_needs_crop_mode():
+    with pytest.raises(RegionmedError, match="grid_context"):
+        RegionMedCLIP(tiny_model_config(mode="align", grid_context=True))
+
+
+def test_a_model_folder_saved_before_box_geometry_existed_loads_with_geometry(tmp_path):
+    torch.manual_seed(0)
+    model = RegionMedCLIP(tiny_model_config(mode="crop")).eval()
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    data = json.loads(path.read_text())
+    for key in ("box_geometry", "grid_context"):
+        del data["model"]["roi"][key]  # as written before these fields existed
+    path.write_text(json.dumps(data))
+    loaded = load(tmp_path / "m")
+    assert loaded.cfg.roi.box_geometry is True and loaded.cfg.roi.grid_context is False
+    images, boxes, mask, crops = _inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images, boxes, mask, crops).roi, loaded.encode_image(images, boxes, mask, crops).roi)

@@ -129,6 +129,9 @@ class RegionMedCLIP(nn.Module):
     def __init__(self, cfg: ModelConfig, text_source: str | None = None):
         super().__init__()
         validate_model_config(cfg)
+        if cfg.roi.grid_context and cfg.roi.mode != "crop":
+            raise ConfigError(f"model.roi.grid_context is for ROI mode 'crop' (a crop's feature + the grid's RoIAlign "
+                              f"feature); mode {cfg.roi.mode!r} has no crops: set grid_context false")
         self.cfg = cfg
         self.image_tower = ImageTower(cfg.image)
         self.text_tower = TextTower(cfg.text, source=text_source)
@@ -187,7 +190,14 @@ class RegionMedCLIP(nn.Module):
         use_rois: bool = True,
     ) -> ImageEmbeddings:
         """images (B, 3, S, S) normalised; boxes (B, K, 4) in [0, 1]; roi_mask (B, K);
-        roi_crops (N_valid, 3, r, r) in the order of ``roi_mask.nonzero()`` (crop mode)."""
+        roi_crops (N_valid, 3, r, r) in the order of ``roi_mask.nonzero()`` (crop mode).
+
+        ROI features before the ROI processor, ``(N_valid, C)`` with C the image tower's width:
+        crop mode, the crops' pooled features (``image_tower.encode_crops``); with
+        ``roi.grid_context`` plus the global pass's feature grid ``(B, C, h, w)`` RoIAlign-pooled
+        over each box (``align_roi_features``, ``roi.align_output``), so the token also holds what
+        the whole image shows at the box's place (which lung field, next to the heart...); align
+        mode, the RoIAlign features alone."""
         pooled, grid = self.image_tower(images)
         proj = self.projections["image"]
         global_ = F.normalize(proj(pooled), dim=-1)
@@ -200,6 +210,8 @@ class RegionMedCLIP(nn.Module):
             if roi_crops.shape[0] != int(roi_mask.sum()):
                 raise ValueError(f"roi_crops has {roi_crops.shape[0]} crops for {int(roi_mask.sum())} valid boxes")
             valid = self.image_tower.encode_crops(roi_crops)
+            if self.cfg.roi.grid_context:
+                valid = valid + align_roi_features(grid, boxes, roi_mask, self.cfg.roi.align_output).to(valid.dtype)
         else:
             valid = align_roi_features(grid, boxes, roi_mask, self.cfg.roi.align_output)
         roi_feats = scatter_rois(valid, roi_mask)

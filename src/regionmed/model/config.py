@@ -94,6 +94,16 @@ class RoiConfig:
     # raw scalar by about the learning rate per step, so the gate moves about gate_scale x lr per
     # step: 1 = as before; e.g. 100 lets the ROI processor act within a short schedule (issue 12).
     gate_scale: float = 1.0
+    # True (METHOD.md): each ROI token gets an embedding of its box's coordinates (ROIProcessor.geometry).
+    # False: no geometry MLP, no coordinate features; the boxes still choose which pixels are cropped
+    # or pooled, so whatever the ROI token knows of side and zone comes from pixels (issue 12).
+    # Folders saved before this field existed load with the default (True).
+    box_geometry: bool = True
+    # Crop mode only: each ROI token = the crop's pooled feature + the whole-image feature grid
+    # RoIAlign-pooled over the same box (align_output x align_output, averaged): the crop's detail
+    # plus the global pass's features at the box's place (which lung field, next to the heart...),
+    # so a token without box geometry can still tell side and zone from pixels.
+    grid_context: bool = False
 
 
 @dataclass

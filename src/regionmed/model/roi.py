@@ -62,12 +62,18 @@ class ROIProcessor(nn.Module):
     rate per step whatever its gradient's size, so the gate moves ``gate_scale`` times
     faster; as a per-parameter learning-rate multiplier, without an optimizer change).
     Padded ROIs are masked; an image with no ROI gets ``fused == global`` exactly.
+
+    With ``cfg.box_geometry`` (default) each ROI token first gets ``geometry(box features)``
+    added (:func:`box_geometry_features`); without it there is no ``geometry`` module and the
+    boxes enter only through the pixels they select.
     """
 
     def __init__(self, width: int, cfg: RoiConfig):
         super().__init__()
         heads = cfg.num_heads if width % cfg.num_heads == 0 else 1
-        self.geometry = nn.Sequential(nn.Linear(GEOMETRY_DIM, width), nn.GELU(), nn.Linear(width, width))
+        # cfg.box_geometry False: no box-coordinate features at all (the token holds only pixel features)
+        self.geometry = (nn.Sequential(nn.Linear(GEOMETRY_DIM, width), nn.GELU(), nn.Linear(width, width))
+                         if cfg.box_geometry else None)
         self.roi_norm = nn.LayerNorm(width)
         self.context_norm = nn.LayerNorm(width)
         self.region_from_context = nn.MultiheadAttention(width, heads, batch_first=True)
@@ -90,7 +96,9 @@ class ROIProcessor(nn.Module):
         mask = mask.bool()
         if mask.shape[1] == 0:
             return pooled, roi_feats
-        rois = roi_feats + self.geometry(box_geometry_features(boxes).to(roi_feats.dtype))
+        rois = roi_feats
+        if self.geometry is not None:
+            rois = rois + self.geometry(box_geometry_features(boxes).to(roi_feats.dtype))
         context = self.context_norm(grid.flatten(2).transpose(1, 2))
         attn, _ = self.region_from_context(self.roi_norm(rois), context, context, need_weights=False)
         rois = (rois + torch.tanh(self.gate_scale * self.region_gate) * attn) * mask.unsqueeze(-1)
