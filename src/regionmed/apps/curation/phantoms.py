@@ -49,6 +49,7 @@ __all__ = [
     "render_phantom",
     "write_phantom_dataset",
     "caption_for",
+    "finding_contrast",
 ]
 
 GENERATOR = "regionmed.data.phantoms"
@@ -97,6 +98,7 @@ class PhantomConfig:
     ``normal_fraction`` of the images have no finding (only when
     ``min_findings == 0``); the others have ``max(1, min_findings)`` to
     ``max_findings`` findings, each of a kind from ``findings`` in a free zone.
+    ``finding_scale`` scales the nodule, mass and opacity sizes (not effusions).
     """
 
     image_size: int = 256
@@ -105,9 +107,17 @@ class PhantomConfig:
     normal_fraction: float = 0.15  # share of images with no finding
     negatives_per_region: int = 3
     findings: tuple[str, ...] = ("nodule", "mass", "opacity", "effusion")
+    # Multiplies the nodule, mass and opacity radii and their small/large thresholds (so the
+    # size words still follow the pixels); effusions are unchanged. The random draws are the
+    # same whatever the scale: 1.0 gives exactly the images of a config without this field.
+    finding_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.findings = tuple(self.findings)
+        if isinstance(self.finding_scale, bool) or not isinstance(self.finding_scale, (int, float)) \
+                or not math.isfinite(self.finding_scale) or not (0.0 < self.finding_scale <= 2.0):
+            raise ValueError(f"finding_scale must be a number in (0, 2], got {self.finding_scale!r}")
+        self.finding_scale = float(self.finding_scale)
         if not isinstance(self.image_size, int) or self.image_size < 64:
             raise ValueError(f"image_size must be an integer >= 64, got {self.image_size!r}")
         if not self.findings:
@@ -564,6 +574,10 @@ def render_phantom(
     coords = _coords(s)
     edge = max(1.0, 0.008 * s)
     pad = 2 if s >= 128 else 1
+    # finding_scale: x 1.0 leaves every value (and so every image) exactly as without it. A finding is
+    # placed for its unscaled size (the number of random draws _place makes depends on the size it is
+    # given), so every scale draws the same numbers: the same facts and centres, only smaller or larger.
+    fs = config.finding_scale
 
     # -- anatomy ------------------------------------------------------------
     anat = _draw_anatomy(rng, s)
@@ -624,10 +638,11 @@ def render_phantom(
     for kind, side, level in _choose_findings(rng, config):
         lung = anat.lungs[side]
         if kind == "nodule":
-            r = s * rng.uniform(*NODULE_RADIUS)
-            word = "small" if r < NODULE_SMALL_BELOW * s else "large"
+            full_r = s * rng.uniform(*NODULE_RADIUS)
+            r = full_r * fs
+            word = "small" if r < NODULE_SMALL_BELOW * fs * s else "large"
             amp = rng.uniform(0.14, 0.22)
-            x, y = _place(rng, anat, lung, level, r, edge)
+            x, y = _place(rng, anat, lung, level, full_r, edge)
             r0, r1, c0, c1 = _window(s, x, y, r + 3 * edge)
             dy = coords[r0:r1, None] - y
             dx = coords[None, c0:c1] - x
@@ -636,11 +651,12 @@ def render_phantom(
             _add_density(img[r0:r1, c0:c1], np.float32(amp) * alpha * (1.0 - 0.25 * np.minimum(d / r, 1.0) ** 2), lung_val)
             box = _box_from(alpha, r0, c0, 0.5, pad, s, (x - r, y - r, x + r, y + r))
         elif kind == "mass":
-            r = s * rng.uniform(*MASS_RADIUS)
-            word = "small" if r < MASS_SMALL_BELOW * s else "large"
+            full_r = s * rng.uniform(*MASS_RADIUS)
+            r = full_r * fs
+            word = "small" if r < MASS_SMALL_BELOW * fs * s else "large"
             amp = rng.uniform(0.2, 0.3)
             harmonics = [(k, rng.uniform(0.05, 0.12), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5, 7)]
-            x, y = _place(rng, anat, lung, level, r, edge)
+            x, y = _place(rng, anat, lung, level, full_r, edge)
             r0, r1, c0, c1 = _window(s, x, y, 1.45 * r + 3 * edge)
             dy = coords[r0:r1, None] - y
             dx = coords[None, c0:c1] - x
@@ -651,11 +667,12 @@ def render_phantom(
             _add_density(img[r0:r1, c0:c1], np.float32(amp) * alpha * (1.0 - 0.2 * np.minimum(d / radius, 1.0) ** 2), lung_val)
             box = _box_from(alpha, r0, c0, 0.5, pad, s, (x - r, y - r, x + r, y + r))
         elif kind == "opacity":
-            big_r = s * rng.uniform(*OPACITY_RADIUS)
+            full_r = s * rng.uniform(*OPACITY_RADIUS)
+            big_r = full_r * fs
             word = "dense" if rng.random() < 0.5 else "patchy"
             amp = rng.uniform(0.22, 0.3) if word == "dense" else rng.uniform(0.14, 0.19)
             sx, sy = (big_r / 2) * rng.uniform(0.8, 1.2), (big_r / 2) * rng.uniform(0.8, 1.2)
-            x, y = _place(rng, anat, lung, level, big_r * 0.6, edge)
+            x, y = _place(rng, anat, lung, level, full_r * 0.6, edge)
             r0, r1, c0, c1 = _window(s, x, y, 3.0 * max(sx, sy))
             dy = (coords[r0:r1, None] - y) / np.float32(sy)
             dx = (coords[None, c0:c1] - x) / np.float32(sx)
@@ -743,6 +760,61 @@ def render_phantom(
         render.finding_masks = masks
         render.zones = {(side, lv): anat.lungs[side].zone(lv) for side in SIDES for lv in LEVELS}
     return render
+
+
+def _resize_float(values: np.ndarray, size: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """A float layer (optionally cropped to ``window``) resized as the model's Preprocessor resizes an image (PIL bilinear)."""
+    layer = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
+    if window is not None:
+        layer = layer.crop(window)
+    return np.asarray(layer.resize((size, size), Image.BILINEAR), dtype=np.float32)
+
+
+def finding_contrast(render: PhantomRender, region: int, image_size: int = 128, roi_size: int = 64,
+                     context_margin: float = 0.25) -> dict[str, float]:
+    """How visible region ``region`` of a square phantom (rendered with ``keep_layers``) is in the two
+    views a region-aware model gets: the whole image resized to ``image_size`` (the global input) and
+    the ROI crop (its box grown by ``context_margin``, squared, cut from the full-resolution image and
+    resized to ``roi_size``, exactly as :class:`regionmed.data.transforms.Preprocessor` does).
+
+    In each view (pixel values in [0, 1]): the finding's **peak contrast** is its brightest pixel
+    (where its own mask is at least half its maximum) minus the median of the pixels around it (the
+    crop's window, the finding's mask < 0.02); the **texture/noise level** is a standard deviation of
+    finding-free pixels: in the global view, of the lung-field pixels (lung mask > 0.9, no finding)
+    within four crop half-widths of the finding, so lung markings, ribs and noise all count (the crop
+    window itself holds too few pixels at the global size); in the crop, of its own pixels around the
+    finding. Returns ``{"global_cnr", "crop_cnr"}`` (peak contrast / texture-noise level) and the
+    parts (``global_peak``, ``global_noise``, ``crop_peak``, ``crop_noise``)."""
+    from regionmed.data.transforms import Preprocessor
+
+    if render.lung_mask is None or not render.finding_masks:
+        raise ValueError("finding_contrast needs a render with keep_layers=True and at least one finding")
+    s = render.image.shape[0]
+    if render.image.shape != (s, s):
+        raise ValueError(f"finding_contrast needs a square phantom, got {render.image.shape}")
+    img = render.image.astype(np.float32) / 255.0
+    mask = render.finding_masks[region]
+    window = Preprocessor(context_margin=context_margin).crop_box(tuple(render.record["regions"][region]["box"]), s, s)
+
+    crop, crop_mask = _resize_float(img, roi_size, window), _resize_float(mask, roi_size, window)
+    around = crop_mask < 0.02
+    crop_peak = float(crop[crop_mask >= 0.5 * crop_mask.max()].max() - np.median(crop[around]))
+    crop_noise = float(crop[around].std())
+
+    view, view_mask = _resize_float(img, image_size), _resize_float(mask, image_size)
+    lung = _resize_float(render.lung_mask, image_size)
+    any_finding = _resize_float(np.maximum.reduce(render.finding_masks), image_size)
+    f = image_size / s
+    x0, y0, x1, y1 = (v * f for v in window)
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+    ys, xs = np.mgrid[0:image_size, 0:image_size] + 0.5
+    dist = np.maximum(np.abs(xs - cx), np.abs(ys - cy))
+    near = (dist <= half) & (view_mask < 0.02)
+    neighbourhood = (dist <= 4 * half) & (any_finding < 0.02) & (lung > 0.9)
+    global_peak = float(view[view_mask >= 0.5 * view_mask.max()].max() - np.median(view[near]))
+    global_noise = float(view[neighbourhood].std())
+    return {"global_cnr": global_peak / max(global_noise, 1e-6), "crop_cnr": crop_peak / max(crop_noise, 1e-6),
+            "global_peak": global_peak, "global_noise": global_noise, "crop_peak": crop_peak, "crop_noise": crop_noise}
 
 
 def generate_phantom(index: int, seed: int, split: str, config: PhantomConfig | None = None) -> tuple[np.ndarray, dict]:
