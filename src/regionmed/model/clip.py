@@ -129,9 +129,6 @@ class RegionMedCLIP(nn.Module):
     def __init__(self, cfg: ModelConfig, text_source: str | None = None):
         super().__init__()
         validate_model_config(cfg)
-        if cfg.roi.grid_context and cfg.roi.mode != "crop":
-            raise ConfigError(f"model.roi.grid_context is for ROI mode 'crop' (a crop's feature + the grid's RoIAlign "
-                              f"feature); mode {cfg.roi.mode!r} has no crops: set grid_context false")
         self.cfg = cfg
         self.image_tower = ImageTower(cfg.image)
         self.text_tower = TextTower(cfg.text, source=text_source)

@@ -193,6 +193,9 @@ def validate_model_config(cfg: ModelConfig, source: str = "<config>") -> None:
     need(0.0 <= cfg.roi.context_margin <= 2.0, "model.roi.context_margin", "must be in [0, 2]")
     need(cfg.roi.align_output >= 1, "model.roi.align_output", "must be >= 1")
     need(cfg.roi.num_heads >= 1, "model.roi.num_heads", "must be >= 1")
+    need(not cfg.roi.grid_context or cfg.roi.mode == "crop", "model.roi.grid_context",
+         f"is for ROI mode 'crop' (a crop's feature + the grid's RoIAlign feature); mode {cfg.roi.mode!r} has no crops: "
+         "set grid_context false")
     need(cfg.roi.gate_scale > 0, "model.roi.gate_scale", f"is {cfg.roi.gate_scale}: must be > 0 (1 = a plain gate)")
     need(cfg.logit_scale_max > 0, "model.logit_scale_max", "must be > 0")
     need(abs(cfg.logit_scale_init) <= 20, "model.logit_scale_init", "must be in [-20, 20] (it is a log: exp(20) = 4.9e8)")
