@@ -8,18 +8,21 @@
    to that split. Pretraining reads the ``train`` split ONLY, and this module checks
    (:func:`assert_training_only`) that none of its images is named by SLAKE
    ``test.json`` / ``validate.json`` or VQA-RAD ``testset.json``.
-2. **pretraining** (the CPU recipe's encoders: ``base`` run config, resnet18 @128 px
-   from random init + pretrained MiniLM), the same data, total steps, batch and seed:
+2. **pretraining** (the CPU recipe's encoders: ``base`` run config, by default
+   ``cpu_pretrained.yaml``: ImageNet EfficientNet-Lite0 @128 px with output stride 16 +
+   pretrained MiniLM; ``demo.yaml``: resnet18 from random init), the same data, total
+   steps, batch and seed, for the variants of ``variants`` (default (a) and (d)):
 
    * ``global`` (a) — global-only CLIP: no ROI path; ``global`` + ``summary`` losses;
    * ``roi`` (b) — + ROI processor (crop ROIs) and the ``region`` loss; one stage;
    * ``roi_hn`` (c) — + ``hard_negative`` loss; one stage;
    * ``full`` (d) — + the progressive schedule: the base run config's own stages
-     (``demo.yaml``: warmup → refine → region → joint), rescaled to the same steps:
+     (warmup → refine → region → joint), rescaled to the same steps:
      the full method.
 
    (a)–(c) train everything from step 0 (text tower at ``text_lr_scale`` of the
-   learning rate); (d) splits the same steps into the four stages.
+   learning rate, image tower at ``image_lr_scale``: by default the base recipe's);
+   (d) splits the same steps into the four stages.
 3. **evaluation** of each model (:func:`regionmed.apps.evaluate.run.evaluate`): SLAKE test
    (VQA, zero-shot modality / organ / abnormality, grounding) and VQA-RAD test (VQA),
    every variant on the whole image (``eval.rois: none``, the same input for all);
@@ -79,7 +82,7 @@ class AblationBuild:
 
 @dataclass
 class AblationTrain:
-    base: str = "demo.yaml"  # packaged run config (model, data) or a path
+    base: str = "cpu_pretrained.yaml"  # packaged run config (model, data) or a path
     steps: int = 120  # total steps of every variant
     batch_size: int = 32
     # The single-stage variants (global, roi, roi_hn): their one stage's settings. The
@@ -122,7 +125,7 @@ class AblationConfig:
     data_root: str | None = None  # default: $REGIONMED_DATA
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     seed: int | None = None  # a single seed: replaces `seeds`
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: ["global", "full"])  # all four: list(VARIANTS)
     build: AblationBuild = field(default_factory=AblationBuild)
     train: AblationTrain = field(default_factory=AblationTrain)
     eval: AblationEval = field(default_factory=AblationEval)
