@@ -82,6 +82,10 @@ def test_overrides_reach_nested_fields_and_list_items(tmp_path):
     assert cfg.train.stages[0].lr == 0.5 and cfg.model.roi.mode == "align"
     with pytest.raises(ConfigError, match=r"index \[3\] does not exist"):
         load_run_config(path, {"train.stages[3].lr": 1.0})
+    # a list item named like a field (train.stages.0.lr) is an error that shows the [i] form, not a traceback
+    for wrong in ("train.stages.0.lr", "train.stages.lr"):
+        with pytest.raises(ConfigError, match=r"a list item is reached with \[i\]"):
+            load_run_config(path, {wrong: 1.0})
 
 
 def test_ints_accepted_for_floats_but_not_bools():

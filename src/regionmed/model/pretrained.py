@@ -128,6 +128,9 @@ def resolve_image_weights(pretrained: str, weights_format: str | None, timm_name
             raise WeightsError(f"model.image.pretrained {pretrained!r} holds {known.timm_name} weights, but model.image.name "
                                f"is {timm_name!r}: set model.image.name: {known.timm_name}")
         return known.path(), known.weights_format
+    if not Path(pretrained).is_file():
+        raise WeightsError(f"model.image.pretrained {pretrained!r} is neither a weights file nor a known name "
+                           f"({', '.join(sorted(KNOWN_WEIGHTS))})")
     return Path(pretrained), weights_format or "timm"
 
 

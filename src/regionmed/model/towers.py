@@ -102,7 +102,7 @@ def _create_timm(name: str, cfg: ImageTowerConfig, **extra) -> tuple[nn.Module, 
         except TypeError as err:
             if cfg.output_stride is not None and "output_stride" in str(err):
                 raise ConfigError(f"model.image.output_stride: timm model {name!r} has no output_stride (CNNs such as "
-                                  f"resnet18 or efficientnet_lite0 do; for a ViT use a larger image_size)") from err
+                                  f"resnet18 or efficientnet_lite0 do): set it to null, and for a finer ViT grid use a larger image_size") from err
             raise ConfigError(f"model.image.kwargs {cfg.kwargs}: not accepted by timm model {name!r} ({err})") from err
 
 
