@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -165,7 +167,13 @@ def test_retrieval_and_medregion_labels_through_evaluate(tiny_model, phantom_dat
                        n_boot=50)
     res = evaluate(tiny_model, opts, tmp_path / "out")
     ret = res["tasks"]["retrieval"]
-    assert ret["rois"] == "given" and ret["n_images"] == 16 and 0 <= ret["reports"]["i2t_R@1"] <= ret["reports"]["i2t_R@10"] <= 1
+    # the default test-time input is the whole image, for retrieval too
+    assert ret["rois"] == "none" and ret["n_images"] == 16 and 0 <= ret["reports"]["i2t_R@1"] <= ret["reports"]["i2t_R@10"] <= 1
+    given = evaluate(tiny_model, replace(opts, tasks=["retrieval"], rois="given"), tmp_path / "given")["tasks"]["retrieval"]
+    assert given["rois"] == "given"
+    # given boxes: regions are scored by their ROI embeddings, not by their image's whole-image embedding
+    # (with 16 images and more captions, the whole-image side gives every region of one image the same ranking)
+    assert given["region_captions"] != ret["region_captions"]
     zs = res["tasks"]["zeroshot"]
     name = next(k for k in zs if k.startswith("medregion_"))
     assert zs[name]["mode"] == "similarity" and zs[name]["n_images"] == 16  # multi-label phantom findings

@@ -426,7 +426,11 @@ def eval_retrieval(model, opts: EvalOptions, problems: Problems) -> dict:
     emb = embed_split(model, opts.medregion, opts.medregion_split, batch_size=opts.batch_size, progress=False)
     for where, why in emb.skipped:
         problems.add("retrieval", f"sample {where} could not be read ({why}); skipped")
-    region_aware = emb.region_emb is not None
+    if opts.rois == "self":
+        problems.add("retrieval", "--rois self is not used by retrieval (the split's own boxes or none): scored with none", "note")
+    # --rois given: the fused image embedding and the ROI embeddings of the split's boxes; otherwise (the default,
+    # none) the whole-image embedding for reports and for each region's caption alike.
+    region_aware = emb.region_emb is not None and opts.rois == "given"
     image = emb.image_fused if region_aware else emb.image_global
     res = {"reports": retrieval_recall(image, emb.report_emb, list(range(len(emb.reports))), emb.reports)}
     if len(emb.captions):
