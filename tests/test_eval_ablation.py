@@ -71,8 +71,11 @@ def test_variants_share_data_steps_seed_and_differ_as_specified(tmp_path):
     # train.image_lr_scale overrides the single-stage variants' rate; the random-init recipe trains at the full rate
     assert variant_config(load_ablation_config(CONFIG, {"train.image_lr_scale": 0.5}),
                           "global", tmp_path / "data", tmp_path / "g").train.stages[0].lr_scale["image_tower"] == 0.5
-    scratch = variant_config(load_ablation_config(CONFIG, {"train.base": "demo.yaml"}), "roi", tmp_path / "data", tmp_path / "s")
+    demo_base = load_ablation_config(CONFIG, {"train.base": "demo.yaml"})
+    scratch = variant_config(demo_base, "roi", tmp_path / "data", tmp_path / "s")
     assert scratch.model.image.name == "resnet18" and "image_tower" not in scratch.train.stages[0].lr_scale
+    # demo.yaml's crop-mode grid_context does not reach the global variant, which has no ROI path
+    assert scratch.model.roi.grid_context and not variant_config(demo_base, "global", tmp_path / "data", tmp_path / "g2").model.roi.grid_context
     long = load_ablation_config("src/regionmed/configs/ablation_long.yaml")
     assert long.train.steps > cfg.train.steps and len(long.seeds) > len(cfg.seeds)
 

@@ -259,6 +259,7 @@ def variant_config(cfg: AblationConfig, variant: str, data: Path, out: Path, see
         image_scale = run.train.stages[0].lr_scale.get("image_tower", 1.0) if run.train.stages else 1.0
     if variant == "global":
         run.model.roi.mode = "none"
+        run.model.roi.grid_context = False  # a crop-mode option (demo.yaml sets it): no ROI path here
         run.train.stages = [_stage("clip", t.steps, t.lr, t, dict(g), False, image_scale)]
     elif variant == "roi":
         run.train.stages = [_stage("roi", t.steps, t.lr, t, {**g, "region": 1.0}, True, image_scale)]
