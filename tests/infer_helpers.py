@@ -84,15 +84,16 @@ def make_dicom(arr: np.ndarray | None, frames: int = 1, window: tuple[float, flo
     return dicom_bytes(ds)
 
 
-def dicom_dataset(modality: str):
-    """An empty secondary-capture DICOM dataset (explicit VR little endian) with its file meta."""
+def dicom_dataset(modality: str, syntax=None):
+    """An empty secondary-capture DICOM dataset with its file meta; ``syntax``: the transfer
+    syntax UID (default explicit VR little endian)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID

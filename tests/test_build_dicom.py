@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pydicom  # noqa: E402,F401 - the "build" extra; missing means the test fails, not skips
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless  # noqa: E402
 
 from conftest_build import read_all_records, read_rejects
+from infer_helpers import dicom_bytes, dicom_dataset
 from regionmed.apps.curation.builder import build  # noqa: E402
 from regionmed.apps.curation.config import BuildConfig, SourceSpec  # noqa: E402
 from regionmed.apps.curation.dicom import decode_dicom  # noqa: E402
@@ -38,17 +37,9 @@ PHI_STRINGS = ["Quixbury", "Henrietta", "MRN-83612047", "83612047", "19470815", 
 
 def make_dicom(arr: np.ndarray, photometric="MONOCHROME2", window=None, frames=1, syntax=ExplicitVRLittleEndian,
                bits_stored=12, spacing=(0.2, 0.2)) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
+    ds = dicom_dataset("CR", syntax)
     for k, v in PHI.items():
         setattr(ds, k, v)
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
     ds.Rows, ds.Columns = arr.shape[-2:]
@@ -69,9 +60,7 @@ def make_dicom(arr: np.ndarray, photometric="MONOCHROME2", window=None, frames=1
     else:
         ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
         ds["PixelData"].VR = "OB"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes(ds)
 
 
 def ramp(h=64, w=96, top=4095) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_model_config
-from conftest_build import data_dir  # noqa: F401 - fixture
+from conftest_build import data_dir, public_build  # noqa: F401 - fixtures
 from regionmed.apps.evaluate.run import EvalOptions, Problems, default_tasks, eval_zeroshot, evaluate, unsupported_tasks
 from regionmed.apps.evaluate.suites import (
     SuiteError,
@@ -215,3 +215,17 @@ def test_a_users_prompt_file_extends_the_packaged_one(tmp_path):
     user.write_text("version: 2\nextends: none\ntemplates: ['{}']\n")
     with pytest.raises(PromptError, match="positive"):
         load_prompts(user)
+
+
+def test_retrieval_on_a_real_build_follows_rois(tiny_model, public_build, tmp_path):  # noqa: F811
+    """Retrieval on a MedRegion build of the real public sets (images without boxes, ragged
+    region counts): the default scores whole images; --rois given scores the ROI embeddings."""
+    root, _, _ = public_build
+    opts = EvalOptions(data_root=str(tmp_path / "no-data"), tasks=["retrieval"], medregion=str(root),
+                       medregion_split="train", n_boot=20)
+    none = evaluate(tiny_model, opts, tmp_path / "none")["tasks"]["retrieval"]
+    given = evaluate(tiny_model, EvalOptions(**{**opts.__dict__, "rois": "given"}), tmp_path / "given")["tasks"]["retrieval"]
+    n_images = len(MedRegionDataset(str(root), "train"))
+    assert none["rois"] == "none" and given["rois"] == "given"
+    assert none["n_images"] == given["n_images"] == n_images - none["n_skipped"] > 0
+    assert "region_captions" in none and given["region_captions"] != none["region_captions"]
