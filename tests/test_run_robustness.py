@@ -768,15 +768,17 @@ def test_finite_weights_whose_last_steps_were_nonfinite_are_not_saved(run_data, 
 
 def test_evaluation_refuses_non_finite_embeddings(model_dir):
     """A model whose weights are finite but compute NaN gives no metric (a failed task), not numbers."""
-    from regionmed.eval.images import NonFiniteEmbeddingError, encode_batch
+    from regionmed.finite import NonFiniteEmbeddingError
 
     model = load(model_dir)
     with torch.no_grad():
         model.projections["image"].weight.fill_(3e38)
-    batch = {"images": torch.randn(2, 3, model.cfg.image.image_size, model.cfg.image.image_size), "boxes": None,
-             "mask": None, "crops": None}
+    from regionmed.data.loader import ImageBatch
+
+    size = model.cfg.image.image_size
+    batch = ImageBatch(torch.randn(2, 3, size, size), torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool), None)
     with pytest.raises(NonFiniteEmbeddingError, match="non-finite image embeddings"):
-        encode_batch(model, batch, use_rois=False)
+        model.encode_batch(batch, use_rois=False)
 
 
 def test_damaged_tokenizer_files_are_weights_errors(model_dir, tmp_path):

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from regionmed.data.loader import RegionSampleDataset, collate
 from regionmed.data.shards import DatasetError
 from regionmed.data.transforms import Preprocessor
-from regionmed.eval.images import encode_batch, require_finite
+from regionmed.finite import require_finite
 from regionmed.model.clip import RegionMedCLIP
 
 
@@ -64,7 +64,7 @@ def embed_split(
         if not len(batch):
             continue
         batch = batch.to(device)
-        img = encode_batch(model, batch, use_rois=model.roi_processor is not None)
+        img = model.encode_batch(batch, use_rois=model.roi_processor is not None)
         out["g"].append(img.global_.cpu())
         out["f"].append(img.fused.cpu())
         if img.roi is not None:
