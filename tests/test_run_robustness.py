@@ -672,11 +672,12 @@ def test_eval_retrieval_skips_an_unreadable_sample_and_counts_it(model_dir, tmp_
 
 
 def test_eval_retrieval_on_a_split_with_no_readable_sample_is_one_clear_problem(model_dir, tmp_path):
-    from regionmed.apps.evaluate.run import EvalOptions, evaluate
+    from regionmed.apps.evaluate.context import EvalData, EvalOptions
+    from regionmed.apps.evaluate.run import evaluate
 
     data = write_split(tmp_path / "data", "test", 2, bad_image={0: BAD, 1: BAD})
     model = load(model_dir)
-    results = evaluate(model, EvalOptions(tasks=["retrieval"], medregion=str(data), n_boot=10), tmp_path / "eval")
+    results = evaluate(model, EvalOptions(tasks=["retrieval"], data=EvalData(medregion=str(data)), n_boot=10), tmp_path / "eval")
     assert "retrieval" not in results["tasks"]
     assert any("no sample of split 'test' can be read" in m for m in results["problems"]["messages"])
 

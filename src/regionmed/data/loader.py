@@ -113,12 +113,13 @@ class RegionSampleDataset(Dataset):
       batch and lists in :attr:`Batch.bad_samples`.
     """
 
-    def __init__(self, root: str, split: str, preprocessor: Preprocessor, max_negatives: int = 3, use_rois: bool = True,
-                 max_image_negatives: int | None = None, on_bad: str = "raise", max_open_files: int = DEFAULT_MAX_OPEN_FILES,
-                 source: str = ""):
+    def __init__(self, root: str | MedRegionDataset, split: str, preprocessor: Preprocessor, max_negatives: int = 3,
+                 use_rois: bool = True, max_image_negatives: int | None = None, on_bad: str = "raise",
+                 max_open_files: int = DEFAULT_MAX_OPEN_FILES, source: str = ""):
+        """``root``: a dataset folder, whose ``split`` is opened here, or an opened split (``split`` is then its own)."""
         if on_bad not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad must be one of {BAD_SAMPLE_POLICIES}, got {on_bad!r}")
-        self.data = MedRegionDataset(root, split, max_open_files=max_open_files)
+        self.data = root if isinstance(root, MedRegionDataset) else MedRegionDataset(root, split, max_open_files=max_open_files)
         self.source = source  # tag of every sample (dataset mixing); "" = untagged
         self.pre = preprocessor
         self.max_negatives = max_negatives
