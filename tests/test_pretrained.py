@@ -111,9 +111,9 @@ def test_bad_files_name_the_tensor(tmp_path, source_state):
 
 
 def test_model_config_selects_the_weights(tmp_path):
-    from conftest import TINY_MODEL
+    from conftest import tiny_model_mapping
 
-    data = copy.deepcopy(TINY_MODEL)
+    data = tiny_model_mapping()
     data["image"] = {"name": "efficientnet_lite0", "image_size": 96, "pretrained": NAME,
                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     data["roi"]["num_heads"] = 4
@@ -152,9 +152,9 @@ def test_output_stride_gives_a_finer_grid_with_the_same_weights():
 
 
 def test_output_stride_errors_name_the_field():
-    from conftest import TINY_MODEL
+    from conftest import tiny_model_mapping
 
-    data = copy.deepcopy(TINY_MODEL)
+    data = tiny_model_mapping()
     data["image"] = {"name": "vit_tiny_patch16_224", "image_size": 64, "output_stride": 16}
     with pytest.raises(ConfigError, match=r"model\.image\.output_stride: timm model 'vit_tiny_patch16_224' has no output_stride"):
         create_model(from_dict(ModelConfig, data, "model"))

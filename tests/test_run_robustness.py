@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_MODEL
+from conftest import tiny_model_mapping
 from regionmed.apps.train.checkpoint import (
     CheckpointError,
     clean_stale_temporaries,
@@ -40,9 +40,8 @@ from regionmed.model.config import ModelConfig
 from regionmed.model.towers import WeightsError, read_state_dict, text_position_limit
 from regionmed.optim import GuardedStep, NonFiniteWeightsError
 
-SMALL_MODEL = copy.deepcopy(TINY_MODEL)
-SMALL_MODEL["embed_dim"] = 32
-SMALL_MODEL["text"]["config_overrides"].update(hidden_size=64, num_attention_heads=2, intermediate_size=128)
+SMALL_MODEL = tiny_model_mapping(embed_dim=32, text={"config_overrides": {"hidden_size": 64, "num_attention_heads": 2,
+                                                                            "intermediate_size": 128}})
 
 LONG = "word " * 60  # longer than context_length = 32 tokens
 

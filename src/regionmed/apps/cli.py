@@ -74,6 +74,7 @@ DELEGATED = {
     "eval": ("regionmed.apps.evaluate.cli", "evaluate a model: zero-shot AUC, retrieval, VQA-RAD/SLAKE VQA, grounding"),
     "ablate": ("regionmed.apps.ablation", "the same-data ablation: global CLIP vs the full method (+ROI, +hard negatives "
                                           "opt-in), over seeds"),
+    "models": ("regionmed.apps.models", "list the named model architectures (model.name in a run config), or show one"),
 }
 
 
