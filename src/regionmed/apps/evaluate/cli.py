@@ -65,7 +65,8 @@ Examples:
 def _tasks_help() -> str:
     out = []
     for t in tasks():
-        body = textwrap.wrap(t.datasets, 68)
+        measures = " ".join((t.__doc__ or "").strip().split("\n\n")[0].split())  # its docstring's first paragraph
+        body = textwrap.wrap(f"{t.datasets.rstrip('.')}. {measures}".strip(), 68)
         out += [f"  {t.name:<10} {body[0]}"] + [f"             {line}" for line in body[1:]]
     return "\n".join(out)
 

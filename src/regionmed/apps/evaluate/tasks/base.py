@@ -57,10 +57,13 @@ def add_option_arguments(parser: argparse.ArgumentParser | Any, options_cls: typ
         if "flag" not in f.metadata:
             continue
         default, dest, helptext = getattr(defaults, f.name), _dest(options_cls, f.name), f.metadata["help"]
-        extra = dict(f.metadata["argparse"])
+        extra = {"metavar": f.name.upper(), **f.metadata["argparse"]}
         if isinstance(default, bool):
             parser.add_argument(f.metadata["flag"], dest=dest, action="store_true", help=helptext)
-        elif isinstance(default, list):
+            continue
+        if "choices" in extra:
+            extra.pop("metavar")
+        if isinstance(default, list):
             parser.add_argument(f.metadata["flag"], dest=dest, type=_comma_list, default=list(default), help=helptext, **extra)
         else:
             extra.setdefault("type", type(default))
@@ -76,7 +79,8 @@ def options_from_args(options_cls: type, args: argparse.Namespace) -> Any:
 
 class EvalTask:
     """One evaluation task; see the module docstring. Subclasses set the class attributes and
-    implement :meth:`run` (and usually :meth:`unsupported`, :meth:`report`)."""
+    implement :meth:`run` (and usually :meth:`unsupported`, :meth:`report`); the first paragraph of a
+    subclass's docstring says what it measures (``regionmed eval --help``)."""
 
     name: ClassVar[str] = ""
     datasets: ClassVar[str] = ""

@@ -104,6 +104,10 @@ def _safe(name: str) -> str:
 
 
 class Grounding(EvalTask):
+    """Pointing game, IoU>=0.3/0.5 (bootstrap 95% CIs over phrases) of the patch and windows
+    read-outs, beside the centre point and a location prior of the same dataset's train split;
+    overlay PNGs."""
+
     name = "grounding"
     datasets = ("--medregion: the annotated regions of its split (each region's label, or caption with --grounding-phrase "
                 "caption, is a phrase; regions proposed at build time are left out); built-in: SLAKE test boxes")

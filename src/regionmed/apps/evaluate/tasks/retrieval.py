@@ -10,8 +10,10 @@ from regionmed.eval.retrieval import retrieval_recall
 
 
 class Retrieval(EvalTask):
+    """Image->report and region->caption R@1/5/10 both ways (--rois given: the ROI embeddings of the split's boxes)."""
+
     name = "retrieval"
-    datasets = "--medregion: image<->report and region<->caption R@1/5/10 on its split"
+    datasets = "--medregion: its split's reports and region captions"
 
     def unsupported(self, data: EvalData) -> str | None:
         return None if data.medregion else "retrieval needs a MedRegion dataset with reports: --medregion DIR"

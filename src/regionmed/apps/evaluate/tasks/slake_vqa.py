@@ -7,6 +7,8 @@ from regionmed.apps.evaluate.tasks.vqa import VQAOptions, VQATask
 
 
 class SlakeVQA(VQATask):
+    __doc__ = VQATask.__doc__
+
     name = "slake_vqa"
     datasets = "SLAKE English train / validate (best epoch) / test (built-in)"
     headline = (

@@ -32,7 +32,9 @@ class VQAOptions:
 
 
 class VQATask(EvalTask):
-    """The VQA runner: a subclass says where its questions come from (:meth:`questions`)."""
+    """Accuracy (overall, open, closed, per question type) of an MLP head on [image ; question] embeddings.
+
+    The VQA runner: a subclass says where its questions come from (:meth:`questions`)."""
 
     Options = VQAOptions
     needs_grad = True
@@ -91,6 +93,8 @@ class VQATask(EvalTask):
 
 
 class QuestionFileVQA(VQATask):
+    __doc__ = VQATask.__doc__
+
     name = "vqa"
     datasets = ("--questions FILE: a CSV/TSV or JSONL file, one question a row, columns image (path, relative to the file "
                 "or absolute), question, answer, split (train / val / test; train and test required), optional answer_type "

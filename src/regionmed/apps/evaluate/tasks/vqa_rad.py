@@ -7,6 +7,8 @@ from regionmed.apps.evaluate.tasks.vqa import VQAOptions, VQATask
 
 
 class VqaRadVQA(VQATask):
+    __doc__ = VQATask.__doc__
+
     name = "vqa_rad"
     datasets = "VQA-RAD 3,064 train / 451 test questions (built-in)"
     headline = (

@@ -30,6 +30,8 @@ class ZeroShotOptions:
 
 
 class ZeroShot(EvalTask):
+    """Per-class and macro AUC and accuracy with bootstrap 95% CIs (the prompt-pair score beside multi-label ones)."""
+
     name = "zeroshot"
     datasets = ("--medregion: the labels of its split; --class-folder: a folder per class (--class-names maps folder "
                 "names to prompt words); built-in: SLAKE test modality, organ and abnormality")
