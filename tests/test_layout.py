@@ -62,10 +62,10 @@ def test_library_never_imports_an_application():
     assert not offences, "\n".join(offences)
 
 
-def test_the_model_does_not_import_run_configuration():
+def test_the_model_does_not_import_run_configuration_or_the_optimiser():
     for p in (PACKAGE / "model").rglob("*.py"):
         targets = {t for _, t in _imports(p)}
-        assert not any(t.startswith("regionmed.apps.train") for t in targets), p
+        assert not any(t.startswith(("regionmed.apps.train", "regionmed.optim")) for t in targets), p
 
 
 def test_no_source_folder_is_named_like_build_output():
