@@ -68,7 +68,6 @@ peak resident set size (``resource.getrusage``; both the largest over ranks).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -95,18 +94,7 @@ WEIGHTS = {"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 1.0}
 N_ROI_NEG, N_IMG_NEG, DIM = 3, 2, 256
 MIB = 2**20
 
-# The tiny model of tests/conftest.py (TINY_MODEL).
-TINY_MODEL = {
-    "embed_dim": 64,
-    "image": {"name": "vit_tiny_patch16_224", "image_size": 64, "kwargs": {"depth": 2}},
-    "text": {
-        "name": "minilm",
-        "pretrained": False,
-        "context_length": 32,
-        "config_overrides": {"num_hidden_layers": 2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-    },
-    "roi": {"mode": "crop", "max_rois": 3, "roi_size": 32, "num_heads": 4},
-}
+MODEL = "tiny-vit-minilm"  # the tiny test model (regionmed models tiny-vit-minilm), as in tests/conftest.py
 
 
 # --------------------------------------------------------------------------------------
@@ -264,13 +252,12 @@ def phantom_batch(model, b: int, rank: int):
 def model_worker(args, rank: int, world: int) -> dict:
     from regionmed.apps.train.config import RunConfig, StageConfig
     from regionmed.apps.train.trainer import build_optimizer
-    from regionmed.config import from_dict
     from regionmed.model.clip import create_model
-    from regionmed.model.config import ModelConfig
+    from regionmed.model.registry import model_config
     from regionmed.optim import GuardedStep
     from regionmed.task import TrainingTask
 
-    cfg = RunConfig(seed=0, model=from_dict(ModelConfig, copy.deepcopy(TINY_MODEL)))
+    cfg = RunConfig(seed=0, model=model_config(MODEL))
     cfg.train.stages = [StageConfig(name="region", steps=args.warmup + args.steps, lr=1e-3, use_rois=True, losses=WEIGHTS)]
     torch.manual_seed(0)
     model = create_model(cfg.model).train()
@@ -390,7 +377,7 @@ def print_loss_table(args, runs: dict[int, dict]) -> None:
 
 
 def print_model_table(args, runs: dict[int, dict]) -> None:
-    print(f"\nFull DDP train step, tiny towers (tests/conftest.py TINY_MODEL: ViT-Tiny depth 2 @ 64 px, 2-layer MiniLM, "
+    print(f"\nFull DDP train step, tiny towers ({MODEL}: ViT-Tiny depth 2 @ 64 px, 2-layer MiniLM, "
           f"crop ROIs K = 3), all four losses, fixed per-rank batch {args.model_batch} phantoms; gloo on CPU, "
           f"1 thread/process, {os.cpu_count()} cores; median of {args.steps} steps after {args.warmup}.")
     print("| procs P | global batch | ROIs (rank 0) | step s wall (slowest rank) | step s CPU (mean over ranks) "

@@ -51,12 +51,12 @@ def rss_mb() -> float:
 
 def image_refs(n: int, tmp: Path) -> list[ImageRef]:
     from regionmed.apps import data_root
-    from regionmed.apps.evaluate.suites import slake_image_refs
+    from regionmed.apps.evaluate.suites import SlakeSet
 
     slake = data_root() / "slake"
     if (slake / "imgs").is_dir():
         keys = sorted(f"slake/{p.name}" for p in (slake / "imgs").iterdir() if (p / "detection.json").is_file())
-        refs, _ = slake_image_refs(slake, keys)
+        refs, _ = SlakeSet(slake).image_refs(keys)
         return (refs * (n // max(1, len(refs)) + 1))[:n]
     rng = np.random.default_rng(0)
     refs = []

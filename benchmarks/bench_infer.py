@@ -60,19 +60,15 @@ def rss_mib() -> float:
 
 
 def make_model(kind: str):
-    from regionmed.config import from_dict
     from regionmed.model.clip import create_model
-    from regionmed.model.config import ModelConfig
+    from regionmed.model.registry import model_config
 
-    text = {"name": "minilm", "context_length": 64}
-    if kind == "full":
-        cfg = {"embed_dim": 512, "image": {"name": "vit_base_patch16_224", "image_size": 224,
-                                           "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
-               "text": text, "roi": {"mode": "crop", "max_rois": 8, "roi_size": 112, "context_margin": 0.25, "num_heads": 8}}
+    if kind == "full":  # the full-scale model with MiniLM as its text tower (BiomedBERT needs the hub cache)
+        cfg = model_config("vit-b16-biomedbert", {"text": {"name": "minilm", "context_length": 64}})
     else:
-        cfg = {"embed_dim": 256, "image": {"name": "resnet18", "image_size": 128}, "text": text, "roi": {"mode": "crop"}}
+        cfg = model_config("resnet18-minilm")
     torch.manual_seed(0)
-    return create_model(from_dict(ModelConfig, cfg)).eval()
+    return create_model(cfg).eval()
 
 
 def bench_embed(args) -> None:

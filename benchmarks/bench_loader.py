@@ -41,13 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_MODEL = {
-    "embed_dim": 64,
-    "image": {"name": "vit_tiny_patch16_224", "image_size": 64, "kwargs": {"depth": 2}},
-    "text": {"name": "minilm", "pretrained": False, "context_length": 32,
-             "config_overrides": {"num_hidden_layers": 2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
-    "roi": {"mode": "crop", "max_rois": 3, "roi_size": 32, "num_heads": 4},
-}
+MODEL = "tiny-vit-minilm"  # the tiny test model (regionmed models tiny-vit-minilm)
 
 
 def make_dataset(root: Path, n: int) -> Path:
@@ -90,12 +84,11 @@ torch.set_num_threads(1)
 from regionmed.apps.train.config import RunConfig, StageConfig
 from regionmed.apps.train.schedule import stage_at
 from regionmed.apps.train.trainer import Trainer
-from regionmed.config import from_dict
-from regionmed.model.config import ModelConfig
+from regionmed.model.registry import model_config
 
-data, reader, out, model, mode = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
+data, reader, out, model, mode = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 workers = int(sys.argv[6])
-cfg = RunConfig(seed=0, model=from_dict(ModelConfig, model))
+cfg = RunConfig(seed=0, model=model_config(model))
 cfg.data.train, cfg.data.reader, cfg.data.num_workers, cfg.data.shuffle_buffer = data, reader, workers, 256
 cfg.train.batch_size, cfg.train.output_dir, cfg.train.tensorboard = 32, out, False
 cfg.train.stages = [StageConfig(name="s", steps=1000, lr=1e-4, use_rois=True,
@@ -141,7 +134,7 @@ def child(data: Path, reader: str, mode: str, workers: int = 0) -> dict:
     out = Path(f"/tmp/bench_loader_run_{os.getpid()}")
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT / "src"))
     start = time.time()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(data), reader, str(out), json.dumps(TINY_MODEL), mode, str(workers)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(data), reader, str(out), MODEL, mode, str(workers)],
                           capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"{reader} {mode} on {data} failed:\n{proc.stderr[-3000:]}")

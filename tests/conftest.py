@@ -1,4 +1,5 @@
-"""Shared fixtures: a small phantom dataset and a tiny model config (fast on CPU)."""
+"""Shared fixtures: a small phantom dataset and the tiny model (fast on CPU: the named model
+``tiny-vit-minilm``, regionmed models tiny-vit-minilm)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import contextlib  # noqa: E402
-import copy  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -18,21 +18,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from regionmed.apps.train.config import RunConfig, StageConfig  # noqa: E402
-from regionmed.config import from_dict  # noqa: E402
 from regionmed.model.config import ModelConfig  # noqa: E402
+from regionmed.model.registry import model_config, resolve_model_mapping  # noqa: E402
 
-TINY_MODEL = {
-    "embed_dim": 64,
-    "image": {"name": "vit_tiny_patch16_224", "image_size": 64, "kwargs": {"depth": 2}},
-    "text": {
-        "name": "minilm",
-        "pretrained": False,
-        "context_length": 32,
-        # two layers and no dropout: fast, and deterministic across processes
-        "config_overrides": {"num_hidden_layers": 2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-    },
-    "roi": {"mode": "crop", "max_rois": 3, "roi_size": 32, "num_heads": 4},
-}
+TINY = "tiny-vit-minilm"  # ViT-Tiny depth 2 @ 64 px + a 2-layer MiniLM without dropout (deterministic across processes)
 
 
 @pytest.fixture(autouse=True)
@@ -41,9 +30,13 @@ def _threads():
 
 
 def tiny_model_config(**roi) -> ModelConfig:
-    data = copy.deepcopy(TINY_MODEL)
-    data["roi"].update(roi)
-    return from_dict(ModelConfig, data)
+    """The tiny model with the ROI fields ``roi`` changed."""
+    return model_config(TINY, {"roi": roi})
+
+
+def tiny_model_mapping(**fields) -> dict:
+    """The tiny model's complete config mapping (a fresh copy), with ``fields`` laid over it."""
+    return resolve_model_mapping({"name": TINY, **fields})
 
 
 def tiny_run_config(data_dir: str, output_dir: str, mode: str = "crop", steps: tuple[int, ...] = (2, 2), batch_size: int = 8) -> RunConfig:

@@ -3,12 +3,10 @@ gradient of the one large batch (open_clip's accum_freq; GradCache)."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from conftest import TINY_MODEL
+from conftest import tiny_model_mapping
 from regionmed.config import from_dict
 from regionmed.data.loader import RegionSampleDataset, collate
 from regionmed.data.transforms import Preprocessor
@@ -21,8 +19,7 @@ ALL = {"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 1.0}
 
 
 def make_task(text_dropout: float = 0.0, seed: int = 0) -> TrainingTask:
-    data = copy.deepcopy(TINY_MODEL)
-    data["text"]["config_overrides"].update(hidden_dropout_prob=text_dropout, attention_probs_dropout_prob=text_dropout)
+    data = tiny_model_mapping(text={"config_overrides": {"hidden_dropout_prob": text_dropout, "attention_probs_dropout_prob": text_dropout}})
     torch.manual_seed(seed)
     model = RegionMedCLIP(from_dict(ModelConfig, data))
     task = TrainingTask(model, max_negatives=3, max_image_negatives=2)

@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from conftest_build import data_dir, public_build  # noqa: F401
+from regionmed.apps.cli import main
 from regionmed.apps.curation.cli import add_build_parser, add_check_leakage_parser, add_stats_parser
 
 
@@ -20,8 +21,7 @@ def parser():
 
 
 def run(argv):
-    args = parser().parse_args(argv)
-    return args.func(args)
+    return main(argv)  # the command line, with its one error boundary
 
 
 @pytest.mark.parametrize("cmd,words", [("build", ["--config", "--source", "--input", "--out", "rejects.jsonl"]),

@@ -8,16 +8,15 @@ Every test builds from small real files in tmp_path (workers=0, tiny images).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
 from conftest_build import data_dir, jpeg_bytes, read_all_records, read_rejects  # noqa: F401
+from regionmed.apps.cli import main
 from regionmed.apps.curation.builder import build
 from regionmed.apps.curation.captions import clean_report
-from regionmed.apps.curation.cli import add_build_parser, add_check_source_parser
 from regionmed.apps.curation.config import BuildConfig, SourceSpec, load_config
 from regionmed.apps.curation.sources import DicomSource, GenericSource, SourceError
 from regionmed.apps.curation.sources.fields import FieldError, LabelParser, parse_boxes, parse_label_value
@@ -51,12 +50,7 @@ def records_by_report(out: Path) -> dict[str, dict]:
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="regionmed")
-    sub = p.add_subparsers(dest="command")
-    add_build_parser(sub)
-    add_check_source_parser(sub)
-    args = p.parse_args(argv)
-    return args.func(args)
+    return main(argv)  # the command line, with its one error boundary
 
 
 # --------------------------------------------------------------------------- kind 1: text encodings
@@ -538,7 +532,7 @@ def test_every_deliberate_error_here_is_a_regionmed_error():
 def test_u_ignore_labels_are_unknown_in_zero_shot_not_negative(tmp_path):
     """Under U-Ignore an uncertain label is left out of the record; the zero-shot task built
     from the dataset marks it unknown (-1), so the class's AUC leaves that image out."""
-    from regionmed.apps.evaluate.suites import medregion_task
+    from regionmed.apps.evaluate.suites import MedRegionSet
 
     table = ("image,report,Edema,Pleural Effusion\n"
              "a.jpg,Mild interstitial edema.,1,0\n"
@@ -548,9 +542,9 @@ def test_u_ignore_labels_are_unknown_in_zero_shot_not_negative(tmp_path):
     _, _, out = run_build(tmp_path, root, label_cols="Edema,Pleural Effusion", uncertain_labels="U-Ignore")
     from regionmed.data.shards import read_manifest
 
-    rows = {}
+    rows, dataset = {}, MedRegionSet(out)
     for s in read_manifest(out)["splits"]:
-        refs, task = medregion_task(out, s, mode="similarity", classes=["Edema", "Pleural Effusion"])
+        refs, task = dataset.zero_shot_task(s, mode="similarity", classes=["Edema", "Pleural Effusion"])
         rows.update({r.key: list(task.labels[i]) for i, r in enumerate(refs)})
     recs = records_by_report(out)
     key = {rep: f"medregion/{rec['id']}" for rep, rec in recs.items()}

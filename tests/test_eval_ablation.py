@@ -97,7 +97,8 @@ def test_training_split_with_a_test_image_is_refused(data_dir, tmp_path):  # noq
 
 @pytest.mark.slow
 def test_shortened_ablation_end_to_end(data_dir, tmp_path):  # noqa: F811
-    from regionmed.apps.evaluate.cli import add_ablate_parser
+    from regionmed.apps.ablation import add_ablate_parser
+    from regionmed.apps.cli import main
 
     parser = argparse.ArgumentParser()
     add_ablate_parser(parser.add_subparsers())
@@ -128,8 +129,7 @@ def test_shortened_ablation_end_to_end(data_dir, tmp_path):  # noqa: F811
     assert "Paired comparison" in md
     assert all((tmp_path / "abl" / v / "seed-0" / "eval" / "report.md").is_file() for v in VARIANTS)
     assert (tmp_path / "abl" / "ablation.png").is_file() and (tmp_path / "abl" / "loss_curves.png").is_file()
-    bad = parser.parse_args(["ablate", "--config", str(tmp_path / "missing.yaml")])
-    assert bad.func(bad) == 2
+    assert main(["ablate", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
 def test_interval_across_seeds_and_the_paired_comparison():

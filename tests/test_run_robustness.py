@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_MODEL
+from conftest import tiny_model_mapping
 from regionmed.apps.train.checkpoint import (
     CheckpointError,
     clean_stale_temporaries,
@@ -40,9 +40,8 @@ from regionmed.model.config import ModelConfig
 from regionmed.model.towers import WeightsError, read_state_dict, text_position_limit
 from regionmed.optim import GuardedStep, NonFiniteWeightsError
 
-SMALL_MODEL = copy.deepcopy(TINY_MODEL)
-SMALL_MODEL["embed_dim"] = 32
-SMALL_MODEL["text"]["config_overrides"].update(hidden_size=64, num_attention_heads=2, intermediate_size=128)
+SMALL_MODEL = tiny_model_mapping(embed_dim=32, text={"config_overrides": {"hidden_size": 64, "num_attention_heads": 2,
+                                                                            "intermediate_size": 128}})
 
 LONG = "word " * 60  # longer than context_length = 32 tokens
 
@@ -672,11 +671,12 @@ def test_eval_retrieval_skips_an_unreadable_sample_and_counts_it(model_dir, tmp_
 
 
 def test_eval_retrieval_on_a_split_with_no_readable_sample_is_one_clear_problem(model_dir, tmp_path):
-    from regionmed.apps.evaluate.run import EvalOptions, evaluate
+    from regionmed.apps.evaluate.context import EvalData, EvalOptions
+    from regionmed.apps.evaluate.run import evaluate
 
     data = write_split(tmp_path / "data", "test", 2, bad_image={0: BAD, 1: BAD})
     model = load(model_dir)
-    results = evaluate(model, EvalOptions(tasks=["retrieval"], medregion=str(data), n_boot=10), tmp_path / "eval")
+    results = evaluate(model, EvalOptions(tasks=["retrieval"], data=EvalData(medregion=str(data)), n_boot=10), tmp_path / "eval")
     assert "retrieval" not in results["tasks"]
     assert any("no sample of split 'test' can be read" in m for m in results["problems"]["messages"])
 
@@ -768,15 +768,17 @@ def test_finite_weights_whose_last_steps_were_nonfinite_are_not_saved(run_data, 
 
 def test_evaluation_refuses_non_finite_embeddings(model_dir):
     """A model whose weights are finite but compute NaN gives no metric (a failed task), not numbers."""
-    from regionmed.eval.images import NonFiniteEmbeddingError, encode_batch
+    from regionmed.finite import NonFiniteEmbeddingError
 
     model = load(model_dir)
     with torch.no_grad():
         model.projections["image"].weight.fill_(3e38)
-    batch = {"images": torch.randn(2, 3, model.cfg.image.image_size, model.cfg.image.image_size), "boxes": None,
-             "mask": None, "crops": None}
+    from regionmed.data.loader import ImageBatch
+
+    size = model.cfg.image.image_size
+    batch = ImageBatch(torch.randn(2, 3, size, size), torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool), None)
     with pytest.raises(NonFiniteEmbeddingError, match="non-finite image embeddings"):
-        encode_batch(model, batch, use_rois=False)
+        model.encode_batch(batch, use_rois=False)
 
 
 def test_damaged_tokenizer_files_are_weights_errors(model_dir, tmp_path):

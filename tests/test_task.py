@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from conftest import TINY_MODEL
+from conftest import tiny_model_mapping
 from regionmed.config import from_dict
 from regionmed.data.loader import RegionSampleDataset, collate
 from regionmed.data.transforms import Preprocessor
@@ -20,9 +18,7 @@ ALL = {"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 1.0}
 
 
 def model_config(**image) -> ModelConfig:
-    data = copy.deepcopy(TINY_MODEL)
-    data["image"].update(image)
-    return from_dict(ModelConfig, data)
+    return from_dict(ModelConfig, tiny_model_mapping(image=image))
 
 
 def batch_of(data_dir, model, indices, max_negatives=3, max_image_negatives=2, max_rois=None):
@@ -97,7 +93,7 @@ def test_only_what_the_active_terms_need_is_encoded(phantom_data):
 
 
 def resnet_config(**image):
-    data = copy.deepcopy(TINY_MODEL)
+    data = tiny_model_mapping()
     data["image"] = {"name": "resnet18", "image_size": 64, **image}
     data["roi"].update(roi_size=32)
     return from_dict(ModelConfig, data)

@@ -13,6 +13,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -113,9 +114,11 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
-def load_yaml_config(cls: type, path: str | Path, overrides: dict[str, Any] | None = None, what: str = "config file") -> Any:
-    """Read YAML ``path``, apply dotted ``overrides`` ({"train.batch_size": 8}) and build
-    dataclass ``cls`` from it, checking keys and types (errors name the file and field).
+def load_yaml_config(cls: type, path: str | Path, overrides: dict[str, Any] | None = None, what: str = "config file",
+                     prepare: Callable[[dict], dict] | None = None) -> Any:
+    """Read YAML ``path``, apply dotted ``overrides`` ({"train.batch_size": 8}), then ``prepare``
+    (e.g. resolve a named model), and build dataclass ``cls`` from it, checking keys and types
+    (errors name the file and field).
 
     The one place configs are read: the file must be UTF-8 (a byte-order mark is
     accepted); anything else is a :class:`ConfigError` naming the file, byte offset and
@@ -142,6 +145,8 @@ def load_yaml_config(cls: type, path: str | Path, overrides: dict[str, Any] | No
     data = {} if data is None else data
     for dotted, value in (overrides or {}).items() if isinstance(data, dict) else ():
         set_dotted(data, dotted, value)
+    if prepare is not None and isinstance(data, dict):
+        data = prepare(data)
     return from_dict(cls, data, "", str(path))
 
 

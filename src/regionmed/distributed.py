@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from regionmed.config import ConfigError
+
 __all__ = [
     "DistInfo",
     "init_distributed",
@@ -188,8 +190,6 @@ def prepare_batchnorm(model, world_size: int, device: torch.device | str) -> str
     :class:`~regionmed.config.ConfigError`: a process whose batch holds no crop would skip
     the synchronised layers that the others enter.
     """
-    from regionmed.config import ConfigError
-
     tower = model.image_tower
     if world_size <= 1 or not tower.batchnorms:
         return None

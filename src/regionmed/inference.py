@@ -52,8 +52,10 @@ from PIL import Image
 
 from regionmed.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, to_8bit
 from regionmed.data.dicom import DicomError, is_dicom, read_dicom
+from regionmed.data.loader import ImageBatch
 from regionmed.data.transforms import BoxError, Preprocessor, check_boxes, to_rgb
 from regionmed.errors import RegionmedError
+from regionmed.finite import require_finite
 
 log = logging.getLogger(__name__)
 
@@ -489,17 +491,12 @@ class Predictor:
     def _encode(self, batch: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(global (D,), fused (D,), roi (K, D) with NaN rows for unusable boxes) per image of
         ``batch`` (index, name, image, checked boxes): one forward pass."""
-        from regionmed.data.loader import pad_rois
-        from regionmed.eval.images import encode_batch
-
         pre = self.preprocessor
         region = self.has_region_path and any(b is not None for *_, checked in batch for b, _ in checked)
         if not region:
             pre = dataclasses.replace(pre, roi_mode="none")  # no crops to prepare
         samples = [pre(image, [b for b, _ in checked if b is not None] if region else []) for _, _, image, checked in batch]
-        bx, mask, crops = pad_rois(samples)
-        emb = encode_batch(self.model, {"images": torch.stack([s["image"] for s in samples]), "boxes": bx, "mask": mask,
-                                        "crops": crops}, use_rois=region)
+        emb = self.model.encode_batch(ImageBatch.from_samples(samples), use_rois=region)
         gl, fu = emb.global_.float().cpu(), emb.fused.float().cpu()
         rois = emb.roi.float().cpu() if region and emb.roi is not None else None
         out = []
@@ -682,8 +679,6 @@ class Predictor:
 
 
 def _finite(t, what: str = "image"):
-    from regionmed.eval.images import require_finite
-
     return require_finite(t, what)
 
 

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from regionmed.distributed import all_reduce_sum, get_world_size
 from regionmed.errors import RegionmedError
+from regionmed.finite import nonfinite_tensors
 
-__all__ = ["GuardedStep", "NonFiniteError", "NonFiniteWeightsError", "PRECISIONS", "nonfinite_tensors"]
+__all__ = ["GuardedStep", "NonFiniteError", "NonFiniteWeightsError", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -44,17 +45,6 @@ class NonFiniteError(RegionmedError, RuntimeError):
 
 class NonFiniteWeightsError(NonFiniteError):
     """An optimizer step wrote NaN or inf into the weights."""
-
-
-def nonfinite_tensors(named: Iterable[tuple[str, Tensor]]) -> list[str]:
-    """The names of the floating-point tensors of ``named`` (``(name, tensor)`` pairs, e.g.
-    ``model.named_parameters()``) that hold NaN or inf; one synchronisation on GPU."""
-    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
-    if not named:
-        return []
-    with torch.no_grad():
-        ok = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu().tolist()
-    return [n for (n, _), good in zip(named, ok) if not good]
 
 
 @dataclass

@@ -117,7 +117,7 @@ class TrainingTask(nn.Module):
         """Encode ``batch`` and lay out what the active terms need, at fixed shapes."""
         model, active = self.model, self.active
         use_rois = self.use_rois
-        img = model.encode_image(batch.images, batch.boxes, batch.roi_mask, batch.roi_crops, use_rois=use_rois)
+        img = model.encode_batch(batch, use_rois=use_rois, check_finite=False)  # a non-finite loss is skipped by the step
         need_region = use_rois and bool(active & set(REGION_LOSSES))
         need_hn = "hard_negative" in active
         b = len(batch)

@@ -7,8 +7,10 @@ Applications may import the library and each other:
 
 * :mod:`.train` — the progressive trainer (stages, checkpoints, metrics, run config);
 * :mod:`.curation` — dataset curation: the MedRegion builder and synthetic phantoms;
-* :mod:`.evaluate` — the evaluation suites (SLAKE, VQA-RAD, MedRegion splits) and reports;
-* :mod:`.ablation` — the same-data ablation; :mod:`.demo` — ``make demo``;
+* :mod:`.evaluate` — ``regionmed eval``: the evaluation tasks (a registry), the suites (SLAKE,
+  VQA-RAD, MedRegion splits, class folders) and reports;
+* :mod:`.ablation` — the same-data ablation (``regionmed ablate``); :mod:`.demo` — ``make demo``;
+* :mod:`.models` — ``regionmed models``, the named model architectures;
 * :mod:`.cli` — the ``regionmed`` command.
 """
 

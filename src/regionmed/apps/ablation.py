@@ -42,6 +42,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import hashlib
@@ -50,15 +51,32 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from regionmed.apps.evaluate.report import pct, write_json, write_report
-from regionmed.apps.evaluate.run import EvalOptions, evaluate
+import numpy as np
+import torch
+from scipy import stats
+
+from regionmed.apps import data_root
+from regionmed.apps.curation.builder import build
+from regionmed.apps.curation.config import BuildConfig, SourceSpec
+from regionmed.apps.evaluate.context import EvalData, EvalOptions
+from regionmed.apps.evaluate.markdown import pct
+from regionmed.apps.evaluate.report import write_json, write_report
+from regionmed.apps.evaluate.run import evaluate, plan_tasks
+from regionmed.apps.evaluate.tasks import get_task, tasks
+from regionmed.apps.evaluate.tasks.grounding import GroundingOptions
+from regionmed.apps.evaluate.tasks.vqa import VQAOptions
+from regionmed.apps.train.checkpoint import step_folders
 from regionmed.apps.train.config import RunConfig, StageConfig, load_run_config, validate_run_config
-from regionmed.config import ConfigError, load_yaml_config
+from regionmed.apps.train.metrics import plot_loss_curves
+from regionmed.apps.train.trainer import train
+from regionmed.config import ConfigError, load_yaml_config, parse_override
+from regionmed.data.shards import MedRegionDataset
 from regionmed.errors import RegionmedError
-from regionmed.eval.vqa import VQAConfig
+from regionmed.model.clip import load
 
 VARIANTS = ("global", "roi", "roi_hn", "full")
 LABELS = {
@@ -138,6 +156,10 @@ def load_ablation_config(path: str | Path, overrides: dict[str, Any] | None = No
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad or not cfg.variants:
         raise ConfigError(f"{path}: variants {bad or cfg.variants} (known: {', '.join(VARIANTS)})")
+    for field_name, names in (("eval.tasks", cfg.eval.tasks), ("eval.given_rois_tasks", cfg.eval.given_rois_tasks)):
+        unknown = plan_tasks(names, EvalData(builtin=True)).unknown
+        if unknown:
+            raise ConfigError(f"{path}: {field_name} names unknown task(s) {unknown} (known: {', '.join(t.name for t in tasks())})")
     if cfg.train.steps < 4:
         raise ConfigError(f"{path}: train.steps must be >= 4 (the progressive variant has four stages)")
     if cfg.seed is not None:
@@ -148,9 +170,7 @@ def load_ablation_config(path: str | Path, overrides: dict[str, Any] | None = No
 
 
 def _data_root(cfg: AblationConfig) -> Path:
-    from regionmed.apps import data_root
-
-    return Path(cfg.data_root) if cfg.data_root else data_root()
+    return data_root(cfg.data_root)
 
 
 # --------------------------------------------------------------------------- data
@@ -159,9 +179,6 @@ def _data_root(cfg: AblationConfig) -> Path:
 def build_training_data(cfg: AblationConfig, out: Path, log=print) -> Path:
     """Build the MedRegion dataset (all images, so that near-duplicates of held-out
     images are pushed out of train) and check its train split."""
-    from regionmed.apps.curation.builder import build
-    from regionmed.apps.curation.config import BuildConfig, SourceSpec
-
     root = _data_root(cfg)
     missing = [s for s in cfg.build.sources if not (root / s).is_dir()]
     if missing:
@@ -188,8 +205,6 @@ def held_out_images(root: Path) -> set[str]:
 
 def assert_training_only(dataset: Path, root: Path) -> dict:
     """Fail unless the ``train`` split holds no image of an official test/validation split."""
-    from regionmed.data.shards import MedRegionDataset
-
     ds = MedRegionDataset(dataset, "train")
     held = held_out_images(root)
     ids = [ds.record(i)["id"] for i in range(len(ds))]
@@ -211,8 +226,6 @@ def _base_config(cfg: AblationConfig) -> Path:
     p = Path(cfg.train.base)
     if p.is_file():
         return p
-    from importlib import resources
-
     packaged = Path(str(resources.files("regionmed") / "configs" / cfg.train.base))
     if not packaged.is_file():
         raise ConfigError(f"train.base {cfg.train.base!r} is neither a file nor a packaged config")
@@ -278,13 +291,16 @@ def variant_config(cfg: AblationConfig, variant: str, data: Path, out: Path, see
 
 
 def _eval_options(cfg: AblationConfig, seed: int | None = None) -> EvalOptions:
+    """The evaluation of every variant: ``eval``'s settings; the VQA and grounding settings go to every task
+    that takes those options, any other task runs with its defaults."""
     e = cfg.eval
-    return EvalOptions(data_root=str(_data_root(cfg)), tasks=list(e.tasks), rois=e.rois, n_boot=e.n_boot,
-                       seed=cfg.seeds[0] if seed is None else seed,
-                       batch_size=e.batch_size, overlays=e.overlays, grounding_readouts=list(e.grounding_readouts),
-                       vqa=VQAConfig(epochs=e.vqa_epochs, hidden=e.vqa_hidden, finetune=e.vqa_finetune,
-                                     finetune_epochs=e.vqa_finetune_epochs, finetune_lr=e.vqa_finetune_lr),
-                       limit_images=e.limit_images, limit_questions=e.limit_questions)
+    by_options = {VQAOptions: VQAOptions(epochs=e.vqa_epochs, hidden=e.vqa_hidden, finetune=e.vqa_finetune,
+                                         finetune_epochs=e.vqa_finetune_epochs, finetune_lr=e.vqa_finetune_lr),
+                  GroundingOptions: GroundingOptions(readouts=list(e.grounding_readouts), overlays=e.overlays)}
+    return EvalOptions(tasks=list(e.tasks), data=EvalData(data_root=str(_data_root(cfg))), rois=e.rois, n_boot=e.n_boot,
+                       seed=cfg.seeds[0] if seed is None else seed, batch_size=e.batch_size,
+                       limit_images=e.limit_images, limit_questions=e.limit_questions,
+                       task_options={t.name: by_options[t.Options] for t in tasks() if t.Options in by_options})
 
 
 def run_fingerprint(run: RunConfig, opts: EvalOptions, given_tasks: list[str]) -> str:
@@ -309,12 +325,6 @@ def run_variant_seed(cfg: AblationConfig, variant: str, seed: int, data: Path, o
     resume what an earlier run left there. Returns ``(entry, timings)``; ``entry["status"]`` is
     ``kept`` (finished earlier), ``resumed`` (training continued from a checkpoint),
     ``evaluated`` (trained earlier, evaluated now) or ``trained``."""
-    import torch
-
-    from regionmed.apps.train.checkpoint import step_folders
-    from regionmed.apps.train.trainer import train
-    from regionmed.model.clip import load
-
     run_dir = out / variant / f"seed-{seed}"
     run = variant_config(cfg, variant, data, run_dir, seed)
     opts = _eval_options(cfg, seed)
@@ -354,7 +364,8 @@ def run_variant_seed(cfg: AblationConfig, variant: str, seed: int, data: Path, o
     entry = {"label": LABELS[variant], "seed": seed, "train": summary, "stages": [asdict(st) for st in run.train.stages],
              "eval": res}
     if cfg.eval.given_rois_tasks and cfg.eval.rois != "given" and model.roi_processor is not None:
-        given = replace(opts, rois="given", tasks=list(cfg.eval.given_rois_tasks), overlays=0)
+        no_overlays = {name: replace(o, overlays=0) if isinstance(o, GroundingOptions) else o for name, o in opts.task_options.items()}
+        given = replace(opts, rois="given", tasks=list(cfg.eval.given_rois_tasks), task_options=no_overlays)
         entry["eval_given"] = evaluate(model, given, run_dir / "eval_given")
         write_report(entry["eval_given"], run_dir / "eval_given", f"evaluation with given boxes: {LABELS[variant]}, seed {seed}")
     timings["eval_s"] = time.perf_counter() - t
@@ -385,7 +396,7 @@ def run_ablation(cfg: AblationConfig, log=print) -> dict:
                 log(f"[ablate] {variant} seed {seed} ({entry['status']}): "
                     + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in tm.items()))
     for v, r in results["variants"].items():
-        r["aggregate"] = aggregate_variant(r)
+        r["aggregate"] = aggregate_variant(r, COLUMNS + other_columns(results))
     results["paired"] = paired_comparison(results)
     timings["total_s"] = time.perf_counter() - t0
     results["timings_s"] = timings
@@ -399,25 +410,21 @@ def run_ablation(cfg: AblationConfig, log=print) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-VQA_COLUMNS = [
-    ("SLAKE VQA overall", ("slake_vqa", "overall", "value")),
-    ("SLAKE open", ("slake_vqa", "open", "value")),
-    ("SLAKE closed", ("slake_vqa", "closed", "value")),
-    ("VQA-RAD overall", ("vqa_rad", "overall", "value")),
-    ("VQA-RAD open", ("vqa_rad", "open", "value")),
-    ("VQA-RAD closed", ("vqa_rad", "closed", "value")),
-]
-ZS_GROUNDING_COLUMNS = [
-    ("ZS modality AUC", ("zeroshot", "slake_modality", "macro_auc", "auc")),
-    ("ZS organ AUC", ("zeroshot", "slake_organ", "macro_auc", "auc")),
-    ("ZS organ AUC (pairs)", ("zeroshot", "slake_organ_pairs", "macro_auc", "auc")),
-    ("ZS abnormality AUC", ("zeroshot", "slake_abnormality", "macro_auc", "auc")),
-    ("pointing (patch)", ("grounding", "overall", "pointing_game")),
-    ("IoU≥0.3 (patch)", ("grounding", "overall", "iou@0.3")),
-    ("pointing (windows)", ("grounding", "windows", "overall", "pointing_game")),
-    ("IoU≥0.3 (windows)", ("grounding", "windows", "overall", "iou@0.3")),
-]
+def task_columns(names: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """``(label, path in results["tasks"])`` of the headline metrics of the tasks ``names`` (each task's ``headline``)."""
+    return [(label, (name, *path)) for name in names for label, path in get_task(name).headline]
+
+
+VQA_COLUMNS = task_columns(["slake_vqa", "vqa_rad"])
+ZS_GROUNDING_COLUMNS = task_columns(["zeroshot", "grounding"])
 COLUMNS = VQA_COLUMNS + ZS_GROUNDING_COLUMNS
+
+
+def other_columns(results: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """The headline metrics of the evaluated tasks outside the two standard tables."""
+    standard = {path[0] for _, path in COLUMNS}
+    names = [t for t in dict.fromkeys((results.get("config") or {}).get("eval", {}).get("tasks", [])) if t not in standard]
+    return task_columns(names)
 
 
 def _get(d, path):
@@ -453,8 +460,6 @@ def seed_interval(values: list[float], bounds: tuple[float, float] | None = None
     n−1). ``interval`` is ``[None, None]`` with one seed. ``bounds``: the metric's range
     (e.g. (0, 1) for an accuracy); an interval reaching past it is cut to it and marked
     ``clipped`` (with two seeds t(0.975, 1) = 12.7, so intervals are wide)."""
-    from scipy import stats
-
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     n = len(vals)
     if n == 0:
@@ -475,10 +480,11 @@ def _seeds(r: dict) -> list[dict]:
     return [r["seeds"][k] for k in sorted(r.get("seeds", {}), key=int)]
 
 
-def aggregate_variant(r: dict) -> dict:
-    """Per metric of the tables: its values over the variant's seeds, mean and 95% interval."""
+def aggregate_variant(r: dict, columns: list | None = None) -> dict:
+    """Per metric of the tables (``columns``, default :data:`COLUMNS`): its values over the variant's
+    seeds, mean and 95% interval."""
     out = {"eval": {}, "eval_given": {}}
-    for label, path in COLUMNS:
+    for label, path in columns or COLUMNS:
         out["eval"][label] = seed_interval([_get(e["eval"]["tasks"], path) for e in _seeds(r)], bounds=(0.0, 1.0))
     for label, path in GIVEN_COLUMNS:
         vals = [_get(e["eval_given"]["tasks"], path) for e in _seeds(r) if e.get("eval_given")]
@@ -497,7 +503,7 @@ def paired_comparison(results: dict, variant: str = "full", reference: str = "gl
         return None
     seeds = sorted(set(vs[variant]["seeds"]) & set(vs[reference]["seeds"]), key=int)
     cols = {}
-    for label, path in COLUMNS:
+    for label, path in COLUMNS + other_columns(results):
         diffs, apart = {}, []
         for s in seeds:
             a, b = (vs[x]["seeds"][s]["eval"]["tasks"] for x in (variant, reference))
@@ -545,7 +551,7 @@ def ablation_table(results: dict, columns=None, which: str = "eval") -> str:
         if not entries:
             continue
         if many:
-            agg = r.get("aggregate") or aggregate_variant(r)
+            agg = r.get("aggregate") or aggregate_variant(r, COLUMNS + other_columns(results))
             cells = [_agg_cell(agg[which].get(c)) for c, _ in columns]
         else:
             cells = [_cell(entries[0][which]["tasks"], p) for _, p in columns]
@@ -601,14 +607,13 @@ def make_plots(results: dict, out: Path) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # after choosing the backend
 
-    from regionmed.apps.train.metrics import plot_loss_curves
 
     plots = {}
+    columns = COLUMNS + other_columns(results)
     variants = _ordered(results)
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(COLUMNS)), 4))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(columns)), 4))
     width = 0.8 / max(1, len(variants))
     many = _n_seeds(results) > 1
     for j, v in enumerate(variants):
@@ -616,15 +621,15 @@ def make_plots(results: dict, out: Path) -> dict:
         agg = (r.get("aggregate") or aggregate_variant(r))["eval"]
         first = _seeds(r)[0]["eval"]["tasks"]
         vals, lo, hi = [], [], []
-        for label, path in COLUMNS:
+        for label, path in columns:
             x = agg[label]["mean"]
             ci = agg[label]["interval"] if many else _ci_of(first, path)
             vals.append(np.nan if x is None else 100 * x)
             lo.append(0 if not ci or ci[0] is None or x is None else 100 * (x - ci[0]))
             hi.append(0 if not ci or ci[1] is None or x is None else 100 * (ci[1] - x))
-        ax.bar(np.arange(len(COLUMNS)) + j * width, vals, width, yerr=[lo, hi], capsize=2, label=r["label"])
-    ax.set_xticks(np.arange(len(COLUMNS)) + width * (len(variants) - 1) / 2)
-    ax.set_xticklabels([c for c, _ in COLUMNS], rotation=35, ha="right", fontsize=8)
+        ax.bar(np.arange(len(columns)) + j * width, vals, width, yerr=[lo, hi], capsize=2, label=r["label"])
+    ax.set_xticks(np.arange(len(columns)) + width * (len(variants) - 1) / 2)
+    ax.set_xticklabels([c for c, _ in columns], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("% (mean, 95% interval across seeds)" if many else "% (95% CI where it applies)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -659,6 +664,12 @@ gives both the same data order and initialisation; "CIs apart": that seed's boot
 {paired}
 """
     timings = ", ".join(f"{k} {v:.0f}" for k, v in results.get("timings_s", {}).items())
+    other = other_columns(results)
+    other_block = "" if not other else f"""
+**Other tasks** (each task's headline metrics, %)
+
+{ablation_table(results, other)}
+"""
     given = given_table(results)
     given_block = "" if not given else f"""
 **The region variants with SLAKE's annotated boxes given at test time** (not a fair comparison with (a),
@@ -682,7 +693,7 @@ Every variant: base recipe `{t["base"]}`, {t["steps"]} steps, batch {t["batch_si
 **Zero-shot classification (macro AUC, %) and grounding (%)**
 
 {ablation_table(results, ZS_GROUNDING_COLUMNS)}
-{paired_block}{given_block}
+{other_block}{paired_block}{given_block}
 * Percentages. With several seeds, [95% interval across seeds]; each seed's own bootstrap CIs ({c["eval"]["n_boot"]}
   resamples) are in `results.json` and `<variant>/seed-<s>/eval/report.md`.
 * VQA: an MLP head on [image ; question] embeddings of the {"model fine-tuned with it (" + str(c["eval"]["vqa_finetune_epochs"]) + " epochs)" if c["eval"].get("vqa_finetune") else "frozen model"}, answers = the training answer set;
@@ -701,3 +712,67 @@ Every variant: base recipe `{t["base"]}`, {t["steps"]} steps, batch {t["batch_si
 
 Timings (s): {timings}
 """
+
+
+# --------------------------------------------------------------------------- command line
+
+ABLATE_HELP = """\
+The same-data ablation: build a MedRegion dataset whose training split holds no
+image of an official test/validation split (checked), pretrain the variants of
+`variants` -- (a) global-only CLIP, (b) + ROI processor, (c) + hard negatives,
+(d) + progressive schedule (the full method); configs/ablation.yaml runs (a) and
+(d), about 67 min on a 2-core CPU -- on the recipe `train.base` (default
+cpu_pretrained.yaml: ImageNet EfficientNet-Lite0 + MiniLM; demo.yaml: resnet18
+from random init) with the same data, steps, batch and seed, evaluate each on
+SLAKE test (VQA, zero-shot, grounding) and VQA-RAD test (VQA) on the whole image
+(plus the region variants with SLAKE's boxes given, in a separate table), once per
+seed of `seeds` (default 0, 1, 2), and write OUT/report.md (per variant and metric
+the mean and 95% interval across seeds; full vs global-only paired per seed; plots)
+and OUT/results.json.
+
+Started again with the same config and OUT, it keeps every finished variant/seed
+(OUT/<variant>/seed-<s>/entry.json) and resumes an unfinished one from its last
+checkpoint (train.checkpoint_every); a variant/seed made with another config is
+started again. configs/ablation_long.yaml is the longer opt-in setting.
+
+Examples:
+  regionmed ablate --config configs/ablation.yaml
+  regionmed ablate --config configs/ablation.yaml --set 'variants=[global, roi, roi_hn, full]'   # all four
+  regionmed ablate --config configs/ablation.yaml --set 'seeds=[0]' --set train.steps=8 --set build.limit=40 --out runs/ablation-smoke
+"""
+
+HELP = "the same-data ablation: global CLIP vs the full method (+ROI, +hard negatives opt-in), over seeds"
+
+
+def _ablate(args) -> int:
+    overrides = dict(parse_override(o) for o in args.set)
+    if args.out:
+        overrides["out"] = args.out
+    if args.no_progress:
+        overrides["progress"] = False
+    run_ablation(load_ablation_config(args.config, overrides))
+    return 0
+
+
+def _arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", required=True, help="ablation YAML (see configs/ablation.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=8 (repeatable; value read as YAML)")
+    p.add_argument("--out", help="override the output folder (out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_ablate)
+    return p
+
+
+def add_ablate_parser(subparsers) -> argparse.ArgumentParser:
+    """``regionmed ablate`` on another parser's subcommands."""
+    return _arguments(subparsers.add_parser("ablate", help=HELP, description=ABLATE_HELP,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def main(argv: list[str]) -> int:
+    """``regionmed ablate ARGV``: parse and run (errors are :class:`~regionmed.errors.RegionmedError`)."""
+    parser = _arguments(argparse.ArgumentParser(prog="regionmed ablate", description=ABLATE_HELP,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    return args.func(args)

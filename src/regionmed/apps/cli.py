@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 
 from regionmed import __version__
+from regionmed.config import ConfigError, parse_override
+from regionmed.errors import RegionmedError
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -15,8 +18,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     cfg = PhantomConfig(image_size=args.image_size, negatives_per_region=args.negatives)
     if args.shard_size < 1:
-        print(f"regionmed synth: --shard-size must be >= 1, got {args.shard_size}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
     manifest = write_phantom_dataset(args.out, n_train=args.train, n_test=args.test, n_val=args.val, seed=args.seed, config=cfg,
                                      shard_max_count=args.shard_size)
     counts = ", ".join(f"{split}: {info['samples']} images / {info['regions']} regions" for split, info in manifest["splits"].items())
@@ -27,7 +29,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from regionmed.apps.train.config import load_run_config
     from regionmed.apps.train.trainer import train
-    from regionmed.config import parse_override
 
     overrides = dict(parse_override(o) for o in args.set)
     if args.data:
@@ -39,8 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         resume = True if args.resume == "auto" else args.resume
     if args.allow_config_changes and resume is None:
-        print("regionmed train: error: --allow-config-changes only applies with --resume", file=sys.stderr)
-        return 2
+        raise ConfigError("--allow-config-changes only applies with --resume")
     summary = train(cfg, resume=resume, progress=not args.no_progress, allow_config_changes=args.allow_config_changes)
     if int(os.environ.get("RANK", "0")) == 0:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_losses"].items())
@@ -65,6 +65,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(out_dir=args.out, n_train=args.train, n_test=args.test, steps_scale=args.steps_scale, seed=args.seed)
     return 0
+
+
+# Commands whose module imports torch (and, for eval, the task registry): named here, parsed by their
+# own module's main(argv) when they run, so that `regionmed --help` and the builder's commands start
+# without importing them.
+DELEGATED = {
+    "eval": ("regionmed.apps.evaluate.cli", "evaluate a model: zero-shot AUC, retrieval, VQA-RAD/SLAKE VQA, grounding"),
+    "ablate": ("regionmed.apps.ablation", "the same-data ablation: global CLIP vs the full method (+ROI, +hard negatives "
+                                          "opt-in), over seeds"),
+    "models": ("regionmed.apps.models", "list the named model architectures (model.name in a run config), or show one"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,10 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
-    from regionmed.apps.evaluate.cli import add_ablate_parser, add_eval_parser
-
-    add_eval_parser(sub)
-    add_ablate_parser(sub)
+    for name, (_, helptext) in DELEGATED.items():
+        # Parsed by the command's own module when it runs (main); prefix_chars="\0": its options pass through.
+        sub.add_parser(name, help=helptext, add_help=False, prefix_chars="\0").add_argument("argv", nargs="*")
 
     from regionmed.apps.infer import add_infer_parsers  # embed, classify, ground, index, search
 
@@ -180,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from regionmed.errors import RegionmedError
-
     try:
+        if args.command in DELEGATED:
+            return importlib.import_module(DELEGATED[args.command][0]).main(args.argv)
         return args.func(args)
     except RegionmedError as err:
         print(f"regionmed {args.command}: error: {err}", file=sys.stderr)

@@ -42,7 +42,6 @@ import logging
 import math
 import os
 import re
-import sys
 import tarfile
 import traceback
 from dataclasses import dataclass
@@ -115,6 +114,10 @@ class ServeLimits:
 
 class DemoInputError(RegionmedError, ValueError):
     """A page input the demo refuses (the message is shown in the page as it is)."""
+
+
+class ServeError(RegionmedError, RuntimeError):
+    """The demo cannot start: Gradio is missing, a limit is out of range, or the address cannot be listened on."""
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -681,22 +684,19 @@ def serve(model: str | Path, index: str | Path | None = None, *, host: str = "12
 
 def _cmd_serve(args) -> int:
     try:
-        import gradio  # noqa: F401
+        import gradio  # noqa: F401 - optional dependency, checked before the model loads
     except ImportError as err:
-        print(f"regionmed serve: error: the web demo needs Gradio ({err}): pip install 'regionmed[serve]'", file=sys.stderr)
-        return 2
+        raise ServeError(f"the web demo needs Gradio ({err}): pip install 'regionmed[serve]'") from err
     try:
         limits = ServeLimits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_phrases=args.max_phrases,
                              max_labels=args.max_labels, max_results=args.max_results)
     except ValueError as err:
-        print(f"regionmed serve: error: {err}", file=sys.stderr)
-        return 2
+        raise ServeError(str(err)) from err
     try:
         serve(args.model, args.index, host=args.host, port=args.port, device=args.device, limits=limits,
               labels=args.label or None)
     except OSError as err:  # the port is taken, the address is not this machine's
-        print(f"regionmed serve: error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
-        return 2
+        raise ServeError(f"cannot listen on {args.host}:{args.port}: {err}") from err
     return 0
 
 

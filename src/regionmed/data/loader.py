@@ -34,11 +34,48 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Batch:
+class ImageBatch:
+    """The image side of a batch: what :meth:`RegionMedCLIP.encode_batch
+    <regionmed.model.clip.RegionMedCLIP.encode_batch>` takes, in training, evaluation and
+    inference alike (a training :class:`Batch` is one). Built by :meth:`from_samples`."""
+
     images: torch.Tensor  # (B, 3, S, S)
     boxes: torch.Tensor  # (B, K, 4) in [0, 1]
     roi_mask: torch.Tensor  # (B, K) bool
     roi_crops: torch.Tensor | None  # (N_valid, 3, r, r), order of roi_mask.nonzero()
+
+    @classmethod
+    def from_samples(cls, samples: list[dict], max_rois: int | None = None) -> "ImageBatch":
+        """Stack the ``image`` of prepared samples (:class:`~regionmed.data.transforms.Preprocessor`
+        outputs) and pad their ``boxes`` / ``crops`` (:func:`pad_rois`)."""
+        boxes, mask, crops = pad_rois(samples, max_rois)
+        return cls(torch.stack([s["image"] for s in samples]), boxes, mask, crops)
+
+    def to(self, device: torch.device | str) -> "ImageBatch":
+        self.images = self.images.to(device, non_blocking=True)
+        self.boxes = self.boxes.to(device, non_blocking=True)
+        self.roi_mask = self.roi_mask.to(device, non_blocking=True)
+        if self.roi_crops is not None:
+            self.roi_crops = self.roi_crops.to(device, non_blocking=True)
+        return self
+
+    def pin_memory(self) -> "ImageBatch":
+        """Page-locked copies of the tensors (called by the DataLoader's pin-memory thread)."""
+        self.images = self.images.pin_memory()
+        self.boxes = self.boxes.pin_memory()
+        self.roi_mask = self.roi_mask.pin_memory()
+        if self.roi_crops is not None:
+            self.roi_crops = self.roi_crops.pin_memory()
+        return self
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class Batch(ImageBatch):
+    """A training batch: the images (:class:`ImageBatch`) and their texts."""
+
     reports: list[str]
     summaries: list[str]
     captions: list[str]  # N_valid, same order as the crops
@@ -52,26 +89,6 @@ class Batch:
     sources: list[str] = field(default_factory=list)  # B names of the dataset each sample came from (mixing)
     # Streaming reader only: {"rank/worker": shards fully delivered} after this batch (resume point).
     stream_state: dict = field(default_factory=dict)
-
-    def to(self, device: torch.device | str) -> "Batch":
-        self.images = self.images.to(device, non_blocking=True)
-        self.boxes = self.boxes.to(device, non_blocking=True)
-        self.roi_mask = self.roi_mask.to(device, non_blocking=True)
-        if self.roi_crops is not None:
-            self.roi_crops = self.roi_crops.to(device, non_blocking=True)
-        return self
-
-    def pin_memory(self) -> "Batch":
-        """Page-locked copies of the tensors (called by the DataLoader's pin-memory thread)."""
-        self.images = self.images.pin_memory()
-        self.boxes = self.boxes.pin_memory()
-        self.roi_mask = self.roi_mask.pin_memory()
-        if self.roi_crops is not None:
-            self.roi_crops = self.roi_crops.pin_memory()
-        return self
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
 
 
 BAD_SAMPLE_POLICIES = ("raise", "substitute", "drop")
@@ -96,12 +113,13 @@ class RegionSampleDataset(Dataset):
       batch and lists in :attr:`Batch.bad_samples`.
     """
 
-    def __init__(self, root: str, split: str, preprocessor: Preprocessor, max_negatives: int = 3, use_rois: bool = True,
-                 max_image_negatives: int | None = None, on_bad: str = "raise", max_open_files: int = DEFAULT_MAX_OPEN_FILES,
-                 source: str = ""):
+    def __init__(self, root: str | MedRegionDataset, split: str, preprocessor: Preprocessor, max_negatives: int = 3,
+                 use_rois: bool = True, max_image_negatives: int | None = None, on_bad: str = "raise",
+                 max_open_files: int = DEFAULT_MAX_OPEN_FILES, source: str = ""):
+        """``root``: a dataset folder, whose ``split`` is opened here, or an opened split (``split`` is then its own)."""
         if on_bad not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad must be one of {BAD_SAMPLE_POLICIES}, got {on_bad!r}")
-        self.data = MedRegionDataset(root, split, max_open_files=max_open_files)
+        self.data = root if isinstance(root, MedRegionDataset) else MedRegionDataset(root, split, max_open_files=max_open_files)
         self.source = source  # tag of every sample (dataset mixing); "" = untagged
         self.pre = preprocessor
         self.max_negatives = max_negatives
@@ -261,12 +279,12 @@ def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
         return Batch(images=torch.zeros(0, 3, 1, 1), boxes=torch.zeros(0, max_rois or 0, 4),
                      roi_mask=torch.zeros(0, max_rois or 0, dtype=torch.bool), roi_crops=None, reports=[], summaries=[],
                      captions=[], roi_negatives=[], image_negatives=[], ids=[], bad_samples=bad)
-    boxes, mask, crops = pad_rois(samples, max_rois)
+    images = ImageBatch.from_samples(samples, max_rois)
     return Batch(
-        images=torch.stack([s["image"] for s in samples]),
-        boxes=boxes,
-        roi_mask=mask,
-        roi_crops=crops,
+        images=images.images,
+        boxes=images.boxes,
+        roi_mask=images.roi_mask,
+        roi_crops=images.roi_crops,
         reports=[s["report"] for s in samples],
         summaries=[s["summary"] for s in samples],
         captions=[c for s in samples for c in s["captions"]],

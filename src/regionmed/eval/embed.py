@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from regionmed.data.loader import RegionSampleDataset, collate
-from regionmed.data.shards import DatasetError
+from regionmed.data.shards import DatasetError, MedRegionDataset
 from regionmed.data.transforms import Preprocessor
-from regionmed.eval.images import encode_batch, require_finite
+from regionmed.finite import require_finite
 from regionmed.model.clip import RegionMedCLIP
 
 
@@ -36,10 +36,10 @@ class SplitEmbeddings:
 
 @torch.no_grad()
 def embed_split(
-    model: RegionMedCLIP, root: str, split: str = "test", batch_size: int = 64, max_negatives: int = 8,
+    model: RegionMedCLIP, root: str | MedRegionDataset, split: str = "test", batch_size: int = 64, max_negatives: int = 8,
     crop_size: int = 64, progress: bool = True,
 ) -> SplitEmbeddings:
-    """Read ``root``'s ``split``; boxes come from the records (given boxes).
+    """Read ``root``'s ``split`` (or the opened split ``root``); boxes come from the records (given boxes).
 
     ROI crops are prepared for every model (``crop_size`` when the model has no ROI
     path) so a global-only model can also be scored on the crop as an image.
@@ -54,6 +54,7 @@ def embed_split(
     if pre.roi_mode != "crop":
         pre = dataclasses.replace(pre, roi_mode="crop", roi_size=pre.roi_size if model.roi_processor is not None else crop_size)
     data = RegionSampleDataset(root, split, pre, max_negatives=max_negatives, use_rois=True, on_bad="drop")
+    split = data.data.split
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
     out = {k: [] for k in ("g", "f", "roi", "crop", "rimg")}
     ids, reports, captions, negatives, rules = [], [], [], [], []
@@ -64,7 +65,7 @@ def embed_split(
         if not len(batch):
             continue
         batch = batch.to(device)
-        img = encode_batch(model, batch, use_rois=model.roi_processor is not None)
+        img = model.encode_batch(batch, use_rois=model.roi_processor is not None)
         out["g"].append(img.global_.cpu())
         out["f"].append(img.fused.cpu())
         if img.roi is not None:
@@ -80,7 +81,7 @@ def embed_split(
         negatives += batch.roi_negatives
         rules += batch.roi_negative_rules
     if not ids:
-        raise DatasetError(f"{root}: no sample of split {split!r} can be read ({len(skipped)} unreadable, "
+        raise DatasetError(f"{data.data.root}: no sample of split {split!r} can be read ({len(skipped)} unreadable, "
                            f"e.g. {skipped[0][0]}: {skipped[0][1]})")
     report_emb = require_finite(model.encode_text(reports, batch_size=256), "text").cpu()
     caption_emb = require_finite(model.encode_text(captions, batch_size=256), "text").cpu()

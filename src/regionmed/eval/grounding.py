@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from regionmed.data.boxes import box_iou, nms
+from regionmed.eval.overlay import render_overlay
 from regionmed.eval.stats import bootstrap_counts, mean_with_ci
 
 
@@ -233,8 +234,6 @@ def save_overlay(image, result: dict, gt_boxes: list, phrase: str, path, max_sid
     annotated box(es) in green, the predicted box and point in red, ``phrase`` above the
     predicted box; long side at most ``max_side`` pixels
     (:func:`regionmed.eval.overlay.render_overlay`)."""
-    from regionmed.eval.overlay import render_overlay
-
     w, h = image.size
     render_overlay(image, heatmap_at(result["map"], w, h), box=result["box"], peak=result["point"], label=phrase,
                    threshold=0.0, opacity=0.35, cmap="jet", gray=True, color=(255, 0, 0), max_side=max_side,

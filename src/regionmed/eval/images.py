@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from regionmed.data.decode import decode_image
-from regionmed.data.loader import Batch, pad_rois
+from regionmed.data.loader import ImageBatch
 from regionmed.data.schema import sanitize_box
 from regionmed.data.transforms import Preprocessor, to_rgb
-from regionmed.errors import RegionmedError
 from regionmed.eval.grounding import Geometry, propose_from_maps, similarity_maps
 
 log = logging.getLogger(__name__)
@@ -133,13 +133,21 @@ class _Images(Dataset):
                 "pixel_boxes": [list(b) for b in boxes], "box_notes": notes}
 
 
-def _collate(samples: list[dict]) -> dict:
+@dataclass
+class PreparedImages:
+    """One loader step of :class:`_Images`: the readable images as an :class:`ImageBatch`
+    (``None`` when none was readable), their prepared samples in the same order (``key``,
+    ``size``, ``pixel_boxes``, ``box_notes``) and the unreadable ones ``(key, why)``."""
+
+    batch: ImageBatch | None
+    samples: list[dict]
+    bad: list[tuple[str, str]]
+
+
+def _collate(samples: list[dict]) -> PreparedImages:
     ok = [s for s in samples if "error" not in s]
     bad = [(s["key"], s["error"]) for s in samples if "error" in s]
-    if not ok:
-        return {"ok": [], "bad": bad}
-    boxes, mask, crops = pad_rois(ok)
-    return {"ok": ok, "bad": bad, "images": torch.stack([s["image"] for s in ok]), "boxes": boxes, "mask": mask, "crops": crops}
+    return PreparedImages(ImageBatch.from_samples(ok) if ok else None, ok, bad)
 
 
 def _loader(refs, pre, boxes, batch_size, num_workers):
@@ -158,11 +166,11 @@ def propose_boxes(model, refs: list[ImageRef], phrases: list[str], k: int | None
     text = model.encode_text(phrases)
     device = model.logit_scale.device
     out: dict[str, list[list[float]]] = {}
-    for batch in _loader(refs, pre, None, batch_size, num_workers):
-        if not batch["ok"]:
+    for step in _loader(refs, pre, None, batch_size, num_workers):
+        if step.batch is None:
             continue
-        maps = similarity_maps(model, batch["images"].to(device), text)
-        for s, m in zip(batch["ok"], maps):
+        maps = similarity_maps(model, step.batch.images.to(device), text)
+        for s, m in zip(step.samples, maps):
             out[s["key"]] = propose_from_maps(m, Geometry(*s["size"], pre.image_size), k, threshold)
     return out
 
@@ -200,35 +208,6 @@ def resolve_rois(model, refs: list[ImageRef], rois: str, phrases: list[str] | No
     return RoiPlan(effective, label, pre, boxes)
 
 
-def encode_batch(model, batch: dict | Batch, use_rois: bool):
-    """``model.encode_image`` on a collated batch — an evaluation batch (:func:`_collate`) or a
-    training :class:`~regionmed.data.loader.Batch` — moved to the model's device; crops are
-    passed in crop mode. The one image encoder of evaluation (embedding, VQA, grounding)."""
-    if isinstance(batch, Batch):
-        batch = {"images": batch.images, "boxes": batch.boxes, "mask": batch.roi_mask, "crops": batch.roi_crops}
-    device = model.logit_scale.device
-    images = batch["images"].to(device)
-    if not use_rois:
-        return require_finite(model.encode_image(images, use_rois=False))
-    crops = batch["crops"].to(device) if (batch["crops"] is not None and model.cfg.roi.mode == "crop") else None
-    return require_finite(model.encode_image(images, batch["boxes"].to(device), batch["mask"].to(device), crops, use_rois=True))
-
-
-class NonFiniteEmbeddingError(RegionmedError, ValueError):
-    """The model computed NaN/inf embeddings (damaged or diverged weights): no metric is
-    computed from them."""
-
-
-def require_finite(emb, what: str = "image"):
-    """``emb`` (an ``ImageEmbeddings`` or a tensor) unchanged; raises
-    :class:`NonFiniteEmbeddingError` when any of its tensors holds NaN or inf."""
-    tensors = [emb] if isinstance(emb, torch.Tensor) else [t for t in vars(emb).values() if isinstance(t, torch.Tensor)]
-    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
-        raise NonFiniteEmbeddingError(f"the model computed non-finite {what} embeddings (NaN/inf): its weights are "
-                                      "damaged or diverged; no metric is computed from them")
-    return emb
-
-
 def prepare_all(refs: list[ImageRef], plan: RoiPlan) -> tuple[dict[str, dict], list[tuple[str, str]]]:
     """Read and preprocess every image once: ({key: prepared sample}, [(key, why unreadable)])."""
     data = _Images(refs, plan.pre, plan.boxes)
@@ -249,19 +228,17 @@ def embed_images(model, refs: list[ImageRef], rois: str = "none", batch_size: in
     model.eval()
     plan = resolve_rois(model, refs, rois, phrases, batch_size, num_workers)
     keys, g, f, rp, nr, missing, used, box_problems = [], [], [], [], [], [], {}, []
-    from tqdm import tqdm
-
-    for batch in tqdm(_loader(refs, plan.pre, plan.boxes, batch_size, num_workers), desc="embed images", disable=not progress, leave=False):
-        missing += batch["bad"]
-        if not batch["ok"]:
+    for step in tqdm(_loader(refs, plan.pre, plan.boxes, batch_size, num_workers), desc="embed images", disable=not progress, leave=False):
+        missing += step.bad
+        if step.batch is None:
             continue
-        emb = encode_batch(model, batch, plan.use_rois)
+        emb = model.encode_batch(step.batch, plan.use_rois)
         g.append(emb.global_.cpu())
         f.append(emb.fused.cpu())
         pooled, n = pool_rois(emb)
         rp.append(pooled.cpu())
         nr.append(n.cpu())
-        for s in batch["ok"]:
+        for s in step.samples:
             keys.append(s["key"])
             used[s["key"]] = s["pixel_boxes"]
             box_problems += [(s["key"], note) for note in s.get("box_notes", [])]
@@ -280,7 +257,7 @@ def window_scores(model, pre, image, boxes: list[list[float]], text_emb: torch.T
     """(K, T) cosine similarity of each window's region embedding with each phrase
     (``pre``: the model's own :class:`~regionmed.data.transforms.Preprocessor`)."""
     if model.roi_processor is not None:
-        regions = encode_batch(model, _collate([pre(image, boxes)]), use_rois=True).roi[0]
+        regions = model.encode_batch(ImageBatch.from_samples([pre(image, boxes)]), use_rois=True).roi[0]
     else:  # no ROI path: each window's crop as a whole image
         xs = torch.stack([pre(image.crop(tuple(int(round(v)) for v in b)))["image"] for b in boxes]).to(model.logit_scale.device)
         regions = torch.cat([model.encode_image(xs[i : i + 64], use_rois=False).global_ for i in range(0, len(xs), 64)])

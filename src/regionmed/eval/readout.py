@@ -15,7 +15,8 @@ import torch
 
 from regionmed.errors import RegionmedError
 from regionmed.eval.grounding import Geometry, locate, locate_windows, similarity_maps, window_boxes
-from regionmed.eval.images import require_finite, window_scores
+from regionmed.eval.images import window_scores
+from regionmed.finite import require_finite
 
 __all__ = ["READ_OUTS", "ReadOutError", "ground_image"]
 
@@ -42,7 +43,7 @@ def ground_image(model, pre, image, text_emb: torch.Tensor, read_out: str, *, th
     patch cell) before the read-out. ``select``: the rows of ``text_emb`` to read out
     (default all, in order; with ``contrast`` the mean still runs over all T).
     Raises :class:`ReadOutError` for an unknown read-out and
-    :class:`~regionmed.eval.images.NonFiniteEmbeddingError` when the model computes
+    :class:`~regionmed.finite.NonFiniteEmbeddingError` when the model computes
     NaN/inf scores.
     """
     if read_out not in READ_OUTS:

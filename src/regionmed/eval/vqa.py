@@ -46,8 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from regionmed.eval.images import ImageSetEmbeddings
+from regionmed.data.loader import ImageBatch
+from regionmed.eval.images import ImageSetEmbeddings, feature_of, prepare_all, resolve_rois
 from regionmed.eval.stats import bootstrap_counts, mean_with_ci
+from regionmed.optim import GuardedStep
 
 
 @dataclass
@@ -253,9 +255,6 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
     what :func:`run_vqa` does."""
     from tqdm import tqdm
 
-    from regionmed.eval.images import _collate, encode_batch, feature_of, prepare_all, resolve_rois
-    from regionmed.optim import GuardedStep
-
     cfg = cfg or VQAConfig(finetune=True)
     vocab, pos, problems = _answer_set(train, name)
     plan = resolve_rois(model, refs, rois, phrases, cfg.finetune_batch_size)
@@ -280,7 +279,7 @@ def run_vqa_finetune(model, train: list[Question], test: list[Question], refs, r
     bs = cfg.finetune_batch_size
 
     def image_features(questions: list[Question]) -> torch.Tensor:
-        emb = encode_batch(tuned, _collate([cache[q.image_key] for q in questions]), plan.use_rois)
+        emb = tuned.encode_batch(ImageBatch.from_samples([cache[q.image_key] for q in questions]), plan.use_rois)
         return feature_of(emb, cfg.image_feature)
 
     def features(questions: list[Question]) -> torch.Tensor:

@@ -1,26 +1,33 @@
-"""RegionMedCLIP: the two towers, projections, the ROI processor and the folder format."""
+"""RegionMedCLIP: the two towers, projections, the ROI processor and the folder format
+(``save_pretrained`` / ``from_pretrained``; ``model.init_from``: a model that starts from a folder)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from regionmed import __version__
 from regionmed.config import ConfigError, from_dict, to_dict
+from regionmed.data.loader import ImageBatch
 from regionmed.data.transforms import PREPROCESS_FILE, Preprocessor
+from regionmed.finite import require_finite
 from regionmed.io import read_json, write_json_atomic
 from regionmed.model.config import ModelConfig, ProjectionConfig, validate_model_config
 from regionmed.model.roi import ROIProcessor, align_roi_features, scatter_rois
-from regionmed.model.towers import ImageTower, TextTower, WeightsError
-from regionmed.optim import nonfinite_tensors
+from regionmed.model.towers import ImageTower, TextTower
+from regionmed.model.weights import WeightsError, load_global_path, load_weights
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -217,6 +224,23 @@ class RegionMedCLIP(nn.Module):
         roi_emb = F.normalize(proj(rois), dim=-1) * roi_mask.unsqueeze(-1)
         return ImageEmbeddings(global_, fused_emb, roi_emb, roi_mask)
 
+    def encode_batch(self, batch: ImageBatch, use_rois: bool = True, check_finite: bool = True) -> ImageEmbeddings:
+        """:meth:`encode_image` on a collated :class:`~regionmed.data.loader.ImageBatch` (a training
+        :class:`~regionmed.data.loader.Batch` is one), moved to the model's device: the one image
+        encoder of training-time validation, evaluation and inference. Crops are passed in crop
+        mode only; ``use_rois=False`` (or a model without an ROI path) gives the whole image.
+        With ``check_finite`` (evaluation, inference) raises
+        :class:`~regionmed.finite.NonFiniteEmbeddingError` when an embedding holds NaN or inf
+        (damaged or diverged weights); training leaves that to its loss (a non-finite step is skipped)."""
+        device = self.logit_scale.device
+        images = batch.images.to(device)
+        if not use_rois:
+            emb = self.encode_image(images, use_rois=False)
+        else:
+            crops = batch.roi_crops.to(device) if (batch.roi_crops is not None and self.cfg.roi.mode == "crop") else None
+            emb = self.encode_image(images, batch.boxes.to(device), batch.roi_mask.to(device), crops, use_rois=True)
+        return require_finite(emb) if check_finite else emb
+
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Each cell of the image tower's patch grid projected into the joint space:
         (B, h, w, D), L2-normalised (for patch–text similarity maps, grounding)."""
@@ -351,37 +375,6 @@ def read_model_folder(folder: str | Path, where: str = "") -> tuple[ModelConfig,
     return cfg, state
 
 
-def load_weights(model: nn.Module, path: str | Path, device: str = "cpu") -> None:
-    """Load the safetensors file ``path`` into ``model`` in place, strictly.
-
-    The one loader of saved model weights (model folders and training checkpoints).
-    Raises :class:`WeightsError` naming ``path`` when it is missing, truncated or not a
-    safetensors file, when its tensors do not fit the model (missing or unexpected
-    names, other shapes), or when a weight is not finite (NaN / inf)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path} is missing")
-    try:
-        missing, unexpected = load_model(model, str(path), strict=False, device=device)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise WeightsError(f"{path}: cannot be read (truncated or not a safetensors file): {err}") from err
-    except RuntimeError as err:  # load_state_dict: size mismatch
-        lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
-        raise WeightsError(
-            f"{path} does not fit the model config: {'; '.join(lines[:3]) or err}"
-            f"{f' (and {len(lines) - 3} more)' if len(lines) > 3 else ''}"
-        ) from err
-    if missing or unexpected:
-        raise WeightsError(
-            f"{path} does not fit the model config: missing {sorted(missing)[:5]}"
-            f"{f' (+{len(missing) - 5})' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
-            f"{f' (+{len(unexpected) - 5})' if len(unexpected) > 5 else ''}"
-        )
-    bad = nonfinite_tensors([*model.named_parameters(), *model.named_buffers()])
-    if bad:
-        raise WeightsError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf values (e.g. {bad[:3]}): the weights are unusable")
-
-
 def preprocessor_from_config(cfg: ModelConfig) -> Preprocessor:
     """The preprocessing a :class:`ModelConfig` implies (image size and normalisation,
     ROI mode, crop size and margin, ROI count, text context length)."""
@@ -420,9 +413,63 @@ def create_model(cfg: ModelConfig) -> RegionMedCLIP:
 
     With ``cfg.init_from`` (a regionmed model folder, e.g. one written by ``regionmed
     import-open-clip``) the towers, projections and temperature start from that folder's
-    weights; see :func:`regionmed.model.interop.init_from_folder` for the checks and errors."""
+    weights; see :func:`init_from_folder` for the checks and errors."""
     if cfg.init_from:
-        from regionmed.model.interop import init_from_folder
-
         return init_from_folder(cfg)
     return RegionMedCLIP(cfg)
+
+
+# -- model.init_from: a model that starts from a regionmed folder ----------------------------
+# Fields that may differ between a run's model config and its init_from folder.
+_FREE_FIELDS = {"image.pretrained", "image.grad_checkpointing", "image.crop_batchnorm", "text.name", "text.pretrained",
+                "text.grad_checkpointing", "text.config_overrides", "logit_scale_init", "logit_scale_max", "init_from"}
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key not in ("kwargs", "config_overrides"):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def init_from_folder(cfg: ModelConfig) -> RegionMedCLIP:
+    """Build the model of ``cfg`` with the weights of the regionmed folder ``cfg.init_from``.
+
+    The towers, projections and temperature come from the folder (its ``text/`` gives the
+    text tower's config and tokenizer), the ROI processor too when the folder's ``roi``
+    settings equal ``cfg.roi``, otherwise it starts new. Every tower/projection/preprocessing
+    field of ``cfg`` (all but ``pretrained``, ``grad_checkpointing``, ``crop_batchnorm``,
+    ``text.name``, ``text.config_overrides``, ``logit_scale_*``) must equal the folder's:
+    otherwise :class:`~regionmed.config.ConfigError` names the first differing field with
+    both values. A damaged or missing folder raises :class:`WeightsError`."""
+    folder = Path(cfg.init_from)
+    config_path = folder / CONFIG_NAME
+    theirs, state = read_model_folder(folder, "model.init_from")
+    if cfg.image.pretrained:
+        raise ConfigError("model.image.pretrained and model.init_from are both set: the image tower would start from two "
+                          "weights files; keep one")
+    mine_flat, their_flat = _flat(to_dict(cfg)), _flat(to_dict(theirs))
+    for key in sorted(set(mine_flat) | set(their_flat)):
+        if key.startswith("roi.") or key in _FREE_FIELDS:
+            continue
+        if mine_flat.get(key) != their_flat.get(key):
+            raise ConfigError(f"model.{key} is {mine_flat.get(key)!r} but model.init_from's {config_path} has "
+                              f"{their_flat.get(key)!r}: the model must have the architecture of the folder it starts from "
+                              f"(copy its settings, e.g. from {folder / 'model.yaml'} when it was imported)")
+    text_dir = folder / TEXT_DIR
+    if not text_dir.is_dir():
+        raise WeightsError(f"model.init_from: {text_dir} is missing (the text tower's config and tokenizer)")
+    model = RegionMedCLIP(cfg, text_source=str(text_dir))
+    weights = folder / WEIGHTS_NAME
+    with_roi = dataclasses.asdict(theirs.roi) == dataclasses.asdict(cfg.roi) and cfg.roi.mode != "none"
+    if not with_roi:
+        state = {k: v for k, v in state.items() if not k.startswith("roi_processor.")}
+    load_global_path(model, state, f"model.init_from: {weights}", with_roi=with_roi)
+    log.info("model.init_from %s: towers, projections and temperature loaded; ROI processor %s", folder,
+             "loaded" if with_roi else "new")
+    return model
+

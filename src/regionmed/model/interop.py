@@ -1,6 +1,6 @@
 """open_clip interop: import an open_clip checkpoint (BiomedCLIP and kin) into a
-:class:`~regionmed.model.clip.RegionMedCLIP`, export its global path back, and start a
-model from a regionmed folder (``model.init_from``).
+:class:`~regionmed.model.clip.RegionMedCLIP` and export its global path back (a model that
+starts from the imported folder: ``model.init_from``, :func:`regionmed.model.clip.init_from_folder`).
 
 Supported open_clip architecture: ``CustomTextCLIP`` with
 
@@ -41,7 +41,6 @@ open_clip crops away. Embeddings are equal (to float rounding) on equal pixel te
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -51,11 +50,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from regionmed.config import ConfigError, to_dict
+from regionmed.config import ConfigError
 from regionmed.errors import RegionmedError
 from regionmed.io import read_json
+from regionmed.model.clip import RegionMedCLIP
 from regionmed.model.config import ImageTowerConfig, ModelConfig, ProjectionConfig, RoiConfig, TextTowerConfig
-from regionmed.model.towers import WeightsError, check_state_dict, read_state_dict
+from regionmed.model.weights import check_state_dict, load_global_path, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -254,18 +254,8 @@ def convert_open_clip_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelCo
     return {k: v.to(expected[k].dtype) for k, v in out.items()}
 
 
-def _load_global_path(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, with_roi: bool = False) -> None:
-    """Load ``state`` (regionmed names) into ``model``: every tensor of the towers,
-    projections and temperature must be there (and the ROI processor's when ``with_roi``)."""
-    target = {k: v for k, v in model.state_dict().items() if with_roi or not k.startswith("roi_processor.")}
-    own = model.state_dict()
-    # tensors of the model outside ``target`` (the ROI processor) are left alone, not "unexpected"
-    check_state_dict({k: v for k, v in state.items() if k in target or k not in own}, target, source)
-    model.load_state_dict({k: state[k] for k in target}, strict=False)
-
-
 def import_open_clip(checkpoint: str | Path, config: str | Path, text_dir: str | Path | None = None,
-                     roi: RoiConfig | None = None) -> "RegionMedCLIP":  # noqa: F821
+                     roi: RoiConfig | None = None) -> RegionMedCLIP:
     """Build a :class:`~regionmed.model.clip.RegionMedCLIP` holding the open_clip model of
     ``config`` (``open_clip_config.json`` or a model config JSON) with the weights of
     ``checkpoint`` (``open_clip_pytorch_model.bin``, ``.pt`` or ``.safetensors``), offline.
@@ -279,8 +269,6 @@ def import_open_clip(checkpoint: str | Path, config: str | Path, text_dir: str |
     ``model.scale()`` its ``logit_scale.exp()`` (clamped to ``logit_scale_max``). Returned in
     eval mode. Raises :class:`InteropError` for an unsupported architecture or a checkpoint
     that does not fit the config."""
-    from regionmed.model.clip import RegionMedCLIP
-
     oc = read_open_clip_config(config)
     cfg = model_config_from_open_clip(oc, roi, str(config))
     state = _read_checkpoint(checkpoint)
@@ -300,7 +288,7 @@ def import_open_clip(checkpoint: str | Path, config: str | Path, text_dir: str |
             raise InteropError(f"{config}: the regionmed model cannot be built: {err}") from err
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("roi_processor.")}
     converted = convert_open_clip_state_dict(state, cfg, expected, str(checkpoint))
-    _load_global_path(model, converted, str(checkpoint))
+    load_global_path(model, converted, str(checkpoint))
     return model.eval()
 
 
@@ -359,60 +347,3 @@ def open_clip_config(model: nn.Module) -> dict[str, Any]:
         },
         "preprocess_cfg": {"mean": list(cfg.image.mean), "std": list(cfg.image.std)},
     }
-
-
-# -- model.init_from --------------------------------------------------------------------
-# Fields that may differ between a run's model config and its init_from folder.
-_FREE_FIELDS = {"image.pretrained", "image.grad_checkpointing", "image.crop_batchnorm", "text.name", "text.pretrained",
-                "text.grad_checkpointing", "text.config_overrides", "logit_scale_init", "logit_scale_max", "init_from"}
-
-
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and key not in ("kwargs", "config_overrides"):
-            out.update(_flat(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def init_from_folder(cfg: ModelConfig) -> "RegionMedCLIP":  # noqa: F821
-    """Build the model of ``cfg`` with the weights of the regionmed folder ``cfg.init_from``.
-
-    The towers, projections and temperature come from the folder (its ``text/`` gives the
-    text tower's config and tokenizer), the ROI processor too when the folder's ``roi``
-    settings equal ``cfg.roi``, otherwise it starts new. Every tower/projection/preprocessing
-    field of ``cfg`` (all but ``pretrained``, ``grad_checkpointing``, ``crop_batchnorm``,
-    ``text.name``, ``text.config_overrides``, ``logit_scale_*``) must equal the folder's:
-    otherwise :class:`~regionmed.config.ConfigError` names the first differing field with
-    both values. A damaged or missing folder raises :class:`WeightsError`."""
-    from regionmed.model.clip import CONFIG_NAME, TEXT_DIR, WEIGHTS_NAME, RegionMedCLIP, read_model_folder
-
-    folder = Path(cfg.init_from)
-    config_path = folder / CONFIG_NAME
-    theirs, state = read_model_folder(folder, "model.init_from")
-    if cfg.image.pretrained:
-        raise ConfigError("model.image.pretrained and model.init_from are both set: the image tower would start from two "
-                          "weights files; keep one")
-    mine_flat, their_flat = _flat(to_dict(cfg)), _flat(to_dict(theirs))
-    for key in sorted(set(mine_flat) | set(their_flat)):
-        if key.startswith("roi.") or key in _FREE_FIELDS:
-            continue
-        if mine_flat.get(key) != their_flat.get(key):
-            raise ConfigError(f"model.{key} is {mine_flat.get(key)!r} but model.init_from's {config_path} has "
-                              f"{their_flat.get(key)!r}: the model must have the architecture of the folder it starts from "
-                              f"(copy its settings, e.g. from {folder / 'model.yaml'} when it was imported)")
-    text_dir = folder / TEXT_DIR
-    if not text_dir.is_dir():
-        raise WeightsError(f"model.init_from: {text_dir} is missing (the text tower's config and tokenizer)")
-    model = RegionMedCLIP(cfg, text_source=str(text_dir))
-    weights = folder / WEIGHTS_NAME
-    with_roi = dataclasses.asdict(theirs.roi) == dataclasses.asdict(cfg.roi) and cfg.roi.mode != "none"
-    if not with_roi:
-        state = {k: v for k, v in state.items() if not k.startswith("roi_processor.")}
-    _load_global_path(model, state, f"model.init_from: {weights}", with_roi=with_roi)
-    log.info("model.init_from %s: towers, projections and temperature loaded; ROI processor %s", folder,
-             "loaded" if with_roi else "new")
-    return model

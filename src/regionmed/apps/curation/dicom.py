@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from regionmed.apps.curation.images import ItemReject
+from regionmed.apps.curation.items import ItemReject
 from regionmed.data.dicom import (  # noqa: F401 - re-exported for the builder and its tests
     ALLOWED_ATTRIBUTES,
     PATIENT_SALT,

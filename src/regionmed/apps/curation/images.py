@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from regionmed.apps.curation.dicom import read_dicom
+from regionmed.apps.curation.items import ItemReject
 from regionmed.data.decode import ImageDecodeError, decode_image, record_meta
 from regionmed.data.dicom import is_dicom
-from regionmed.errors import RegionmedError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 PHASH_SIZE = 64  # images are reduced to 64 x 64 gray for the perceptual hash
@@ -25,15 +26,6 @@ PHASH_HEX = PHASH_BITS // 4  # hex digits of a record's "phash"
 # patients lie >= 60 bits apart (0 of 126,892 such pairs linked at 32), a JPEG-q70, half-size,
 # contrast x1.2 or gamma 0.8 copy of a film <= 24 bits from it (all 509 linked at 32).
 NEAR_DUP_THRESHOLD = 32
-
-
-class ItemReject(RegionmedError):
-    """An input that cannot go into the dataset; ``reason`` is a key of REJECT_REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
@@ -91,8 +83,6 @@ def load_image(
     """
     raw = read_bytes(path, data)
     if is_dicom(raw, path):
-        from regionmed.apps.curation.dicom import read_dicom
-
         dcm = read_dicom(raw, max_pixels=max_pixels, **(dicom_options or {}))
         img = Image.fromarray(dcm.array)
         return _finish(img, None, dcm.meta, dcm.spacing, max_side, dcm.patient_key)

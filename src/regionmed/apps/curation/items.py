@@ -6,6 +6,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from regionmed.errors import RegionmedError
+
 # Reasons written to rejects.jsonl (the "reason" field).
 REJECT_REASONS = {
     "unreadable_image": "the image file is missing, empty or cannot be decoded",
@@ -25,6 +27,15 @@ REJECT_REASONS = {
     "duplicate_id": "an earlier input of the build has the same id",
     "processing_error": "an unexpected error while processing the item",
 }
+
+
+class ItemReject(RegionmedError):
+    """An input that cannot go into the dataset; ``reason`` is a key of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
 
 
 # Reasons that concern one region (a box), not a whole item.

@@ -1,1 +1,3 @@
-"""Evaluation suites (SLAKE, VQA-RAD, MedRegion splits, class folders), ``regionmed eval`` and its report."""
+"""``regionmed eval``: evaluation tasks found through a registry (:mod:`.tasks`, one module per
+task), the datasets they score (:mod:`.suites`, opened once per run: :mod:`.context`), the run
+(:mod:`.run`) and its report (:mod:`.report`)."""

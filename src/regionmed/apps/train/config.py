@@ -15,6 +15,7 @@ from regionmed.config import ConfigError, load_yaml_config
 from regionmed.data.schema import SPLITS
 from regionmed.losses import LOSS_NAMES
 from regionmed.model.config import MODULE_NAMES, ModelConfig, check_finite, validate_model_config
+from regionmed.model.registry import resolve_model_mapping
 
 
 @dataclass
@@ -209,10 +210,18 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a run config YAML, apply dotted ``overrides`` ({"train.batch_size": 8}), validate.
+    """Read a run config YAML, apply dotted ``overrides`` ({"train.batch_size": 8}), resolve a
+    named model (``model: {name: NAME, ...}``: :func:`regionmed.model.registry.resolve_model_mapping`),
+    validate.
 
     Raises :class:`ConfigError` naming the file and the field for any bad value."""
-    cfg = load_yaml_config(RunConfig, path, overrides)
+
+    def named_model(data: dict) -> dict:
+        if isinstance(data.get("model"), dict):
+            data["model"] = resolve_model_mapping(data["model"], str(path))
+        return data
+
+    cfg = load_yaml_config(RunConfig, path, overrides, prepare=named_model)
     validate_run_config(cfg, str(path))
     return cfg
 

@@ -67,8 +67,9 @@ from regionmed.data.stream import (
 from regionmed.data.transforms import Preprocessor
 from regionmed.distributed import DistInfo, all_reduce_sum, init_distributed, prepare_batchnorm
 from regionmed.errors import RegionmedError
+from regionmed.finite import nonfinite_tensors
 from regionmed.model.clip import RegionMedCLIP, create_model
-from regionmed.optim import GuardedStep, NonFiniteError, NonFiniteWeightsError, nonfinite_tensors
+from regionmed.optim import GuardedStep, NonFiniteError, NonFiniteWeightsError
 from regionmed.task import REGION_LOSSES, TrainingTask, accumulate, split_batch
 
 log = logging.getLogger(__name__)
