@@ -17,7 +17,8 @@ result, a message or a log). Arrays and PIL images are taken as the pixel grid
 they are (no EXIF rotation) and converted by the same mode rules
 (:func:`regionmed.data.decode.to_8bit`; non-8-bit values by a per-image min–max).
 Pixel coordinates (boxes, peaks) are those of that decoded image: x to the right,
-y down, ``[x0, y0, x1, y1]``.
+y down, ``[x0, y0, x1, y1]``. A loaded image carries its pixels only: no EXIF, text
+chunk, comment or ICC profile of the input (:mod:`regionmed.data.metadata`).
 
 Texts (phrases, prompts, labels): a text longer than the model's text context
 (``Predictor.context_length`` tokens, special tokens included) raises
@@ -52,6 +53,7 @@ from PIL import Image
 
 from regionmed.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, to_8bit
 from regionmed.data.dicom import DicomError, is_dicom, read_dicom
+from regionmed.data.metadata import strip_info
 from regionmed.data.transforms import BoxError, Preprocessor, check_boxes, to_rgb
 from regionmed.errors import RegionmedError
 
@@ -305,7 +307,9 @@ def load_image(source: Any, *, name: str | None = None, max_pixels: int | None =
         if w * h > limit:
             raise ImageInputError(where, "too_many_pixels", f"{w}x{h} exceeds max_pixels={limit}")
         try:
-            return to_8bit(source)[0]
+            image = to_8bit(source)[0]
+            # pixels only: the caller's metadata (EXIF, text chunks, ICC) is not carried into any output
+            return strip_info(image.copy() if image is source else image)
         except Exception as err:  # noqa: BLE001 - a lazily loaded PIL image can fail here
             raise ImageInputError(where, "unreadable_image", f"{type(err).__name__}: {err}") from err
     if isinstance(source, np.ndarray):
