@@ -427,14 +427,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 # -- ground ----------------------------------------------------------------------------------
-def overlay(image, heatmap: np.ndarray, box: list[float], peak, opacity: float = 0.45):
-    """An RGB PIL image at ``image``'s size: ``image`` in gray, ``heatmap`` ([0, 1], same
-    size) in the jet colour map blended at ``opacity`` everywhere, the box in red and the
-    peak as a white cross (the library's :func:`regionmed.eval.overlay.render_overlay`)."""
+OVERLAY_MAX_SIDE = 2048  # `regionmed ground` draws its overlays at most this large (--max-side)
+
+
+def overlay(image, heatmap: np.ndarray, box: list[float], peak, opacity: float = 0.45, max_side: int = OVERLAY_MAX_SIDE):
+    """An RGB PIL image at ``image``'s size scaled to at most ``max_side`` pixels on the long
+    side: ``image`` in gray, ``heatmap`` ([0, 1], at the image's or the overlay's size) in the
+    jet colour map blended at ``opacity`` everywhere, the box in red and the peak as a white
+    cross (the library's :func:`regionmed.eval.overlay.render_overlay`)."""
     from regionmed.eval.overlay import render_overlay
 
     return render_overlay(image, heatmap, box=box, peak=peak, threshold=0.0, opacity=opacity, cmap="jet", gray=True,
-                          color=(255, 0, 0), peak_color=(255, 255, 255), max_side=max(image.size))
+                          color=(255, 0, 0), peak_color=(255, 255, 255), max_side=max_side)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -482,7 +486,7 @@ def cmd_ground(args: argparse.Namespace) -> int:
             entry = {"id": it.id, "size": list(image.size), "phrases": []}
             for t, g in enumerate(found):
                 png = tmp / f"{stem}_{t:02d}_{_slug(g.phrase)}.png"
-                save_png(overlay(image, g.heatmap, g.box, g.peak, args.opacity), png)
+                save_png(overlay(image, g.heatmap_at(args.max_side), g.box, g.peak, args.opacity, args.max_side), png)
                 entry["phrases"].append({**g.to_dict(), "overlay": png.name})
             results.append(entry)
         (tmp / "groundings.json").write_text(json_dumps({"model_id": predictor.model_id, "images": results,
@@ -721,9 +725,11 @@ def add_infer_parsers(sub) -> None:
     p.set_defaults(func=_cli_words(cmd_classify))
 
     p = sub.add_parser("ground", help="ground phrases in images (heatmap overlay PNGs + JSON boxes)",
-                       description="For each image and phrase: a similarity heatmap at the image's size, its peak, a box and a "
-                                   "score (windows through the model's region path, or the patch map). Writes OUT/<image>_<n>_<phrase>.png "
-                                   "overlays (heatmap, red box, white cross at the peak) and OUT/groundings.json.")
+                       description="For each image and phrase: a similarity heatmap, its peak, a box and a "
+                                   "score (windows through the model's region path, or the patch map; an image larger than "
+                                   "the model needs is read out scaled down, so memory does not grow with its pixels). Writes "
+                                   "OUT/<image>_<n>_<phrase>.png overlays (heatmap, red box, white cross at the peak; at most "
+                                   "--max-side pixels) and OUT/groundings.json (boxes and peaks in the image's own pixels).")
     _common(p)
     p.add_argument("--phrase", action="append", help="a phrase to ground (repeatable)")
     p.add_argument("--phrases-file", help="a text file with one phrase a line")
@@ -731,6 +737,9 @@ def add_infer_parsers(sub) -> None:
                    help="windows (region path), patch (patch-text map), auto: windows when the model has a region path")
     p.add_argument("--threshold", type=float, default=0.5, help="patch read-out: box threshold between the map's min and max (default 0.5)")
     p.add_argument("--opacity", type=float, default=0.45, help="heatmap opacity in the overlays (default 0.45)")
+    p.add_argument("--max-side", type=int, default=OVERLAY_MAX_SIDE,
+                   help=f"overlays are drawn at most this many pixels on the long side (default {OVERLAY_MAX_SIDE}; "
+                        "boxes and peaks in groundings.json stay in the image's own pixels)")
     p.add_argument("--truncate", action="store_true", help="cut phrases longer than the text context instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cli_words(cmd_ground))

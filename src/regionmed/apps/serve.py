@@ -208,13 +208,8 @@ class GroundState:
         w, h = size
         s = _display_scale(w, h, max_side)
         display = (max(1, round(w * s)), max(1, round(h * s)))
-
-        def fit(heat: np.ndarray) -> np.ndarray:
-            heat = np.asarray(heat, dtype=np.float32)
-            return heat if display == (w, h) else np.asarray(Image.fromarray(heat, "F").resize(display, Image.Resampling.BILINEAR))
-
         return cls(size=(w, h), display=display, phrases=[g.phrase for g in groundings], scores=[float(g.score) for g in groundings],
-                   heatmaps=[fit(g.heatmap) for g in groundings], boxes=[[float(v) * s for v in g.box] for g in groundings],
+                   heatmaps=[g.heatmap_at(max_side) for g in groundings], boxes=[[float(v) * s for v in g.box] for g in groundings],
                    peaks=[(float(g.peak[0]) * s, float(g.peak[1]) * s) for g in groundings])
 
 
@@ -327,9 +322,10 @@ class DemoBackend:
 
     def render(self, img: Image.Image, state: GroundState, threshold: float, opacity: float) -> list:
         """One (overlay, caption) per phrase of ``state`` over ``img`` (the grounded image)."""
-        base = img.convert("RGB")
-        if base.size != tuple(state.display):
-            base = base.resize(state.display, Image.Resampling.BILINEAR)
+        base = img
+        if base.size != tuple(state.display):  # scaled first: memory follows the overlay's size
+            base = base.resize(state.display, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        base = base.convert("RGB")
         out = []
         for i, phrase in enumerate(state.phrases):
             over = render_overlay(base, state.heatmaps[i], box=state.boxes[i], peak=state.peaks[i], label=phrase,

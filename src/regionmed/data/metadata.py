@@ -33,7 +33,7 @@ import struct
 
 from PIL import Image
 
-__all__ = ["has_metadata", "png_bytes", "save_png", "strip_info", "strip_metadata"]
+__all__ = ["MetadataError", "has_metadata", "pixels_only", "png_bytes", "save_png", "strip_info", "strip_metadata"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_KEPT = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"sBIT", b"pHYs", b"bKGD"})
@@ -53,7 +53,9 @@ def strip_info(image: Image.Image) -> Image.Image:
     return image
 
 
-def _pixels_only(image: Image.Image) -> Image.Image:
+def pixels_only(image: Image.Image) -> Image.Image:
+    """``image`` without metadata: itself when it carries none, else a copy with an empty
+    ``info`` (the caller's image is not changed)."""
     if not image.info and getattr(image, "_exif", None) is None:
         return image
     return strip_info(image.copy())
@@ -63,7 +65,7 @@ def png_bytes(image: Image.Image, compress_level: int = 6) -> bytes:
     """``image`` encoded as PNG with its pixels only (no text, EXIF or ICC chunk), whatever
     its ``info`` holds (the caller's image is not changed)."""
     buf = io.BytesIO()
-    _pixels_only(image).save(buf, format="PNG", compress_level=compress_level)
+    pixels_only(image).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
