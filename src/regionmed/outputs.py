@@ -91,7 +91,7 @@ def check_output(out: str | os.PathLike, *, kind: str = "folder", inputs: Iterab
     if kind not in ("folder", "file"):
         raise ValueError(f"kind {kind!r} is not 'folder' or 'file'")
     if kind == "folder" and path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {out} is an existing file, not a folder: give a folder (new, or a {what})")
+        raise OutputError(f"{flag} {out} is an existing file, not a folder: give a folder (new, or {_a(what)})")
     if kind == "file" and path.is_dir():
         raise OutputError(f"{flag} {out} is an existing folder, not a file: give a file name")
     real = _real(path)
@@ -111,8 +111,12 @@ def check_output(out: str | os.PathLike, *, kind: str = "folder", inputs: Iterab
     return path
 
 
+def _a(what: str) -> str:
+    return f"{'an' if what[:1].lower() in 'aeiou' else 'a'} {what}"
+
+
 def _not_owned(name: str, what: str) -> str:
-    return f"{name} already holds files that are not a {what}: it would be replaced as a whole; give a new or empty folder"
+    return f"{name} already holds files that are not {_a(what)}: it would be replaced as a whole; give a new or empty folder"
 
 
 # -- locks ---------------------------------------------------------------------------------
@@ -314,7 +318,7 @@ def replace_folder(dest: str | os.PathLike, *, owned: Callable[[Path], bool] | N
     name = f"{flag} {given}" if flag else str(given)
     with writer_lock(dest):
         if dest.exists() and not dest.is_dir():
-            raise OutputError(f"{name} is an existing file, not a folder: give a folder (new, or a {what})")
+            raise OutputError(f"{name} is an existing file, not a folder: give a folder (new, or {_a(what)})")
         if dest.is_dir() and not _is_empty_dir(dest) and not (owned is not None and owned(dest)):
             raise OutputError(_not_owned(name, what))
         _recover(dest)
@@ -375,13 +379,19 @@ def _identity(folder: Path) -> tuple[int, int] | None:
 def read_folder(folder: str | os.PathLike, load: Callable[[], object], attempts: int = 5) -> object:
     """``load()`` (which reads ``folder``), run again when ``folder`` was replaced by a
     writer while it read (its inode changed, or it was gone for a moment), so that what it
-    returns comes from one complete folder. The last attempt's error or result stands."""
+    returns comes from one complete folder; a folder a killed writer left in ``.NAME.old``
+    (the fallback without an atomic exchange) is put back first. The last attempt's error or
+    result stands."""
     folder = Path(folder)
     for attempt in range(attempts):
         before = _identity(folder)
-        if before is None and _sibling(_real(folder), "old").exists() and attempt < attempts - 1:
-            time.sleep(0.05)  # between the two renames of a writer without an atomic exchange
-            continue
+        if before is None and _sibling(_real(folder), "old").exists():
+            # Between the two renames of a writer without an atomic exchange (wait for it), or left
+            # there by one that was killed (put the old folder back).
+            with contextlib.suppress(OSError):
+                with writer_lock(folder):
+                    _recover(_real(folder))
+            before = _identity(folder)
         try:
             result = load()
         except (RegionmedError, OSError):

@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - no flush error at exit
         return 0
     except OSError as err:  # the file system refused (permissions, a full disk): not a bug in regionmed
-        where = f" {err.filename}" if err.filename else ""
-        print(f"regionmed {args.command}: error:{where}: {err.strerror or err}", file=sys.stderr)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"regionmed {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the boundary: a bug must not exit 1
         import traceback

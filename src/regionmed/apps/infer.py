@@ -257,6 +257,8 @@ def _predictor(args):
 
     if args.batch_size < 1:
         raise InferInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise InferInputError(f"--max-pixels must be >= 1 (width x height), got {args.max_pixels}")
 
     return Predictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size, max_pixels=args.max_pixels)
 
@@ -400,6 +402,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     check_output(probs_path, kind="file", inputs=_inputs_of(args, items), flag="--out's problems file")
     predictor = _predictor(args)
     class_prompts = predictor.class_prompts(labels, args.prompts)
+    predictor._check_label_prompts(class_prompts, args.truncate)  # before any image work: a clear error at once
     problems, rows = [], []
     for _, ready, probs in _ready_chunks(predictor, items):
         problems += probs
@@ -458,6 +461,11 @@ def cmd_ground(args: argparse.Namespace) -> int:
         phrases += [ln.strip() for ln in text.splitlines() if ln.strip()]
     from regionmed.inference import TextInputError
 
+    for flag, value in (("--threshold", args.threshold), ("--opacity", args.opacity)):
+        if not 0.0 <= value <= 1.0:  # NaN too
+            raise InferInputError(f"{flag} must be a number in [0, 1], got {value}")
+    if args.max_side < 16:
+        raise InferInputError(f"--max-side must be >= 16 pixels, got {args.max_side}")
     if not phrases:
         raise TextInputError("the phrase list is empty: give --phrase TEXT (repeatable) or --phrases-file")
     items = collect_items(args.inputs, args.split, None)
