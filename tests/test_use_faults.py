@@ -471,6 +471,8 @@ ARGUMENTS = [
     ("--max-side 0", ["ground", "{M}", "{I}", "--phrase", "liver", "--max-side", "0", "--out", "{T}/g"], "ground",
      "--max-side must be >= 16"),
     ("--max-pixels 0", ["embed", "{M}", "{I}", "--max-pixels", "0", "--out", "{T}/e"], "embed", "--max-pixels must be >= 1"),
+    ("a box label that is a number", ["index", "{M}", "{I}", "--boxes", "{T}/boxes.json", "--index", "{T}/i2"], "index",
+     "box #0's label 5 is not a string"),
     ("an empty folder", ["embed", "{M}", "{T}/empty", "--out", "{T}/e"], "embed", "is empty"),
     ("a folder without images", ["embed", "{M}", "{T}/texts", "--out", "{T}/e"], "embed",
      "holds no image file (1 other entry, e.g. a.txt: not_an_image"),
@@ -482,6 +484,7 @@ def test_bad_arguments_are_one_line_errors(case, argv, command, fragment, model,
     (tmp_path / "empty").mkdir()
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("x")
+    (tmp_path / "boxes.json").write_text(json.dumps({"s0.jpg": [{"box": [1, 2, 30, 40], "label": 5}]}))
     values = {"M": model, "I": images, "X": built_index, "T": tmp_path}
     rc, _, err = run(capsys, *[a.format(**values) for a in argv])
     one_line_error(rc, err, command, fragment)

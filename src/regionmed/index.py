@@ -29,7 +29,9 @@ binary format, ``faiss.write_index``; no pickle) and ``image.jsonl`` /
 ``region.jsonl`` (one metadata object per vector, in FAISS row order: ``id``,
 ``source``, ``kind``, ``box`` (regions: pixel xyxy), ``label`` / ``caption`` when
 known, ``image_id`` (regions: their image's id)). Metadata must be JSON-serialisable;
-never put patient identifiers in it.
+never put patient identifiers in it. ``save`` writes the folder as a whole under its
+writer lock (:mod:`regionmed.outputs`: a stopped save leaves the previous index, two
+writers take turns); ``load`` checks every metadata row (an object with a string ``id``).
 
 FAISS is an optional dependency (``pip install regionmed[index]``), imported on first use.
 """
@@ -189,6 +191,9 @@ class EmbeddingIndex:
             row = {k: _jsonable(v) for k, v in m.items()}
             row["id"] = str(m["id"])
             row["kind"] = kind
+            problem = _row_problem(row)  # what load() would refuse is refused now, not after the save
+            if problem:
+                raise IndexInputError(f"metadata #{i} ({row['id']!r}): {problem}")
             rows.append(row)
         if arr.shape[0]:
             self._indexes[kind].add(np.ascontiguousarray(arr))

@@ -2,12 +2,25 @@
 
 Thin applications over the library (:mod:`regionmed.inference`, :mod:`regionmed.index`).
 Inputs (``INPUT...``): image files (PNG, JPEG, any Pillow format, DICOM), folders
-(searched recursively for those), text files listing one image path per line
-(``.txt`` / ``.lst``; relative paths are relative to the list), or a MedRegion dataset
-folder (``manifest.json``) with ``--split``. Every input ends in the output or in
-``problems.jsonl`` / the problems printed on stderr, with its reason: a bad image
-in a folder is listed and the others are processed. Exit status: 0 all inputs used,
-1 some inputs were problems, 2 the command could not run (a one-line error).
+(searched recursively: :func:`regionmed.data.listing.list_folder`), text files listing
+one image path per line (``.txt`` / ``.lst``; relative paths are relative to the list),
+or a MedRegion dataset folder (``manifest.json``) with ``--split``. Every input, and
+every entry of an input folder, ends in the output or in ``problems.jsonl`` / the
+problems printed on stderr, with its reason: a bad image, a file that is not an image
+(``not_an_image``, ``unsupported_format``), a symbolic-link loop is listed and the others
+are processed.
+
+Outputs (:mod:`regionmed.outputs`): a folder (``embed --out``, ``ground --out``, ``index
+--index``) is written as a whole and replaces the previous one atomically; a file
+(``classify --out``, ``search --json``) is replaced by one rename; one writer at a time
+(a second waits; two ``index --add`` runs add one after the other). An output that is,
+holds or lies inside an input (the model folder, an input folder or image, a list, boxes,
+labels or prompts file) is refused, as is a folder output that names a file or a folder of
+other files. File names that are not UTF-8 are kept (:mod:`regionmed.io`: ``\\udcNN`` in
+JSON, ``\\xNN`` in CSV / Parquet / printed text).
+
+Exit status: 0 all inputs used, 1 some inputs were problems, 2 the command could not
+run (a one-line error), 70 an unexpected error (a bug; the traceback is printed).
 """
 
 from __future__ import annotations
@@ -192,6 +205,8 @@ def _attach_boxes(items: list[Item], boxes_file: str) -> None:
             box, label = (e.get("box"), e.get("label")) if isinstance(e, dict) else (e, None)
             if not isinstance(box, list) or len(box) != 4:
                 raise InferInputError(f"{boxes_file}: {key}: box #{j} is not [x0, y0, x1, y1]")
+            if label is not None and not isinstance(label, str):
+                raise InferInputError(f"{boxes_file}: {key}: box #{j}'s label {label!r} is not a string")
             it.boxes.append(box)
             it.labels.append(label)
 
@@ -759,7 +774,9 @@ def add_infer_parsers(sub) -> None:
                                    "(its path relative to the input folder) is already indexed is left as it is when it is the "
                                    "same image (same absolute path or same bytes), and refused (exit 2, naming both files) when "
                                    "it is another one, e.g. a second folder with the same file names: index that into another "
-                                   "index. Sources are stored as absolute paths, so the index works from any directory. Needs faiss: pip install 'regionmed[index]'.")
+                                   "index. Sources are stored as absolute paths, so the index works from any directory. The "
+                                   "folder is replaced as a whole when the run is done; two runs on one index take turns (the "
+                                   "second waits), so both keep their images. Needs faiss: pip install 'regionmed[index]'.")
     _common(p)
     p.add_argument("--index", required=True, help="index folder")
     p.add_argument("--add", action="store_true", help="add to the index in --index (else it must not exist)")

@@ -33,6 +33,8 @@ import struct
 
 from PIL import Image
 
+from regionmed.errors import RegionmedError
+
 __all__ = ["MetadataError", "has_metadata", "pixels_only", "png_bytes", "save_png", "strip_info", "strip_metadata"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,7 +42,7 @@ PNG_KEPT = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cH
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0..7: markers without a length
 
 
-class MetadataError(ValueError):
+class MetadataError(RegionmedError, ValueError):
     """Bytes :func:`strip_metadata` cannot parse (a damaged JPEG or PNG, or another format)."""
 
 
