@@ -633,7 +633,7 @@ def test_decoded_and_stored_images_carry_pixels_only(kind, name, make):
         clean = strip_metadata(raw)
         assert_pixels_only(clean, f"{kind}: stripped")
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(clean))), np.asarray(Image.open(io.BytesIO(raw))))
-        assert not has_metadata(clean) and decode_image(clean)[1]["as_is"]
+        assert info["as_is_stripped"] and not has_metadata(clean) and decode_image(clean)[1]["as_is"]
 
 
 def test_shards_overlays_and_the_web_page_carry_pixels_only(model, tmp_path, capsys):
