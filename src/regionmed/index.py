@@ -29,7 +29,9 @@ binary format, ``faiss.write_index``; no pickle) and ``image.jsonl`` /
 ``region.jsonl`` (one metadata object per vector, in FAISS row order: ``id``,
 ``source``, ``kind``, ``box`` (regions: pixel xyxy), ``label`` / ``caption`` when
 known, ``image_id`` (regions: their image's id)). Metadata must be JSON-serialisable;
-never put patient identifiers in it.
+never put patient identifiers in it. ``save`` writes the folder as a whole under its
+writer lock (:mod:`regionmed.outputs`: a stopped save leaves the previous index, two
+writers take turns); ``load`` checks every metadata row (an object with a string ``id``).
 
 FAISS is an optional dependency (``pip install regionmed[index]``), imported on first use.
 """
@@ -37,7 +39,6 @@ FAISS is an optional dependency (``pip install regionmed[index]``), imported on 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,9 @@ class EmbeddingIndex:
             row = {k: _jsonable(v) for k, v in m.items()}
             row["id"] = str(m["id"])
             row["kind"] = kind
+            problem = _row_problem(row)  # what load() would refuse is refused now, not after the save
+            if problem:
+                raise IndexInputError(f"metadata #{i} ({row['id']!r}): {problem}")
             rows.append(row)
         if arr.shape[0]:
             self._indexes[kind].add(np.ascontiguousarray(arr))
@@ -289,31 +293,53 @@ class EmbeddingIndex:
         return self.search(vec.float().numpy(), k, kind)
 
     # -- folder ---------------------------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        """Write the index into ``folder`` (created; files replaced atomically one by one)."""
+    def save(self, folder: str | Path, extra_files: Mapping[str, str | bytes] | None = None) -> Path:
+        """Write the index into ``folder`` as a whole (:func:`regionmed.outputs.replace_folder`:
+        written beside it, then swapped in atomically, under the folder's writer lock; a
+        process stopped at any point leaves the previous index or the new one, never a mix).
+
+        ``folder``: new, empty, or an index folder (``index.json``); another non-empty folder
+        is refused (:class:`~regionmed.outputs.OutputError`). ``extra_files``: further files
+        of the folder (name -> text or bytes), written in the same step."""
+        from regionmed.outputs import replace_folder
+
+        folder = Path(folder)
+        with replace_folder(folder, owned=lambda d: (d / INDEX_FILE).is_file(), what="retrieval index folder") as tmp:
+            self.write_files(tmp)
+            for name, data in (extra_files or {}).items():
+                target = tmp / name
+                target.write_bytes(data) if isinstance(data, bytes) else target.write_text(data, encoding="utf-8")
+        self.folder = folder
+        return folder
+
+    def write_files(self, folder: str | Path) -> None:
+        """Write the index's files into the existing folder ``folder`` as they are (no lock,
+        no atomic swap: :meth:`save` writes a user's folder)."""
         faiss = _faiss()
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         for kd in KINDS:
-            tmp = folder / f".{kd}.faiss.tmp"
-            faiss.write_index(self._indexes[kd], str(tmp))
-            os.replace(tmp, folder / f"{kd}.faiss")
+            faiss.write_index(self._indexes[kd], str(folder / f"{kd}.faiss"))
             write_jsonl_atomic(folder / f"{kd}.jsonl", self._meta[kd])
         info = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "dim": self.dim, "faiss_type": FAISS_TYPE,
                 "metric": "inner product of L2-normalised vectors (cosine)",
                 "vectors": {"image": "global embedding", "region": "ROI embedding of the box"},
                 "counts": {kd: self.count(kd) for kd in KINDS}, "extra": self.extra}
         write_json_atomic(folder / INDEX_FILE, info, sort_keys=False)
-        self.folder = folder
-        return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> "EmbeddingIndex":
-        """Read a folder written by :meth:`save`. Raises :class:`IndexNotFoundError` for a
-        missing folder or file, :class:`IndexMismatchError` for a damaged one (unreadable
-        JSON or FAISS file, counts or sizes that disagree)."""
+        """Read a folder written by :meth:`save` (read again when a writer swapped it in
+        meanwhile: :func:`regionmed.outputs.read_folder`). Raises :class:`IndexNotFoundError`
+        for a missing folder or file, :class:`IndexMismatchError` for a damaged one
+        (unreadable JSON or FAISS file, counts or sizes that disagree, a metadata row that is
+        not an object with an ``id``)."""
+        from regionmed.outputs import read_folder
+
+        return read_folder(folder, lambda: cls._load(Path(folder)))
+
+    @classmethod
+    def _load(cls, folder: Path) -> "EmbeddingIndex":
         faiss = _faiss()
-        folder = Path(folder)
         if not folder.is_dir():
             raise IndexNotFoundError(f"index folder {folder} does not exist: build one with `regionmed index`")
         info_path = folder / INDEX_FILE
@@ -343,15 +369,40 @@ class EmbeddingIndex:
                 for n, line in enumerate(fh, 1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            row = json.loads(line)
                         except json.JSONDecodeError as err:
                             raise IndexMismatchError(f"{mpath}, line {n}: not valid JSON ({err})") from err
+                        problem = _row_problem(row)
+                        if problem:
+                            raise IndexMismatchError(f"{mpath}, line {n}: {problem}: the index folder is damaged")
+                        rows.append(row)
             if not (index.ntotal == len(rows) == counts[kd]):
                 raise IndexMismatchError(f"{folder}: {kd} index holds {index.ntotal} vectors, {mpath.name} {len(rows)} rows, "
                                          f"{INDEX_FILE} says {counts[kd]}: the folder is damaged or half written")
             indexes[kd], meta[kd] = index, rows
         extra = info.get("extra") if isinstance(info.get("extra"), dict) else {}
         return cls(model_id, dim, indexes, meta, folder, extra)
+
+
+# metadata fields that search results and `regionmed index --add` read, with the types they need
+_ROW_FIELDS = {"id": (str,), "source": (str, type(None)), "label": (str, type(None)), "caption": (str, type(None)),
+               "image_id": (str, type(None)), "sha256": (str, type(None))}
+
+
+def _row_problem(row) -> str | None:
+    """Why a metadata row read from an index folder cannot be used (None when it can)."""
+    if not isinstance(row, dict):
+        return f"a {type(row).__name__}, not a metadata object"
+    if not isinstance(row.get("id"), str) or not row["id"]:
+        return "no 'id' string"
+    for key, types in _ROW_FIELDS.items():
+        if key in row and not isinstance(row[key], types):
+            return f"'{key}' is a {type(row[key]).__name__}, not a string"
+    box = row.get("box")
+    if box is not None and not (isinstance(box, list) and len(box) == 4
+                                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        return "'box' is not a list of 4 numbers"
+    return None
 
 
 def _check_kind(kind: str, allowed: tuple[str, ...]) -> None:

@@ -17,9 +17,14 @@ result, a message or a log). Arrays and PIL images are taken as the pixel grid
 they are (no EXIF rotation) and converted by the same mode rules
 (:func:`regionmed.data.decode.to_8bit`; non-8-bit values by a per-image min–max).
 Pixel coordinates (boxes, peaks) are those of that decoded image: x to the right,
-y down, ``[x0, y0, x1, y1]``.
+y down, ``[x0, y0, x1, y1]``. A loaded image carries its pixels only: no EXIF, text
+chunk, comment or ICC profile of the input (:mod:`regionmed.data.metadata`).
 
-Texts (phrases, prompts, labels): a text longer than the model's text context
+Texts (phrases, prompts, labels): a text whose tokens are mostly the tokenizer's
+unknown token (``[UNK]``: e.g. CJK or emoji for an English vocabulary; more than
+:data:`UNKNOWN_SHARE` of them) raises :class:`TextInputError` naming it, as do two labels
+whose prompts give the same tokens; a text with some unknown tokens is logged as a warning
+naming the words. A text longer than the model's text context
 (``Predictor.context_length`` tokens, special tokens included) raises
 :class:`TextInputError` unless ``truncate=True``, which cuts it the way the
 tokenizer cuts training text (the first ``context_length - 1`` tokens and the
@@ -53,6 +58,7 @@ from PIL import Image
 from regionmed.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, to_8bit
 from regionmed.data.dicom import DicomError, is_dicom, read_dicom
 from regionmed.data.loader import ImageBatch
+from regionmed.data.metadata import pixels_only, strip_info
 from regionmed.data.transforms import BoxError, Preprocessor, check_boxes, to_rgb
 from regionmed.errors import RegionmedError
 from regionmed.finite import require_finite
@@ -80,6 +86,8 @@ __all__ = [
 # 4096 x 5120) fits; larger inputs are refused before their pixels are decoded (Pillow's
 # decompression-bomb guard for files). `regionmed serve` and the commands share it.
 READ_OUTS = ("auto", "windows", "patch")
+# A text whose tokens are more than this share the tokenizer's unknown token cannot be read by the model.
+UNKNOWN_SHARE = 0.5
 
 
 class ImageInputError(RegionmedError, ValueError):
@@ -108,7 +116,8 @@ class ImageTypeError(ImageInputError, TypeError):
 
 class TextInputError(RegionmedError, ValueError):
     """A text input that cannot be used: an empty phrase/label list, an empty text,
-    a text longer than the model's context (without ``truncate=True``)."""
+    a text longer than the model's context (without ``truncate=True``), a text the model
+    cannot read (mostly unknown tokens), two labels the model cannot tell apart."""
 
 
 class InferenceArgumentError(RegionmedError, ValueError):
@@ -197,20 +206,39 @@ class ClassificationResult:
 class Grounding:
     """Where one phrase is in an image.
 
-    ``heatmap``: (H, W) float32 in [0, 1] at the image's own size (the read-out's
-    similarity map, min–max normalised per phrase); ``peak``: (x, y) pixels of the
-    heatmap's maximum; ``box``: [x0, y0, x1, y1] pixels; ``score``: the raw cosine
-    similarity behind the box (the best window's for ``windows``, the map's maximum
-    for ``patch``), in [-1, 1]; ``read_out``: ``"windows"`` or ``"patch"``;
-    ``size``: the image's (width, height)."""
+    ``map``: the read-out's similarity map on its own grid, covering the whole image
+    (float32: the windows' 64 x 64 cells, or the patch map at the model's input size;
+    raw cosine similarities); ``peak``: (x, y) pixels of the map's maximum; ``box``:
+    [x0, y0, x1, y1] pixels; ``score``: the raw cosine similarity behind the box (the
+    best window's for ``windows``, the map's maximum for ``patch``), in [-1, 1];
+    ``read_out``: ``"windows"`` or ``"patch"``; ``size``: the image's (width, height).
+    Pixels are the image's own. :meth:`heatmap_at` gives the map as a [0, 1] heatmap at a
+    bounded size (what the overlays use); :attr:`heatmap` at the image's full size."""
 
     phrase: str
-    heatmap: np.ndarray
+    map: np.ndarray
     peak: tuple[float, float]
     box: list[float]
     score: float
     read_out: str
     size: tuple[int, int]
+
+    def heatmap_at(self, max_side: int | None = None) -> np.ndarray:
+        """The map as (h, w) float32 in [0, 1] (resized bilinearly, then min–max normalised:
+        :func:`regionmed.eval.grounding.heatmap_at`) at the image's size scaled so that its
+        long side is at most ``max_side`` (None: the image's own size)."""
+        from regionmed.eval.grounding import heatmap_at
+        from regionmed.eval.overlay import display_scale
+
+        w, h = self.size
+        s = 1.0 if max_side is None else display_scale(w, h, int(max_side))
+        return heatmap_at(self.map, max(1, round(w * s)), max(1, round(h * s)))
+
+    @property
+    def heatmap(self) -> np.ndarray:
+        """(H, W) float32 in [0, 1] at the image's own size (``4 x W x H`` bytes: use
+        :meth:`heatmap_at` with a ``max_side`` for large images)."""
+        return self.heatmap_at(None)
 
     def to_dict(self) -> dict:
         """JSON-ready, without the heatmap."""
@@ -307,7 +335,9 @@ def load_image(source: Any, *, name: str | None = None, max_pixels: int | None =
         if w * h > limit:
             raise ImageInputError(where, "too_many_pixels", f"{w}x{h} exceeds max_pixels={limit}")
         try:
-            return to_8bit(source)[0]
+            image = to_8bit(source)[0]
+            # pixels only: the caller's metadata (EXIF, text chunks, ICC) is not carried into any output
+            return pixels_only(image) if image is source else strip_info(image)
         except Exception as err:  # noqa: BLE001 - a lazily loaded PIL image can fail here
             raise ImageInputError(where, "unreadable_image", f"{type(err).__name__}: {err}") from err
     if isinstance(source, np.ndarray):
@@ -550,7 +580,48 @@ class Predictor:
                                  f"{self.context_length}{more}: shorten it, or pass truncate=True to cut it")
         if long and warn:
             self._warn_cut([(texts[i], n) for i, n in long], what)
+        self._check_unknown(texts, what, warn)
         return texts
+
+    def unknown_tokens(self, texts: Sequence[str]) -> list[tuple[int, int]]:
+        """``(unknown, total)`` token counts of each text (special tokens left out): how
+        many of its tokens are the tokenizer's unknown token (``[UNK]``), e.g. every CJK
+        character or emoji for an English WordPiece vocabulary. ``(0, total)`` for a
+        tokenizer without an unknown token (byte-level BPE reads any text)."""
+        if not texts:
+            return []
+        hf = self.model.text_tower.tokenizer.hf
+        ids = hf(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        unk = hf.unk_token_id
+        return [(0 if unk is None else sum(1 for t in row if t == unk), len(row)) for row in ids]
+
+    def _unknown_words(self, text: str) -> list[str]:
+        hf = self.model.text_tower.tokenizer.hf
+        unk = hf.unk_token_id
+        return [w for w in text.split() if unk in hf(w, add_special_tokens=False, verbose=False)["input_ids"]]
+
+    def _check_unknown(self, texts: Sequence[str], what: str, warn: bool = True, labels: Sequence[str] | None = None) -> None:
+        """Text the model cannot read: a text whose tokens are mostly (more than
+        :data:`UNKNOWN_SHARE`) the unknown token raises :class:`TextInputError` naming it
+        (its embedding would not depend on those words, so two such texts score alike);
+        one with some unknown tokens is logged once per predictor (``warn``), naming the
+        words read as unknown. ``labels``: the label each text belongs to, for the message."""
+        counts = self.unknown_tokens(texts)
+        for i, (text, (unknown, total)) in enumerate(zip(texts, counts)):
+            if not unknown:
+                continue
+            key = text if labels is None else labels[i]
+            name = f"{what} {_shorten(text)!r}" if labels is None else f"label {_shorten(key)!r} (its {what} {_shorten(text)!r})"
+            words = ", ".join(repr(w) for w in self._unknown_words(text)[:5])
+            if unknown > UNKNOWN_SHARE * total:
+                raise TextInputError(f"{name}: {unknown} of its {total} tokens are unknown to the model's text vocabulary "
+                                     f"(read as {_unk_name(self)}: {words}): the model cannot read it, so it would get "
+                                     "the score of any other unreadable text; write it in words the text tower knows")
+            warned = self.__dict__.setdefault("_warned_unknown", set())
+            if warn and key not in warned:
+                warned.add(key)
+                log.warning("%s: %d of its %d tokens are unknown to the model's text vocabulary (read as %s: %s)",
+                            name, unknown, total, _unk_name(self), words)
 
     def _warn_cut(self, long: list[tuple[str, int]], what: str) -> None:
         """Log each distinct text cut to the context once per predictor."""
@@ -600,12 +671,25 @@ class Predictor:
 
     def _check_label_prompts(self, class_prompts: Mapping[str, list[str]], truncate: bool) -> None:
         """Name the label (as the user gave it) whose prompts exceed the text context:
-        raise :class:`TextInputError` unless ``truncate``, else warn once per label."""
+        raise :class:`TextInputError` unless ``truncate``, else warn once per label.
+        Prompts the model cannot read (mostly unknown tokens) and two labels whose prompts
+        are the same token ids (e.g. words outside the vocabulary, all ``[UNK]``) raise
+        :class:`TextInputError`: their scores would be equal whatever the image."""
         long = []
         for label, ps in class_prompts.items():
             for p in ps:
                 if not isinstance(p, str) or not p.strip():
                     raise TextInputError(f"label {label!r} has an empty prompt")
+            self._check_unknown(ps, "prompt", labels=[label] * len(ps))
+        hf = self.model.text_tower.tokenizer.hf
+        seen: dict[tuple, str] = {}
+        for label, ps in class_prompts.items():
+            key = tuple(tuple(ids) for ids in hf(list(ps), add_special_tokens=False, verbose=False)["input_ids"])
+            if key in seen:
+                raise TextInputError(f"labels {_shorten(seen[key])!r} and {_shorten(label)!r} are the same text to the model "
+                                     f"(their prompts give the same tokens, words outside its vocabulary read as "
+                                     f"{_unk_name(self)}): it cannot tell them apart; reword one of them")
+            seen[key] = label
             lengths = self.token_lengths(ps)
             worst = max(range(len(ps)), key=lambda j: lengths[j])
             if lengths[worst] > self.context_length:
@@ -635,6 +719,7 @@ class Predictor:
         for i, c in enumerate(names):
             if not c.strip():
                 raise TextInputError(f"label #{i} is empty")
+        self._check_unknown(names, "label")  # a class name the vocabulary cannot read, before it fills the templates
         if len(set(names)) != len(names):
             dup = next(c for c in names if names.count(c) > 1)
             raise TextInputError(f"label {dup!r} is given twice")
@@ -654,10 +739,12 @@ class Predictor:
         patch–text cosine map (the box bounds the connected component around the
         maximum of the map thresholded at ``min + threshold * (max - min)``);
         ``"auto"``: ``windows`` for a model with a region path, else ``patch``.
+        The read-out runs on the image scaled down to :attr:`ground_side` when it is
+        larger (memory bounded whatever the image's pixel count); results are in the
+        image's own pixels.
         Raises :class:`TextInputError` for an empty phrase list, an empty phrase or one
         longer than the context (unless ``truncate``); :class:`ImageInputError`.
         """
-        from regionmed.eval.grounding import heatmap_at
         from regionmed.eval.readout import ground_image
 
         if read_out not in READ_OUTS:
@@ -666,16 +753,46 @@ class Predictor:
         if not phrases:
             raise TextInputError("the phrase list is empty: give at least one phrase to ground")
         phrases = self._check_texts(phrases, "phrase", truncate)
-        image = to_rgb(self.load_image(image, name))
+        image = self.load_image(image, name)
         w, h = image.size
+        work = self._working_image(image)  # memory bounded by the model's input size, not the image's
+        sx, sy = w / work.width, h / work.height
+        del image
         text = self._embed_texts(phrases, True, "phrase", warn=False)
         mode = ("windows" if self.has_region_path else "patch") if read_out == "auto" else read_out
-        locs = ground_image(self.model, self.preprocessor, image, text, mode, threshold=threshold)
+        locs = ground_image(self.model, self.preprocessor, work, text, mode, threshold=threshold)
         out = []
         for phrase, loc in zip(phrases, locs):
-            out.append(Grounding(phrase, heatmap_at(loc["map"], w, h), tuple(float(v) for v in loc["point"]),
-                                 [float(v) for v in loc["box"]], float(loc["peak"]), mode, (w, h)))
+            x0, y0, x1, y1 = (float(v) for v in loc["box"])
+            box = [min(max(x0 * sx, 0.0), w), min(max(y0 * sy, 0.0), h), min(max(x1 * sx, 0.0), w), min(max(y1 * sy, 0.0), h)]
+            peak = (float(loc["point"][0]) * sx, float(loc["point"][1]) * sy)
+            out.append(Grounding(phrase, np.asarray(loc["map"], dtype=np.float32), peak, box, float(loc["peak"]), mode, (w, h)))
         return out
+
+    @property
+    def ground_side(self) -> int:
+        """The long side (pixels) at which :meth:`ground` reads an image out: the model's
+        input size, or the side at which the smallest sliding window (a fraction
+        ``min(WINDOW_SCALES)`` of the long side) still holds ``roi_size`` pixels for its
+        crop, whichever is larger. Larger images are scaled down to it first (bilinear,
+        antialiased), so that grounding's memory and time do not grow with the image's
+        pixel count; boxes and peaks are mapped back to the image's own pixels."""
+        from regionmed.eval.readout import WINDOW_SCALES
+
+        pre = self.preprocessor
+        return max(int(pre.image_size), int(np.ceil(pre.roi_size / min(WINDOW_SCALES))))
+
+    def _working_image(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        side = self.ground_side
+        if max(w, h) > side:
+            s = side / max(w, h)
+            image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return to_rgb(image)
+
+
+def _unk_name(predictor) -> str:
+    return str(predictor.model.text_tower.tokenizer.hf.unk_token or "the unknown token")
 
 
 def _finite(t, what: str = "image"):

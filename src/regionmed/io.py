@@ -1,11 +1,22 @@
-"""Small file helpers shared by the library: reading a JSON file with an error that names
+r"""Small file helpers shared by the library: reading a JSON file with an error that names
 it, and writing JSON / JSON Lines atomically (a temporary file in the same folder, then
-``os.replace``, so a reader never sees a half-written file)."""
+``os.replace``, so a reader never sees a half-written file).
+
+File names that are not valid UTF-8 (as from an old zip or another system's encoding) reach
+Python as ``os.fsdecode`` strings holding lone surrogates (PEP 383: the byte 0xNN becomes
+U+DCNN). Every output keeps them, in one of two documented forms:
+
+* JSON and JSON Lines (:func:`json_dumps`): as the JSON escape ``\udcNN``, so that
+  ``json.loads`` gives the same string back and ``os.fsencode`` the file's own bytes;
+* CSV, Parquet and printed text (:func:`printable`): each undecodable byte as the four
+  characters ``\xNN`` (Python's ``backslashreplace``), valid UTF-8 everywhere.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +39,29 @@ def read_json(path: str | Path, error_cls: type[Exception], what: str,
         raise error_cls(f"{path}: not valid JSON ({what}): {err}") from err
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_dumps(data: Any, **kwargs: Any) -> str:
+    r"""``json.dumps(data, ensure_ascii=False, **kwargs)``, with every lone surrogate (an
+    undecodable byte of a file name, see the module docstring) written as its ``\uXXXX``
+    escape, so that the text encodes as UTF-8 and ``json.loads`` returns the same strings."""
+    text = json.dumps(data, ensure_ascii=False, **kwargs)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def printable(text: str) -> str:
+    r"""``text`` as valid Unicode for CSV / Parquet / printed output: the undecodable bytes of
+    an ``os.fsdecode`` name (lone surrogates U+DC80..U+DCFF) become ``\xNN``, any other lone
+    surrogate ``\uXXXX``; ``text`` itself when it has none."""
+    if not _SURROGATE.search(text):
+        return text
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -44,7 +78,7 @@ def _write_atomic(path: Path, write) -> None:
 def write_json_atomic(path: str | Path, data: Any, *, sort_keys: bool = True) -> None:
     """Write ``data`` as indented UTF-8 JSON to ``path`` through a temporary file and a rename
     (``sort_keys``: key order sorted, the default, or as given)."""
-    _write_atomic(Path(path), lambda fh: json.dump(data, fh, indent=2, sort_keys=sort_keys, ensure_ascii=False))
+    _write_atomic(Path(path), lambda fh: fh.write(json_dumps(data, indent=2, sort_keys=sort_keys)))
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> None:
@@ -52,5 +86,5 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> None:
     file and a rename."""
     def write(fh) -> None:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(json_dumps(row) + "\n")
     _write_atomic(Path(path), write)

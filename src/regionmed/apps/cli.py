@@ -186,10 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit statuses: 0 done; 1 done, some inputs were problems (the commands that take many
+# inputs); 2 the command could not run (a one-line error); EXIT_INTERNAL an unexpected
+# exception, i.e. a bug (the traceback is printed): never 1, so that a script does not take
+# a crash for "some inputs were problems". 70 is EX_SOFTWARE of BSD's sysexits.h.
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         if args.command in DELEGATED:
             return importlib.import_module(DELEGATED[args.command][0]).main(args.argv)
@@ -197,6 +208,23 @@ def main(argv: list[str] | None = None) -> int:
     except RegionmedError as err:
         print(f"regionmed {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"regionmed {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (`regionmed search ... | head`)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - no flush error at exit
+        return 0
+    except OSError as err:  # the file system refused (permissions, a full disk): not a bug in regionmed
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"regionmed {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the boundary: a bug must not exit 1
+        import traceback
+
+        traceback.print_exc()
+        print(f"regionmed {args.command}: internal error ({type(err).__name__}): a bug in regionmed, the traceback is "
+              f"above; exit status {EXIT_INTERNAL}", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -2,12 +2,25 @@
 
 Thin applications over the library (:mod:`regionmed.inference`, :mod:`regionmed.index`).
 Inputs (``INPUT...``): image files (PNG, JPEG, any Pillow format, DICOM), folders
-(searched recursively for those), text files listing one image path per line
-(``.txt`` / ``.lst``; relative paths are relative to the list), or a MedRegion dataset
-folder (``manifest.json``) with ``--split``. Every input ends in the output or in
-``problems.jsonl`` / the problems printed on stderr, with its reason: a bad image
-in a folder is listed and the others are processed. Exit status: 0 all inputs used,
-1 some inputs were problems, 2 the command could not run (a one-line error).
+(searched recursively: :func:`regionmed.data.listing.list_folder`), text files listing
+one image path per line (``.txt`` / ``.lst``; relative paths are relative to the list),
+or a MedRegion dataset folder (``manifest.json``) with ``--split``. Every input, and
+every entry of an input folder, ends in the output or in ``problems.jsonl`` / the
+problems printed on stderr, with its reason: a bad image, a file that is not an image
+(``not_an_image``, ``unsupported_format``), a symbolic-link loop is listed and the others
+are processed.
+
+Outputs (:mod:`regionmed.outputs`): a folder (``embed --out``, ``ground --out``, ``index
+--index``) is written as a whole and replaces the previous one atomically; a file
+(``classify --out``, ``search --json``) is replaced by one rename; one writer at a time
+(a second waits; two ``index --add`` runs add one after the other). An output that is,
+holds or lies inside an input (the model folder, an input folder or image, a list, boxes,
+labels or prompts file) is refused, as is a folder output that names a file or a folder of
+other files. File names that are not UTF-8 are kept (:mod:`regionmed.io`: ``\\udcNN`` in
+JSON, ``\\xNN`` in CSV / Parquet / printed text).
+
+Exit status: 0 all inputs used, 1 some inputs were problems, 2 the command could not
+run (a one-line error), 70 an unexpected error (a bug; the traceback is printed).
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -26,9 +40,11 @@ from typing import Any
 import numpy as np
 
 from regionmed.data.decode import DEFAULT_MAX_PIXELS
+from regionmed.data.metadata import save_png
 from regionmed.errors import RegionmedError
+from regionmed.io import json_dumps, printable
+from regionmed.outputs import check_output, remove_file, replace_file, replace_folder, writer_lock
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom")
 LIST_SUFFIXES = (".txt", ".lst")
 CHUNK = 256  # images held decoded at once by the commands (the predictor batches inside a chunk)
 
@@ -64,14 +80,11 @@ def collect_items(inputs: list[str], split: str | None = None, boxes_file: str |
         if path.is_dir() and (path / "manifest.json").is_file():
             items += _medregion_items(path, split or "test")
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise InferInputError(f"folder {raw} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-            items += [Item(str(p.relative_to(path)), str(p), str(p)) for p in found]
+            items += _folder_items(path, raw)
         elif path.suffix.lower() in LIST_SUFFIXES:
             items += _list_items(path)
         else:
-            items.append(Item(path.name if len(inputs) == 1 else str(path), str(path), str(path)))
+            items.append(_file_item(path.name if len(inputs) == 1 else str(path), path))
     seen: dict[str, int] = {}
     for it in items:  # ids must be unique: a second "a.png" from another folder gets its source path
         if it.id in seen:
@@ -83,6 +96,39 @@ def collect_items(inputs: list[str], split: str | None = None, boxes_file: str |
     if boxes_file:
         _attach_boxes(items, boxes_file)
     return items
+
+
+def _folder_items(path: Path, raw: str) -> list[Item]:
+    """Every entry of the folder ``path``: an image, or an item whose loading raises its
+    problem (:func:`regionmed.data.listing.list_folder`), in the order of their ids."""
+    from regionmed.data.listing import list_folder
+
+    listing = list_folder(path)
+    if not listing.images:
+        if not listing.problems:
+            raise InferInputError(f"folder {raw} is empty")
+        first = listing.problems[0]
+        raise InferInputError(f"folder {raw} holds no image file ({_n(len(listing.problems), 'other entry')}, e.g. "
+                              f"{first.id}: {first.reason}: {first.detail})")
+    items = [Item(rel, full, full) for rel, full in listing.images]
+    items += [Item(p.id, p.path, _raiser(_listing_error(p.path, p.reason, p.detail))) for p in listing.problems]
+    return sorted(items, key=lambda it: it.id.split("/"))
+
+
+def _listing_error(source: str, reason: str, detail: str) -> Exception:
+    from regionmed.inference import ImageInputError
+
+    return ImageInputError(source, reason, detail)
+
+
+def _file_item(item_id: str, path: Path) -> Item:
+    """An input file: an image, or an item whose loading raises why it is not one."""
+    from regionmed.data.listing import file_problem
+
+    problem = file_problem(path)
+    if problem:
+        return Item(item_id, str(path), _raiser(_listing_error(str(path), *problem)))
+    return Item(item_id, str(path), str(path))
 
 
 def _list_items(path: Path) -> list[Item]:
@@ -97,7 +143,7 @@ def _list_items(path: Path) -> list[Item]:
             continue
         p = Path(line)
         full = p if p.is_absolute() else path.parent / p
-        out.append(Item(line, str(full), str(full)))
+        out.append(_file_item(line, full) if full.is_file() else Item(line, str(full), str(full)))
     if not out:
         raise InferInputError(f"file list {path} names no image")
     return out
@@ -159,6 +205,8 @@ def _attach_boxes(items: list[Item], boxes_file: str) -> None:
             box, label = (e.get("box"), e.get("label")) if isinstance(e, dict) else (e, None)
             if not isinstance(box, list) or len(box) != 4:
                 raise InferInputError(f"{boxes_file}: {key}: box #{j} is not [x0, y0, x1, y1]")
+            if label is not None and not isinstance(label, str):
+                raise InferInputError(f"{boxes_file}: {key}: box #{j}'s label {label!r} is not a string")
             it.boxes.append(box)
             it.labels.append(label)
 
@@ -224,15 +272,37 @@ def _predictor(args):
 
     if args.batch_size < 1:
         raise InferInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise InferInputError(f"--max-pixels must be >= 1 (width x height), got {args.max_pixels}")
 
     return Predictor.from_pretrained(args.model, device=args.device, batch_size=args.batch_size, max_pixels=args.max_pixels)
 
 
+def _jsonl(rows: list[dict]) -> str:
+    """JSON Lines text (undecodable file-name bytes as ``\\udcNN`` escapes: :func:`regionmed.io.json_dumps`)."""
+    return "".join(json_dumps(r) + "\n" for r in rows)
+
+
+def _inputs_of(args, items: list[Item] = ()) -> list[tuple[str, str]]:
+    """Everything a command reads, as ``(what, path)`` for :func:`regionmed.outputs.check_output`."""
+    found = [("the model folder", args.model)] if getattr(args, "model", None) else []
+    found += [("input", raw) for raw in getattr(args, "inputs", None) or []]
+    for attr, what in (("boxes", "the --boxes file"), ("labels_file", "the --labels-file"), ("prompts", "the --prompts file"),
+                       ("phrases_file", "the --phrases-file"), ("image", "the --image")):
+        value = getattr(args, attr, None)
+        if isinstance(value, str) and value:
+            found.append((what, value))
+    found += [("input image", it.load) for it in items if isinstance(it.load, str)]
+    return found
+
+
+def _owned_by(marker: str):
+    """``owned`` for :func:`regionmed.outputs.replace_folder`: a folder holding ``marker``."""
+    return lambda folder: (Path(folder) / marker).is_file()
+
+
 def _report_problems(problems: list[dict], out: Path | None, command: str) -> None:
-    if out is not None:
-        with open(out, "w", encoding="utf-8") as fh:
-            for p in problems:
-                fh.write(json.dumps(p, ensure_ascii=False) + "\n")
+    """Print the first problems on stderr (``out``: where they were written, for the last line)."""
     for p in problems[:20]:
         print(f"regionmed {command}: problem: {p['detail']}", file=sys.stderr)
     if len(problems) > 20:
@@ -247,9 +317,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         except ImportError as err:
             raise InferInputError("--format parquet needs pyarrow (pip install pyarrow); the default npz needs nothing") from err
     items = collect_items(args.inputs, args.split, args.boxes)
+    out = check_output(args.out, inputs=_inputs_of(args, items), owned=_owned_by("embed.json"), what="embed output folder")
     predictor = _predictor(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ids, sources, sizes, glob, fused, problems = [], [], [], [], [], []
     region_rows, region_vecs = [], []
     for done, res, probs in embed_items(predictor, items, not args.no_boxes, not args.no_progress):
@@ -276,27 +345,23 @@ def cmd_embed(args: argparse.Namespace) -> int:
     for i, r in enumerate(region_rows):
         r["row"] = i
     fmt = args.format
-    if fmt == "parquet":
-        _write_parquet(out, arrays, image_rows, region_rows)
-    else:
-        np.savez(out / "embeddings.npz", **arrays, image_id=np.array(ids, dtype=object).astype(str),
-                 region_id=np.array([r["id"] for r in region_rows], dtype=object).astype(str))
-    _write_jsonl(out / "images.jsonl", image_rows)
-    _write_jsonl(out / "regions.jsonl", region_rows)
-    (out / "embed.json").write_text(json.dumps({"model": str(args.model), "model_id": predictor.model_id, "dim": d,
-                                                "images": len(ids), "regions": len(region_rows), "problems": len(problems),
-                                                "format": fmt, "normalised": "L2 (cosine = dot product)"}, indent=2),
-                                    encoding="utf-8")
+    with replace_folder(out, owned=_owned_by("embed.json"), what="embed output folder", flag="--out") as tmp:
+        if fmt == "parquet":
+            _write_parquet(tmp, arrays, image_rows, region_rows)
+        else:
+            np.savez(tmp / "embeddings.npz", **arrays, image_id=np.array(ids, dtype=object).astype(str),
+                     region_id=np.array([r["id"] for r in region_rows], dtype=object).astype(str))
+        (tmp / "images.jsonl").write_text(_jsonl(image_rows), encoding="utf-8")
+        (tmp / "regions.jsonl").write_text(_jsonl(region_rows), encoding="utf-8")
+        (tmp / "problems.jsonl").write_text(_jsonl(problems), encoding="utf-8")
+        (tmp / "embed.json").write_text(json_dumps({"model": str(args.model), "model_id": predictor.model_id, "dim": d,
+                                                    "images": len(ids), "regions": len(region_rows), "problems": len(problems),
+                                                    "format": fmt, "normalised": "L2 (cosine = dot product)"}, indent=2),
+                                        encoding="utf-8")
     _report_problems(problems, out / "problems.jsonl", "embed")
     note = f"; {len(problems)} problems in {out / 'problems.jsonl'}" if problems else ""
     print(f"embedded {_n(len(ids), 'image')} and {_n(len(region_rows), 'region')} (dim {d}) into {out}{note}")
     return 1 if problems else 0
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def _write_parquet(out: Path, arrays: dict, image_rows: list[dict], region_rows: list[dict]) -> None:
@@ -305,10 +370,10 @@ def _write_parquet(out: Path, arrays: dict, image_rows: list[dict], region_rows:
         import pyarrow.parquet as pq
     except ImportError as err:
         raise InferInputError("--format parquet needs pyarrow (pip install pyarrow); the default npz needs nothing") from err
-    img = {"id": [r["id"] for r in image_rows], "source": [r["source"] for r in image_rows],
+    img = {"id": [printable(r["id"]) for r in image_rows], "source": [printable(r["source"]) for r in image_rows],
            "global": list(arrays["image_global"]), "fused": list(arrays["image_fused"])}
     pq.write_table(pa.table(img), out / "images.parquet")
-    reg = {"id": [r["id"] for r in region_rows], "image_id": [r["image_id"] for r in region_rows],
+    reg = {"id": [printable(r["id"]) for r in region_rows], "image_id": [printable(r["image_id"]) for r in region_rows],
            "box": [r["box"] for r in region_rows], "embedding": list(arrays["region"])}
     pq.write_table(pa.table(reg), out / "regions.parquet")
 
@@ -347,8 +412,12 @@ def _read_labels(args) -> tuple[Any, bool]:
 def cmd_classify(args: argparse.Namespace) -> int:
     labels, multi = _read_labels(args)
     items = collect_items(args.inputs, args.split, None)
+    out = check_output(args.out, kind="file", inputs=_inputs_of(args, items))
+    probs_path = out.with_suffix(".problems.jsonl")
+    check_output(probs_path, kind="file", inputs=_inputs_of(args, items), flag="--out's problems file")
     predictor = _predictor(args)
     class_prompts = predictor.class_prompts(labels, args.prompts)
+    predictor._check_label_prompts(class_prompts, args.truncate)  # before any image work: a clear error at once
     problems, rows = [], []
     for _, ready, probs in _ready_chunks(predictor, items):
         problems += probs
@@ -358,13 +427,16 @@ def cmd_classify(args: argparse.Namespace) -> int:
         for n, i in enumerate(res.indices):
             top, score = res.top(n)
             rows.append([ready[i][0].id, *[f"{v:.6f}" for v in res.scores[n]], top])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", *class_prompts, "top_label"])
-        w.writerows(rows)
-    probs_path = out.with_suffix(".problems.jsonl")
+    with writer_lock(out):  # the CSV and its problems file: one writer at a time
+        if problems:
+            with replace_file(probs_path) as tmp:
+                tmp.write_text(_jsonl(problems), encoding="utf-8")
+        else:  # a previous run's problems are not this run's
+            remove_file(probs_path)
+        with replace_file(out, flag="--out") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow([printable(c) for c in ["id", *class_prompts, "top_label"]])
+            w.writerows([[printable(str(c)) for c in row] for row in rows])
     _report_problems(problems, probs_path if problems else None, "classify")
     kind = "cosine similarity per label (multi-label)" if multi else "softmax probabilities"
     print(f"classified {_n(len(rows), 'image')} into {_n(len(class_prompts), 'label')} ({kind}): {out}"
@@ -373,14 +445,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 # -- ground ----------------------------------------------------------------------------------
-def overlay(image, heatmap: np.ndarray, box: list[float], peak, opacity: float = 0.45):
-    """An RGB PIL image at ``image``'s size: ``image`` in gray, ``heatmap`` ([0, 1], same
-    size) in the jet colour map blended at ``opacity`` everywhere, the box in red and the
-    peak as a white cross (the library's :func:`regionmed.eval.overlay.render_overlay`)."""
+OVERLAY_MAX_SIDE = 2048  # `regionmed ground` draws its overlays at most this large (--max-side)
+
+
+def overlay(image, heatmap: np.ndarray, box: list[float], peak, opacity: float = 0.45, max_side: int = OVERLAY_MAX_SIDE):
+    """An RGB PIL image at ``image``'s size scaled to at most ``max_side`` pixels on the long
+    side: ``image`` in gray, ``heatmap`` ([0, 1], at the image's or the overlay's size) in the
+    jet colour map blended at ``opacity`` everywhere, the box in red and the peak as a white
+    cross (the library's :func:`regionmed.eval.overlay.render_overlay`)."""
     from regionmed.eval.overlay import render_overlay
 
     return render_overlay(image, heatmap, box=box, peak=peak, threshold=0.0, opacity=opacity, cmap="jet", gray=True,
-                          color=(255, 0, 0), peak_color=(255, 255, 255), max_side=max(image.size))
+                          color=(255, 0, 0), peak_color=(255, 255, 255), max_side=max_side)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -400,38 +476,44 @@ def cmd_ground(args: argparse.Namespace) -> int:
         phrases += [ln.strip() for ln in text.splitlines() if ln.strip()]
     from regionmed.inference import TextInputError
 
+    for flag, value in (("--threshold", args.threshold), ("--opacity", args.opacity)):
+        if not 0.0 <= value <= 1.0:  # NaN too
+            raise InferInputError(f"{flag} must be a number in [0, 1], got {value}")
+    if args.max_side < 16:
+        raise InferInputError(f"--max-side must be >= 16 pixels, got {args.max_side}")
     if not phrases:
         raise TextInputError("the phrase list is empty: give --phrase TEXT (repeatable) or --phrases-file")
     items = collect_items(args.inputs, args.split, None)
+    out = check_output(args.out, inputs=_inputs_of(args, items), owned=_owned_by("groundings.json"),
+                       what="ground output folder")
     predictor = _predictor(args)
     predictor._check_texts(phrases, "phrase", args.truncate)  # before any image work: a clear error at once
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results, problems = [], []
     from tqdm import tqdm
 
     from regionmed.inference import ImageInputError
 
-    for k, it in enumerate(tqdm(items, desc="ground", unit="img", disable=args.no_progress or not sys.stderr.isatty())):
-        image, prob = _load_or_problem(predictor, it)
-        if prob:
-            problems.append(prob)
-            continue
-        try:
-            image = predictor.load_image(image, it.source)
-            found = predictor.ground(image, phrases, args.read_out, threshold=args.threshold, truncate=args.truncate)
-        except ImageInputError as err:
-            problems.append(_error_row(it, err))
-            continue
-        stem = f"{k:04d}-{_slug(Path(it.id).stem)}" if len(items) > 1 else _slug(Path(it.id).stem)
-        entry = {"id": it.id, "size": list(image.size), "phrases": []}
-        for t, g in enumerate(found):
-            png = out / f"{stem}_{t:02d}_{_slug(g.phrase)}.png"
-            overlay(image, g.heatmap, g.box, g.peak, args.opacity).save(png)
-            entry["phrases"].append({**g.to_dict(), "overlay": png.name})
-        results.append(entry)
-    (out / "groundings.json").write_text(json.dumps({"model_id": predictor.model_id, "images": results,
-                                                     "problems": problems}, indent=2), encoding="utf-8")
+    with replace_folder(out, owned=_owned_by("groundings.json"), what="ground output folder", flag="--out") as tmp:
+        for k, it in enumerate(tqdm(items, desc="ground", unit="img", disable=args.no_progress or not sys.stderr.isatty())):
+            image, prob = _load_or_problem(predictor, it)
+            if prob:
+                problems.append(prob)
+                continue
+            try:
+                image = predictor.load_image(image, it.source)
+                found = predictor.ground(image, phrases, args.read_out, threshold=args.threshold, truncate=args.truncate)
+            except ImageInputError as err:
+                problems.append(_error_row(it, err))
+                continue
+            stem = f"{k:04d}-{_slug(Path(it.id).stem)}" if len(items) > 1 else _slug(Path(it.id).stem)
+            entry = {"id": it.id, "size": list(image.size), "phrases": []}
+            for t, g in enumerate(found):
+                png = tmp / f"{stem}_{t:02d}_{_slug(g.phrase)}.png"
+                save_png(overlay(image, g.heatmap_at(args.max_side), g.box, g.peak, args.opacity, args.max_side), png)
+                entry["phrases"].append({**g.to_dict(), "overlay": png.name})
+            results.append(entry)
+        (tmp / "groundings.json").write_text(json_dumps({"model_id": predictor.model_id, "images": results,
+                                                         "problems": problems}, indent=2), encoding="utf-8")
     _report_problems(problems, None, "ground")
     print(f"grounded {len(phrases)} phrase(s) in {len(results)} image(s): overlays and groundings.json in {out}"
           f"{f'; {len(problems)} problems' if problems else ''}")
@@ -471,15 +553,26 @@ def _content_hash(it: Item) -> str | None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from regionmed.index import INDEX_FILE, EmbeddingIndex
+    from regionmed.index import INDEX_FILE
 
     folder = Path(args.index)
+    items = collect_items(args.inputs, args.split, args.boxes)
+    check_output(folder, inputs=_inputs_of(args, items), owned=_owned_by(INDEX_FILE), what="retrieval index folder",
+                 flag="--index")
+    # One writer of the index at a time, from the check of what it holds to the save: two
+    # `--add` runs at once add one after the other (the second waits), and both keep their images.
+    with writer_lock(folder):
+        return _index_locked(args, folder, items)
+
+
+def _index_locked(args: argparse.Namespace, folder: Path, items: list[Item]) -> int:
+    from regionmed.index import INDEX_FILE, EmbeddingIndex
+
     exists = (folder / INDEX_FILE).is_file()
     if exists and not args.add:
         raise InferInputError(f"{folder} already holds an index: pass --add to add to it, or choose another folder")
     if args.add and not exists:
         raise InferInputError(f"--add: {folder} holds no index ({INDEX_FILE} is missing): build one first without --add")
-    items = collect_items(args.inputs, args.split, args.boxes)
     for it in items:
         it.source = _absolute_source(it.source)
     predictor = _predictor(args)
@@ -513,13 +606,36 @@ def cmd_index(args: argparse.Namespace) -> int:
                                  hashes=[hashes[it.id] for it in done])
         added["image"] += n["image"]
         added["region"] += n["region"]
-    index.save(folder)
+    index.save(folder, extra_files={"problems.jsonl": _jsonl(problems)} if problems else None)
     _report_problems(problems, folder / "problems.jsonl" if problems else None, "index")
     print(f"{'added' if args.add else 'indexed'} {_n(added['image'], 'image')} and {_n(added['region'], 'region')} "
           f"({index.count('image')} / {index.count('region')} in {folder})"
           f"{f'; {len(skipped)} already indexed, left as they were' if skipped else ''}"
           f"{'; ' + _n(len(problems), 'problem') if problems else ''}")
     return 1 if problems else 0
+
+
+def _parse_box(text: str) -> list[float]:
+    """``--box x0,y0,x1,y1`` as four finite numbers (pixels); :class:`InferInputError` otherwise."""
+    parts = [v.strip() for v in text.split(",")]
+    try:
+        box = [float(v) for v in parts]
+    except ValueError:
+        bad = next(v for v in parts if not _is_number(v))
+        raise InferInputError(f"--box {text!r}: {bad!r} is not a number (expected x0,y0,x1,y1 in pixels)") from None
+    if len(box) != 4:
+        raise InferInputError(f"--box {text!r} has {len(box)} values, not 4 (x0,y0,x1,y1 in pixels)")
+    if not all(math.isfinite(v) for v in box):
+        raise InferInputError(f"--box {text!r}: every value must be a finite number (x0,y0,x1,y1 in pixels)")
+    return box
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -529,24 +645,27 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise InferInputError("give one query: --text TEXT or --image PATH")
     if args.k < 1:
         raise InferInputError(f"-k must be >= 1, got {args.k}")
+    box = _parse_box(args.box) if args.box else None
+    if box is not None and not args.image:
+        raise InferInputError("--box goes with --image (a region of the query image)")
     index = EmbeddingIndex.load(args.index)
     model = args.model or index.extra.get("model_path")
     if not model:
         raise InferInputError(f"no --model given and {args.index} does not record the model that built it")
     args.model = model
+    if args.json:
+        check_output(args.json, kind="file", inputs=[("the index folder", args.index), *_inputs_of(args)], flag="--json")
     predictor = _predictor(args)
     if args.text:
         hits = index.search_text(predictor, args.text, args.k, args.kind, truncate=args.truncate)[0]
         query = {"text": args.text}
     else:
-        box = [float(v) for v in args.box.split(",")] if args.box else None
-        if box is not None and len(box) != 4:
-            raise InferInputError(f"--box {args.box!r} is not x0,y0,x1,y1")
         hits = index.search_image(predictor, args.image, args.k, args.kind, box=box)[0]
         query = {"image": args.image, **({"box": box} if box else {})}
     payload = {"query": query, "kind": args.kind, "k": args.k, "hits": [h.to_dict() for h in hits]}
     if args.json:
-        Path(args.json).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        with replace_file(args.json, flag="--json") as tmp:
+            tmp.write_text(json_dumps(payload, indent=2), encoding="utf-8")
     if args.format == "json":
         print(json.dumps(payload, indent=2))
     else:
@@ -554,7 +673,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         for r, h in enumerate(hits, 1):
             box = "" if h.box is None else "[" + ", ".join(f"{v:.0f}" for v in h.box) + "]"
             label = f"  ({h.label})" if h.label else ""
-            print(f"{r:>4}  {h.score:7.4f}  {h.kind:6}  {h.id[:40]:40}  {box}{label}")
+            print(f"{r:>4}  {h.score:7.4f}  {h.kind:6}  {printable(h.id)[:40]:40}  {box}{label}")
         if not hits:
             print("(the index is empty)")
     return 0
@@ -629,9 +748,11 @@ def add_infer_parsers(sub) -> None:
     p.set_defaults(func=_cli_words(cmd_classify))
 
     p = sub.add_parser("ground", help="ground phrases in images (heatmap overlay PNGs + JSON boxes)",
-                       description="For each image and phrase: a similarity heatmap at the image's size, its peak, a box and a "
-                                   "score (windows through the model's region path, or the patch map). Writes OUT/<image>_<n>_<phrase>.png "
-                                   "overlays (heatmap, red box, white cross at the peak) and OUT/groundings.json.")
+                       description="For each image and phrase: a similarity heatmap, its peak, a box and a "
+                                   "score (windows through the model's region path, or the patch map; an image larger than "
+                                   "the model needs is read out scaled down, so memory does not grow with its pixels). Writes "
+                                   "OUT/<image>_<n>_<phrase>.png overlays (heatmap, red box, white cross at the peak; at most "
+                                   "--max-side pixels) and OUT/groundings.json (boxes and peaks in the image's own pixels).")
     _common(p)
     p.add_argument("--phrase", action="append", help="a phrase to ground (repeatable)")
     p.add_argument("--phrases-file", help="a text file with one phrase a line")
@@ -639,6 +760,9 @@ def add_infer_parsers(sub) -> None:
                    help="windows (region path), patch (patch-text map), auto: windows when the model has a region path")
     p.add_argument("--threshold", type=float, default=0.5, help="patch read-out: box threshold between the map's min and max (default 0.5)")
     p.add_argument("--opacity", type=float, default=0.45, help="heatmap opacity in the overlays (default 0.45)")
+    p.add_argument("--max-side", type=int, default=OVERLAY_MAX_SIDE,
+                   help=f"overlays are drawn at most this many pixels on the long side (default {OVERLAY_MAX_SIDE}; "
+                        "boxes and peaks in groundings.json stay in the image's own pixels)")
     p.add_argument("--truncate", action="store_true", help="cut phrases longer than the text context instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cli_words(cmd_ground))
@@ -650,7 +774,9 @@ def add_infer_parsers(sub) -> None:
                                    "(its path relative to the input folder) is already indexed is left as it is when it is the "
                                    "same image (same absolute path or same bytes), and refused (exit 2, naming both files) when "
                                    "it is another one, e.g. a second folder with the same file names: index that into another "
-                                   "index. Sources are stored as absolute paths, so the index works from any directory. Needs faiss: pip install 'regionmed[index]'.")
+                                   "index. Sources are stored as absolute paths, so the index works from any directory. The "
+                                   "folder is replaced as a whole when the run is done; two runs on one index take turns (the "
+                                   "second waits), so both keep their images. Needs faiss: pip install 'regionmed[index]'.")
     _common(p)
     p.add_argument("--index", required=True, help="index folder")
     p.add_argument("--add", action="store_true", help="add to the index in --index (else it must not exist)")

@@ -8,24 +8,28 @@ import json
 import shutil
 from pathlib import Path
 
+from regionmed.outputs import check_output, replace_folder
+
 
 def _cmd_import(args: argparse.Namespace) -> int:
     import yaml
 
     from regionmed.config import to_dict
+    from regionmed.model.clip import CONFIG_NAME
     from regionmed.model.config import RoiConfig
     from regionmed.model.interop import import_open_clip
 
+    inputs = [("the checkpoint", args.checkpoint), ("the --config file", args.config), ("the --text-dir", args.text_dir)]
+    out = check_output(args.out, inputs=inputs, owned=lambda d: (d / CONFIG_NAME).is_file(), what="regionmed model folder")
     roi = RoiConfig(mode=args.roi_mode)
     model = import_open_clip(args.checkpoint, args.config, text_dir=args.text_dir, roi=roi)
-    out = model.save_pretrained(args.out)
     # The model section a run config uses to start training from this folder.
     section = to_dict(model.cfg)
     section["init_from"] = str(out.resolve())
     section["text"]["name"] = str((out / "text").resolve())
-    (out / "model.yaml").write_text(
-        "# Paste as the `model:` section of a run config to train from this imported checkpoint.\n"
-        + yaml.safe_dump({"model": section}, sort_keys=False), encoding="utf-8")
+    model_yaml = ("# Paste as the `model:` section of a run config to train from this imported checkpoint.\n"
+                  + yaml.safe_dump({"model": section}, sort_keys=False))
+    model.save_pretrained(out, extra_files={"model.yaml": model_yaml})  # the folder as a whole (regionmed.outputs)
     print(f"wrote {out} (regionmed.load('{out}')); run-config model section: {out / 'model.yaml'}")
     return 0
 
@@ -36,11 +40,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from regionmed.model.clip import load
     from regionmed.model.interop import InteropError, export_open_clip_state_dict, open_clip_config
 
+    owned = lambda d: (d / "open_clip_config.json").is_file()  # noqa: E731
+    out = check_output(args.out, inputs=[("the model folder", args.model)], owned=owned, what="open_clip export folder")
     model = load(args.model)
     state = export_open_clip_state_dict(model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "open_clip_model.safetensors"))
     config = open_clip_config(model)
     # The text tower's Hugging Face config and tokenizer files go into OUT itself: open_clip's
     # local-dir loading reads the tokenizer from that folder (get_tokenizer('local-dir:OUT')),
@@ -50,12 +53,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not (text_dir / "config.json").is_file():
         raise InteropError(f"{text_dir / 'config.json'} is missing: {args.model} is not a complete model folder")
     copied = 0
-    for f in sorted(text_dir.iterdir()):
-        if f.is_file() and f.name != "open_clip_config.json":
-            shutil.copyfile(f, out / f.name)
-            copied += 1
-    config["model_cfg"]["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".")
-    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    with replace_folder(out, owned=owned, what="open_clip export folder", flag="--out") as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "open_clip_model.safetensors"))
+        for f in sorted(text_dir.iterdir()):
+            if f.is_file() and f.name != "open_clip_config.json":
+                shutil.copyfile(f, tmp / f.name)
+                copied += 1
+        config["model_cfg"]["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".")
+        (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     print(f"wrote {out} with the text tower's config and tokenizer ({copied} files): open_clip.create_model("
           f"'local-dir:{out}') from inside it (or with text_cfg hf_model_name={out}), open_clip.get_tokenizer("
           f"'local-dir:{out}') from anywhere; the ROI processor is not part of it")

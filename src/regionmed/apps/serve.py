@@ -14,7 +14,9 @@ The page (Gradio Blocks, built by :func:`build_app`) has three tabs over one upl
   a gallery with the boxes drawn, and a table.
 
 Privacy: uploads go through the library's PHI-safe decoder
-(:func:`regionmed.inference.load_image`; no DICOM attribute leaves it). The uploaded
+(:func:`regionmed.inference.load_image`; no DICOM attribute leaves it, and every image it
+returns carries its pixels only: no PNG text, EXIF, comment or ICC profile reaches the
+images the page shows, :mod:`regionmed.data.metadata`). The uploaded
 file is read once and deleted from Gradio's upload folder; its name is never shown or
 logged (the decoder sees its path only to recognise a ``.dcm`` suffix; messages call it
 "the uploaded file"). Decoded images and overlays stay in Gradio's cache for at most an
@@ -23,6 +25,11 @@ size limit are refused in the browser before they are sent (Gradio's own message
 quote the file name), and by the server (Gradio's ``max_file_size``). Gradio's run
 history, share links and analytics are off, the page loads no web fonts, and the server
 listens on loopback (127.0.0.1) unless ``--host`` says otherwise.
+
+Memory: grounding reads an image out at a bounded working size
+(:attr:`regionmed.inference.Predictor.ground_side`) and draws overlays at
+``display_max_side``, so a request holds one decoded copy of the image plus a bounded
+amount (``benchmarks/bench_ground_memory.py --path serve``).
 
 Every bad input (an undecodable image, a multi-frame DICOM or one without pixel data, too
 many pixels, an oversized upload, no or too many phrases, a phrase longer than the
@@ -211,13 +218,8 @@ class GroundState:
         w, h = size
         s = _display_scale(w, h, max_side)
         display = (max(1, round(w * s)), max(1, round(h * s)))
-
-        def fit(heat: np.ndarray) -> np.ndarray:
-            heat = np.asarray(heat, dtype=np.float32)
-            return heat if display == (w, h) else np.asarray(Image.fromarray(heat, "F").resize(display, Image.Resampling.BILINEAR))
-
         return cls(size=(w, h), display=display, phrases=[g.phrase for g in groundings], scores=[float(g.score) for g in groundings],
-                   heatmaps=[fit(g.heatmap) for g in groundings], boxes=[[float(v) * s for v in g.box] for g in groundings],
+                   heatmaps=[g.heatmap_at(max_side) for g in groundings], boxes=[[float(v) * s for v in g.box] for g in groundings],
                    peaks=[(float(g.peak[0]) * s, float(g.peak[1]) * s) for g in groundings])
 
 
@@ -330,9 +332,10 @@ class DemoBackend:
 
     def render(self, img: Image.Image, state: GroundState, threshold: float, opacity: float) -> list:
         """One (overlay, caption) per phrase of ``state`` over ``img`` (the grounded image)."""
-        base = img.convert("RGB")
-        if base.size != tuple(state.display):
-            base = base.resize(state.display, Image.Resampling.BILINEAR)
+        base = img
+        if base.size != tuple(state.display):  # scaled first: memory follows the overlay's size
+            base = base.resize(state.display, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        base = base.convert("RGB")
         out = []
         for i, phrase in enumerate(state.phrases):
             over = render_overlay(base, state.heatmaps[i], box=state.boxes[i], peak=state.peaks[i], label=phrase,

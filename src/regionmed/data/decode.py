@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from regionmed.data.metadata import has_metadata, strip_info
 from regionmed.errors import RegionmedError
 
 DECODING_POLICY = (
@@ -259,8 +260,12 @@ def decode_image(
     sample when known), ``orientation`` (1–8, the EXIF value found; applied when
     ``exif_orientation``), ``mapping`` (the mode conversion done, ``""`` for none),
     ``frames`` and ``as_is`` (True when the encoded bytes are a single-frame 8-bit
-    L/RGB JPEG or PNG without transparency and already upright, i.e. storing them
-    unchanged stores exactly the returned pixels). Raises :class:`ImageDecodeError`.
+    L/RGB JPEG or PNG without transparency, already upright and without metadata, i.e.
+    storing them unchanged stores exactly the returned pixels and nothing else:
+    :func:`regionmed.data.metadata.has_metadata`) and ``as_is_stripped`` (True when only
+    their metadata stands in the way: :func:`regionmed.data.metadata.strip_metadata` of the
+    bytes stores exactly the returned pixels). The image carries no metadata (its
+    ``info`` is empty: :mod:`regionmed.data.metadata`). Raises :class:`ImageDecodeError`.
     """
     raw, where = _read(src, where)
     img = _open(raw, max_pixels, where)
@@ -277,10 +282,13 @@ def decode_image(
         except Exception as err:  # noqa: BLE001
             raise ImageDecodeError("unreadable_image", f"EXIF orientation {orientation} cannot be applied ({type(err).__name__})", where) from err
     img, mapping = to_8bit(img, background)
-    as_is = (fmt in ("JPEG", "PNG") and not mapping and bits == 8 and frames == 1
-             and (orientation == 1 or not exif_orientation) and (png is None or png[1] in (0, 2)))
+    strip_info(img)  # pixels only: no EXIF, text chunk, comment or ICC profile leaves the decoder
+    pixels_as_is = (fmt in ("JPEG", "PNG") and not mapping and bits == 8 and frames == 1
+                    and (orientation == 1 or not exif_orientation) and (png is None or png[1] in (0, 2)))
+    metadata = pixels_as_is and has_metadata(raw)
     info = {"format": fmt, "stored_size": stored_size, "size": img.size, "mode": mode, "bits": bits,
-            "orientation": orientation, "mapping": mapping, "frames": frames, "as_is": as_is}
+            "orientation": orientation, "mapping": mapping, "frames": frames, "as_is": pixels_as_is and not metadata,
+            "as_is_stripped": bool(metadata)}
     return img, info
 
 

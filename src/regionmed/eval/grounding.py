@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from regionmed.data.boxes import box_iou, nms
-from regionmed.eval.overlay import render_overlay
+from regionmed.data.metadata import save_png
+from regionmed.eval.overlay import display_scale, render_overlay
 from regionmed.eval.stats import bootstrap_counts, mean_with_ci
 
 
@@ -235,6 +236,8 @@ def save_overlay(image, result: dict, gt_boxes: list, phrase: str, path, max_sid
     predicted box; long side at most ``max_side`` pixels
     (:func:`regionmed.eval.overlay.render_overlay`)."""
     w, h = image.size
-    render_overlay(image, heatmap_at(result["map"], w, h), box=result["box"], peak=result["point"], label=phrase,
-                   threshold=0.0, opacity=0.35, cmap="jet", gray=True, color=(255, 0, 0), max_side=max_side,
-                   reference_boxes=gt_boxes, reference_color=(0, 255, 0)).save(path)
+    s = display_scale(w, h, max_side)
+    heat = heatmap_at(result["map"], max(1, round(w * s)), max(1, round(h * s)))  # at the overlay's size
+    save_png(render_overlay(image, heat, box=result["box"], peak=result["point"], label=phrase,
+                            threshold=0.0, opacity=0.35, cmap="jet", gray=True, color=(255, 0, 0), max_side=max_side,
+                            reference_boxes=gt_boxes, reference_color=(0, 255, 0)), path)

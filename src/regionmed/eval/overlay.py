@@ -70,7 +70,8 @@ def render_overlay(
     """Draw one phrase's heatmap, box and peak over ``image``.
 
     ``image``: the decoded image (any PIL mode; ``gray=True`` shows it in grey levels).
-    ``heatmap``: (H, W) float in [0, 1] at the image's size (``None``: no heatmap;
+    ``heatmap``: (H, W) float in [0, 1] at the image's size or at the result's size
+    (``None``: no heatmap;
     NaN counts as 0, values outside [0, 1] are clipped); pixels whose value is
     ``>= threshold`` are coloured by the colour map ``cmap`` (:func:`colormap`) and
     alpha-blended with weight ``opacity`` in [0, 1] (below the threshold, and
@@ -80,22 +81,26 @@ def render_overlay(
     drawn above the box (inside it when there is no room above).
     ``reference_boxes``: further boxes (e.g. annotated ones) drawn in ``reference_color``
     under the box. The result is RGB, scaled so that its long side is at most
-    ``max_side`` pixels (the image's aspect kept; bilinear).
+    ``max_side`` pixels (the image's aspect kept; bilinear). The image is scaled before
+    anything else is done, so memory follows the result's size, not the image's.
 
-    Raises :class:`OverlayError` when the heatmap's shape is not the image's (H, W).
+    Raises :class:`OverlayError` when the heatmap's shape is neither the image's (H, W)
+    nor the result's.
     """
     w, h = image.size
-    if heatmap is not None and tuple(np.shape(heatmap)) != (h, w):
-        raise OverlayError(f"heatmap of shape {tuple(np.shape(heatmap))} for an image of {w}x{h} (expected ({h}, {w}))")
     s = display_scale(w, h, max_side)
     dw, dh = max(1, round(w * s)), max(1, round(h * s))
-    base = image.convert("L").convert("RGB") if gray else image.convert("RGB")
+    if heatmap is not None and tuple(np.shape(heatmap)) not in ((h, w), (dh, dw)):
+        raise OverlayError(f"heatmap of shape {tuple(np.shape(heatmap))} for an image of {w}x{h} (expected ({h}, {w})"
+                           f"{f' or the overlay size ({dh}, {dw})' if (dw, dh) != (w, h) else ''})")
+    base = image if image.mode in ("L", "RGB") else image.convert("RGB")
     if (dw, dh) != (w, h):
-        base = base.resize((dw, dh), Image.Resampling.BILINEAR)
+        base = base.resize((dw, dh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    base = base.convert("L").convert("RGB") if gray else base.convert("RGB")
     out = np.asarray(base, dtype=np.float32)
     if heatmap is not None and opacity > 0:
         heat = np.asarray(heatmap, dtype=np.float32)
-        if (dw, dh) != (w, h):
+        if heat.shape != (dh, dw):
             heat = np.asarray(Image.fromarray(heat, "F").resize((dw, dh), Image.Resampling.BILINEAR))
         heat = np.nan_to_num(np.clip(heat, 0.0, 1.0))
         alpha = (heat >= threshold).astype(np.float32)[..., None] * float(np.clip(opacity, 0.0, 1.0))

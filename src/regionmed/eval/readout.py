@@ -18,9 +18,10 @@ from regionmed.eval.grounding import Geometry, locate, locate_windows, similarit
 from regionmed.eval.images import window_scores
 from regionmed.finite import require_finite
 
-__all__ = ["READ_OUTS", "ReadOutError", "ground_image"]
+__all__ = ["READ_OUTS", "WINDOW_SCALES", "ReadOutError", "ground_image"]
 
 READ_OUTS = ("windows", "patch")
+WINDOW_SCALES = (0.25, 0.4, 0.6)  # window sides, as fractions of the image's long side
 
 
 class ReadOutError(RegionmedError, ValueError):
@@ -29,7 +30,7 @@ class ReadOutError(RegionmedError, ValueError):
 
 def ground_image(model, pre, image, text_emb: torch.Tensor, read_out: str, *, threshold: float = 0.5,
                  contrast: bool = False, select: list[int] | None = None,
-                 window_scales=(0.25, 0.4, 0.6)) -> list[dict]:
+                 window_scales=WINDOW_SCALES) -> list[dict]:
     """Ground phrases in one image with one read-out: one :func:`locate` /
     :func:`locate_windows` result (``{"point", "box", "peak", "map"}``, original pixels)
     per phrase (:mod:`regionmed.eval.grounding`).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,12 +283,28 @@ class RegionMedCLIP(nn.Module):
         """``preprocess.json`` as a mapping: the JSON form of :attr:`preprocessor`."""
         return self.preprocessor.to_dict()
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, extra_files: Mapping[str, str | bytes] | None = None) -> Path:
         """Write ``config.json``, ``model.safetensors``, ``preprocess.json`` and the text
-        tower's config + tokenizer (``text/``) into ``directory``. No pickle."""
-        directory = Path(directory)
+        tower's config + tokenizer (``text/``) into ``directory``. No pickle.
+
+        The folder is written as a whole (:func:`regionmed.outputs.replace_folder`: beside
+        it, then swapped in atomically, under its writer lock), so a process stopped at any
+        point leaves the previous model or the new one. ``directory``: new, empty, or a
+        regionmed model folder (``config.json``); another non-empty folder is refused
+        (:class:`~regionmed.outputs.OutputError`). ``extra_files``: further files of the
+        folder (name -> text or bytes), written in the same step."""
+        from regionmed.outputs import replace_folder
+
         check_preprocessor(self.preprocessor, self.cfg, "the model's preprocessor", "its config")  # never write a folder that cannot load
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = Path(directory)
+        with replace_folder(directory, owned=lambda d: (d / CONFIG_NAME).is_file(), what="regionmed model folder") as tmp:
+            self._write_folder(tmp)
+            for name, data in (extra_files or {}).items():
+                target = tmp / name
+                target.write_bytes(data) if isinstance(data, bytes) else target.write_text(data, encoding="utf-8")
+        return directory
+
+    def _write_folder(self, directory: Path) -> None:
         # The weights are in the folder: where they first came from is not part of it.
         cfg = dataclasses.replace(self.cfg, image=dataclasses.replace(self.cfg.image, pretrained=None), init_from=None)
         write_json_atomic(directory / CONFIG_NAME, {"regionmed_version": __version__, "model": to_dict(cfg)}, sort_keys=False)
@@ -296,7 +312,6 @@ class RegionMedCLIP(nn.Module):
         self.text_tower.model.config.save_pretrained(directory / TEXT_DIR)
         self.text_tower.hf_tokenizer.save_pretrained(directory / TEXT_DIR)
         save_model(self, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "regionmed_version": __version__})
-        return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "RegionMedCLIP":
@@ -313,7 +328,12 @@ class RegionMedCLIP(nn.Module):
         mapping or holds a bad field; a truncated or unreadable ``model.safetensors``;
         weights that do not fit the config (missing or unexpected tensors, other shapes);
         non-finite weights."""
-        directory = Path(directory)
+        from regionmed.outputs import read_folder
+
+        return read_folder(directory, lambda: cls._from_folder(Path(directory), map_location))
+
+    @classmethod
+    def _from_folder(cls, directory: Path, map_location) -> "RegionMedCLIP":
         cfg = read_model_config(directory)
         config_path = directory / CONFIG_NAME
         try:

@@ -42,6 +42,7 @@ open_clip crops away. Embeddings are equal (to float rounding) on equal pixel te
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,7 +56,8 @@ from regionmed.errors import RegionmedError
 from regionmed.io import read_json
 from regionmed.model.clip import RegionMedCLIP
 from regionmed.model.config import ImageTowerConfig, ModelConfig, ProjectionConfig, RoiConfig, TextTowerConfig
-from regionmed.model.weights import check_state_dict, load_global_path, read_state_dict
+from regionmed.model.towers import check_tokenizer
+from regionmed.model.weights import WeightsError, check_state_dict, load_global_path, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +107,13 @@ def model_config_from_open_clip(oc: Mapping[str, Any], roi: RoiConfig | None = N
     Raises :class:`InteropError` naming ``source`` and the key for an architecture regionmed
     does not have (see the module docstring for the supported set)."""
     mc = dict(oc["model_cfg"])
+    for key in ("vision_cfg", "text_cfg"):
+        _check_type(source, f"model_cfg.{key}", mc.get(key), (dict, type(None)), "a mapping")
+    _check_type(source, "preprocess_cfg", oc.get("preprocess_cfg"), (dict, type(None)), "a mapping")
     pre = dict(oc.get("preprocess_cfg") or {})
     vision = {**_VISION_DEFAULTS, **(mc.get("vision_cfg") or {})}
     text = {**_TEXT_DEFAULTS, **(mc.get("text_cfg") or {})}
+    _check_fields(source, mc, vision, text, pre)
 
     def refuse(key: str, msg: str) -> InteropError:
         return InteropError(f"{source}: {key} {msg}; {SUPPORTED}")
@@ -141,8 +147,6 @@ def model_config_from_open_clip(oc: Mapping[str, Any], roi: RoiConfig | None = N
     if hf_proj not in ("mlp", "linear", None):
         raise refuse("text_cfg.hf_proj_type", f"is {hf_proj!r}: supported are 'mlp', 'linear' and none")
     embed_dim = mc.get("embed_dim")
-    if not isinstance(embed_dim, int) or embed_dim <= 0:
-        raise InteropError(f"{source}: embed_dim is {embed_dim!r}: expected a positive integer")
     size = vision["image_size"]
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
@@ -166,6 +170,62 @@ def model_config_from_open_clip(oc: Mapping[str, Any], roi: RoiConfig | None = N
     return cfg
 
 
+_STR, _OPT_STR, _BOOL = (str,), (str, type(None)), (bool,)
+# (section, key, allowed types, what the key must be): checked before any value is used, so that
+# a value of another type is a one-line error naming the key, never a traceback or a silent cast.
+_FIELD_TYPES = (
+    ("vision_cfg", "timm_model_name", _OPT_STR, "a timm model name"),
+    ("vision_cfg", "timm_pool", _OPT_STR, "a timm pooling name (or empty)"),
+    ("vision_cfg", "timm_proj", _OPT_STR, "'linear' or 'mlp'"),
+    ("vision_cfg", "timm_proj_bias", _BOOL, "true or false"),
+    ("text_cfg", "hf_model_name", _OPT_STR, "a Hugging Face model name or folder"),
+    ("text_cfg", "hf_tokenizer_name", _OPT_STR, "a Hugging Face tokenizer name or folder"),
+    ("text_cfg", "hf_pooler_type", _OPT_STR, "a pooler name"),
+    ("text_cfg", "hf_proj_type", _OPT_STR, "'mlp', 'linear' or null"),
+    ("text_cfg", "tokenizer_mode", _OPT_STR, "a tokenizer mode or null"),
+    ("text_cfg", "tokenizer_kwargs", (dict, type(None)), "a mapping or null"),
+)
+
+
+def _check_type(source: str, key: str, value: Any, types: tuple, what: str) -> None:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise InteropError(f"{source}: {key} is {value!r}: expected {what}")
+
+
+def _positive_int(source: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InteropError(f"{source}: {key} is {value!r}: expected a positive integer")
+    return value
+
+
+def _check_fields(source: str, mc: Mapping[str, Any], vision: Mapping[str, Any], text: Mapping[str, Any],
+                  pre: Mapping[str, Any]) -> None:
+    """Every value the import reads has its type: :class:`InteropError` naming the key otherwise."""
+    sections = {"vision_cfg": vision, "text_cfg": text}
+    for section, key, types, what in _FIELD_TYPES:
+        _check_type(source, f"{section}.{key}", sections[section].get(key), types, what)
+    _positive_int(source, "embed_dim", mc.get("embed_dim"))
+    _positive_int(source, "text_cfg.context_length", text["context_length"])
+    size = vision["image_size"]
+    if isinstance(size, (list, tuple)):
+        for i, v in enumerate(size):
+            _positive_int(source, f"vision_cfg.image_size[{i}]", v)
+    else:
+        _positive_int(source, "vision_cfg.image_size", size)
+    bias = mc.get("init_logit_bias")
+    if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float))):
+        raise InteropError(f"{source}: init_logit_bias is {bias!r}: expected a number or null")
+    for key in ("mean", "std"):
+        value = pre.get(key)
+        if value is None:
+            continue
+        if (not isinstance(value, (list, tuple)) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+                or (key == "std" and not all(v > 0 for v in value))):
+            rule = "3 positive numbers" if key == "std" else "3 finite numbers"
+            raise InteropError(f"{source}: preprocess_cfg.{key} is {value!r}: expected a list of {rule} (R, G, B)")
+
+
 def _text_width(text_dir: Path) -> int:
     from transformers import AutoConfig
 
@@ -181,13 +241,19 @@ def _prepare_text_folder(text: Mapping[str, Any], text_dir: str | Path | None, o
     model_src = str(text_dir) if text_dir else text["hf_model_name"]
     tok_src = str(text_dir) if text_dir else (text.get("hf_tokenizer_name") or text["hf_model_name"])
     try:
-        AutoConfig.from_pretrained(model_src).save_pretrained(out)
-        AutoTokenizer.from_pretrained(tok_src).save_pretrained(out)
+        hf_config = AutoConfig.from_pretrained(model_src)
+        tokenizer = AutoTokenizer.from_pretrained(tok_src)
     except (OSError, ValueError) as err:
         raise InteropError(
             f"{source}: cannot read the text tower's config/tokenizer from {model_src!r} / {tok_src!r} offline ({err}); "
             "give a local folder holding the Hugging Face config.json and tokenizer files (--text-dir)"
         ) from err
+    try:  # a folder without its vocabulary files gives a tokenizer of a few special tokens
+        check_tokenizer(tokenizer, hf_config, f"{source}: the text tower's tokenizer from {tok_src!r}")
+    except WeightsError as err:
+        raise InteropError(str(err)) from None
+    hf_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 # -- state dict -----------------------------------------------------------------------

@@ -200,6 +200,25 @@ def text_position_limit(hf_config, hf_tokenizer=None) -> int | None:
     return None
 
 
+def check_tokenizer(hf_tokenizer, hf_config, where: str) -> None:
+    """Raise :class:`WeightsError` naming ``where`` when the tokenizer does not fit the
+    encoder's token-embedding table (``hf_config.vocab_size``): more tokens than rows (its
+    ids would index past the table), or fewer than half as many — what Hugging Face builds
+    when the folder lacks its vocabulary files (``vocab.txt``, ``tokenizer.json``, ...): a
+    handful of special tokens, every word ``[UNK]``."""
+    rows = getattr(hf_config, "vocab_size", None)
+    if not isinstance(rows, int) or rows <= 0:
+        return
+    n = len(hf_tokenizer)
+    if n > rows:
+        raise WeightsError(f"{where}: the tokenizer has {n} tokens, the text encoder's embedding table {rows} rows: "
+                           "the tokenizer files belong to another model")
+    if n < rows // 2:
+        raise WeightsError(f"{where}: the tokenizer has only {n} tokens for a text encoder of {rows}: its vocabulary "
+                           "files are missing (vocab.txt, tokenizer.json, ...), so every word would become the unknown "
+                           "token; give the folder with the text tower's tokenizer files")
+
+
 class TextTower(nn.Module):
     """A Hugging Face encoder with mean, CLS or pooler-output pooling, giving ``(N, width)``."""
 
@@ -219,6 +238,7 @@ class TextTower(nn.Module):
                 f"text tower {cfg.name!r}: cannot read config/tokenizer from {path!r} offline "
                 f"(give a local folder or a model in the Hugging Face cache): {err}"
             ) from err
+        check_tokenizer(self.hf_tokenizer, hf_config, f"text tower {cfg.name!r} ({path})")
         # Checked before the encoder is built: a longer text would fail only when first met, maybe hours in.
         self.max_length = text_position_limit(hf_config, self.hf_tokenizer)
         if self.max_length is not None and cfg.context_length > self.max_length:
