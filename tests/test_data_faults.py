@@ -103,7 +103,7 @@ def test_index_dataset_counts_unreadable_records_and_writes_the_manifest_once(tm
     real = shards.write_json_atomic
     monkeypatch.setattr(shards, "write_json_atomic", lambda path, data: (writes.append(path), real(path, data)))
     done = shards.index_dataset(root)
-    assert done == {"train": {"samples": 6, "records_unreadable": 2}} and len(writes) == 1
+    assert done == {"train": {"samples": 6, "records_unreadable": 2, "changes": []}} and len(writes) == 1
     stats = shards.read_manifest(root)["splits"]["train"]["stats"]
     assert stats["samples"] == 4 and stats["records_unreadable"] == 2
     assert [w.rsplit(":", 1)[1] for w, _ in stats["records_unreadable_examples"]] == ["train1", "train4"]

@@ -52,7 +52,13 @@ from regionmed.data.loader import (
     StepBatchSampler,
     make_loader,
 )
-from regionmed.data.shards import counts_from_stats, read_manifest, unreadable_from_stats, write_json_atomic
+from regionmed.data.shards import (
+    IDENTITY_FIELDS,
+    counts_from_stats,
+    read_manifest,
+    unreadable_from_stats,
+    write_json_atomic,
+)
 from regionmed.data.stream import (
     RESUME_EXACT,
     RESUME_RESAMPLED,
@@ -265,6 +271,9 @@ class Trainer:
             entry = dict(self._manifest_entry(path, split))
             entry.pop("index", None)  # how it is read, not what it holds
             entry.pop("stats", None)
+            # names and counts only: shard sizes and digests are checked when the data is opened (a
+            # checkpoint of a dataset written before they were recorded resumes after index-shards)
+            entry["shards"] = [{k: v for k, v in s.items() if k not in IDENTITY_FIELDS} for s in entry.get("shards", [])]
             parts.append(entry if len(self.sources) == 1 else {"entry": entry, "weight": weight, "name": name})
         data = parts[0] if len(parts) == 1 else parts
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
