@@ -867,13 +867,16 @@ class MedRegionDataset:
             raise RecordError(f"{where}: json member is not valid JSON ({err})") from err
         return validate_record(record, where)
 
+    def image_bytes(self, index: int) -> bytes:
+        """The stored (encoded) image member of sample ``index``, as :meth:`image` reads it."""
+        return self._read(index, IMAGE_EXTENSIONS[int(self.index.ext[index])])
+
     def image(self, index: int) -> Image.Image:
-        ix = self.index
-        raw = self._read(index, IMAGE_EXTENSIONS[int(ix.ext[index])])
+        raw = self.image_bytes(index)
         try:
             image, _ = decode_image(raw, exif_orientation=False)  # 8-bit L/RGB; the stored grid is upright by format
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # not an image, truncated, ...
-            raise SampleError(self.where(index), f"image member .{IMAGE_EXTENSIONS[int(ix.ext[index])]} cannot be decoded "
+            raise SampleError(self.where(index), f"image member .{IMAGE_EXTENSIONS[int(self.index.ext[index])]} cannot be decoded "
                                                  f"({type(err).__name__}: {err})") from err
         return image
 

@@ -27,16 +27,21 @@ each of the faults below is handled once, the same way, for every source:
   a missing value (:data:`MISSING_SPELLINGS`: ``nan``, ``NA``, ``N/A``, ``null``,
   ``None``, ``#N/A``, ...; any case) read as missing (``None``) through
   :meth:`Row.value` / :meth:`Row.text` and :func:`is_missing`.
+* **Inputs read.** Every file read here is reported to the recorder set with
+  :func:`recording` (the build's input ledger, :mod:`regionmed.apps.curation.inputs`),
+  so that a source that reads through this module declares its files for free.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import contextvars
 import csv
 import difflib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,27 @@ TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".tab": "csv", ".txt": "csv", ".
 
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+_RECORDER: contextvars.ContextVar[Callable[[Path], None] | None] = contextvars.ContextVar("regionmed_input_recorder",
+                                                                                         default=None)
+
+
+@contextlib.contextmanager
+def recording(note: Callable[[Path], None]):
+    """Within this block, call ``note(path)`` for every file this module reads (tables,
+    JSON, text): how a :class:`~regionmed.apps.curation.sources.Source` learns its inputs."""
+    token = _RECORDER.set(note)
+    try:
+        yield
+    finally:
+        _RECORDER.reset(token)
+
+
+def _read(path: Path) -> None:
+    note = _RECORDER.get()
+    if note is not None:
+        note(Path(path))
 
 
 class TableError(RegionmedError, ValueError):
@@ -128,6 +154,7 @@ def read_text(path: str | Path, encoding: str = "utf-8") -> str:
 
     Raises :class:`TableError` naming the file and the first undecodable byte."""
     path = Path(path)
+    _read(path)
     enc = detect_encoding(path, encoding)
     data = path.read_bytes()
     try:
@@ -213,6 +240,7 @@ class Table:
         return self.path.name
 
     def _open(self):
+        _read(self.path)
         enc = detect_encoding(self.path, self.encoding)
         return enc, open(self.path, encoding=enc, errors="strict", newline="")
 

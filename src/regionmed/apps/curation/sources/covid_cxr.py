@@ -47,7 +47,7 @@ class CovidCxrSource(Source):
         self._rep.orphans = [{**o, "source": self.name} for o in coco.orphans]
         metadata = {str(im.get("id")): im.get("metadata") or {} for im in self._raw_images()}
         rows: dict[str, Row] = {}
-        meta_path = self.root / "metadata.csv"
+        meta_path = self.uses(self.root / "metadata.csv")
         if meta_path.is_file():
             table = self._meta = Table(meta_path, self.encoding)
             table.header()

@@ -311,7 +311,7 @@ class DicomSource(GenericSource):
             return
         for n, path in enumerate(self._files(), 1):
             rel = str(path.relative_to(self.root))
-            txt = path.with_suffix(".txt")
+            txt = self.uses(path.with_suffix(".txt"))  # a report that appears later changes the build too
             report, reject = "", None
             if txt.is_file():
                 try:

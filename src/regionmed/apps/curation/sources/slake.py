@@ -57,7 +57,7 @@ class SlakeSource(Source):
         split: dict[str, str] = {}
         info: dict[str, tuple[str, str]] = {}
         for name, fname in SPLIT_FILES:
-            path = self.root / fname
+            path = self.uses(self.root / fname)
             if not path.is_file():
                 continue
             for q in read_json(path, self.encoding):
@@ -72,7 +72,7 @@ class SlakeSource(Source):
         qa, split, info = self._index()
         for folder in self._folders():
             boxes: list[RawBox] = []
-            det = folder / "detection.json"
+            det = self.uses(folder / "detection.json")
             if det.is_file():
                 try:
                     for entry in read_json(det, self.encoding):

@@ -75,7 +75,7 @@ class VqaRadSource(Source):
         split: dict[str, str] = {}
         organ: dict[str, str] = {}
         for name, fname in (("train", "trainset.json"), ("test", "testset.json")):
-            path = self.root / fname
+            path = self.uses(self.root / fname)
             if not path.is_file():
                 continue
             for q in read_json(path, self.encoding):
