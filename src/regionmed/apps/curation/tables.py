@@ -349,7 +349,7 @@ def require_columns(table: Table, wanted: dict[str, str], where: str) -> None:
         parts.append(f"no column {col!r} ({opt})" + (f": did you mean {close[0]!r}? set {opt}: {close[0]}" if close else ""))
     hint = ""
     joined = "".join(header)
-    if "\x00" in joined:
+    if "\x00" in joined and not check_encoding(table.encoding).startswith("utf-16"):
         hint = " The header holds NUL characters: a UTF-16 file without byte-order mark? Set encoding: utf-16-le."
     elif len(header) == 1 and header and any(d in header[0] for d in ";,\t|" if d != table.delimiter):
         d = next(d for d in ";,\t|" if d != table.delimiter and d in header[0])

@@ -105,6 +105,8 @@ class SourceReport:
         if misfit >= max(BOX_FORMAT_STOP_MIN, BOX_FORMAT_STOP_SHARE * checked) and not bf.get("explicit"):
             self.errors.append(f"{msg}: set the source option box_format: {other} "
                                f"(or box_format: {fmt} explicitly to keep {fmt} and drop those boxes as invalid_box)")
+        elif bf.get("explicit"):  # the option is set: say so, do not suggest setting it
+            self.warnings.append(f"{msg}; they are dropped as invalid_box (box_format: {fmt} is set explicitly)")
         else:
             self.warnings.append(f"{msg}; they are dropped as invalid_box. If the column holds {other} boxes, "
                                  f"set the source option box_format: {other}")

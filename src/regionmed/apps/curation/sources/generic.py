@@ -259,7 +259,9 @@ class GenericSource(Source):
         unused = [c for c in table.columns if c and c not in read]
         rep.columns_unused = unused
         if unused:
-            absent = {col: opt for opt, col in self.cols.items() if col not in table.columns}
+            # Hints name only options that are not set (one that is set to a column the table lacks
+            # stops the build with its own "did you mean"), and only columns that no option reads.
+            absent = {col: opt for opt, col in self.cols.items() if col not in table.columns and opt not in self.opts}
             hints = []
             for u in unused:
                 close = difflib.get_close_matches(u, list(absent), n=1, cutoff=0.75)
@@ -268,11 +270,13 @@ class GenericSource(Source):
                 elif re.search(r"patient|subject|mrn", u, re.IGNORECASE) and "patient_col" in absent.values():
                     # an unread patient column silently loses the patient grouping of the splits
                     hints.append(f"patient_col: {u}")
+            unset = list(absent.values()) + ([] if "label_cols" in self.opts else ["label_cols"])
             rep.warnings.append(
                 f"{self.name} ({table.name}): columns not used: {', '.join(repr(u) for u in unused)}; this source "
                 f"reads {', '.join(repr(c) for c in rep.columns_read) or 'none of its columns'}"
                 + (f". Did you mean {'; '.join(hints)}?" if hints else ".")
-                + " Name a column with its option (see regionmed build --help), e.g. labels_col, or label_cols for one column per class")
+                + (f" To read one, name it with an option not set yet (see regionmed build --help): {', '.join(unset)}"
+                   if unset else " Every column option is set already: these columns are not read"))
         if self._splits:
             top = ", ".join(f"{k!r}={v}" for k, v in self._splits.most_common(3))
             rep.warnings.append(f"{self.name}: {sum(self._splits.values())} rows have a split value that is not "
