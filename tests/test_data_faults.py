@@ -190,11 +190,11 @@ def test_dicom_voi_lut_sequence_maps_the_modality_lut_output():
     img = read_dicom(_rescaled_dicom(STORED, SLOPE, INTERCEPT, voi_lut=(0, lut)), max_pixels=10**6)
     m = (STORED * SLOPE + INTERCEPT).astype(np.int64)
     voi = lut[np.clip(m, 0, len(lut) - 1)].astype(np.float64)
-    expected = np.round((voi - voi.min()) / (voi.max() - voi.min()) * 255).astype(np.uint8)
-    assert img.meta["decode_mapping"] == "DICOM VOI LUT sequence"
+    expected = np.round(voi / (2**16 - 1) * 255).astype(np.uint8)  # the LUT's 16-bit output range (PS3.3 C.11.2.1.1)
+    assert img.meta["decode_mapping"] == "DICOM rescale x2 +100; VOI LUT sequence -> 0..255"
     assert np.array_equal(img.array, expected)
     stored_voi = lut[STORED.astype(np.int64)].astype(np.float64)  # the former order: LUT on stored values
-    assert not np.array_equal(img.array, np.round((stored_voi - stored_voi.min()) / np.ptp(stored_voi) * 255).astype(np.uint8))
+    assert not np.array_equal(img.array, np.round(stored_voi / (2**16 - 1) * 255).astype(np.uint8))
 
 
 # ------------------------------------------------------------------ writer offsets checked
