@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from regionmed.data.missing import MISSING_SPELLINGS, PLACEHOLDER_IDS, is_placeholder_id
 from regionmed.errors import RegionmedError
 
 # The only DICOM attributes that may flow into records or results (as ``meta``).
@@ -45,11 +46,9 @@ _UNCOMPRESSED = {
 }
 
 # PatientID values that identify nobody (anonymisers' placeholders): treated as absent,
-# so that they do not merge every file of an export into one patient group.
-PLACEHOLDER_PATIENT_IDS = frozenset({
-    "", "-", "0", "anon", "anonymous", "anonymized", "anonymised", "na", "n/a", "none", "null", "unknown",
-    "removed", "patient", "noid", "no id", "xxx",
-})
+# so that they do not merge every file of an export into one patient group
+# (:func:`regionmed.data.missing.is_placeholder_id`, the same rule as a table's patient column).
+PLACEHOLDER_PATIENT_IDS = PLACEHOLDER_IDS | MISSING_SPELLINGS | {"-"}
 PATIENT_SALT = "regionmed-dicom-patient-v1"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -90,11 +89,11 @@ def is_dicom(raw: bytes, path: str | None = None) -> bool:
 
 def patient_key(ds) -> str | None:
     """``"dicom/patient/<32 hex>"``: a salted SHA-256 of the dataset's PatientID, or None
-    when it is absent, blank or a placeholder (:data:`PLACEHOLDER_PATIENT_IDS`, or all
-    zeros). The identifier itself is never returned, stored or logged."""
+    when it is absent, blank or a placeholder (:func:`regionmed.data.missing.is_placeholder_id`:
+    a missing value, an anonymiser's placeholder, or all zeros). The identifier itself is never returned, stored or logged."""
     value = ds.get("PatientID")
     text = str(value if value is not None else "").strip()
-    if text.lower() in PLACEHOLDER_PATIENT_IDS or set(text) <= {"0"}:
+    if is_placeholder_id(text):
         return None
     digest = hashlib.sha256(f"{PATIENT_SALT}\x00{text}".encode("utf-8")).hexdigest()[:32]
     return "dicom/patient/" + digest

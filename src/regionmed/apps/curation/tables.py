@@ -23,10 +23,11 @@ each of the faults below is handled once, the same way, for every source:
   split at a comma shifts the next cells into the wrong columns. (A header that ends
   with a delimiter has an unnamed last column, so rows ending with one fit it.) A
   quote that is never closed stops (strict CSV).
-* **Missing values.** Empty cells, JSON ``null``/``NaN`` and the usual spellings of
-  a missing value (:data:`MISSING_SPELLINGS`: ``nan``, ``NA``, ``N/A``, ``null``,
-  ``None``, ``#N/A``, ...; any case) read as missing (``None``) through
-  :meth:`Row.value` / :meth:`Row.text` and :func:`is_missing`.
+* **Missing values.** Empty cells, JSON ``null``/``NaN`` and every spelling of a
+  missing value that exports and spreadsheets write (:mod:`regionmed.data.missing`:
+  pandas' ``na_values``, spreadsheet error values such as ``#VALUE!``, ``-``/``.``/``?``;
+  any case) read as missing (``None``) through :meth:`Row.value` / :meth:`Row.text` and
+  :func:`is_missing`, in every column.
 * **Inputs read.** Every file read here is reported to the recorder set with
   :func:`recording` (the build's input ledger, :mod:`regionmed.apps.curation.inputs`),
   so that a source that reads through this module declares its files for free.
@@ -40,20 +41,13 @@ import contextvars
 import csv
 import difflib
 import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from regionmed.data.missing import MISSING_SPELLINGS, is_missing  # noqa: F401 - the one definition, re-exported
 from regionmed.errors import RegionmedError
-
-# Cell values that mean "no value" (compared after stripping white space, case-insensitively).
-MISSING_SPELLINGS = frozenset(
-    s.casefold()
-    for s in ("", "nan", "-nan", "+nan", "nat", "none", "null", "nil", "n/a", "na", "<na>", "#n/a", "#na",
-              "#n/a n/a", "-1.#ind", "1.#ind", "-1.#qnan", "1.#qnan", "#value!", "#ref!", "#div/0!")
-)
 
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".tab": "csv", ".txt": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -85,18 +79,6 @@ def _read(path: Path) -> None:
 class TableError(RegionmedError, ValueError):
     """A table or text file that cannot be read as a whole (encoding, broken CSV
     quoting, a duplicate or missing column). The message names the file and where."""
-
-
-def is_missing(value: Any) -> bool:
-    """True for ``None``, a float NaN, and strings spelled like a missing value
-    (:data:`MISSING_SPELLINGS`, any case, surrounding white space ignored)."""
-    if value is None:
-        return True
-    if isinstance(value, float):
-        return math.isnan(value)
-    if isinstance(value, str):
-        return value.strip().casefold() in MISSING_SPELLINGS
-    return False
 
 
 def check_encoding(encoding: str, where: str = "encoding") -> str:

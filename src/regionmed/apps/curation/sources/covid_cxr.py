@@ -8,6 +8,7 @@ from regionmed.apps.curation.items import RawItem
 from regionmed.apps.curation.sources.base import Source, SourceError, SourceReport
 from regionmed.apps.curation.sources.coco import read_coco
 from regionmed.apps.curation.tables import Row, Table, read_json, require_columns
+from regionmed.data.missing import is_placeholder_id
 
 # The only metadata columns that may reach records.
 ALLOWED_META = ("view",)
@@ -74,6 +75,7 @@ class CovidCxrSource(Source):
             if not notes and labels:
                 notes = f"Chest radiograph{f' ({view} view)' if view else ''}. Finding: {', '.join(labels)}."
             pid = row.text("patientid")
+            pid = "" if is_placeholder_id(pid) else pid
             stem = file_name.rsplit(".", 1)[0]
             yield RawItem(
                 id=f"covid_cxr-{img_id}",

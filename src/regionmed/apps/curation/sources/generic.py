@@ -14,6 +14,7 @@ from regionmed.apps.curation.sources.base import Source, SourceError, SourceRepo
 from regionmed.apps.curation.sources.coco import CocoJoin, join_coco, norm_path, path_shape, read_coco
 from regionmed.apps.curation.sources.fields import FieldError, LabelParser, parse_boxes, uncertain_policy
 from regionmed.apps.curation.tables import Row, Table, TableError, read_text, require_columns
+from regionmed.data.missing import is_placeholder_id
 
 # Column options of the generic and dicom sources, with their default column names.
 COLUMN_OPTIONS = {
@@ -211,6 +212,8 @@ class GenericSource(Source):
         if raw_split and split is None:
             splits[raw_split[:20]] += 1
         pid = row.text(c["patient_col"])
+        if is_placeholder_id(pid):  # "anonymous", "0000": identifies nobody, groups nothing
+            pid = ""
         return RawItem(
             id=self._make_id(rel or f"row{row.n}"),
             source=self.name,
