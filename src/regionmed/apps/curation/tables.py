@@ -337,3 +337,20 @@ def require_columns(table: Table, wanted: dict[str, str], where: str) -> None:
         d = next(d for d in ";,\t|" if d != table.delimiter and d in header[0])
         hint = f" The header is one column holding {d!r}: set the source option delimiter: {d!r}."
     raise TableError(f"{where}: {'; '.join(parts)}. The header found is {header!r}.{hint}")
+
+
+def require_keys(records, keys: dict[str, str], path: Path | str) -> list[dict]:
+    """``records`` (a JSON file's value) as a list of objects that each hold every key of
+    ``keys`` ({key: what it gives}); a :class:`TableError` names the file, the record, the
+    missing keys and the keys that record has, for a file of a fixed layout (the public
+    sets' question files)."""
+    if not isinstance(records, list):
+        raise TableError(f"{path}: expected a JSON list of objects, found a JSON {type(records).__name__}")
+    for k, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise TableError(f"{path}: record {k} is a JSON {type(record).__name__}, not an object")
+        missing = [key for key in keys if key not in record]
+        if missing:
+            wanted = ", ".join(f"{key!r} ({keys[key]})" for key in missing)
+            raise TableError(f"{path}: record {k} has no {wanted}; its keys are {sorted(record)[:20]!r}")
+    return records

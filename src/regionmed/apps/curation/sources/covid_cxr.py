@@ -52,7 +52,7 @@ class CovidCxrSource(Source):
         if meta_path.is_file():
             table = self._meta = Table(meta_path, self.encoding)
             table.header()
-            require_columns(table, {"filename": "the file name column"}, f"{self.name} ({meta_path})")
+            require_columns(table, {c: "a column of the covid_cxr layout" for c in READ_COLUMNS}, f"{self.name} ({meta_path})")
             bad = []
             for row in table.rows():
                 if row.problem:
