@@ -56,7 +56,7 @@ from typing import Any
 from regionmed.apps.evaluate.report import pct, write_json, write_report
 from regionmed.apps.evaluate.run import EvalOptions, evaluate
 from regionmed.apps.train.config import RunConfig, StageConfig, load_run_config, validate_run_config
-from regionmed.config import ConfigError, load_yaml_config
+from regionmed.config import ConfigError, load_yaml_config, overrides_named
 from regionmed.errors import RegionmedError
 from regionmed.eval.vqa import VQAConfig
 
@@ -134,7 +134,12 @@ class AblationConfig:
 
 def load_ablation_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AblationConfig:
     path = Path(path)
-    cfg = load_yaml_config(AblationConfig, path, overrides, what="ablation config")
+    cfg = load_yaml_config(AblationConfig, path, overrides, what="ablation config", option_names={"out": "--out"})
+    with overrides_named(path, overrides, {"out": "--out"}):
+        return _checked_ablation_config(cfg, path)
+
+
+def _checked_ablation_config(cfg: AblationConfig, path: Path) -> AblationConfig:
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad or not cfg.variants:
         raise ConfigError(f"{path}: variants {bad or cfg.variants} (known: {', '.join(VARIANTS)})")

@@ -34,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["data.train"] = args.data
     if args.output_dir:
         overrides["train.output_dir"] = args.output_dir
-    cfg = load_run_config(args.config, overrides)
+    cfg = load_run_config(args.config, overrides, {"data.train": "--data", "train.output_dir": "--output-dir"})
     resume: str | bool | None = None
     if args.resume is not None:
         resume = True if args.resume == "auto" else args.resume

@@ -54,6 +54,7 @@ from regionmed.data.schema import (
     validate_record,
 )
 from regionmed.errors import RegionmedError
+from regionmed.io import read_json
 from regionmed.io import write_json_atomic as _write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -532,10 +533,9 @@ def read_manifest(root: str | Path) -> dict:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise DatasetError(f"{path} is missing: {root} is not a MedRegion dataset (run 'regionmed synth' or 'regionmed build')")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path}: not valid JSON ({err})") from err
+    manifest = read_json(path, DatasetError, "the dataset manifest")  # a hand-edited one too: UTF-8 (BOM fine), else named
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{path}: not a MedRegion manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     if manifest.get("schema_version") != SCHEMA_VERSION:

@@ -57,6 +57,7 @@ from regionmed.data.loader import Batch, collate, loader_options, prepare_sample
 from regionmed.data.schema import FORMAT_NAME, IMAGE_EXTENSIONS, SCHEMA_VERSION, RecordError, validate_record
 from regionmed.data.shards import MANIFEST_NAME, DatasetError, SampleError, trusted_stats, verify_shards
 from regionmed.data.transforms import Preprocessor
+from regionmed.io import decode_utf8, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,10 @@ def read_remote_manifest(base: str) -> dict:
     try:
         with gopen(where, "rb") as fh:
             raw = fh.read()
-        manifest = json.loads(raw)
     except Exception as err:  # gopen raises OSError, or IOError from curl's exit status
         raise DatasetError(f"{where}: cannot be read ({read_error_reason(where, err)})") from err
+    manifest = parse_json(decode_utf8(raw, where, "the dataset manifest", DatasetError), where, "the dataset manifest",
+                          DatasetError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{where}: not a MedRegion manifest (field 'format' is not {FORMAT_NAME!r})")
     if manifest.get("schema_version") != SCHEMA_VERSION:

@@ -608,7 +608,7 @@ def finalize(cfg: BuildConfig, out: Path, chash: str, log: Callable[[str], None]
 
 
 def _summary_from_manifest(out: Path, prov: dict) -> BuildSummary:
-    manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    manifest = read_json(out / MANIFEST_NAME, BuildError, "the dataset's manifest")
     s = BuildSummary(out=str(out), up_to_date=True)
     s.inputs, s.built = prov.get("inputs", 0), prov.get("built", 0)
     s.rejected = Counter(prov.get("rejected", {}))

@@ -100,6 +100,8 @@ def _build(args: argparse.Namespace) -> int:
         if args.out:
             cfg.out = args.out
         if args.workers is not None:
+            if args.workers < 0:  # named as the flag, not as the config file's field
+                raise ConfigError(f"--workers must be >= 0, got {args.workers}")
             cfg.workers = args.workers
         if args.proposer:
             cfg.proposer.name = args.proposer

@@ -73,6 +73,7 @@ from regionmed.data.stream import (
 from regionmed.data.transforms import Preprocessor
 from regionmed.distributed import DistInfo, all_reduce_sum, init_distributed, prepare_batchnorm
 from regionmed.errors import RegionmedError
+from regionmed.io import read_json
 from regionmed.model.clip import RegionMedCLIP, create_model
 from regionmed.optim import GuardedStep, NonFiniteError, NonFiniteWeightsError, nonfinite_tensors
 from regionmed.task import REGION_LOSSES, TrainingTask, accumulate, split_batch
@@ -331,10 +332,7 @@ class Trainer:
     def _resume_check(self, path: Path, allow_changes: bool) -> Path:
         """The checkpoint folder to resume from; refuses a config that changes the run's trajectory."""
         folder = find_checkpoint(path)
-        try:
-            saved = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{folder / STATE_NAME} cannot be read ({err})") from err
+        saved = read_json(folder / STATE_NAME, CheckpointError, "the trainer state")
         changes = trajectory_changes(saved["config"], to_dict(self.cfg)) if isinstance(saved.get("config"), dict) else []
         old_data = saved.get("data_fingerprint")
         if old_data and old_data != self.data_fingerprint:
