@@ -117,3 +117,6 @@ def test_placeholders_inside_cells_are_missing_too():
     assert LabelParser().parse_cell('{"Edema": "#VALUE!", "Mass": 1}', "labels") == {"Mass": 1}
     (box,) = parse_boxes('[{"label": "(null)", "box": [1, 2, 3, 4]}]', "xyxy", "boxes")
     assert box.label == "region" and box.reject is None
+    (box,) = parse_boxes('[[1, 2, 3, 4], null, "#N/A", {"label": "Mass", "box": "-"}]', "xyxy", "boxes")
+    assert box.box == [1, 2, 3, 4] and box.reject is None  # missing boxes inside a cell give no box
+    assert parse_boxes('[[1, 2, "x", 4]]', "xyxy", "boxes")[0].reject == "invalid_box"  # a malformed one is still named
