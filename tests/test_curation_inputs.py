@@ -282,9 +282,9 @@ def test_xywh_boxes_in_an_xyxy_column_stop_naming_the_option(tmp_path):
     _, _, out = run_build(tmp_path, root, out="ok", box_format="xywh")
     boxes = {g["label"]: g["box"] for r in read_all_records(out) for g in r["regions"]}
     assert boxes == {"Nodule": [40.0, 30.0, 50.0, 42.0], "Mass": [50.0, 20.0, 65.0, 35.0], "Opacity": [5.0, 5.0, 35.0, 25.0]}
-    # box_format given explicitly: the build goes on, warns naming the option, drops the 2 as invalid_box
+    # box_format given explicitly: the build goes on, warns naming the option as set (not suggesting it), drops the 2
     summary, log, out2 = run_build(tmp_path, root, out="explicit", box_format="xyxy")
-    assert "WARNING" in log and "box_format: xywh" in log
+    assert "WARNING" in log and "box_format: xyxy is set explicitly" in log and "set the source option" not in log
     assert summary.region_rejects == {"invalid_box": 2}
 
 
@@ -498,17 +498,17 @@ def test_check_source_counts_every_kind_and_builds_nothing(tmp_path, capsys):
     (root / "coco.json").write_text(_coco([{"id": 1, "file_name": "a.jpg"}],
                                           [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5]}]))
     argv = ["--source", "generic", "--input", str(root), "--option", "coco=coco.json"]
-    assert cli(["check-source", *argv]) == 1
+    assert cli(["check-source", *argv]) == 0  # rows and boxes a build would reject: the build runs
     text = capsys.readouterr().out
     for line in ("5 rows read", "malformed_row", "invalid_label", "empty_report", "missing_image", "unknown_category",
                  "columns NOT used: label", "nothing was built"):
         assert line in text, line
     assert "table.csv row 3" in text and "missing.jpg" not in text  # rows named, paths never
-    assert cli(["build", "--dry-run", *argv, "--out", str(tmp_path / "o")]) == 1
+    assert cli(["build", "--dry-run", *argv, "--out", str(tmp_path / "o")]) == 0
     assert not (tmp_path / "o").exists()
-    # a source that cannot be built: exit 2, the reason printed
+    # a source that cannot be built: exit 1, the reason printed
     bad = make_source(tmp_path / "bad", "table.csv", "img,report\na.jpg,x\n", images=("a.jpg",))
-    assert cli(["check-source", "--source", "generic", "--input", str(bad)]) == 2
+    assert cli(["check-source", "--source", "generic", "--input", str(bad)]) == 1
     assert "no column 'image'" in capsys.readouterr().out
     clean = make_source(tmp_path / "clean", "table.csv", "image,report\na.jpg,Normal chest.\n", images=("a.jpg",))
     assert cli(["check-source", "--source", "generic", "--input", str(clean)]) == 0
@@ -551,3 +551,50 @@ def test_u_ignore_labels_are_unknown_in_zero_shot_not_negative(tmp_path):
     assert rows[key["Possible small effusion."]] == [0, -1]  # uncertain effusion: unknown, not negative
     assert rows[key["Mild interstitial edema."]] == [1, 0]
     assert rows[key["Normal chest."]] == [0, 1]
+
+
+# --------------------------------------------------------------------------- check-source: exit status and hints
+
+# case -> (table, options, exit status, words the output must hold, words it must not hold)
+CHECK_CASES = {
+    "clean": ("image,report\na.jpg,Normal chest.\n", [], 0, ["a build would run"], ["WARNING", "ERROR"]),
+    "warnings only": ("image,report,sex\na.jpg,Normal chest.,F\n", [], 0, ["WARNING", "columns not used: 'sex'"], ["ERROR"]),
+    "rows a build rejects": ("image,report\na.jpg,Normal, chest.\nb.jpg,nan\n", [], 0, ["malformed_row", "empty_report"], []),
+    "a missing column": ("img,report\na.jpg,x\n", [], 1, ["no column 'image'", "a build would stop"], []),
+    "an unknown option": ("image,report\na.jpg,x\n", ["colour=red"], 1, ["unknown option(s) ['colour']"], []),
+    # hints never suggest an option that is already set
+    "label_cols set": ("image,report,Edema,sex\na.jpg,x,1,F\n", ["label_cols=Edema"], 0, ["labels_col"], ["label_cols"]),
+    "labels_col set": ("image,report,findings,sex\na.jpg,x,Edema,F\n", ["labels_col=findings"], 0, ["label_cols"],
+                       ["labels_col"]),
+    "patient_col set": ("image,report,pid,subject\na.jpg,x,p1,s1\n", ["patient_col=pid"], 0, ["'subject'"],
+                        ["patient_col"]),
+    "every column option set": ("image,report,s,l,p,sp,b,m,sex\na.jpg,x,,,,,,,F\n",
+                                ["summary_col=s", "labels_col=l", "patient_col=p", "split_col=sp", "boxes_col=b",
+                                 "modality_col=m", "label_cols=l"], 0, ["Every column option is set already"],
+                                ["option not set", "Did you mean"]),
+    "box_format set": ('image,report,boxes\na.jpg,x,"[10, 10, 5, 5]"\nb.jpg,y,"[20, 20, 4, 4]"\n', ["box_format=xyxy"], 0,
+                       ["set explicitly"], ["set the source option box_format"]),
+}
+
+
+@pytest.mark.parametrize("case", CHECK_CASES)
+def test_check_source_exit_status_and_hints(tmp_path, capsys, case):
+    table, options, status, present, absent = CHECK_CASES[case]
+    root = make_source(tmp_path / "in", "table.csv", table, images=("a.jpg", "b.jpg"))
+    argv = ["--source", "generic", "--input", str(root)] + [a for o in options for a in ("--option", o)]
+    assert cli(["check-source", *argv]) == status
+    out = capsys.readouterr()
+    text = out.out + out.err
+    for word in present:
+        assert word in text, word
+    for word in absent:
+        assert word not in text, word
+    assert cli(["build", "--dry-run", *argv]) == status
+
+
+@pytest.mark.parametrize("argv", [["--source", "generic"], ["--option", "table=x.csv"], ["--config", "missing.yaml"],
+                                  ["--source", "generic", "--input", ".", "--option", "no-equals-sign"]])
+def test_check_source_usage_errors_exit_2_with_one_line(argv, capsys):
+    assert cli(["check-source", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("regionmed check-source: error:") and err.count("\n") == 1

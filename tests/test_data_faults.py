@@ -103,7 +103,7 @@ def test_index_dataset_counts_unreadable_records_and_writes_the_manifest_once(tm
     real = shards.write_json_atomic
     monkeypatch.setattr(shards, "write_json_atomic", lambda path, data: (writes.append(path), real(path, data)))
     done = shards.index_dataset(root)
-    assert done == {"train": {"samples": 6, "records_unreadable": 2}} and len(writes) == 1
+    assert done == {"train": {"samples": 6, "records_unreadable": 2, "changes": []}} and len(writes) == 1
     stats = shards.read_manifest(root)["splits"]["train"]["stats"]
     assert stats["samples"] == 4 and stats["records_unreadable"] == 2
     assert [w.rsplit(":", 1)[1] for w, _ in stats["records_unreadable_examples"]] == ["train1", "train4"]
@@ -190,11 +190,11 @@ def test_dicom_voi_lut_sequence_maps_the_modality_lut_output():
     img = read_dicom(_rescaled_dicom(STORED, SLOPE, INTERCEPT, voi_lut=(0, lut)), max_pixels=10**6)
     m = (STORED * SLOPE + INTERCEPT).astype(np.int64)
     voi = lut[np.clip(m, 0, len(lut) - 1)].astype(np.float64)
-    expected = np.round((voi - voi.min()) / (voi.max() - voi.min()) * 255).astype(np.uint8)
-    assert img.meta["decode_mapping"] == "DICOM VOI LUT sequence"
+    expected = np.round(voi / (2**16 - 1) * 255).astype(np.uint8)  # the LUT's 16-bit output range (PS3.3 C.11.2.1.1)
+    assert img.meta["decode_mapping"] == "DICOM rescale x2 +100; VOI LUT sequence -> 0..255"
     assert np.array_equal(img.array, expected)
     stored_voi = lut[STORED.astype(np.int64)].astype(np.float64)  # the former order: LUT on stored values
-    assert not np.array_equal(img.array, np.round((stored_voi - stored_voi.min()) / np.ptp(stored_voi) * 255).astype(np.uint8))
+    assert not np.array_equal(img.array, np.round(stored_voi / (2**16 - 1) * 255).astype(np.uint8))
 
 
 # ------------------------------------------------------------------ writer offsets checked

@@ -29,7 +29,7 @@ def test_read_json_names_the_file_and_what_it_is(tmp_path):
     with pytest.raises(_Bad, match=r"conf\.json: not valid JSON \(the settings\)"):
         read_json(path, _Bad, "the settings", missing_cls=_Gone)
     path.write_bytes(b'{"a": "\xff"}')
-    with pytest.raises(_Bad, match="not valid JSON"):
+    with pytest.raises(_Bad, match=r"conf\.json: the settings is not UTF-8 text: byte 0xff at offset 7 \(line 1\)"):
         read_json(path, _Bad, "the settings")
     (tmp_path / "dir.json").mkdir()
     with pytest.raises(_Bad, match="is missing"):

@@ -129,9 +129,9 @@ def test_a_shuffle_buffer_larger_than_a_slots_pass_is_capped_with_a_warning(shar
     assert len(warned) == 1 and "1000" in warned[0] and "32" in warned[0]
 
     class Counting(MedRegionStream):
-        def _shard_samples(self, url, bad):
+        def _shard_samples(self, url, bad, expected=(None, None)):
             opened.append(url)
-            yield from super()._shard_samples(url, bad)
+            yield from super()._shard_samples(url, bad, expected)
 
     # the first batch comes after one pass of the 8 shards and the next shard (an uncapped buffer of 1000
     # would read ~31 passes first and hold ~31 copies of each sample)

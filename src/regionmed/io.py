@@ -22,21 +22,55 @@ from pathlib import Path
 from typing import Any
 
 
+def decode_utf8(raw: bytes, path: str | Path, what: str, error_cls: type[Exception]) -> str:
+    """``raw`` (the bytes of ``path``) as UTF-8 text; a byte-order mark is accepted and removed
+    (editors such as Notepad write one). UTF-16/32 text (by its byte-order mark) and bytes that
+    are not UTF-8 (a file saved as Windows-1252, say) raise ``error_cls`` with one line naming
+    the file, the byte offset, the line and the byte: never a guess, never a
+    ``UnicodeDecodeError`` traceback."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise error_cls(f"{path}: {what} is UTF-16 or UTF-32 text (byte-order mark {raw[:2].hex(' ')}); save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise error_cls(f"{path}: {what} is not UTF-8 text: byte 0x{raw[err.start]:02x} at offset {err.start} "
+                        f"(line {line}); save it as UTF-8") from None
+
+
+def read_text(path: str | Path, error_cls: type[Exception], what: str,
+              missing_cls: type[Exception] | None = None) -> str:
+    """The UTF-8 text of ``path`` (:func:`decode_utf8`). Raises ``missing_cls`` (default
+    ``error_cls``) when ``path`` is not a file, ``error_cls`` when it cannot be read or is
+    not UTF-8; both name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise (missing_cls or error_cls)(f"{what} {path} is missing")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise error_cls(f"{path}: {what} cannot be read ({err.strerror or err})") from err
+    return decode_utf8(raw, path, what, error_cls)
+
+
+def parse_json(text: str, where: str | Path, what: str, error_cls: type[Exception]) -> Any:
+    """The JSON value of ``text``; a syntax error is one line naming ``where``, line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error_cls(f"{where}: not valid JSON ({what}): {err.msg} at line {err.lineno}, column {err.colno}") from None
+
+
 def read_json(path: str | Path, error_cls: type[Exception], what: str,
               missing_cls: type[Exception] | None = None) -> Any:
     """Parse the JSON file ``path``.
 
     ``what`` says what the file is (e.g. ``"the model config"``); it starts the error
     messages. Raises ``missing_cls`` (default ``error_cls``) when ``path`` is not a file,
-    ``error_cls`` when it is not UTF-8 JSON; both name the file. The caller checks the
-    structure of what is returned."""
-    path = Path(path)
-    if not path.is_file():
-        raise (missing_cls or error_cls)(f"{what} {path} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error_cls(f"{path}: not valid JSON ({what}): {err}") from err
+    ``error_cls`` when it is not UTF-8 (:func:`decode_utf8`; a byte-order mark is fine) or
+    not JSON; each is one line naming the file (and the byte, or line and column). The
+    caller checks the structure of what is returned."""
+    return parse_json(read_text(path, error_cls, what, missing_cls), path, what, error_cls)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -73,7 +73,7 @@ from regionmed.apps.train.checkpoint import step_folders
 from regionmed.apps.train.config import RunConfig, StageConfig, load_run_config, validate_run_config
 from regionmed.apps.train.metrics import plot_loss_curves
 from regionmed.apps.train.trainer import train
-from regionmed.config import ConfigError, load_yaml_config, parse_override
+from regionmed.config import ConfigError, load_yaml_config, overrides_named, parse_override
 from regionmed.data.shards import MedRegionDataset
 from regionmed.errors import RegionmedError
 from regionmed.model.clip import load
@@ -152,7 +152,12 @@ class AblationConfig:
 
 def load_ablation_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AblationConfig:
     path = Path(path)
-    cfg = load_yaml_config(AblationConfig, path, overrides, what="ablation config")
+    cfg = load_yaml_config(AblationConfig, path, overrides, what="ablation config", option_names={"out": "--out"})
+    with overrides_named(path, overrides, {"out": "--out"}):
+        return _checked_ablation_config(cfg, path)
+
+
+def _checked_ablation_config(cfg: AblationConfig, path: Path) -> AblationConfig:
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad or not cfg.variants:
         raise ConfigError(f"{path}: variants {bad or cfg.variants} (known: {', '.join(VARIANTS)})")

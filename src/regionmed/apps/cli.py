@@ -35,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["data.train"] = args.data
     if args.output_dir:
         overrides["train.output_dir"] = args.output_dir
-    cfg = load_run_config(args.config, overrides)
+    cfg = load_run_config(args.config, overrides, {"data.train": "--data", "train.output_dir": "--output-dir"})
     resume: str | bool | None = None
     if args.resume is not None:
         resume = True if args.resume == "auto" else args.resume
@@ -57,6 +57,8 @@ def _cmd_index_shards(args: argparse.Namespace) -> int:
     for split, info in done.items():
         bad = f", {info['records_unreadable']} unreadable record(s) left out of the statistics" if info["records_unreadable"] else ""
         print(f"{args.dataset}: split {split}: indexed {info['samples']} samples ({split}-index.npz, statistics in manifest.json){bad}")
+        for change in info.get("changes", []):
+            print(f"  changed since the last index: {change}")
     return 0
 
 
@@ -134,10 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("index-shards", help="add the shard index and the split statistics to a MedRegion dataset written without them",
+    p = sub.add_parser("index-shards", help="describe a MedRegion dataset's shards as they are now: index, statistics, "
+                                            "sizes and digests (older datasets, or shards changed since they were built)",
                        description="Walk the tar headers and read the records of each split once, then write "
-                                   "<split>-index.npz beside the shards and the split's statistics into manifest.json "
-                                   "(datasets built by this regionmed have both already).")
+                                   "<split>-index.npz beside the shards and, into manifest.json, the split's statistics "
+                                   "and counts and each shard's size, head/tail digest and sample count. Datasets built "
+                                   "by this regionmed have all of them; readers refuse a shard that no longer matches "
+                                   "them (edited, re-packed or truncated) and name this command: run it when the "
+                                   "change was meant. What changed is printed; a shard cut short keeps its complete "
+                                   "samples.")
     p.add_argument("dataset", help="MedRegion dataset folder")
     p.add_argument("--split", action="append", help="only this split (repeatable; default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -24,7 +24,9 @@ from regionmed.data.shards import (
     DatasetError,
     MedRegionDataset,
     SampleError,
+    StaleShardError,
     counts_from_stats,
+    trusted_stats,
     unreadable_from_stats,
 )
 from regionmed.data.transforms import Preprocessor
@@ -160,7 +162,7 @@ class RegionSampleDataset(Dataset):
         and key when it cannot be read or prepared."""
         try:
             image, record = self.data[index]
-        except SampleError:
+        except (SampleError, StaleShardError):  # a stale shard stops the run: its index describes other bytes
             raise
         except _SAMPLE_FAULTS as err:
             raise _sample_error(self.data.where(index), err) from err
@@ -174,8 +176,9 @@ class RegionSampleDataset(Dataset):
         """The counts of :meth:`audit` from the split's build-time statistics in manifest.json
         (no pass over the records), or None when the manifest has none. The unreadable
         records the statistics name go to :attr:`unreadable_records` (a few; all are
-        counted in ``records_unreadable``)."""
-        stats = self.data.info.get("stats")
+        counted in ``records_unreadable``). Statistics computed over other shard bytes than
+        the manifest lists are not used (:func:`~regionmed.data.shards.trusted_stats`)."""
+        stats = trusted_stats(self.data.info, self.data.root, self.data.split)
         if not stats:
             return None
         counts = counts_from_stats(stats, self.pre.max_rois, self.max_negatives, self.max_image_negatives)

@@ -13,6 +13,16 @@ before the index existed is indexed by walking its tar headers (once per process
 with a warning); :func:`index_dataset` (``regionmed index-shards DIR``) adds the index
 and the statistics to such a dataset. The same tar files also stream with
 WebDataset pipelines (:mod:`regionmed.data.stream`).
+
+**Knowing when they are stale.** The index and the statistics describe the bytes the
+shards held when they were written. Each shard's manifest entry therefore records what
+identifies those bytes (:func:`shard_identity`: the size and a SHA-256 of the first and
+last :data:`SHARD_PROBE_BYTES`), the statistics record a digest of those identities
+(``stats["shards_sha256"]``, :func:`shards_digest`), and the index records a CRC-32 of
+each json member. A reader checks every shard when it opens a split
+(:func:`verify_shards`), the tar header in front of every member it reads, and the CRC
+of every record: a shard that was edited, re-packed, truncated or deleted is a
+:class:`StaleShardError` naming it, never a silent read of other bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import json
 import logging
 import os
 import tarfile
+import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +54,7 @@ from regionmed.data.schema import (
     validate_record,
 )
 from regionmed.errors import RegionmedError
+from regionmed.io import read_json
 from regionmed.io import write_json_atomic as _write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -55,6 +67,12 @@ DEFAULT_MAX_OPEN_FILES = 16
 
 class DatasetError(RegionmedError, RuntimeError):
     """A dataset folder that cannot be read (missing, empty or inconsistent)."""
+
+
+class StaleShardError(DatasetError):
+    """A shard whose bytes are not those its manifest entry, index and statistics describe
+    (edited, re-packed, truncated or replaced since they were written). The message names
+    the shard and the command that re-describes it (``regionmed index-shards DIR``)."""
 
 
 class SampleError(RegionmedError, ValueError):
@@ -74,6 +92,113 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 #: How many unreadable records a manifest's ``stats`` names (all are counted).
 UNREADABLE_EXAMPLES = 20
+
+#: Bytes hashed at each end of a shard for its identity. A tar file ends with at least two
+#: zero blocks padded to a 10 KiB record, so the tail must reach well into the last members.
+SHARD_PROBE_BYTES = 64 * 1024
+IDENTITY_FIELDS = ("size", "head_tail_sha256")
+
+
+def shard_identity(path: str | Path) -> dict:
+    """What identifies the bytes of a shard file, cheaply: ``{"size": bytes,
+    "head_tail_sha256": hex}``, the SHA-256 of the size and of the first and last
+    :data:`SHARD_PROBE_BYTES` (the whole file when it is smaller than two probes). Two
+    reads per shard, whatever its size: a truncated or re-packed shard differs in size or
+    in its first or last members; a same-size edit in its middle is caught when the
+    member is read (the tar header in front of it, the record's CRC-32)."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        h = hashlib.sha256(size.to_bytes(8, "little"))
+        h.update(fh.read(SHARD_PROBE_BYTES))
+        if size > SHARD_PROBE_BYTES:
+            fh.seek(max(SHARD_PROBE_BYTES, size - SHARD_PROBE_BYTES))
+            h.update(fh.read(SHARD_PROBE_BYTES))
+    return {"size": size, "head_tail_sha256": h.hexdigest()}
+
+
+def shards_digest(shards: list[dict]) -> str | None:
+    """A SHA-256 of a split's shard entries (name, samples, size, head/tail hash): the
+    identity of the bytes a split's statistics were computed over. None when an entry
+    lacks its identity (a dataset written before it was recorded)."""
+    if not shards or any(not all(k in s for k in IDENTITY_FIELDS) for s in shards):
+        return None
+    rows = [[s["name"], s.get("samples"), s["size"], s["head_tail_sha256"]] for s in shards]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def _shown(names: list[str]) -> str:
+    return "; ".join(names[:5]) + (f"; and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def verify_shards(root: str | Path, split: str, shards: list[dict]) -> bool:
+    """Check every shard of a split against its manifest entry: present, and of the
+    recorded size and head/tail hash (:func:`shard_identity`). Returns whether every entry
+    had an identity to check (False for datasets written before it was recorded).
+
+    A changed shard is an **error**, not a silent re-index: a reader must not write into
+    the dataset it reads (several ranks and workers open it at once, and it may be
+    read-only or shared); a changed shard is as often damage (a truncated copy, an
+    interrupted sync) as an intended edit, and re-indexing damage would train on fewer or
+    other samples without anyone deciding so; and the statistics need a pass over every
+    record. ``regionmed index-shards DIR``, named in the message, re-describes the shards
+    as they are when the change was meant.
+
+    Raises :class:`DatasetError` naming the missing shards, :class:`StaleShardError`
+    naming each changed shard, its size now and as recorded."""
+    root = Path(root)
+    missing: list[str] = []
+    changed: list[str] = []
+    identified = True
+    for entry in shards:
+        name = entry["name"]
+        path = root / name
+        try:
+            size = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            missing.append(name)
+            continue
+        if not path.is_file():
+            missing.append(name)
+            continue
+        if not all(k in entry for k in IDENTITY_FIELDS):
+            identified = False
+            continue
+        if size != entry["size"]:
+            how = "truncated?" if size < entry["size"] else "appended to or re-packed?"
+            changed.append(f"{name} is {size} bytes, {MANIFEST_NAME} records {entry['size']} ({how})")
+        elif shard_identity(path)["head_tail_sha256"] != entry["head_tail_sha256"]:
+            changed.append(f"{name} has its recorded size but other bytes in its first or last "
+                           f"{SHARD_PROBE_BYTES // 1024} KiB (edited or re-packed?)")
+    if missing:
+        raise DatasetError(f"{root}: {len(missing)} of the {len(shards)} shard(s) that {MANIFEST_NAME} lists for "
+                           f"split {split!r} are missing: {_shown(missing)} (restore them, or rebuild the dataset)")
+    if changed:
+        raise StaleShardError(
+            f"{root}: {len(changed)} shard(s) of split {split!r} changed since they were indexed: {_shown(changed)}. "
+            f"The index and statistics describe other bytes. If the change was meant, re-describe the shards with: "
+            f"regionmed index-shards {root}; else restore them (or rebuild the dataset)")
+    return identified
+
+
+def trusted_stats(info: dict, root: str | Path, split: str) -> dict | None:
+    """The split's build-time statistics (``info["stats"]``) when they describe the shards
+    the manifest lists now (their ``shards_sha256`` equals :func:`shards_digest` of the
+    entries, which :func:`verify_shards` checks against the files); None, with a warning
+    naming ``regionmed index-shards``, when they describe other bytes, or when there are
+    none. Statistics written before the digest existed are returned as they are (the
+    reader warned about the dataset's age when it opened it)."""
+    stats = info.get("stats")
+    if not stats:
+        return None
+    recorded = stats.get("shards_sha256") if isinstance(stats, dict) else None
+    if recorded is None:
+        return stats
+    if recorded != shards_digest(info.get("shards", [])):
+        log.warning("%s: the statistics of split %r in %s were computed over other shard bytes than it lists now: "
+                    "not used; refresh them with: regionmed index-shards %s", root, split, MANIFEST_NAME, root)
+        return None
+    return stats
 
 
 class SplitStats:
@@ -166,11 +291,14 @@ class _IndexBuilder:
     def __init__(self) -> None:
         self.cols: dict[str, list[int]] = {k: [] for k in ("shard", "ext", "image_offset", "image_size", "json_offset", "json_size")}
         self.keys: list[bytes] = []
+        self.crcs: list[int] = []  # CRC-32 of each json member, when known for every sample
 
-    def add(self, shard: int, key: str, ext: str, image: tuple[int, int], js: tuple[int, int]) -> None:
+    def add(self, shard: int, key: str, ext: str, image: tuple[int, int], js: tuple[int, int], crc: int | None = None) -> None:
         for name, value in zip(self.cols, (shard, IMAGE_EXTENSIONS.index(ext), *image, *js)):
             self.cols[name].append(value)
         self.keys.append(key.encode())
+        if crc is not None:
+            self.crcs.append(crc)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -190,6 +318,8 @@ class _IndexBuilder:
             "key_start": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             "shard_names": np.array(shard_names, dtype=np.str_),
         }
+        if len(self.crcs) == len(self.keys):
+            arrays["json_crc32"] = np.asarray(self.crcs, dtype=np.uint32)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -280,7 +410,8 @@ class MedRegionWriter:
                 self._verify_shard(len(self._shard_names) - 1)
             self._shard_names.append(name)
             self._shard_first.append(len(self._index))
-        self._index.add(len(self._shard_names) - 1, key, image_ext, where[image_ext], where["json"])
+        self._index.add(len(self._shard_names) - 1, key, image_ext, where[image_ext], where["json"],
+                        zlib.crc32(members["json"]))
         self._per_shard[name] += 1
         self.stats.add(record)
         self.samples += 1
@@ -312,16 +443,12 @@ class MedRegionWriter:
                 ext = IMAGE_EXTENSIONS[cols["ext"][i]]
                 for member, offset, size in ((ext, cols["image_offset"][i], cols["image_size"][i]),
                                              ("json", cols["json_offset"][i], cols["json_size"][i])):
-                    problem = None
                     try:
                         fh.seek(offset - tarfile.BLOCKSIZE)
-                        info = tarfile.TarInfo.frombuf(fh.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
-                        expected = f"{key}.{member}"
-                        if info.size != size or not info.name or not expected.startswith(info.name):
-                            problem = f"the header there is {info.name!r} ({info.size} bytes)"
-                        elif member == "json" and _safe_key(json.loads(fh.read(size))["id"]) != key:
+                        problem = member_header_problem(fh.read(tarfile.BLOCKSIZE), f"{key}.{member}", size)
+                        if problem is None and member == "json" and _safe_key(json.loads(fh.read(size))["id"]) != key:
                             problem = "the json member there holds another record"
-                    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as err:
+                    except (OSError, ValueError, KeyError, TypeError) as err:
                         problem = f"no member header there ({type(err).__name__}: {err})"
                     if problem:
                         raise DatasetError(
@@ -336,8 +463,11 @@ class MedRegionWriter:
         self.close()
 
     def summary(self) -> dict:
-        """The manifest entry of the split (call after :meth:`close`); writes the split's index."""
-        shards = [{"name": name, "samples": self._per_shard[name]} for name in self._shard_names]
+        """The manifest entry of the split (call after :meth:`close`); writes the split's index.
+        Each shard entry carries the shard's identity (:func:`shard_identity`) and the
+        statistics the digest of those (``shards_sha256``)."""
+        shards = [{"name": name, "samples": self._per_shard[name], **shard_identity(self.out_dir / name)}
+                  for name in self._shard_names]
         # ShardWriter may leave an empty trailing tar when the last shard filled exactly.
         for tar in self.out_dir.glob(f"{self.split}-*.tar"):
             if tar.name not in self._per_shard:
@@ -348,12 +478,33 @@ class MedRegionWriter:
             "regions": self.regions,
             "modalities": dict(self.modalities),
             "labels": dict(self.labels),
-            "stats": self.stats.as_dict(),
+            "stats": {**self.stats.as_dict(), "shards_sha256": shards_digest(shards)},
         }
         if self.samples:
             path = self.out_dir / index_name(self.split)
             entry["index"] = {"name": path.name, "sha256": self._index.save(path, self._shard_names), "version": INDEX_VERSION}
         return entry
+
+
+def member_header_problem(block: bytes, name: str, size: int) -> str | None:
+    """Why the 512-byte tar header ``block`` is not that of member ``name`` of ``size``
+    bytes, or None when it is. The header's own name may be cut to 100 characters (long
+    names live in an extended header before it), carry a folder, or show ``?`` for each
+    non-ASCII character (PAX headers): all three are accepted."""
+    try:
+        info = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as err:
+        return f"no tar header there ({err})"
+    if info.size != size:
+        return f"the tar header there is for {info.size} bytes, not {size}"
+
+    def fits(header_name: str) -> bool:
+        return bool(header_name) and len(header_name) <= len(name) and all(
+            h == e or h == "?" for h, e in zip(header_name, name))
+
+    if not (fits(info.name) or fits(info.name.rsplit("/", 1)[-1])):
+        return f"the tar header there names {info.name[:60]!r}"
+    return None
 
 
 def _safe_key(sample_id: str) -> str:
@@ -382,10 +533,9 @@ def read_manifest(root: str | Path) -> dict:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise DatasetError(f"{path} is missing: {root} is not a MedRegion dataset (run 'regionmed synth' or 'regionmed build')")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path}: not valid JSON ({err})") from err
+    manifest = read_json(path, DatasetError, "the dataset manifest")  # a hand-edited one too: UTF-8 (BOM fine), else named
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{path}: not a MedRegion manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -397,21 +547,48 @@ def read_manifest(root: str | Path) -> dict:
 
 def index_tar(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """List the samples of a tar shard by walking its headers: ``[(key, {ext: (offset, size)})]``
-    in file order. Raises :class:`DatasetError` for a file that is not a readable tar."""
+    in file order. A member whose data the file does not hold to its end (a truncated
+    shard) is left out. Raises :class:`DatasetError` for a file that is not a readable tar."""
+    return _walk_tar(path)[0]
+
+
+def _walk_tar(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], list[str], bool]:
+    """``(samples, cut, ended)``: the samples of :func:`index_tar`; the keys of samples with a
+    member the file ends inside; and whether the file ends with the tar end-of-archive
+    marker (two zero blocks after the last member). ``tarfile`` reads a shard cut short as
+    one that ends early, so these two are how a cut is seen."""
     samples: dict[str, dict[str, tuple[int, int]]] = {}
+    cut: list[str] = []
+    end = 0
     try:
+        size = path.stat().st_size
         with tarfile.open(path, "r:") as tar:
-            for member in tar:
+            while True:
+                try:
+                    member = tar.next()
+                except tarfile.ReadError:
+                    if not end:
+                        raise
+                    break  # "unexpected end of data" after the last member: the file was cut inside it
+                if member is None:
+                    break
+                end = max(end, member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
                 if not member.isfile():
                     continue
                 base = member.name.rsplit("/", 1)[-1]
                 if "." not in base:
                     continue
                 key, ext = base.split(".", 1)
+                if member.offset_data + member.size > size:
+                    cut.append(key)
+                    continue
                 samples.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+        with open(path, "rb") as fh:
+            fh.seek(end)
+            ended = fh.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
     except tarfile.TarError as err:
         raise DatasetError(f"shard {path}: not a readable tar file ({err})") from err
-    return list(samples.items())
+    return list(samples.items()), cut, ended
 
 
 class SplitIndex:
@@ -431,6 +608,9 @@ class SplitIndex:
         for name in self.FIELDS:
             setattr(self, name, arrays[name])
         self.shard_names = list(shard_names)
+        #: CRC-32 of each json member (uint32), or None (an index written before they were recorded).
+        self.json_crc32: np.ndarray | None = arrays.get("json_crc32")
+        self.cut: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -453,22 +633,38 @@ class SplitIndex:
                 if int(z["version"][0]) != INDEX_VERSION:
                     raise DatasetError(f"{path}: index version {int(z['version'][0])}, this regionmed reads {INDEX_VERSION}")
                 arrays = {name: z[name] for name in cls.FIELDS}
+                if "json_crc32" in z.files:
+                    arrays["json_crc32"] = z["json_crc32"]
                 names = [str(n) for n in z["shard_names"]]
         except (OSError, KeyError, ValueError) as err:
             raise DatasetError(f"{path}: not a readable MedRegion index ({type(err).__name__}: {err})") from err
         return cls(arrays, names)
 
     @classmethod
-    def from_headers(cls, root: Path, shard_names: list[str]) -> "SplitIndex":
+    def from_headers(cls, root: Path, shard_names: list[str], keep_cut: bool = False) -> "SplitIndex":
         """Index shards by walking their tar headers (datasets without an index file).
-        Raises :class:`DatasetError` for a missing, unreadable or empty shard or a sample
-        without an image or a json member."""
+
+        A shard cut short (a member the file ends inside, or whose last sample lost its
+        image or json member) is a :class:`StaleShardError` naming it; with ``keep_cut``
+        (``regionmed index-shards``) its complete samples are indexed and the cut ones
+        listed in :attr:`cut` (``[(shard name, key)]``). Raises :class:`DatasetError` for
+        a missing, unreadable or empty shard or a sample without an image or a json member."""
         builder = _IndexBuilder()
+        dropped: list[tuple[str, str]] = []
         for shard_idx, name in enumerate(shard_names):
             path = root / name
             if not path.is_file():
                 raise DatasetError(f"shard {path} is listed in the manifest but missing")
-            samples = index_tar(path)
+            samples, cut, ended = _walk_tar(path)
+            last = samples[-1] if samples else None
+            if last and not ended and ("json" not in last[1] or not any(e in last[1] for e in IMAGE_EXTENSIONS)):
+                cut.append(last[0])  # the file ends between the members of its last sample
+                samples = samples[:-1]
+            if (cut or not ended) and not keep_cut:
+                where = f"inside sample {cut[0]!r}" if cut else "after a member, without the tar end-of-archive blocks"
+                raise StaleShardError(f"shard {path} is cut short: the file ends {where}. Restore it, or index the "
+                                      f"samples it still holds with: regionmed index-shards {root}")
+            dropped += [(name, key) for key in dict.fromkeys(cut)] or ([(name, "")] if not ended else [])
             if not samples:
                 raise DatasetError(f"shard {path} is empty (no samples)")
             for key, members in samples:
@@ -480,7 +676,9 @@ class SplitIndex:
         arrays = {name: np.asarray(v, dtype=np.int64) for name, v in builder.cols.items()}
         arrays["key_bytes"] = np.frombuffer(b"".join(builder.keys), dtype=np.uint8)
         arrays["key_start"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return cls(arrays, shard_names)
+        index = cls(arrays, shard_names)
+        index.cut = dropped
+        return index
 
 
 @dataclass(frozen=True)
@@ -505,14 +703,15 @@ class _EntryView:
         return self._ds.entry(index)
 
 
-_warned_unindexed: set[tuple[str, str]] = set()
+_warned_unindexed: set[tuple[str, ...]] = set()
 
 
 class MedRegionDataset:
     """Random-access reader of one split of a MedRegion dataset.
 
     Reads ``<root>/manifest.json`` and the split's index (``<split>-index.npz``, written
-    at build time): no shard is opened at construction. A split without an index file is
+    at build time), and checks every shard against its manifest entry
+    (:func:`verify_shards`: one ``stat`` and two 64 KiB reads each). A split without an index file is
     indexed by walking its tar headers, with one warning naming
     ``regionmed index-shards DIR`` (:func:`index_dataset`), which adds it; so is a split
     whose manifest lists an index file that is missing (the warning says so).
@@ -521,10 +720,17 @@ class MedRegionDataset:
     ``max_open_files`` shard files are open at once per process (least recently used
     closed first), so a split of any number of shards reads under a small ``ulimit -n``.
 
-    Raises :class:`DatasetError` for a missing folder, a missing or empty shard (every
-    shard file the split lists is checked at construction: one ``stat`` each, all missing
-    ones named), an index that does not match the manifest, or counts that disagree with
-    the manifest.
+    Every member read is checked against the tar header in front of it, and every record
+    against its CRC-32 in the index: a shard that changed after the index was written is a
+    :class:`StaleShardError` naming it and ``regionmed index-shards DIR``, never a sample
+    read from other bytes.
+
+    Raises :class:`DatasetError` for a missing folder, a missing or empty shard (all
+    missing ones named), an index that does not match the manifest, or counts that
+    disagree with the manifest; :class:`StaleShardError` for a shard whose size, head or
+    tail, or sample count differs from its manifest entry (all changed ones named). A
+    manifest without shard identities (an older regionmed) is read with one warning
+    naming ``regionmed index-shards DIR``, which records them.
     """
 
     def __init__(self, root: str | Path, split: str = "train", max_open_files: int = DEFAULT_MAX_OPEN_FILES):
@@ -542,12 +748,14 @@ class MedRegionDataset:
         self.info = info
         names = [shard["name"] for shard in info.get("shards", [])]
         self.shard_paths: list[Path] = [self.root / name for name in names]
-        # One stat per shard: a deleted shard stops the run here, not one skipped sample at a time.
-        missing = [name for name, path in zip(names, self.shard_paths) if not path.is_file()]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise DatasetError(f"{self.root}: {len(missing)} of the {len(names)} shard(s) that {MANIFEST_NAME} lists for "
-                               f"split {split!r} are missing: {shown} (restore them, or rebuild the dataset)")
+        # Every shard against its manifest entry (one stat and two small reads each): a deleted,
+        # truncated or re-packed shard stops here, naming it, not one odd sample at a time.
+        self.identified = verify_shards(self.root, split, info.get("shards", []))
+        if not self.identified and (str(self.root), split, "identity") not in _warned_unindexed:
+            _warned_unindexed.add((str(self.root), split, "identity"))
+            log.warning("%s: %s records no size or digest for the shards of split %r (written by an older regionmed): "
+                        "a shard changed since it was indexed is only found when a sample is read; record them with: "
+                        "regionmed index-shards %s", self.root, MANIFEST_NAME, split, self.root)
         index_info = info.get("index")
         self.index: SplitIndex | None = None
         index_path = self.root / index_info["name"] if index_info else None
@@ -574,6 +782,13 @@ class MedRegionDataset:
             self.index = SplitIndex.from_headers(self.root, names)
         if len(self.index) == 0:
             raise DatasetError(f"{self.root}: split {split!r} has no samples")
+        per_shard = np.bincount(self.index.shard, minlength=len(names))
+        differ = [f"{entry['name']} holds {int(n)}, {MANIFEST_NAME} lists {entry['samples']}"
+                  for entry, n in zip(info.get("shards", []), per_shard)
+                  if isinstance(entry.get("samples"), int) and entry["samples"] != n]
+        if differ:
+            raise StaleShardError(f"{self.root}: split {split!r}: {_shown(differ)} samples: the shards changed since "
+                                  f"they were indexed; re-describe them with: regionmed index-shards {self.root}")
         if info.get("samples") is not None and info["samples"] != len(self.index):
             raise DatasetError(
                 f"{self.root / MANIFEST_NAME}: split {split!r} lists {info['samples']} samples, shards hold {len(self.index)}"
@@ -589,7 +804,15 @@ class MedRegionDataset:
         """Shard files this process holds open now (at most ``max_open_files``)."""
         return len(self._handles) if self._pid == os.getpid() else 0
 
-    def _read(self, shard: int, offset: int, size: int) -> bytes:
+    def _read(self, index: int, member: str) -> bytes:
+        """The bytes of ``member`` (``"json"`` or the image extension) of sample ``index``,
+        read with the tar header in front of them, which must name that member and its
+        size: a shard re-packed or edited after it was indexed is a :class:`StaleShardError`
+        naming it, never other bytes read as this sample's."""
+        ix = self.index
+        shard = int(ix.shard[index])
+        offset, size = (int(ix.json_offset[index]), int(ix.json_size[index])) if member == "json" else \
+            (int(ix.image_offset[index]), int(ix.image_size[index]))
         if self._pid != os.getpid():  # a DataLoader worker: do not share file offsets with the parent
             self._handles, self._pid = OrderedDict(), os.getpid()
         fh = self._handles.get(shard)
@@ -602,12 +825,18 @@ class MedRegionDataset:
                 raise DatasetError(f"shard {self.shard_paths[shard]} is listed in the manifest but missing") from err
         else:
             self._handles.move_to_end(shard)
-        fh.seek(offset)
-        data = fh.read(size)
-        if len(data) != size:
-            raise SampleError(f"{self.shard_paths[shard]}", f"shard ends at {offset + len(data)}, before the member's "
-                                                            f"{size} bytes at {offset} (truncated shard or stale index)")
-        return data
+        fh.seek(offset - tarfile.BLOCKSIZE)
+        data = fh.read(size + tarfile.BLOCKSIZE)
+        stale = f"(re-describe the shards with: regionmed index-shards {self.root}, or restore the shard)"
+        if len(data) != size + tarfile.BLOCKSIZE:
+            raise StaleShardError(f"{self.where(index)}: the shard ends at byte {offset - tarfile.BLOCKSIZE + len(data)}, "
+                                  f"before the {size} bytes of member .{member} the index places at {offset}: it was "
+                                  f"truncated since it was indexed {stale}")
+        problem = member_header_problem(data[:tarfile.BLOCKSIZE], f"{ix.key(index)}.{member}", size)
+        if problem:
+            raise StaleShardError(f"{self.where(index)}: the index places member .{member} at byte {offset}, but {problem}: "
+                                  f"the shard was re-packed or edited since it was indexed {stale}")
+        return data[tarfile.BLOCKSIZE:]
 
     def entry(self, index: int) -> "SampleEntry":
         """Where sample ``index`` lies: shard, key, image extension, member offsets and sizes."""
@@ -626,21 +855,28 @@ class MedRegionDataset:
 
     def record(self, index: int) -> dict:
         ix = self.index
-        raw = self._read(int(ix.shard[index]), int(ix.json_offset[index]), int(ix.json_size[index]))
+        raw = self._read(index, "json")
         where = self.where(index)
+        if ix.json_crc32 is not None and zlib.crc32(raw) != int(ix.json_crc32[index]):
+            raise StaleShardError(f"{where}: the record differs from the one indexed (CRC-32): the shard was edited since "
+                                  f"its index and statistics were written; re-describe it with: regionmed index-shards "
+                                  f"{self.root}")
         try:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise RecordError(f"{where}: json member is not valid JSON ({err})") from err
         return validate_record(record, where)
 
+    def image_bytes(self, index: int) -> bytes:
+        """The stored (encoded) image member of sample ``index``, as :meth:`image` reads it."""
+        return self._read(index, IMAGE_EXTENSIONS[int(self.index.ext[index])])
+
     def image(self, index: int) -> Image.Image:
-        ix = self.index
-        raw = self._read(int(ix.shard[index]), int(ix.image_offset[index]), int(ix.image_size[index]))
+        raw = self.image_bytes(index)
         try:
             image, _ = decode_image(raw, exif_orientation=False)  # 8-bit L/RGB; the stored grid is upright by format
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # not an image, truncated, ...
-            raise SampleError(self.where(index), f"image member .{IMAGE_EXTENSIONS[int(ix.ext[index])]} cannot be decoded "
+            raise SampleError(self.where(index), f"image member .{IMAGE_EXTENSIONS[int(self.index.ext[index])]} cannot be decoded "
                                                  f"({type(err).__name__}: {err})") from err
         return image
 
@@ -659,7 +895,8 @@ class MedRegionDataset:
 
 
 def _index_records(root: Path, names: list[str], index: SplitIndex):
-    """``(where, record or None, reason)`` for each sample of ``index``, read shard by shard."""
+    """``(where, record or None, reason, crc32 of the json member)`` for each sample of
+    ``index``, read shard by shard."""
     for shard, name in enumerate(names):
         rows = np.flatnonzero(index.shard == shard)
         with open(root / name, "rb") as fh:
@@ -667,6 +904,7 @@ def _index_records(root: Path, names: list[str], index: SplitIndex):
                 where = f"{root / name}:{index.key(int(i))}"
                 fh.seek(int(index.json_offset[i]))
                 raw = fh.read(int(index.json_size[i]))
+                crc = zlib.crc32(raw)
                 try:
                     if len(raw) != int(index.json_size[i]):
                         raise RecordError(f"{where}: the shard ends inside the json member (truncated shard)")
@@ -674,48 +912,82 @@ def _index_records(root: Path, names: list[str], index: SplitIndex):
                         record = json.loads(raw)
                     except (json.JSONDecodeError, UnicodeDecodeError) as err:
                         raise RecordError(f"{where}: json member is not valid JSON ({err})") from err
-                    yield where, validate_record(record, where), ""
+                    yield where, validate_record(record, where), "", crc
                 except RecordError as err:
-                    yield where, None, str(err)
+                    yield where, None, str(err), crc
 
 
 def index_dataset(root: str | Path, splits: list[str] | None = None, progress: bool = False) -> dict[str, dict]:
-    """Add ``<split>-index.npz`` and the split's statistics (:class:`SplitStats`) to a
-    MedRegion dataset written without them (``regionmed index-shards DIR``): one walk of
-    the tar headers and one pass over the records per split, then the index files are
-    written and ``manifest.json`` is rewritten once (atomically) with ``index`` and
-    ``stats`` for each split. Returns ``{split: {"samples", "records_unreadable"}}``;
-    records that cannot be read are left out of the other statistics, counted in
+    """Describe the shards of a MedRegion dataset as they are now (``regionmed index-shards
+    DIR``): for each split, one walk of the tar headers and one pass over the records,
+    then ``<split>-index.npz`` is written and ``manifest.json`` is rewritten once
+    (atomically) with, per split, the index, the statistics (:class:`SplitStats`, with the
+    digest of the shards they describe), the counts (``samples``, ``regions``,
+    ``modalities``, ``labels``) and, per shard, its sample count and identity
+    (:func:`shard_identity`).
+
+    For a dataset written before the index existed, this adds it. For shards that changed
+    since they were indexed (a :class:`StaleShardError` when a split is opened), this is
+    the step that accepts the change: the new bytes are described, and what changed is
+    returned and logged. A shard cut short keeps its complete samples; the cut ones are
+    named. Returns ``{split: {"samples", "records_unreadable", "changes": [str]}}``;
+    records that cannot be read are left out of the statistics, counted in
     ``stats["records_unreadable"]`` (a few named in ``records_unreadable_examples``) and
-    named in the log. Raises :class:`DatasetError` for an unreadable dataset."""
+    named in the log. Raises :class:`DatasetError` for an unreadable dataset (a missing or
+    empty shard, one that is not a tar file); the manifest is then left as it was."""
     from tqdm import tqdm
 
     root = Path(root)
     manifest = read_manifest(root)
     done: dict[str, dict] = {}
-    pending: list[tuple[dict, _IndexBuilder, list[str], SplitStats, str]] = []
+    pending: list[tuple[dict, _IndexBuilder, list[str], SplitStats, str, list[dict], dict]] = []
     for split, info in manifest["splits"].items():
         if splits is not None and split not in splits:
             continue
-        names = [shard["name"] for shard in info.get("shards", [])]
-        index = SplitIndex.from_headers(root, names)
+        old_shards = list(info.get("shards", []))
+        names = [shard["name"] for shard in old_shards]
+        index = SplitIndex.from_headers(root, names, keep_cut=True)
         builder = _IndexBuilder()
         builder.cols = {name: list(map(int, getattr(index, name))) for name in builder.cols}
         builder.keys = [index.key(i).encode() for i in range(len(index))]
         stats = SplitStats()
-        for where, record, reason in tqdm(_index_records(root, names, index), total=len(index), desc=f"stats {split}",
-                                          disable=not progress):
+        counts = {"regions": 0, "modalities": Counter(), "labels": Counter()}
+        for where, record, reason, crc in tqdm(_index_records(root, names, index), total=len(index),
+                                               desc=f"stats {split}", disable=not progress):
+            builder.crcs.append(crc)
             if record is None:
                 stats.add_unreadable(where, reason)
                 log.warning("%s", reason)
-            else:
-                stats.add(record)
-        pending.append((info, builder, names, stats, split))
-        done[split] = {"samples": len(index), "records_unreadable": stats.unreadable}
+                continue
+            stats.add(record)
+            counts["regions"] += len(record.get("regions", []))
+            counts["modalities"][record.get("modality", "unknown")] += 1
+            counts["labels"].update(label for label, value in record.get("labels", {}).items() if value)
+        per_shard = np.bincount(index.shard, minlength=len(names)) if len(index) else np.zeros(len(names), dtype=int)
+        shards = [{**entry, "samples": int(n), **shard_identity(root / entry["name"])}
+                  for entry, n in zip(old_shards, per_shard)]
+        changes = []
+        for old, new in zip(old_shards, shards):
+            if isinstance(old.get("samples"), int) and old["samples"] != new["samples"]:
+                changes.append(f"{new['name']}: {old['samples']} -> {new['samples']} samples")
+            elif all(k in old for k in IDENTITY_FIELDS) and any(old[k] != new[k] for k in IDENTITY_FIELDS):
+                changes.append(f"{new['name']}: other bytes ({old['size']} -> {new['size']} bytes), same sample count")
+        for name, key in index.cut:
+            changes.append(f"{name}: cut short" + (f", sample {key!r} left out (the file ends inside it)" if key else
+                                                  " (no tar end-of-archive blocks)"))
+        for change in changes:
+            log.warning("%s: split %r: %s", root, split, change)
+        pending.append((info, builder, names, stats, split, shards, counts))
+        done[split] = {"samples": len(index), "records_unreadable": stats.unreadable, "changes": changes}
     # Everything was read: now write (the index files, then the manifest that names them).
-    for info, builder, names, stats, split in pending:
+    for info, builder, names, stats, split, shards, counts in pending:
         path = root / index_name(split)
+        info["shards"] = shards
+        info["samples"] = sum(s["samples"] for s in shards)
+        info["regions"] = counts["regions"]
+        info["modalities"] = dict(counts["modalities"])
+        info["labels"] = dict(counts["labels"])
         info["index"] = {"name": path.name, "sha256": builder.save(path, names), "version": INDEX_VERSION}
-        info["stats"] = stats.as_dict()
+        info["stats"] = {**stats.as_dict(), "shards_sha256": shards_digest(shards)}
     write_json_atomic(root / MANIFEST_NAME, manifest)
     return done

@@ -55,8 +55,9 @@ from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 from regionmed.data.decode import decode_image
 from regionmed.data.loader import Batch, collate, loader_options, prepare_sample
 from regionmed.data.schema import FORMAT_NAME, IMAGE_EXTENSIONS, SCHEMA_VERSION, RecordError, validate_record
-from regionmed.data.shards import MANIFEST_NAME, DatasetError, SampleError
+from regionmed.data.shards import MANIFEST_NAME, DatasetError, SampleError, trusted_stats, verify_shards
 from regionmed.data.transforms import Preprocessor
+from regionmed.io import decode_utf8, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,10 @@ def read_remote_manifest(base: str) -> dict:
     try:
         with gopen(where, "rb") as fh:
             raw = fh.read()
-        manifest = json.loads(raw)
     except Exception as err:  # gopen raises OSError, or IOError from curl's exit status
         raise DatasetError(f"{where}: cannot be read ({read_error_reason(where, err)})") from err
+    manifest = parse_json(decode_utf8(raw, where, "the dataset manifest", DatasetError), where, "the dataset manifest",
+                          DatasetError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{where}: not a MedRegion manifest (field 'format' is not {FORMAT_NAME!r})")
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -136,15 +138,29 @@ class StreamSource:
     samples: int | None = None  # None: unknown (URLs without a manifest)
     stats: dict | None = None
     manifest_entry: dict | None = None
+    #: Per shard (same order as ``urls``): ``(size in bytes or None, samples or None)`` the
+    #: manifest records; a shard read whole that differs is reported (:data:`SHARD_FAILURE`).
+    expected: list[tuple[int | None, int | None]] | None = None
 
     @classmethod
     def from_dataset(cls, name: str, base: str, split: str, weight: float = 1.0) -> "StreamSource":
-        """The shards of ``split`` listed in ``<base>/manifest.json`` (``base``: a folder or a URL)."""
+        """The shards of ``split`` listed in ``<base>/manifest.json`` (``base``: a folder or a URL).
+
+        For a local folder every shard is checked against its manifest entry first
+        (:func:`~regionmed.data.shards.verify_shards`: a deleted, truncated or re-packed
+        shard is an error naming it); for a URL, each shard's size and sample count are
+        compared when it has been read. The statistics are kept only when they describe
+        the shards listed (:func:`~regionmed.data.shards.trusted_stats`)."""
         manifest = read_remote_manifest(base)
         entry = manifest.get("splits", {}).get(split)
         if not entry or not entry.get("shards"):
             raise DatasetError(f"{_join(base, MANIFEST_NAME)}: no shards for split {split!r} (has {sorted(manifest.get('splits', {}))})")
-        return cls(name, [_join(base, s["name"]) for s in entry["shards"]], weight, entry.get("samples"), entry.get("stats"), entry)
+        if not _is_url(base) or base.startswith("file://"):
+            verify_shards(Path(base[len("file://"):] if base.startswith("file://") else base), split, entry["shards"])
+        expected = [(s.get("size") if isinstance(s.get("size"), int) else None,
+                     s.get("samples") if isinstance(s.get("samples"), int) else None) for s in entry["shards"]]
+        return cls(name, [_join(base, s["name"]) for s in entry["shards"]], weight, entry.get("samples"),
+                   trusted_stats(entry, base, split), entry, expected)
 
     @classmethod
     def from_urls(cls, name: str, urls: list[str], weight: float = 1.0) -> "StreamSource":
@@ -194,6 +210,37 @@ def slot_shards(n_shards: int, seed: int, source: int, slot: int, n_slots: int, 
         for k in range(i, per_pass):
             yield p * per_pass + k, p, mine[k]
         p, i = p + 1, 0
+
+
+class _CountingReader:
+    """A read-only stream that counts the bytes read through it (for the size check of a
+    shard read whole); :meth:`finish` reads what the tar reader left (the end-of-archive
+    padding) and closes it."""
+
+    def __init__(self, stream):
+        self._stream, self.count = stream, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        self.count += len(data)
+        return data
+
+    def finish(self) -> int | None:
+        """All bytes of the stream, or None when it cannot be read to its end."""
+        try:
+            while self.read(1 << 16):
+                pass
+            return self.count
+        except Exception:  # noqa: BLE001 - a stream that fails here was reported by the tar reader
+            return None
+        finally:
+            try:
+                self._stream.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 class _Progress:
@@ -310,15 +357,47 @@ class MedRegionStream(IterableDataset):
         info = get_worker_info()
         return self.rank * max(1, self.num_workers) + (info.id if info is not None else 0)
 
-    def _shard_samples(self, url: str, bad: list):
-        """The raw samples of one shard (``{"__key__", "__url__", "json", "png"|"jpg"...}``)."""
+    def _shard_samples(self, url: str, bad: list, expected: tuple[int | None, int | None] = (None, None)):
+        """The raw samples of one shard (``{"__key__", "__url__", "json", "png"|"jpg"...}``).
+
+        ``expected``: the shard's size and sample count as its manifest records them. When
+        the shard was read without an error but its bytes (counted to the end of the
+        stream) or samples differ, it is reported like an unreadable shard: it was
+        truncated or re-packed since it was indexed (a tar cut at a member boundary reads
+        as a shorter, valid one)."""
+        failures = len(bad)
+
         def handler(exn: Exception) -> bool:
             bad.append((SHARD_FAILURE, url, f"shard cannot be read ({read_error_reason(url, exn)})"))
             return True  # go on with the next shard
 
+        opened: list[_CountingReader] = []
+
+        def counted():
+            for source in url_opener([{"url": url}], handler=handler):
+                source["stream"] = _CountingReader(source["stream"])
+                opened.append(source["stream"])
+                yield source
+
         # A shard that cannot be opened or ends early is named in bad_samples; its readable samples count.
-        yield from group_by_keys(tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler),
-                                 handler=handler)
+        n = 0
+        for sample in group_by_keys(tar_file_expander(counted(), handler=handler), handler=handler):
+            n += 1
+            yield sample
+        size, samples = expected
+        for stream in opened:
+            read = stream.finish()
+            if len(bad) > failures or read is None:
+                continue
+            found = []
+            if size is not None and read != size:
+                found.append(f"{read} bytes, the manifest records {size}")
+            if samples is not None and n != samples:
+                found.append(f"{n} samples, the manifest lists {samples}")
+            if found:
+                bad.append((SHARD_FAILURE, url, f"the shard changed since it was indexed ({'; '.join(found)}): "
+                                                 "truncated or re-packed? Restore it, or re-describe the dataset with "
+                                                 "regionmed index-shards on its folder"))
 
     def _source_iter(self, j: int, slot: int, progress: _Progress, bad: list):
         """The raw samples of source ``j`` for ``slot``: ``(j, position, sample)``, endlessly.
@@ -336,7 +415,8 @@ class MedRegionStream(IterableDataset):
         for pos, _pass, shard in slot_shards(n_shards, self.seed, j, slot, self.n_slots, self.resampled, progress.done[j]):
             n = 0
             mine: list = []
-            for raw in self._shard_samples(src.urls[shard], mine):
+            expected = src.expected[shard] if src.expected else (None, None)
+            for raw in self._shard_samples(src.urls[shard], mine, expected):
                 n += 1
                 yield j, pos, raw
             bad += mine

@@ -38,7 +38,9 @@ from pathlib import Path
 
 import yaml
 
+from regionmed.config import yaml_error_line
 from regionmed.errors import RegionmedError
+from regionmed.io import read_text
 
 DEFAULT_PROMPTS = "default.yaml"
 
@@ -87,9 +89,9 @@ def _read(path: Path) -> dict:
     if not path.is_file():
         raise PromptError(f"prompt file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_text(path, PromptError, "prompt file")) or {}
     except yaml.YAMLError as err:
-        raise PromptError(f"{path}: not valid YAML ({err})") from err
+        raise PromptError(f"{path}: not valid YAML ({yaml_error_line(err)})") from None
     if not isinstance(data, dict):
         raise PromptError(f"{path}: must be a mapping of the keys {', '.join(TOP_KEYS)}")
     if "version" not in data:

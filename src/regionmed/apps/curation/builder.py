@@ -15,12 +15,17 @@ Two passes, neither holding the dataset in memory:
    every reject goes to ``rejects.jsonl`` with a reason, and ``manifest.json`` is
    written last. Then the staging folder is removed.
 
-Re-running with the same config on a complete build does nothing ("up to date").
+Re-running with the same config on a complete build does nothing ("up to date") when the
+inputs are unchanged too: a complete build records every file its sources read
+(``build-inputs.jsonl``, :mod:`.inputs`), and a re-run that finds one changed, added or
+gone stops, naming each and ``--force``, rather than keep data built from other bytes. An
+interrupted build whose inputs changed before it resumed starts its staging over.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -45,6 +50,7 @@ from regionmed.apps.curation.captions import (
 )
 from regionmed.apps.curation.config import BuildConfig, ConfigError
 from regionmed.apps.curation.images import ItemReject, load_image, phash_hex, sha256
+from regionmed.apps.curation.inputs import LEDGER_NAME, changes, describe, ledger, read_input, read_ledger, write_ledger
 from regionmed.apps.curation.items import REJECT_REASONS, RawItem, hashed, norm_modality
 from regionmed.apps.curation.proposers import make_proposer
 from regionmed.apps.curation.sources import SourceError, get_source
@@ -54,10 +60,12 @@ from regionmed.data.decode import DECODING_POLICY
 from regionmed.data.schema import SCHEMA_VERSION, sanitize_box
 from regionmed.data.shards import MANIFEST_NAME, MedRegionWriter, write_json_atomic, write_manifest
 from regionmed.errors import RegionmedError
+from regionmed.io import read_json
 
 STAGING = ".staging"
 REJECTS_NAME = "rejects.jsonl"
 CHECKS_NAME = "checks.json"  # the source checks of this run, in the staging folder
+INPUTS_NAME = "inputs.json"  # the ledger lines of this run's inputs as checked (no paths), in the staging folder
 BOX_REASONS = {"outside": "box_outside", "zero_area": "zero_area_box", "invalid": "invalid_box"}
 
 
@@ -80,13 +88,23 @@ def _reject(item: RawItem, reason: str, detail: str = "") -> dict:
 
 
 def process_item(item: RawItem) -> dict:
-    """Turn one raw item into a staged sample or a reject (runs in a worker)."""
+    """Turn one raw item into a staged sample or a reject (runs in a worker). The image file
+    is read once, here: its size, time and SHA-256 go to the result's ``input`` (the build's
+    ledger, :func:`~regionmed.apps.curation.inputs.read_input`) and its bytes are decoded."""
+    raw, seen = (None, None)
+    if item.image_path and item.image_bytes is None:
+        raw, seen = read_input(item.image_path)
+        if raw:
+            item = dataclasses.replace(item, image_bytes=raw)
     try:
-        return _process(item)
+        res = _process(item)
     except ItemReject as rej:
-        return _reject(item, rej.reason, rej.detail)
+        res = _reject(item, rej.reason, rej.detail)
     except Exception as err:  # noqa: BLE001 - one bad input must not stop the build
-        return _reject(item, "processing_error", type(err).__name__)
+        res = _reject(item, "processing_error", type(err).__name__)
+    if seen is not None:
+        res["input"] = seen
+    return res
 
 
 def _process(item: RawItem) -> dict:
@@ -158,7 +176,7 @@ def _process(item: RawItem) -> dict:
         "phash": phash_hex(img),
     }
     return {
-        "status": "ok", "id": item.id, "source": item.source, "record": record, "image": loaded.data,
+        "status": "ok", "id": item.id, "source": item.source, "ref": item.ref, "record": record, "image": loaded.data,
         "ext": loaded.ext, "official_split": item.split, "region_rejects": region_rejects,
     }
 
@@ -300,10 +318,11 @@ def build(
     manifest_path = out / MANIFEST_NAME
     if manifest_path.is_file() and not force:
         try:
-            prov = json.loads(manifest_path.read_text(encoding="utf-8")).get("provenance", {})
-        except json.JSONDecodeError:
+            prov = read_json(manifest_path, BuildError, "the dataset's manifest").get("provenance", {})
+        except (BuildError, AttributeError):
             prov = {}
         if prov.get("config_hash") == chash and prov.get("complete"):
+            _inputs_unchanged(cfg, out, prov, log)
             shutil.rmtree(out / STAGING, ignore_errors=True)
             summary = _summary_from_manifest(out, prov)
             log(summary.format())
@@ -323,20 +342,28 @@ def build(
         raise
     staging = out / STAGING
     state_path = staging / "state.json"
+    lines = ledger([i for rep in reports for i in rep.inputs])  # the inputs as checked now (no paths)
+    files_digest = _files_digest(lines)
     resumed_ids: list[str] = []
-    if staging.is_dir() and not force and state_path.is_file() and json.loads(state_path.read_text()).get("config_hash") == chash \
-            and json.loads(state_path.read_text()).get("builder_version") == BUILDER_VERSION:
+    state = _read_state(state_path) if staging.is_dir() and not force else {}
+    if state.get("config_hash") == chash and state.get("builder_version") == BUILDER_VERSION:
         resumed_ids, _ = _read_staging(staging)
-        if resumed_ids:
+        stale = _staged_inputs_changed(staging, lines) if state.get("inputs") == files_digest else ["a table or text file"]
+        if resumed_ids and stale:
+            log(f"not resuming: inputs changed since the interrupted run ({describe(stale)}): starting over")
+            resumed_ids = []
+            shutil.rmtree(staging, ignore_errors=True)
+        elif resumed_ids:
             log(f"resuming: {len(resumed_ids)} items already staged")
-    else:
+    if not resumed_ids:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        write_json_atomic(state_path, {"config_hash": chash, "builder_version": BUILDER_VERSION})
+        write_json_atomic(state_path, {"config_hash": chash, "builder_version": BUILDER_VERSION, "inputs": files_digest})
     if force and manifest_path.exists():
         manifest_path.unlink()
 
     write_json_atomic(staging / CHECKS_NAME, [r.to_json() for r in reports])
+    write_json_atomic(staging / INPUTS_NAME, lines)
     done = set(resumed_ids)
     total = sum(r.total for r in reports)
     seen: set[str] = set(done)
@@ -404,6 +431,60 @@ def build(
     summary.resumed = len(done)
     log(summary.format())
     return summary
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _files_digest(lines: list[dict]) -> str:
+    """A digest of the ``file`` inputs (tables, JSON, text) as checked: their content."""
+    rows = sorted((line["key"], line["sha256"]) for line in lines if line["kind"] == "file")
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def _staged_inputs_changed(staging: Path, lines: list[dict]) -> list[str]:
+    """The images staged by an interrupted run whose size or time differ now (``lines``:
+    the inputs as checked now), or that this run no longer reads."""
+    now = {line["key"]: line for line in lines}
+    found = []
+    if not (staging / "index.jsonl").is_file():
+        return found
+    for entry in _iter_index(staging):
+        seen = entry.get("input")
+        if not seen:
+            continue
+        line = now.get(seen["key"])
+        if line is None or (line["size"], line["mtime_ns"]) != (seen["size"], seen["mtime_ns"]):
+            found.append(f"{entry.get('source')}: image of {entry.get('ref') or entry.get('id')}")
+    return found
+
+
+def _inputs_unchanged(cfg: BuildConfig, out: Path, prov: dict, log: Callable[[str], None]) -> None:
+    """Check that the inputs of a complete build with this config are those it was built
+    from (:func:`~regionmed.apps.curation.inputs.changes`): reads every row of every source
+    again (as check-source does: no image decoded) and stats each image. Raises
+    :class:`BuildError` naming what changed and ``--force``; a build made before inputs
+    were recorded is accepted with a warning."""
+    recorded = read_ledger(out)
+    if recorded is None and not prov.get("input_files"):
+        log(f"WARNING: {out} was built before regionmed recorded the inputs of a build: a change to them since cannot "
+            "be seen; run with --force to rebuild from the inputs as they are now")
+        return
+    try:
+        reports = _checked_sources(cfg, lambda s: None)
+    except SourceError as err:
+        raise BuildError(f"{out} is complete, but its sources cannot be read as configured now, so whether it is up to "
+                         f"date cannot be said: {err}") from None
+    found = changes(recorded or [], [i for rep in reports for i in rep.inputs]) if recorded is not None else \
+        [f"{LEDGER_NAME} is missing or unreadable"]
+    if found:
+        raise BuildError(f"{out} was built from inputs that changed since ({len(found)}): {describe(found)}. Nothing was "
+                         "rebuilt or kept as up to date: run again with --force to rebuild from the inputs as they are now")
 
 
 def _iter_index(staging: Path) -> Iterator[dict]:
@@ -513,6 +594,13 @@ def finalize(cfg: BuildConfig, out: Path, chash: str, log: Callable[[str], None]
         "image_decoding": DECODING_POLICY,
         "reject_reasons": {k: REJECT_REASONS.get(k, k) for k in set(summary.rejected) | set(summary.region_rejects)},
     }
+    inputs_path = staging / INPUTS_NAME
+    lines = json.loads(inputs_path.read_text(encoding="utf-8")) if inputs_path.is_file() else []
+    read = {e["input"]["key"]: e["input"] for e in _iter_index(staging) if e.get("input")}
+    for line in lines:  # an image as the worker read it: size and time before, hash of the bytes decoded
+        if line["kind"] == "image" and line["key"] in read:
+            line.update({k: read[line["key"]][k] for k in ("size", "mtime_ns", "sha256")})
+    provenance["input_files"] = {"file": LEDGER_NAME, "count": len(lines), "sha256": write_ledger(out, lines)}
     write_manifest(out, splits, provenance)
     if not cfg.keep_staging:
         shutil.rmtree(staging, ignore_errors=True)
@@ -520,7 +608,7 @@ def finalize(cfg: BuildConfig, out: Path, chash: str, log: Callable[[str], None]
 
 
 def _summary_from_manifest(out: Path, prov: dict) -> BuildSummary:
-    manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    manifest = read_json(out / MANIFEST_NAME, BuildError, "the dataset's manifest")
     s = BuildSummary(out=str(out), up_to_date=True)
     s.inputs, s.built = prov.get("inputs", 0), prov.get("built", 0)
     s.rejected = Counter(prov.get("rejected", {}))

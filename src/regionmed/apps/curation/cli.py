@@ -7,7 +7,8 @@ Wire them into the main parser with::
     args = parser.parse_args(); sys.exit(args.func(args))
 
 Each ``func(args)`` returns an exit status: 0 success, 1 a check failed
-(``check-leakage`` found overlaps), 2 a usage or input error.
+(``check-leakage`` found overlaps; ``check-source`` found what would stop a build), 2 a
+usage or input error.
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _check(cfg, where: str) -> int:
-    """Print the check of every source of ``cfg``; 0 clean, 1 problems found, 2 a source cannot be built."""
+    """Print the check of every source of ``cfg``; exit status 1 when a build would stop (an
+    error in a source), else 0, also with warnings and rows or boxes a build would reject
+    (a build goes on with those: they end in rejects.jsonl). A config that does not
+    validate raises (exit 2, as any usage error)."""
     from regionmed.apps.curation.builder import check_sources
 
     cfg.validate(where)
@@ -79,9 +83,10 @@ def _check(cfg, where: str) -> int:
     boxes = sum(sum(r.box_problems.values()) for r in reports)
     errors = sum(len(r.errors) for r in reports)
     warnings = sum(len(r.warnings) for r in reports)
+    verdict = "a build would stop" if errors else "a build would run"
     print(f"checked {len(reports)} source(s), {rows} rows: {bad} would be rejected, {boxes} boxes dropped, "
-          f"{warnings} warning(s), {errors} error(s); nothing was built")
-    return 2 if errors else (1 if bad or boxes or warnings else 0)
+          f"{warnings} warning(s), {errors} error(s): {verdict}; nothing was built")
+    return 1 if errors else 0
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -92,6 +97,8 @@ def _build(args: argparse.Namespace) -> int:
     if args.out:
         cfg.out = args.out
     if args.workers is not None:
+        if args.workers < 0:  # named as the flag, not as the config file's field
+            raise ConfigError(f"--workers must be >= 0, got {args.workers}")
         cfg.workers = args.workers
     if args.proposer:
         cfg.proposer.name = args.proposer
@@ -137,8 +144,9 @@ missing image files, boxes that are malformed, in the other box format, of an un
 category or that reach no image, columns the source does not read, and what stops a
 build (text encoding, missing columns, broken CSV quoting).
 
-Exit status: 0 nothing found, 1 problems found (rows or boxes a build would reject,
-warnings), 2 a source cannot be built as configured (or a usage error).
+Exit status: 0 a build would run (also when it lists warnings, or rows and boxes a
+build would reject into rejects.jsonl), 1 a build would stop (an ERROR line says why),
+2 a usage error (bad flags, a config file that cannot be read or does not validate).
 """
 
 

@@ -39,8 +39,7 @@ def image_keys(root: str | Path, label: str | None = None, progress: bool = True
                 rec = ds.record(i)
                 sha, ph = rec.get("sha256"), rec.get("phash")
                 if not sha or not ph or len(ph) != PHASH_HEX:
-                    entry = ds._entries[i]
-                    raw = ds._read(entry.shard, entry.image_offset, entry.image_size)
+                    raw = ds.image_bytes(i)
                     sha = sha or sha256(raw)
                     ph = phash_hex(decode_image(raw, exif_orientation=False, where=ds.where(i))[0])
                 yield ImageKey(label or str(root), rec["id"], split, sha, int(ph, 16), str(rec.get("group") or ""))

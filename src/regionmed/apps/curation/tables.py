@@ -23,32 +23,31 @@ each of the faults below is handled once, the same way, for every source:
   split at a comma shifts the next cells into the wrong columns. (A header that ends
   with a delimiter has an unnamed last column, so rows ending with one fit it.) A
   quote that is never closed stops (strict CSV).
-* **Missing values.** Empty cells, JSON ``null``/``NaN`` and the usual spellings of
-  a missing value (:data:`MISSING_SPELLINGS`: ``nan``, ``NA``, ``N/A``, ``null``,
-  ``None``, ``#N/A``, ...; any case) read as missing (``None``) through
-  :meth:`Row.value` / :meth:`Row.text` and :func:`is_missing`.
+* **Missing values.** Empty cells, JSON ``null``/``NaN`` and every spelling of a
+  missing value that exports and spreadsheets write (:mod:`regionmed.data.missing`:
+  pandas' ``na_values``, spreadsheet error values such as ``#VALUE!``, ``-``/``.``/``?``;
+  any case) read as missing (``None``) through :meth:`Row.value` / :meth:`Row.text` and
+  :func:`is_missing`, in every column.
+* **Inputs read.** Every file read here is reported to the recorder set with
+  :func:`recording` (the build's input ledger, :mod:`regionmed.apps.curation.inputs`),
+  so that a source that reads through this module declares its files for free.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import contextvars
 import csv
 import difflib
 import json
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from regionmed.data.missing import MISSING_SPELLINGS, is_missing  # noqa: F401 - the one definition, re-exported
 from regionmed.errors import RegionmedError
-
-# Cell values that mean "no value" (compared after stripping white space, case-insensitively).
-MISSING_SPELLINGS = frozenset(
-    s.casefold()
-    for s in ("", "nan", "-nan", "+nan", "nat", "none", "null", "nil", "n/a", "na", "<na>", "#n/a", "#na",
-              "#n/a n/a", "-1.#ind", "1.#ind", "-1.#qnan", "1.#qnan", "#value!", "#ref!", "#div/0!")
-)
 
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".tab": "csv", ".txt": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -56,21 +55,30 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (code
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
+_RECORDER: contextvars.ContextVar[Callable[[Path], None] | None] = contextvars.ContextVar("regionmed_input_recorder",
+                                                                                         default=None)
+
+
+@contextlib.contextmanager
+def recording(note: Callable[[Path], None]):
+    """Within this block, call ``note(path)`` for every file this module reads (tables,
+    JSON, text): how a :class:`~regionmed.apps.curation.sources.Source` learns its inputs."""
+    token = _RECORDER.set(note)
+    try:
+        yield
+    finally:
+        _RECORDER.reset(token)
+
+
+def _read(path: Path) -> None:
+    note = _RECORDER.get()
+    if note is not None:
+        note(Path(path))
+
+
 class TableError(RegionmedError, ValueError):
     """A table or text file that cannot be read as a whole (encoding, broken CSV
     quoting, a duplicate or missing column). The message names the file and where."""
-
-
-def is_missing(value: Any) -> bool:
-    """True for ``None``, a float NaN, and strings spelled like a missing value
-    (:data:`MISSING_SPELLINGS`, any case, surrounding white space ignored)."""
-    if value is None:
-        return True
-    if isinstance(value, float):
-        return math.isnan(value)
-    if isinstance(value, str):
-        return value.strip().casefold() in MISSING_SPELLINGS
-    return False
 
 
 def check_encoding(encoding: str, where: str = "encoding") -> str:
@@ -128,6 +136,7 @@ def read_text(path: str | Path, encoding: str = "utf-8") -> str:
 
     Raises :class:`TableError` naming the file and the first undecodable byte."""
     path = Path(path)
+    _read(path)
     enc = detect_encoding(path, encoding)
     data = path.read_bytes()
     try:
@@ -213,6 +222,7 @@ class Table:
         return self.path.name
 
     def _open(self):
+        _read(self.path)
         enc = detect_encoding(self.path, self.encoding)
         return enc, open(self.path, encoding=enc, errors="strict", newline="")
 
@@ -321,9 +331,26 @@ def require_columns(table: Table, wanted: dict[str, str], where: str) -> None:
         parts.append(f"no column {col!r} ({opt})" + (f": did you mean {close[0]!r}? set {opt}: {close[0]}" if close else ""))
     hint = ""
     joined = "".join(header)
-    if "\x00" in joined:
+    if "\x00" in joined and not check_encoding(table.encoding).startswith("utf-16"):
         hint = " The header holds NUL characters: a UTF-16 file without byte-order mark? Set encoding: utf-16-le."
     elif len(header) == 1 and header and any(d in header[0] for d in ";,\t|" if d != table.delimiter):
         d = next(d for d in ";,\t|" if d != table.delimiter and d in header[0])
         hint = f" The header is one column holding {d!r}: set the source option delimiter: {d!r}."
     raise TableError(f"{where}: {'; '.join(parts)}. The header found is {header!r}.{hint}")
+
+
+def require_keys(records, keys: dict[str, str], path: Path | str) -> list[dict]:
+    """``records`` (a JSON file's value) as a list of objects that each hold every key of
+    ``keys`` ({key: what it gives}); a :class:`TableError` names the file, the record, the
+    missing keys and the keys that record has, for a file of a fixed layout (the public
+    sets' question files)."""
+    if not isinstance(records, list):
+        raise TableError(f"{path}: expected a JSON list of objects, found a JSON {type(records).__name__}")
+    for k, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise TableError(f"{path}: record {k} is a JSON {type(record).__name__}, not an object")
+        missing = [key for key in keys if key not in record]
+        if missing:
+            wanted = ", ".join(f"{key!r} ({keys[key]})" for key in missing)
+            raise TableError(f"{path}: record {k} has no {wanted}; its keys are {sorted(record)[:20]!r}")
+    return records

@@ -19,7 +19,6 @@ complete, else the newest complete one (with a warning).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from regionmed.data.shards import write_json_atomic
 from regionmed.errors import RegionmedError
+from regionmed.io import read_json
 from regionmed.model.clip import CONFIG_NAME, WEIGHTS_NAME, load_weights
 
 log = logging.getLogger(__name__)
@@ -184,9 +184,9 @@ def checkpoint_problem(folder: str | Path) -> str | None:
         if not (folder / rel).is_file():
             return f"{folder / rel} is missing"
     try:
-        state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return f"{folder / STATE_NAME} is not valid JSON ({err})"
+        state = read_json(folder / STATE_NAME, CheckpointError, "the trainer state")
+    except CheckpointError as err:
+        return str(err)
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         return f"{folder / STATE_NAME} has no integer 'step'"
     for rel in (OPTIMIZER_NAME, f"model/{WEIGHTS_NAME}"):
@@ -247,7 +247,7 @@ def load_checkpoint(path: str | Path, model, optimizer: torch.optim.Optimizer) -
     Raises :class:`CheckpointError` (or :class:`~regionmed.model.towers.WeightsError` for
     the model weights) naming the file that is damaged or does not fit."""
     folder = find_checkpoint(path)
-    state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
+    state = read_json(folder / STATE_NAME, CheckpointError, "the trainer state")
     load_weights(model, folder / "model" / WEIGHTS_NAME)
     try:
         tensors = load_file(str(folder / OPTIMIZER_NAME))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from regionmed.apps.train.validation import ValidationConfig, validate_validation_config
-from regionmed.config import ConfigError, load_yaml_config
+from regionmed.config import ConfigError, load_yaml_config, overrides_named
 from regionmed.data.schema import SPLITS
 from regionmed.losses import LOSS_NAMES
 from regionmed.model.config import MODULE_NAMES, ModelConfig, check_finite, validate_model_config
@@ -209,20 +209,24 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
              f"is 0 but {where} ('{st.name}') uses ROIs: give at least 1 ROI slot")
 
 
-def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                    option_names: dict[str, str] | None = None) -> RunConfig:
     """Read a run config YAML, apply dotted ``overrides`` ({"train.batch_size": 8}), resolve a
     named model (``model: {name: NAME, ...}``: :func:`regionmed.model.registry.resolve_model_mapping`),
     validate.
 
-    Raises :class:`ConfigError` naming the file and the field for any bad value."""
+    Raises :class:`ConfigError` naming the file and the field for any bad value; for a value
+    an override set, the override (``--set train.batch_size``, or ``option_names[field]``,
+    e.g. ``--data``) instead of the file."""
 
     def named_model(data: dict) -> dict:
         if isinstance(data.get("model"), dict):
             data["model"] = resolve_model_mapping(data["model"], str(path))
         return data
 
-    cfg = load_yaml_config(RunConfig, path, overrides, prepare=named_model)
-    validate_run_config(cfg, str(path))
+    cfg = load_yaml_config(RunConfig, path, overrides, option_names=option_names, prepare=named_model)
+    with overrides_named(path, overrides, option_names):
+        validate_run_config(cfg, str(path))
     return cfg
 
 

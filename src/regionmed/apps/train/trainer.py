@@ -52,7 +52,13 @@ from regionmed.data.loader import (
     StepBatchSampler,
     make_loader,
 )
-from regionmed.data.shards import counts_from_stats, read_manifest, unreadable_from_stats, write_json_atomic
+from regionmed.data.shards import (
+    IDENTITY_FIELDS,
+    counts_from_stats,
+    read_manifest,
+    unreadable_from_stats,
+    write_json_atomic,
+)
 from regionmed.data.stream import (
     RESUME_EXACT,
     RESUME_RESAMPLED,
@@ -68,6 +74,7 @@ from regionmed.data.transforms import Preprocessor
 from regionmed.distributed import DistInfo, all_reduce_sum, init_distributed, prepare_batchnorm
 from regionmed.errors import RegionmedError
 from regionmed.finite import nonfinite_tensors
+from regionmed.io import read_json
 from regionmed.model.clip import RegionMedCLIP, create_model
 from regionmed.optim import GuardedStep, NonFiniteError, NonFiniteWeightsError
 from regionmed.task import REGION_LOSSES, TrainingTask, accumulate, split_batch
@@ -266,6 +273,9 @@ class Trainer:
             entry = dict(self._manifest_entry(path, split))
             entry.pop("index", None)  # how it is read, not what it holds
             entry.pop("stats", None)
+            # names and counts only: shard sizes and digests are checked when the data is opened (a
+            # checkpoint of a dataset written before they were recorded resumes after index-shards)
+            entry["shards"] = [{k: v for k, v in s.items() if k not in IDENTITY_FIELDS} for s in entry.get("shards", [])]
             parts.append(entry if len(self.sources) == 1 else {"entry": entry, "weight": weight, "name": name})
         data = parts[0] if len(parts) == 1 else parts
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -323,10 +333,7 @@ class Trainer:
     def _resume_check(self, path: Path, allow_changes: bool) -> Path:
         """The checkpoint folder to resume from; refuses a config that changes the run's trajectory."""
         folder = find_checkpoint(path)
-        try:
-            saved = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{folder / STATE_NAME} cannot be read ({err})") from err
+        saved = read_json(folder / STATE_NAME, CheckpointError, "the trainer state")
         changes = trajectory_changes(saved["config"], to_dict(self.cfg)) if isinstance(saved.get("config"), dict) else []
         old_data = saved.get("data_fingerprint")
         if old_data and old_data != self.data_fingerprint:

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from regionmed.apps.curation.inputs import Input
 from regionmed.apps.curation.items import RawItem
-from regionmed.apps.curation.tables import check_encoding
+from regionmed.apps.curation.tables import check_encoding, recording
 from regionmed.errors import RegionmedError
 
 # At least this share (and BOX_FORMAT_STOP_MIN) of a source's boxes that are inverted in the
@@ -64,6 +65,8 @@ class SourceReport:
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     box_format: dict[str, Any] = field(default_factory=dict)  # {"format", "explicit", "column", "checked", "misfit"}
+    #: The files the check read or looked for (:meth:`Source.uses`); paths, so never written (not in :meth:`to_json`).
+    inputs: list[Input] = field(default_factory=list, repr=False)
 
     def problem(self, reason: str, example: str) -> None:
         self.problems[reason] += 1
@@ -80,7 +83,8 @@ class SourceReport:
     def to_json(self) -> dict:
         """A JSON-ready dict (Counters as plain dicts); :meth:`from_json` reads it back."""
         return {k: dict(v) if isinstance(v, Counter) else v
-                for k, v in asdict(dataclasses.replace(self, problems={}, box_problems={}, labels={})).items()} | {
+                for k, v in asdict(dataclasses.replace(self, problems={}, box_problems={}, labels={}, inputs=[])).items()
+                if k != "inputs"} | {
             "problems": dict(self.problems), "box_problems": dict(self.box_problems), "labels": dict(self.labels)}
 
     @classmethod
@@ -101,6 +105,8 @@ class SourceReport:
         if misfit >= max(BOX_FORMAT_STOP_MIN, BOX_FORMAT_STOP_SHARE * checked) and not bf.get("explicit"):
             self.errors.append(f"{msg}: set the source option box_format: {other} "
                                f"(or box_format: {fmt} explicitly to keep {fmt} and drop those boxes as invalid_box)")
+        elif bf.get("explicit"):  # the option is set: say so, do not suggest setting it
+            self.warnings.append(f"{msg}; they are dropped as invalid_box (box_format: {fmt} is set explicitly)")
         else:
             self.warnings.append(f"{msg}; they are dropped as invalid_box. If the column holds {other} boxes, "
                                  f"set the source option box_format: {other}")
@@ -141,6 +147,15 @@ class Source(ABC):
     (:mod:`regionmed.apps.curation.tables`).
 
     ``reads`` documents the files and columns a source reads (``regionmed build --help``).
+
+    **Inputs.** The build records every file a source read (``<out>/build-inputs.jsonl``,
+    :mod:`regionmed.apps.curation.inputs`) and re-runs of a complete build compare them, so
+    that a changed table, box file or image is never kept stale. A source declares nothing
+    for the files it reads through :mod:`regionmed.apps.curation.tables` (``Table``,
+    ``read_text``, ``read_json``) while it yields items, nor for each item's
+    ``image_path``: both are recorded by this class. A file read any other way (an XML
+    parser, ``open``), and an optional file the source looks for (present or not: one that
+    appears later changes the build too), is declared with :meth:`uses`.
     """
 
     name = "source"
@@ -163,6 +178,44 @@ class Source(ABC):
         except RegionmedError as err:
             raise SourceError(str(err)) from None
         self._rep = SourceReport(self.name, str(self.root))
+        self._inputs: dict[str, Input] = {}
+
+    def uses(self, path: str | Path) -> Path:
+        """Declare ``path`` an input of this source, read or looked for (present or not), and
+        return it as a Path: ``if self.uses(folder / "boxes.xml").is_file(): ...``. Files read
+        through :mod:`regionmed.apps.curation.tables` and items' image files need no call."""
+        path = Path(path)
+        self._note(path, "file")
+        return path
+
+    def inputs(self) -> list[Input]:
+        """The files declared while the items were last read (:meth:`check` or iteration)."""
+        return list(self._inputs.values())
+
+    def _note(self, path: Path | str, kind: str, ref: str = "") -> None:
+        key = os.path.abspath(str(path))
+        if key in self._inputs:
+            return
+        if not ref:
+            try:
+                ref = str(Path(key).relative_to(os.path.abspath(self.root)))
+            except ValueError:
+                ref = Path(key).name
+        self._inputs[key] = Input(key, kind, ref, self.name)
+
+    def _recorded(self, items: Iterator[RawItem]) -> Iterator[RawItem]:
+        """``items``, with the files read while making each one (through the tables module) and
+        each item's image file declared as inputs."""
+        items = iter(items)
+        while True:
+            with recording(lambda path: self._note(path, "file")):
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+            if item.image_path and item.image_bytes is None:
+                self._note(item.image_path, "image", item.ref or item.id)
+            yield item
 
     @abstractmethod
     def _items(self) -> Iterator[RawItem]:
@@ -177,7 +230,7 @@ class Source(ABC):
     def __iter__(self) -> Iterator[RawItem]:
         for k in range(self.repeat):
             self._rep = SourceReport(self.name, str(self.root))
-            items = self._items() if self.limit is None else itertools.islice(self._items(), self.limit)
+            items = self._recorded(self._items() if self.limit is None else itertools.islice(self._items(), self.limit))
             for item in items:
                 if k:
                     item.id = f"{item.id}~r{k}"
@@ -202,9 +255,10 @@ class Source(ABC):
         from regionmed.apps.curation.sources.fields import box_format_fit
 
         rep = self._rep = SourceReport(self.name, str(self.root))
+        self._inputs = {}
         seen: set[str] = set()
         try:
-            items = self._items() if self.limit is None else itertools.islice(self._items(), self.limit)
+            items = self._recorded(self._items() if self.limit is None else itertools.islice(self._items(), self.limit))
             for item in items:
                 rep.rows += 1
                 ref = item.ref or item.id
@@ -238,8 +292,10 @@ class Source(ABC):
         rep.boxes += len(rep.orphans)
         for o in rep.orphans:
             rep.box_problem(o["reason"], o["detail"])
-        self._after_check(rep)
+        with recording(lambda path: self._note(path, "file")):
+            self._after_check(rep)
         rep._check_box_format()
         rep.total = rep.rows * self.repeat
+        rep.inputs = self.inputs()
         self._rep = SourceReport(self.name, str(self.root))
         return rep

@@ -8,6 +8,7 @@ from regionmed.apps.curation.items import RawItem
 from regionmed.apps.curation.sources.base import Source, SourceError, SourceReport
 from regionmed.apps.curation.sources.coco import read_coco
 from regionmed.apps.curation.tables import Row, Table, read_json, require_columns
+from regionmed.data.missing import is_placeholder_id
 
 # The only metadata columns that may reach records.
 ALLOWED_META = ("view",)
@@ -47,11 +48,11 @@ class CovidCxrSource(Source):
         self._rep.orphans = [{**o, "source": self.name} for o in coco.orphans]
         metadata = {str(im.get("id")): im.get("metadata") or {} for im in self._raw_images()}
         rows: dict[str, Row] = {}
-        meta_path = self.root / "metadata.csv"
+        meta_path = self.uses(self.root / "metadata.csv")
         if meta_path.is_file():
             table = self._meta = Table(meta_path, self.encoding)
             table.header()
-            require_columns(table, {"filename": "the file name column"}, f"{self.name} ({meta_path})")
+            require_columns(table, {c: "a column of the covid_cxr layout" for c in READ_COLUMNS}, f"{self.name} ({meta_path})")
             bad = []
             for row in table.rows():
                 if row.problem:
@@ -74,6 +75,7 @@ class CovidCxrSource(Source):
             if not notes and labels:
                 notes = f"Chest radiograph{f' ({view} view)' if view else ''}. Finding: {', '.join(labels)}."
             pid = row.text("patientid")
+            pid = "" if is_placeholder_id(pid) else pid
             stem = file_name.rsplit(".", 1)[0]
             yield RawItem(
                 id=f"covid_cxr-{img_id}",

@@ -17,7 +17,8 @@ Boxes
     too), of bare 4-number lists, or one bare 4-number list; numbers in the source's
     ``box_format`` (``xyxy``: ``[x0, y0, x1, y1]``; ``xywh``: ``[x, y, w, h]``, top-left
     corner). An entry that is not four finite numbers becomes an ``invalid_box``
-    region reject naming the column; the item itself is kept.
+    region reject naming the column; the item itself is kept. An entry whose box is a
+    missing value (``null``, ``"#N/A"``, ...: :mod:`regionmed.data.missing`) gives no box.
 """
 
 from __future__ import annotations
@@ -208,6 +209,8 @@ def parse_boxes(value: Any, box_format: str, column: str, default_label: str = "
             box = entry.get("box", entry.get("bbox"))
         else:
             box = entry
+        if is_missing(box):  # "no box" (null, "", "#N/A", ...), as in every other column: nothing to reject
+            continue
         nums = _numbers(box)
         if nums is None:
             out.append(RawBox(label, [math.nan] * 4, reject="invalid_box",

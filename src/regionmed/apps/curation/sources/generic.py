@@ -14,6 +14,7 @@ from regionmed.apps.curation.sources.base import Source, SourceError, SourceRepo
 from regionmed.apps.curation.sources.coco import CocoJoin, join_coco, norm_path, path_shape, read_coco
 from regionmed.apps.curation.sources.fields import FieldError, LabelParser, parse_boxes, uncertain_policy
 from regionmed.apps.curation.tables import Row, Table, TableError, read_text, require_columns
+from regionmed.data.missing import is_placeholder_id
 
 # Column options of the generic and dicom sources, with their default column names.
 COLUMN_OPTIONS = {
@@ -211,6 +212,8 @@ class GenericSource(Source):
         if raw_split and split is None:
             splits[raw_split[:20]] += 1
         pid = row.text(c["patient_col"])
+        if is_placeholder_id(pid):  # "anonymous", "0000": identifies nobody, groups nothing
+            pid = ""
         return RawItem(
             id=self._make_id(rel or f"row{row.n}"),
             source=self.name,
@@ -259,7 +262,9 @@ class GenericSource(Source):
         unused = [c for c in table.columns if c and c not in read]
         rep.columns_unused = unused
         if unused:
-            absent = {col: opt for opt, col in self.cols.items() if col not in table.columns}
+            # Hints name only options that are not set (one that is set to a column the table lacks
+            # stops the build with its own "did you mean"), and only columns that no option reads.
+            absent = {col: opt for opt, col in self.cols.items() if col not in table.columns and opt not in self.opts}
             hints = []
             for u in unused:
                 close = difflib.get_close_matches(u, list(absent), n=1, cutoff=0.75)
@@ -268,11 +273,13 @@ class GenericSource(Source):
                 elif re.search(r"patient|subject|mrn", u, re.IGNORECASE) and "patient_col" in absent.values():
                     # an unread patient column silently loses the patient grouping of the splits
                     hints.append(f"patient_col: {u}")
+            unset = list(absent.values()) + ([] if "label_cols" in self.opts else ["label_cols"])
             rep.warnings.append(
                 f"{self.name} ({table.name}): columns not used: {', '.join(repr(u) for u in unused)}; this source "
                 f"reads {', '.join(repr(c) for c in rep.columns_read) or 'none of its columns'}"
                 + (f". Did you mean {'; '.join(hints)}?" if hints else ".")
-                + " Name a column with its option (see regionmed build --help), e.g. labels_col, or label_cols for one column per class")
+                + (f" To read one, name it with an option not set yet (see regionmed build --help): {', '.join(unset)}"
+                   if unset else " Every column option is set already: these columns are not read"))
         if self._splits:
             top = ", ".join(f"{k!r}={v}" for k, v in self._splits.most_common(3))
             rep.warnings.append(f"{self.name}: {sum(self._splits.values())} rows have a split value that is not "
@@ -311,7 +318,7 @@ class DicomSource(GenericSource):
             return
         for n, path in enumerate(self._files(), 1):
             rel = str(path.relative_to(self.root))
-            txt = path.with_suffix(".txt")
+            txt = self.uses(path.with_suffix(".txt"))  # a report that appears later changes the build too
             report, reject = "", None
             if txt.is_file():
                 try:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from regionmed.apps.curation.facts import facts_report
 from regionmed.apps.curation.items import RawBox, RawItem, norm_modality
 from regionmed.apps.curation.sources.base import Source, SourceError
-from regionmed.apps.curation.tables import TableError, read_json
+from regionmed.apps.curation.tables import TableError, read_json, require_keys
 
 SPLIT_FILES = (("train", "train.json"), ("val", "validate.json"), ("test", "test.json"))
 SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
@@ -28,6 +28,10 @@ def body_of(location: str) -> str:
     if "neck" in loc:
         return "neck"
     return loc.replace(" ", "_")
+
+
+# The keys of a question record this source reads (a record without one stops, naming the file).
+QUESTION_KEYS = {"img_name": "the image folder", "question": "the question", "answer": "the answer"}
 
 
 class SlakeSource(Source):
@@ -57,10 +61,10 @@ class SlakeSource(Source):
         split: dict[str, str] = {}
         info: dict[str, tuple[str, str]] = {}
         for name, fname in SPLIT_FILES:
-            path = self.root / fname
+            path = self.uses(self.root / fname)
             if not path.is_file():
                 continue
-            for q in read_json(path, self.encoding):
+            for q in require_keys(read_json(path, self.encoding), QUESTION_KEYS, path):
                 folder = q["img_name"].split("/")[0]
                 split[folder] = max(split.get(folder, name), name, key=SPLIT_RANK.__getitem__)
                 info.setdefault(folder, (q.get("modality", ""), q.get("location", "")))
@@ -72,7 +76,7 @@ class SlakeSource(Source):
         qa, split, info = self._index()
         for folder in self._folders():
             boxes: list[RawBox] = []
-            det = folder / "detection.json"
+            det = self.uses(folder / "detection.json")
             if det.is_file():
                 try:
                     for entry in read_json(det, self.encoding):

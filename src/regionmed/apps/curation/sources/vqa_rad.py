@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from regionmed.apps.curation.facts import facts_report
 from regionmed.apps.curation.items import RawItem
 from regionmed.apps.curation.sources.base import Source, SourceError
-from regionmed.apps.curation.tables import read_json
+from regionmed.apps.curation.tables import read_json, require_keys
 
 BODY = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
 
@@ -52,6 +52,10 @@ def guess_modality(pairs) -> str:
     return max(votes, key=votes.get) if votes else "unknown"
 
 
+# The keys of a question record this source reads (a record without one stops, naming the file).
+QUESTION_KEYS = {"image_name": "the image file", "question": "the question", "answer": "the answer"}
+
+
 class VqaRadSource(Source):
     """One item per image. Most test images are also asked about in the train
     set: an image with any test question goes to test (a test image never feeds
@@ -75,10 +79,10 @@ class VqaRadSource(Source):
         split: dict[str, str] = {}
         organ: dict[str, str] = {}
         for name, fname in (("train", "trainset.json"), ("test", "testset.json")):
-            path = self.root / fname
+            path = self.uses(self.root / fname)
             if not path.is_file():
                 continue
-            for q in read_json(path, self.encoding):
+            for q in require_keys(read_json(path, self.encoding), QUESTION_KEYS, path):
                 img = q["image_name"]
                 qa.setdefault(img, []).append((str(q["question"]), str(q["answer"]), str(q.get("question_type", ""))))
                 if name == "test" or img not in split:
