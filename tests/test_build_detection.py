@@ -461,3 +461,27 @@ def test_coco_supercategory_sets_the_region_kind(tmp_path):
     summary, log, out = run_build(tmp_path, root, name="generic", coco="coco.json")
     regs = read_all_records(out)[0]["regions"]
     assert [(g["label"], g.get("kind")) for g in regs] == [("Nodule", "finding"), ("Liver", "anatomy"), ("Marker", None)]
+
+
+def test_check_source_command_reports_detection_boxes_and_kinds(yolo_build, tmp_path, capsys):
+    import argparse
+
+    from regionmed.apps.curation.cli import add_build_parser, add_check_source_parser
+
+    p = argparse.ArgumentParser(prog="regionmed")
+    sub = p.add_subparsers(dest="command")
+    add_check_source_parser(sub)
+    add_build_parser(sub)
+    root = Path(yolo_build[3].where)
+    args = p.parse_args(["check-source", "--source", "detection", "--input", str(root), "--option", "id_from=stem",
+                         "--option", 'label_kinds={"Nodule": "finding", "Mass": "anatomy"}'])
+    assert args.func(args) == 1  # boxes would be dropped
+    text = capsys.readouterr().out
+    for line in ("13 rows read", "boxes declared: 26", "unknown_category       1", "invalid_box            9",
+                 "labels/four_fields.txt line 2: 4 values", "box label kinds: anatomy=3, finding=13"):
+        assert line in text, (line, text)
+    with pytest.raises(SystemExit):
+        p.parse_args(["build", "--help"])
+    help_text = capsys.readouterr().out
+    for word in ("detection", "yolo: labels", "voc_origin", "absent_labels", "label_kinds", "finding_labels", "kind: finding"):
+        assert word in help_text, word
