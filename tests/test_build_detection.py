@@ -485,3 +485,18 @@ def test_check_source_command_reports_detection_boxes_and_kinds(yolo_build, tmp_
     help_text = capsys.readouterr().out
     for word in ("detection", "yolo: labels", "voc_origin", "absent_labels", "label_kinds", "finding_labels", "kind: finding"):
         assert word in help_text, word
+
+
+def test_dicom_folder_with_yolo_labels(tmp_path):
+    from test_build_dicom import make_dicom, ramp
+
+    root = tmp_path / "in"
+    (root / "scans").mkdir(parents=True)
+    (root / "scans" / "s1.dcm").write_bytes(make_dicom(ramp(60, 80)))
+    (root / "scans" / "s1.txt").write_text("Nodule in the right upper lobe.")
+    (root / "labels" / "scans").mkdir(parents=True)
+    (root / "labels" / "scans" / "s1.txt").write_text("0 0.25 0.25 0.25 0.5\n")
+    (root / "labels" / "classes.txt").write_text("Nodule\n")
+    summary, log, out = run_build(tmp_path, root, name="dicom", yolo="labels", kind="finding")
+    (rec,) = read_all_records(out)
+    assert [(g["label"], g["box"], g["kind"]) for g in rec["regions"]] == [("Nodule", [10.0, 0.0, 30.0, 30.0], "finding")]

@@ -185,22 +185,23 @@ class GenericSource(Source):
                              "by file name alone (unique in the table)")
         return join
 
-    def _join_labels(self, table: Table) -> dict[str, list]:
-        """{table image path: boxes} from the YOLO / VOC label files; unmatched files become orphans."""
+    def _join_labels(self, paths: list[str], what: str) -> dict[str, list]:
+        """{image path: boxes} from the YOLO / VOC label files for the source's image ``paths``
+        (absolute, normalised); unmatched label files become orphans and a warning. ``what``
+        names the images in messages ("image of the table t.csv")."""
         labels = self.label_set
-        paths = [self._resolve(c) for c in (row.text(self.cols["image_col"]) for row in table.rows()) if c]
         bases = [labels.folder.parent / "images", self.root] + ([self.table.parent] if self.table is not None else [])
         matched = labels.match(paths, [b for b in bases if b.is_dir()])
         if labels.files and not matched:
             raise SourceError(
-                f"{self.name}: none of the {len(labels.files)} label files in {labels.folder} matches an image of the "
-                f"table {table.name}: labels look like {path_shape(labels.files[0])!r}, the column "
-                f"{self.cols['image_col']!r} like {path_shape(next(iter(paths), ''))!r}. A label file matches the image "
-                "with the same path under the labels folder's sibling images/, the source folder or the table's "
-                "folder, else the one table image with its file stem")
+                f"{self.name}: none of the {len(labels.files)} label files in {labels.folder} matches an {what}: "
+                f"labels look like {path_shape(labels.files[0])!r}, the images like "
+                f"{path_shape(os.path.relpath(paths[0], self.root)) if paths else '(none)'!r}. A label file matches the "
+                "image with the same path under the labels folder's sibling images/, the source folder or the table's "
+                "folder, else the one image with its file stem")
         orphans, _ = labels.orphans(self.name)
         self._rep.orphans = list(self._rep.orphans) + orphans
-        warning = labels.unmatched_warning(self.name, "image of the table")
+        warning = labels.unmatched_warning(self.name, what)
         if warning:
             self._rep.warnings.append(warning)
         return {path: labels.read(rel).boxes for path, rel in matched.items()}
@@ -268,7 +269,10 @@ class GenericSource(Source):
             table.header()
             self._check_columns(table)
         coco = self._join_coco(table) if self.opts.get("coco") else None
-        label_boxes = self._join_labels(table) if self.label_set is not None else None
+        label_boxes = None
+        if self.label_set is not None:
+            paths = [self._resolve(c) for c in (row.text(self.cols["image_col"]) for row in table.rows()) if c]
+            label_boxes = self._join_labels(paths, f"image of the table {table.name}")
         rep = self._rep
         rep.box_format = {"format": self.box_format, "explicit": "box_format" in self.opts,
                           "column": self.cols["boxes_col"], "checked": 0, "misfit": 0}
@@ -323,11 +327,13 @@ class DicomSource(GenericSource):
     file path. Files are grouped into splits by patient: a table row's ``patient_col``
     when it gives one, else the file's PatientID, read when the file is decoded and
     used only as a salted hash (:func:`regionmed.apps.curation.dicom.patient_key`;
-    placeholders such as "ANONYMOUS" count as absent)."""
+    placeholders such as "ANONYMOUS" count as absent). Boxes may come from YOLO / VOC
+    label files (options ``yolo`` / ``voc``, as for ``generic``), matched to the files by
+    their path under the source folder."""
 
     name = "dicom"
     reads = ("*.dcm files with <stem>.txt reports beside them; or a table as for generic "
-             "(the same columns and options)")
+             "(the same columns and options); optional YOLO labels (yolo, classes) or VOC XML (voc)")
 
     def _files(self):
         return sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", ".dicom"))
@@ -345,7 +351,11 @@ class DicomSource(GenericSource):
                 item.modality = item.modality if item.modality != "unknown" else "auto"
                 yield item
             return
-        for n, path in enumerate(self._files(), 1):
+        files = self._files()
+        label_boxes = {}
+        if self.label_set is not None:
+            label_boxes = self._join_labels([os.path.abspath(p) for p in files], "image (*.dcm file)")
+        for n, path in enumerate(files, 1):
             rel = str(path.relative_to(self.root))
             txt = path.with_suffix(".txt")
             report, reject = "", None
@@ -360,6 +370,7 @@ class DicomSource(GenericSource):
                 source=self.name,
                 image_path=str(path),
                 report=report,
+                boxes=list(label_boxes.get(os.path.abspath(path), [])),
                 modality="auto",
                 body=str(self.opts.get("body", "")),
                 ref=f"dicom file #{n}",

@@ -41,7 +41,9 @@ the same relative path under the images folder (``images/train/a.jpg`` -
 matches no image is named in a warning and each of its boxes is an ``unmatched_box``
 reject. Messages name a label file by its path under the labels folder when the source
 may name files (``id_from: stem``), else by the path's shape and its position in sorted
-order (``labels/<name>.txt, file #12``), as file names may hold patient identifiers.
+order (``labels/<name>.txt (label file #12)``), as file names may hold patient identifiers.
+Keep label files in a folder of their own: every ``.txt`` (``.xml``) under it is a label
+file, except the class-names file.
 """
 
 from __future__ import annotations
