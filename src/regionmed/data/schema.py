@@ -29,6 +29,13 @@ Record fields (``*`` = required)::
         report_captions  (optional) list of {"text", "rule"}: report sentences matched to
                          this box by anatomy/laterality terms (rule: anatomy, laterality,
                          laterality+zone, bilateral)
+        kind         (optional) "anatomy" | "finding": whether ``label`` names an organ or
+                     structure, or a lesion / abnormality (:data:`REGION_KINDS`); absent
+                     (or null) = unknown. Set by the dataset builder from what the input
+                     says (a COCO supercategory, a public set's class list) or the source
+                     options ``label_kinds`` / ``finding_labels`` / ``anatomy_labels`` /
+                     ``kind`` (:mod:`regionmed.apps.curation.sources.kinds`); used to report
+                     grounding separately for anatomy and for findings.
     labels           {class name: 0 | 1}
     group            str, split group (a hashed patient key or the image id)
     meta             {str: str | int | float}, allow-listed non-identifying attributes
@@ -49,6 +56,7 @@ SCHEMA_VERSION = 1
 FORMAT_NAME = "medregion"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+REGION_KINDS = ("anatomy", "finding")  # values of a region's optional "kind"
 
 
 class RecordError(RegionmedError, ValueError):
@@ -84,15 +92,19 @@ class Region:
     label: str = ""
     negatives: list[dict[str, str]] = field(default_factory=list)
     source: str = "annotation"
+    kind: str | None = None  # "anatomy" | "finding" | None (unknown)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "box": [float(v) for v in self.box],
             "label": self.label,
             "caption": self.caption,
             "negatives": list(self.negatives),
             "source": self.source,
         }
+        if self.kind is not None:
+            out["kind"] = self.kind
+        return out
 
 
 def _where(record: dict, where: str | None) -> str:
@@ -140,6 +152,8 @@ def validate_record(record: Any, where: str | None = None) -> dict:
         if "caption_rule" in region and not isinstance(region["caption_rule"], str):
             raise RecordError(f"{rctx}.caption_rule must be a string")
         _check_negatives(region.get("report_captions", []), f"{rctx}.report_captions")
+        if region.get("kind") is not None and region["kind"] not in REGION_KINDS:
+            raise RecordError(f"{rctx}.kind is {region['kind']!r}, expected one of {REGION_KINDS} (or no kind: unknown)")
     labels = record.get("labels", {})
     if not isinstance(labels, dict):
         raise RecordError(f"{ctx}: field 'labels' must be an object")

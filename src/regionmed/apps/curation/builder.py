@@ -128,6 +128,17 @@ def _process(item: RawItem) -> dict:
     )
     img = loaded.image
     width, height = img.size
+    if any(b.ref_size for b in item.boxes):  # boxes drawn on an image of another size (VOC <size>)
+        kept = []
+        for j, b in enumerate(item.boxes):
+            if b.ref_size and tuple(b.ref_size) != tuple(loaded.source_size):
+                region_rejects.append({"status": "region_reject", "id": item.id, "source": item.source, "region": j,
+                                       "label": b.label, "reason": "size_mismatch",
+                                       "detail": f"{b.detail or 'given box'}: drawn on a {b.ref_size[0]}x{b.ref_size[1]} "
+                                                 f"image, the image is {loaded.source_size[0]}x{loaded.source_size[1]}"})
+            else:
+                kept.append(b)
+        item = dataclasses.replace(item, boxes=kept)
     modality = item.modality
     if modality in ("auto", "unknown", ""):
         modality = norm_modality(str(loaded.meta.get("Modality", ""))) if loaded.meta else (modality or "unknown")
@@ -147,8 +158,11 @@ def _process(item: RawItem) -> dict:
                                    "detail": f"box {['%.1f' % v for v in box]} in {width}x{height} image"})
             continue
         caption, loc = region_caption(label, clean, width, height, modality, body, ccfg, loaded.pixel_spacing)
-        regions.append({"box": [round(v, 2) for v in clean], "label": label, "caption": caption, "source": src,
-                        "location": loc, "_key": f"{item.id}/{j}"})
+        region = {"box": [round(v, 2) for v in clean], "label": label, "caption": caption, "source": src,
+                  "location": loc, "_key": f"{item.id}/{j}"}
+        if item.kinds.get(label):
+            region["kind"] = item.kinds[label]
+        regions.append(region)
     # Report sentences that describe a region (anatomy / laterality / zone), recorded with their
     # rule (captions.report_captions: extra, replace or off); negatives are made from the final caption.
     apply_report_captions(regions, report, height, ccfg)

@@ -231,9 +231,19 @@ def location(box, width: int, height: int, modality: str, cfg: CaptionConfig) ->
     return {"side": side, "vertical": vertical, "radial": radial}
 
 
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def label_words(label: str) -> str:
+    """A class name as lower-case words: ``ActiveTuberculosis``, ``active_tuberculosis`` and
+    ``Active Tuberculosis`` all give ``"active tuberculosis"`` (detection exports often write
+    class names in CamelCase or snake_case)."""
+    return " ".join(_CAMEL.sub(" ", str(label)).replace("_", " ").split()).lower()
+
+
 def _label_text(label: str) -> str:
-    label = " ".join(label.replace("_", " ").split())
-    return label[:1].upper() + label[1:].lower() if label else "Region"
+    label = label_words(label)
+    return label[:1].upper() + label[1:] if label else "Region"
 
 
 def region_caption(

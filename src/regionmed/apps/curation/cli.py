@@ -27,8 +27,9 @@ Either give a YAML build config (--config FILE; see regionmed.apps.curation.conf
 fields), or one source with flags (--source NAME --input PATH --out DIR), or both:
 flags override the config (--source/--input replace its sources).
 
-Sources: generic (folder + CSV/JSONL table, optional COCO boxes), dicom, slake,
-vqa_rad, covid_cxr. Proposers: annotation, unsupervised, detector, none.
+Sources: generic (folder + CSV/JSONL table, optional COCO / YOLO / VOC boxes),
+detection (folder of images + YOLO or VOC labels), dicom, slake, vqa_rad, covid_cxr.
+Proposers: annotation, unsupervised, detector, none.
 
 Every input ends in the output or in rejects.jsonl with a reason; the printed
 summary accounts for every input. Every row of every source is read first (as
@@ -40,6 +41,8 @@ Examples:
   regionmed build --source slake --input ../shared/data/slake --out runs/slake
   regionmed build --source covid_cxr --input ../shared/data/covid_cxr --out runs/cxr \\
       --proposer annotation --fallback unsupervised --workers 2 --limit 100
+  regionmed build --source detection --input ../shared/data/tbx11k --out runs/tbx \\
+      --option modality=xray --option body=chest --option kind=finding
   regionmed build --config build.yaml      (a YAML build config: see the README, "Using it")
 """
 

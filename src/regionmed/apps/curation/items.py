@@ -21,7 +21,10 @@ REJECT_REASONS = {
     "box_outside": "a box lies outside the image after clipping (region dropped)",
     "zero_area_box": "a box has (near) zero area after clipping (region dropped)",
     "invalid_box": "a box is malformed: not 4 finite numbers, or x1 <= x0 / y1 <= y0 (region dropped)",
-    "unknown_category": "a COCO annotation whose category_id is not among the file's categories (region dropped)",
+    "unknown_category": "a box whose class (COCO category_id, YOLO class id, VOC name) is not among the declared "
+                        "classes (region dropped)",
+    "size_mismatch": "a box file states an image size (VOC <size>) other than the image's (region dropped)",
+    "difficult_box": "a VOC object marked <difficult> while the source option difficult is 'reject' (region dropped)",
     "unmatched_box": "a box whose image matches no input of the source (region dropped; no item to attach it to)",
     "no_regions": "no region left and require_regions is on",
     "duplicate_id": "an earlier input of the build has the same id",
@@ -39,7 +42,8 @@ class ItemReject(RegionmedError):
 
 
 # Reasons that concern one region (a box), not a whole item.
-REGION_REASONS = ("box_outside", "zero_area_box", "invalid_box", "unknown_category", "unmatched_box")
+REGION_REASONS = ("box_outside", "zero_area_box", "invalid_box", "unknown_category", "unmatched_box", "size_mismatch",
+                  "difficult_box")
 
 
 @dataclass
@@ -52,6 +56,14 @@ class RawBox:
     four numbers as written and the configurable format they were read in
     (``"xyxy"``/``"xywh"``; ``None`` when the file format fixes it, as COCO does), for
     the box-format check of :meth:`~regionmed.apps.curation.sources.Source.check`.
+
+    ``normalized``: ``box`` is in fractions of the image's width and height (YOLO), turned
+    into pixels of the decoded image by the annotation proposer. ``ref_size``: ``(w, h)``
+    of the image the box was drawn on, when the box file states it (VOC ``<size>``); the
+    builder rejects the box (``size_mismatch``) when the decoded image has another size.
+    ``kind``: what the input says the label is (``"anatomy"``/``"finding"``, e.g. a COCO
+    supercategory); the source's options may override it
+    (:class:`~regionmed.apps.curation.sources.kinds.LabelKinds`).
     """
 
     label: str
@@ -60,6 +72,9 @@ class RawBox:
     detail: str = ""
     given: list[float] | None = None
     fmt: str | None = None
+    normalized: bool = False
+    ref_size: tuple[int, int] | None = None
+    kind: str | None = None
 
 
 @dataclass
@@ -73,7 +88,9 @@ class RawItem:
     ``ref`` is a non-identifying reference to the input for rejects.jsonl.
     ``reject`` is ``(reason, detail)`` when the source already knows the item cannot
     be used (a malformed table row, an invalid label): the builder rejects it
-    without decoding anything.
+    without decoding anything. ``kinds`` maps box labels to their kind (``"anatomy"`` /
+    ``"finding"``), filled by :class:`~regionmed.apps.curation.sources.Source` from the
+    boxes and the source's kind options; the builder writes it as each region's ``kind``.
     """
 
     id: str
@@ -92,6 +109,7 @@ class RawItem:
     meta: dict[str, Any] = field(default_factory=dict)
     ref: str = ""
     reject: tuple[str, str] | None = None
+    kinds: dict[str, str] = field(default_factory=dict)
 
 
 def hashed(text: str, salt: str = "", n: int = 16) -> str:

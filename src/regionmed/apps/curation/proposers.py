@@ -1,6 +1,7 @@
 """ROI proposers, chosen by name in the build config (``proposer.name``).
 
-* ``annotation`` — the boxes given with the data (masks → boxes is the source's job);
+* ``annotation`` — the boxes given with the data (masks → boxes is the source's job; pixel
+  boxes are scaled to the stored image, normalised ones — YOLO — multiplied by its size);
 * ``unsupervised`` — no weights: Felzenszwalb segments and multi-Otsu
   intensity components and bands (scikit-image), filtered by size, ranked by
   contrast × fill × size and de-duplicated with non-maximum suppression;
@@ -78,7 +79,9 @@ class AnnotationProposer(Proposer):
     name = "annotation"
 
     def propose(self, item, image, scale=1.0):
-        return [(b.label, [v * scale for v in b.box], "annotation") for b in item.boxes]
+        w, h = image.size
+        return [(b.label, [b.box[0] * w, b.box[1] * h, b.box[2] * w, b.box[3] * h] if b.normalized
+                 else [v * scale for v in b.box], "annotation") for b in item.boxes]
 
 
 class UnsupervisedProposer(Proposer):

@@ -14,6 +14,7 @@ from typing import Any
 
 from regionmed.apps.curation.inputs import Input
 from regionmed.apps.curation.items import RawItem
+from regionmed.apps.curation.sources.kinds import KIND_OPTIONS, KindError, LabelKinds
 from regionmed.apps.curation.tables import check_encoding, recording
 from regionmed.errors import RegionmedError
 
@@ -42,6 +43,7 @@ class SourceReport:
     known at read time; ``orphans`` region rejects that reach no item (written to
     rejects.jsonl by the build); ``labels`` counts of label values (``positive``,
     ``negative``, ``uncertain``, ``not_given``) and the ``uncertain_policy`` applied;
+    ``kinds`` counts of the usable boxes by label kind (``anatomy``, ``finding``, ``unknown``);
     ``columns_read`` / ``columns_unused`` of the source's table; ``warnings`` (the build
     goes on), ``notes`` (informational) and ``errors`` (the build stops).
     """
@@ -58,6 +60,7 @@ class SourceReport:
     box_examples: dict[str, list[str]] = field(default_factory=dict)
     orphans: list[dict] = field(default_factory=list)
     labels: Counter = field(default_factory=Counter)
+    kinds: Counter = field(default_factory=Counter)
     uncertain_policy: str | None = None
     columns_read: list[str] = field(default_factory=list)
     columns_unused: list[str] = field(default_factory=list)
@@ -83,14 +86,16 @@ class SourceReport:
     def to_json(self) -> dict:
         """A JSON-ready dict (Counters as plain dicts); :meth:`from_json` reads it back."""
         return {k: dict(v) if isinstance(v, Counter) else v
-                for k, v in asdict(dataclasses.replace(self, problems={}, box_problems={}, labels={}, inputs=[])).items()
+                for k, v in asdict(dataclasses.replace(self, problems={}, box_problems={}, labels={}, kinds={}, inputs=[])).items()
                 if k != "inputs"} | {
-            "problems": dict(self.problems), "box_problems": dict(self.box_problems), "labels": dict(self.labels)}
+            "problems": dict(self.problems), "box_problems": dict(self.box_problems), "labels": dict(self.labels),
+            "kinds": dict(self.kinds)}
 
     @classmethod
     def from_json(cls, data: dict) -> SourceReport:
         rep = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
         rep.problems, rep.box_problems, rep.labels = Counter(rep.problems), Counter(rep.box_problems), Counter(rep.labels)
+        rep.kinds = Counter(rep.kinds)
         return rep
 
     def _check_box_format(self) -> None:
@@ -128,6 +133,8 @@ class SourceReport:
         lines.append(f"  boxes declared: {self.boxes}" + (f" ({len(self.orphans)} reach no image)" if self.orphans else ""))
         for reason, n in sorted(self.box_problems.items()):
             lines.append(f"    {reason:<17} {n:>6}   e.g. {'; '.join(self.box_examples.get(reason, []))}")
+        if self.kinds:
+            lines.append("  box label kinds: " + ", ".join(f"{k}={v}" for k, v in sorted(self.kinds.items())))
         if self.labels:
             parts = ", ".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
             lines.append(f"  label values: {parts}" + (f" (uncertain policy {self.uncertain_policy})" if self.uncertain_policy else ""))
@@ -144,7 +151,9 @@ class Source(ABC):
     with ids suffixed ``~rK`` (for benchmarks). Every source takes the option
     ``encoding`` (default ``utf-8``; a byte-order mark is always honoured): the text
     encoding of its tables, JSON and text files, decoded strictly
-    (:mod:`regionmed.apps.curation.tables`).
+    (:mod:`regionmed.apps.curation.tables`); and the label-kind options
+    ``label_kinds``, ``finding_labels``, ``anatomy_labels``, ``kind``
+    (:mod:`.kinds`): each item's ``kinds`` is filled from its boxes under them.
 
     ``reads`` documents the files and columns a source reads (``regionmed build --help``).
 
@@ -166,9 +175,10 @@ class Source(ABC):
         self.root = Path(root)
         if not self.root.exists():
             raise SourceError(f"{self.name}: input folder {self.root} does not exist")
-        unknown = sorted(set(options) - set(self.options) - {"encoding"})
+        common = {"encoding", *KIND_OPTIONS}
+        unknown = sorted(set(options) - set(self.options) - common)
         if unknown:
-            raise SourceError(f"{self.name}: unknown option(s) {unknown}; known: {sorted(set(self.options) | {'encoding'})}")
+            raise SourceError(f"{self.name}: unknown option(s) {unknown}; known: {sorted(set(self.options) | common)}")
         self.limit = limit
         self.repeat = max(1, int(repeat))
         self.opts = options
@@ -176,6 +186,10 @@ class Source(ABC):
         try:
             check_encoding(self.encoding, f"{self.name}: option encoding")
         except RegionmedError as err:
+            raise SourceError(str(err)) from None
+        try:
+            self.kinds = LabelKinds(options, self.name)
+        except KindError as err:
             raise SourceError(str(err)) from None
         self._rep = SourceReport(self.name, str(self.root))
         self._inputs: dict[str, Input] = {}
@@ -227,11 +241,22 @@ class Source(ABC):
     def _after_check(self, rep: SourceReport) -> None:
         """Add what is known once the rows are read (columns used and unused)."""
 
+    def _limited(self) -> Iterator[RawItem]:
+        """:meth:`_items` up to ``limit``, each with its label ``kinds`` resolved."""
+        items = self._items() if self.limit is None else itertools.islice(self._items(), self.limit)
+        for item in items:
+            kinds = {}
+            for b in item.boxes:
+                kind = None if b.reject else self.kinds.of(b.label, b.kind)
+                if kind:
+                    kinds[b.label] = kind
+            item.kinds = kinds
+            yield item
+
     def __iter__(self) -> Iterator[RawItem]:
         for k in range(self.repeat):
             self._rep = SourceReport(self.name, str(self.root))
-            items = self._recorded(self._items() if self.limit is None else itertools.islice(self._items(), self.limit))
-            for item in items:
+            for item in self._recorded(self._limited()):
                 if k:
                     item.id = f"{item.id}~r{k}"
                 yield item
@@ -258,8 +283,7 @@ class Source(ABC):
         self._inputs = {}
         seen: set[str] = set()
         try:
-            items = self._recorded(self._items() if self.limit is None else itertools.islice(self._items(), self.limit))
-            for item in items:
+            for item in self._recorded(self._limited()):
                 rep.rows += 1
                 ref = item.ref or item.id
                 if item.id in seen:
@@ -270,7 +294,9 @@ class Source(ABC):
                     rep.boxes += 1
                     if b.reject:
                         rep.box_problem(b.reject, f"{ref}: {b.detail}" if b.detail else ref)
-                    elif b.fmt and b.given:
+                        continue
+                    rep.kinds[item.kinds.get(b.label, "unknown")] += 1
+                    if b.fmt and b.given:
                         bf = rep.box_format
                         bf["checked"] = bf.get("checked", 0) + 1
                         ok, other = box_format_fit(b.given, b.fmt)
@@ -294,6 +320,11 @@ class Source(ABC):
             rep.box_problem(o["reason"], o["detail"])
         with recording(lambda path: self._note(path, "file")):
             self._after_check(rep)
+        unused = self.kinds.unused() if self.limit is None and not rep.errors else []
+        if unused:
+            rep.warnings.append(f"{self.name}: the label-kind options name labels that no box has: "
+                                f"{', '.join(repr(u) for u in unused[:10])}{' ...' if len(unused) > 10 else ''} "
+                                "(labels are matched case-insensitively)")
         rep._check_box_format()
         rep.total = rep.rows * self.repeat
         rep.inputs = self.inputs()

@@ -10,6 +10,10 @@ becomes one :class:`~regionmed.apps.curation.items.RawBox` (COCO ``bbox`` is
 * ``unmatched_box`` — an ``image_id`` that is not among the images, or (in
   :func:`join_coco`) an image that no input of the source names.
 
+A category's ``supercategory`` gives its boxes a label kind when it states one
+(:func:`~regionmed.apps.curation.sources.kinds.kind_of_supercategory`: "anatomy",
+"organ" ... or "finding", "lesion" ...); other values leave the kind unknown.
+
 :func:`join_coco` matches each COCO image's ``file_name`` to the table's image paths:
 relative to the COCO file's folder, the source folder or the table's folder, and
 otherwise by file name alone when exactly one table image has that name. Back
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from regionmed.apps.curation.items import RawBox
+from regionmed.apps.curation.sources.kinds import kind_of_supercategory
 from regionmed.apps.curation.tables import TableError, read_json
 
 
@@ -43,6 +48,7 @@ class CocoFile:
     orphans: list[dict] = field(default_factory=list)  # region rejects with no image
     annotations: int = 0
     categories: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, str | None] = field(default_factory=dict)  # category id -> kind its supercategory states
 
 
 def _region_reject(path: Path, ann_id: Any, label: str, reason: str, detail: str) -> dict:
@@ -62,6 +68,7 @@ def read_coco(path: str | Path, encoding: str = "utf-8") -> CocoFile:
         if not isinstance(cat, dict) or "id" not in cat:
             raise TableError(f"{path}: categories[{k}] has no 'id'")
         coco.categories[str(cat["id"])] = str(cat.get("name") or cat["id"])
+        coco.kinds[str(cat["id"])] = kind_of_supercategory(cat.get("supercategory"))
     for k, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "id" not in im or not im.get("file_name"):
             raise TableError(f"{path}: images[{k}] needs an 'id' and a 'file_name'")
@@ -72,10 +79,11 @@ def read_coco(path: str | Path, encoding: str = "utf-8") -> CocoFile:
             coco.orphans.append(_region_reject(path, k, "?", "invalid_box", f"annotations[{k}] is not an object"))
             continue
         aid = ann.get("id", k)
-        label, reject, detail = "region", None, ""
+        label, reject, detail, kind = "region", None, "", None
         cid = ann.get("category_id")
         if cid is not None:
             label = coco.categories.get(str(cid), f"category {cid}")
+            kind = coco.kinds.get(str(cid))
             if str(cid) not in coco.categories:
                 reject = "unknown_category"
                 known = sorted(coco.categories, key=lambda s: (len(s), s))
@@ -88,7 +96,7 @@ def read_coco(path: str | Path, encoding: str = "utf-8") -> CocoFile:
         else:
             x, y, w, h = nums
             box = [x, y, x + w, y + h]
-        raw = RawBox(label, box, reject=reject, detail=detail)
+        raw = RawBox(label, box, reject=reject, detail=detail, kind=kind)
         img = str(ann.get("image_id"))
         if img not in coco.images:
             coco.orphans.append(_region_reject(path, aid, label, "unmatched_box",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 from regionmed.apps.curation.items import RawItem
@@ -21,7 +22,8 @@ READ_COLUMNS = ("filename", "patientid", "finding", "clinical_notes", "view")
 class CovidCxrSource(Source):
     """One item per COCO image. No official split: the builder splits by the
     (hashed) patient id. Report = the clinical notes; when a row has no notes
-    but a known finding, a one-line report is made from the finding and view."""
+    but a known finding, a one-line report is made from the finding and view.
+    The boxes are the dataset's lung boxes: their label kind is ``anatomy``."""
 
     name = "covid_cxr"
     reads = ("annotations.json (COCO: images, lung boxes, categories), images/, metadata.csv columns "
@@ -82,7 +84,7 @@ class CovidCxrSource(Source):
                 source=self.name,
                 image_path=str(self.root / "images" / file_name),
                 report=notes,
-                boxes=list(coco.boxes.get(img_id, [])),
+                boxes=[dataclasses.replace(b, kind="anatomy") for b in coco.boxes.get(img_id, [])],
                 split=None,
                 group=f"covid_cxr/patient/{pid}" if pid else f"covid_cxr/image/{stem}",
                 modality="xray",

@@ -13,6 +13,7 @@ from regionmed.apps.curation.items import RawItem, hashed, norm_modality
 from regionmed.apps.curation.sources.base import Source, SourceError, SourceReport
 from regionmed.apps.curation.sources.coco import CocoJoin, join_coco, norm_path, path_shape, read_coco
 from regionmed.apps.curation.sources.fields import FieldError, LabelParser, parse_boxes, uncertain_policy
+from regionmed.apps.curation.sources.labelfiles import LABEL_OPTIONS, LabelSet, label_set_from_options
 from regionmed.apps.curation.tables import Row, Table, TableError, read_text, require_columns
 from regionmed.data.missing import is_placeholder_id
 
@@ -68,7 +69,12 @@ class GenericSource(Source):
     ``modality_col`` ("modality"), ``modality`` (default modality), ``body`` (body
     region, e.g. "chest"), ``coco`` (COCO json with boxes; images joined by path
     relative to the COCO file, the folder or the table, else by unique file name),
-    ``id_from`` ("hash": ids are a hash of the image path, never the path itself; or "stem").
+    ``yolo`` (a folder of YOLO ``.txt`` labels, with ``classes``) or ``voc`` (a folder of
+    Pascal VOC ``.xml``, with ``voc_origin``, ``difficult``, optional ``classes``): label
+    files matched to the table's images by path (relative to the labels folder's sibling
+    ``images/``, the source folder or the table's folder), VOC ``<filename>``, else a
+    unique file stem (:mod:`.labelfiles`); ``id_from`` ("hash": ids are a hash of the
+    image path, never the path itself; or "stem").
 
     The image column and a report or summary column must be in the table; so must
     every column named by an option. Columns the source does not read are named in
@@ -77,11 +83,11 @@ class GenericSource(Source):
 
     name = "generic"
     options = ("table", "delimiter", *COLUMN_OPTIONS, "label_cols", "uncertain_labels",
-               "box_format", "modality", "body", "coco", "id_from")
+               "box_format", "modality", "body", "coco", *LABEL_OPTIONS, "id_from")
     reads = ("table.csv/.tsv/.jsonl (option table) with columns image (image_col), report (report_col), "
              "summary (summary_col), labels (labels_col), per-class label columns (label_cols), "
              "patient_id (patient_col), split (split_col), boxes (boxes_col), modality (modality_col); "
-             "optional COCO json (coco)")
+             "optional COCO json (coco), YOLO labels (yolo, classes) or VOC XML (voc)")
 
     def __init__(self, root, **kw):
         super().__init__(root, **kw)
@@ -112,6 +118,12 @@ class GenericSource(Source):
         self.label_cols = [c.strip() for c in (lc.split(",") if isinstance(lc, str) else lc) if str(c).strip()]
         self._table_obj: Table | None = None
         self._splits: Counter = Counter()  # split values not understood, counted while reading
+        self.label_set: LabelSet | None = label_set_from_options(o, self.root, self.encoding, self.name,
+                                                                 self.id_from == "stem")
+
+    def label_files(self) -> list[Path]:
+        """The YOLO / VOC label and class-names files the source reads (empty without them)."""
+        return self.label_set.files_read() if self.label_set is not None else []
 
     # ------------------------------------------------------------------ helpers
 
@@ -174,6 +186,27 @@ class GenericSource(Source):
                              "by file name alone (unique in the table)")
         return join
 
+    def _join_labels(self, paths: list[str], what: str) -> dict[str, list]:
+        """{image path: boxes} from the YOLO / VOC label files for the source's image ``paths``
+        (absolute, normalised); unmatched label files become orphans and a warning. ``what``
+        names the images in messages ("image of the table t.csv")."""
+        labels = self.label_set
+        bases = [labels.folder.parent / "images", self.root] + ([self.table.parent] if self.table is not None else [])
+        matched = labels.match(paths, [b for b in bases if b.is_dir()])
+        if labels.files and not matched:
+            raise SourceError(
+                f"{self.name}: none of the {len(labels.files)} label files in {labels.folder} matches an {what}: "
+                f"labels look like {path_shape(labels.files[0])!r}, the images like "
+                f"{path_shape(os.path.relpath(paths[0], self.root)) if paths else '(none)'!r}. A label file matches the "
+                "image with the same path under the labels folder's sibling images/, the source folder or the table's "
+                "folder, else the one image with its file stem")
+        orphans, _ = labels.orphans(self.name)
+        self._rep.orphans = list(self._rep.orphans) + orphans
+        warning = labels.unmatched_warning(self.name, what)
+        if warning:
+            self._rep.warnings.append(warning)
+        return {path: labels.read(rel).boxes for path, rel in matched.items()}
+
     def _make_id(self, rel: str) -> str:
         if self.id_from == "stem":
             return f"{self.name}-{Path(rel).stem}"
@@ -186,7 +219,8 @@ class GenericSource(Source):
 
     # ------------------------------------------------------------------ items
 
-    def _row_item(self, row: Row, coco: CocoJoin | None, labels: LabelParser, splits: Counter) -> RawItem:
+    def _row_item(self, row: Row, coco: CocoJoin | None, labels: LabelParser, splits: Counter,
+                  label_boxes: dict[str, list] | None = None) -> RawItem:
         c = self.cols
         rel = row.text(c["image_col"])
         path = self._resolve(rel) if rel else None
@@ -194,6 +228,8 @@ class GenericSource(Source):
         boxes = parse_boxes(row.value(c["boxes_col"]), self.box_format, c["boxes_col"])
         if coco is not None and path:
             boxes += coco.by_path.get(path, [])
+        if label_boxes and path:
+            boxes += label_boxes.get(path, [])
         parsed: dict[str, int] = {}
         try:
             parsed.update(labels.parse_cell(row.value(c["labels_col"]), c["labels_col"]))
@@ -236,6 +272,10 @@ class GenericSource(Source):
             table.header()
             self._check_columns(table)
         coco = self._join_coco(table) if self.opts.get("coco") else None
+        label_boxes = None
+        if self.label_set is not None:
+            paths = [self._resolve(c) for c in (row.text(self.cols["image_col"]) for row in table.rows()) if c]
+            label_boxes = self._join_labels(paths, f"image of the table {table.name}")
         rep = self._rep
         rep.box_format = {"format": self.box_format, "explicit": "box_format" in self.opts,
                           "column": self.cols["boxes_col"], "checked": 0, "misfit": 0}
@@ -245,7 +285,7 @@ class GenericSource(Source):
         self._splits = Counter()
         for row in table.rows():
             rep.blank_rows = table.blank_rows
-            yield self._row_item(row, coco, labels, self._splits)
+            yield self._row_item(row, coco, labels, self._splits, label_boxes)
         rep.blank_rows = table.blank_rows
 
     def _after_check(self, rep: SourceReport) -> None:
@@ -294,11 +334,13 @@ class DicomSource(GenericSource):
     file path. Files are grouped into splits by patient: a table row's ``patient_col``
     when it gives one, else the file's PatientID, read when the file is decoded and
     used only as a salted hash (:func:`regionmed.apps.curation.dicom.patient_key`;
-    placeholders such as "ANONYMOUS" count as absent)."""
+    placeholders such as "ANONYMOUS" count as absent). Boxes may come from YOLO / VOC
+    label files (options ``yolo`` / ``voc``, as for ``generic``), matched to the files by
+    their path under the source folder."""
 
     name = "dicom"
     reads = ("*.dcm files with <stem>.txt reports beside them; or a table as for generic "
-             "(the same columns and options)")
+             "(the same columns and options); optional YOLO labels (yolo, classes) or VOC XML (voc)")
 
     def _files(self):
         return sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", ".dicom"))
@@ -316,7 +358,11 @@ class DicomSource(GenericSource):
                 item.modality = item.modality if item.modality != "unknown" else "auto"
                 yield item
             return
-        for n, path in enumerate(self._files(), 1):
+        files = self._files()
+        label_boxes = {}
+        if self.label_set is not None:
+            label_boxes = self._join_labels([os.path.abspath(p) for p in files], "image (*.dcm file)")
+        for n, path in enumerate(files, 1):
             rel = str(path.relative_to(self.root))
             txt = self.uses(path.with_suffix(".txt"))  # a report that appears later changes the build too
             report, reject = "", None
@@ -331,6 +377,7 @@ class DicomSource(GenericSource):
                 source=self.name,
                 image_path=str(path),
                 report=report,
+                boxes=list(label_boxes.get(os.path.abspath(path), [])),
                 modality="auto",
                 body=str(self.opts.get("body", "")),
                 ref=f"dicom file #{n}",

@@ -14,6 +14,24 @@ from regionmed.apps.curation.tables import TableError, read_json, require_keys
 SPLIT_FILES = (("train", "train.json"), ("val", "validate.json"), ("test", "test.json"))
 SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
 
+# The label kind of SLAKE 1.0's 44 box classes (detection.json): 13 lesions / abnormalities
+# and 31 organs or structures. A class in neither set (another release) has an unknown kind.
+SLAKE_FINDING_CLASSES = frozenset({
+    "Brain Edema", "Brain Enhancing Tumor", "Brain Non-enhancing Tumor", "Liver Cancer", "Lung Cancer", "Cardiomegaly",
+    "Atelectasis", "Pneumonia", "Pneumothorax", "Effusion", "Infiltrate", "Nodule", "Mass",
+})
+SLAKE_ANATOMY_CLASSES = frozenset({
+    "Bladder", "Brain Stem", "Colon", "Duodenum", "Esophagus", "Heart", "Larynx", "Left Ear", "Left Eye",
+    "Left Femoral Head", "Left Kidney", "Left Lung", "Left Mandible", "Left Parotid", "Left Temporal Lobe", "Liver",
+    "Rectum", "Right Ear", "Right Eye", "Right Femoral Head", "Right Kidney", "Right Lung", "Right Mandible",
+    "Right Parotid", "Right Temporal Lobe", "Small Bowel", "Spinal Cord", "Spleen", "Stomach", "Tooth", "Trachea",
+})
+
+
+def slake_kind(label: str) -> str | None:
+    """``"finding"``, ``"anatomy"`` or ``None`` for a SLAKE box class."""
+    return "finding" if label in SLAKE_FINDING_CLASSES else ("anatomy" if label in SLAKE_ANATOMY_CLASSES else None)
+
 
 def body_of(location: str) -> str:
     loc = (location or "").lower()
@@ -37,7 +55,9 @@ QUESTION_KEYS = {"img_name": "the image folder", "question": "the question", "an
 class SlakeSource(Source):
     """One item per image folder. The official split is per question: an image
     asked about in several splits goes to the most held-out one (test > val > train),
-    so a test image never feeds training. English QA become the report's facts."""
+    so a test image never feeds training. English QA become the report's facts.
+    Box label kinds come from SLAKE's class list (:data:`SLAKE_FINDING_CLASSES`,
+    :data:`SLAKE_ANATOMY_CLASSES`)."""
 
     name = "slake"
 
@@ -81,7 +101,8 @@ class SlakeSource(Source):
                 try:
                     for entry in read_json(det, self.encoding):
                         for label, (x, y, w, h) in entry.items():
-                            boxes.append(RawBox(label, [float(x), float(y), float(x) + float(w), float(y) + float(h)]))
+                            boxes.append(RawBox(label, [float(x), float(y), float(x) + float(w), float(y) + float(h)],
+                                                kind=slake_kind(label)))
                 except (ValueError, TypeError, AttributeError, TableError) as err:
                     # a malformed box file: its boxes are one invalid_box region reject, the image is kept
                     why = "not valid JSON" if isinstance(err, TableError) else "not a list of {label: [x, y, w, h]}"
