@@ -46,6 +46,8 @@ class Batch:
     image_negatives: list[list[str]]  # B lists
     ids: list[str]
     roi_negative_rules: list[list[str]] = field(default_factory=list)  # N_valid lists, parallel to roi_negatives
+    region_labels: list[str] = field(default_factory=list)  # N_valid region labels ("" when a region has none)
+    content: torch.Tensor | None = None  # (B, 4) where each image lies in its letterboxed square (normalised xyxy)
     # Unreadable samples met while making this batch: (dataset index, "<shard>:<key>", reason).
     # Training replaced each by the next readable one; evaluation left it out.
     bad_samples: list[tuple[int, str, str]] = field(default_factory=list)
@@ -59,6 +61,8 @@ class Batch:
         self.roi_mask = self.roi_mask.to(device, non_blocking=True)
         if self.roi_crops is not None:
             self.roi_crops = self.roi_crops.to(device, non_blocking=True)
+        if self.content is not None:
+            self.content = self.content.to(device, non_blocking=True)
         return self
 
     def pin_memory(self) -> "Batch":
@@ -68,6 +72,8 @@ class Batch:
         self.roi_mask = self.roi_mask.pin_memory()
         if self.roi_crops is not None:
             self.roi_crops = self.roi_crops.pin_memory()
+        if self.content is not None:
+            self.content = self.content.pin_memory()
         return self
 
     def __len__(self) -> int:
@@ -215,6 +221,8 @@ def prepare_sample(image: Image.Image, record: dict, pre: Preprocessor, use_rois
         "report": record["report"],
         "summary": record["summary"],
         "captions": [r["caption"] for r in regions],
+        "labels": [str(r.get("label") or "") for r in regions],
+        "content": out["content"],
         "roi_negatives": [[n["text"] for n in r.get("negatives", [])][: max_negatives] for r in regions],
         "roi_negative_rules": [[n.get("rule", "unknown") for n in r.get("negatives", [])][: max_negatives] for r in regions],
         "image_negatives": [n["text"] for n in record.get("negatives", [])][: max_image_negatives],
@@ -274,6 +282,8 @@ def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
         image_negatives=[s["image_negatives"] for s in samples],
         ids=[s["id"] for s in samples],
         roi_negative_rules=[n for s in samples for n in s["roi_negative_rules"]],
+        region_labels=[lab for s in samples for lab in s.get("labels", [""] * len(s["captions"]))],
+        content=torch.stack([s["content"] for s in samples]) if all("content" in s for s in samples) else None,
         bad_samples=bad,
         sources=[s.get("source", "") for s in samples],
     )

@@ -195,7 +195,9 @@ class Preprocessor:
     def __call__(self, image: Image.Image, boxes: list | None = None) -> dict:
         """image: PIL image; boxes: pixel xyxy boxes (already sanitised, at most max_rois).
 
-        Returns ``{"image": (3, S, S), "boxes": (n, 4) in [0, 1], "crops": (n, 3, r, r) or None}``."""
+        Returns ``{"image": (3, S, S), "boxes": (n, 4) in [0, 1], "crops": (n, 3, r, r) or None,
+        "content": (4,)}``: ``content`` is where the image lies in the square (normalised xyxy; the
+        rest is letterbox padding)."""
         image = to_rgb(image)
         boxes = list(boxes or [])
         square, scale, ox, oy = self.letterbox(image)
@@ -209,7 +211,9 @@ class Preprocessor:
             crops = torch.stack(
                 [self._normalise(image.crop(self.crop_box(b, w, h)).resize((self.roi_size, self.roi_size), Image.BILINEAR)) for b in boxes]
             ) if boxes else torch.zeros(0, 3, self.roi_size, self.roi_size)
-        return {"image": self._normalise(square), "boxes": norm.clamp(0, 1), "crops": crops}
+        nw, nh = max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))
+        content = torch.tensor([ox, oy, ox + nw, oy + nh], dtype=torch.float32) / self.image_size
+        return {"image": self._normalise(square), "boxes": norm.clamp(0, 1), "crops": crops, "content": content}
 
     def prepare(self, image: Image.Image, boxes: list | None = None, on_invalid: str = "raise") -> dict:
         """Model-ready batch of one: the keyword arguments of ``model.encode_image``.

@@ -18,6 +18,7 @@ from regionmed.config import ConfigError, from_dict, to_dict
 from regionmed.data.transforms import PREPROCESS_FILE, Preprocessor
 from regionmed.io import read_json, write_json_atomic
 from regionmed.model.config import ModelConfig, ProjectionConfig, validate_model_config
+from regionmed.model.dense import DenseHead
 from regionmed.model.roi import ROIProcessor, align_roi_features, scatter_rois
 from regionmed.model.towers import ImageTower, TextTower, WeightsError
 from regionmed.optim import nonfinite_tensors
@@ -33,12 +34,15 @@ class ImageEmbeddings:
     """L2-normalised image-side embeddings.
 
     ``global_``: whole image (B, D); ``fused``: after the ROI processor (== global_
-    when ROIs are off or absent); ``roi``: (B, K, D) or None; ``roi_mask``: (B, K)."""
+    when ROIs are off or absent); ``roi``: (B, K, D) or None; ``roi_mask``: (B, K);
+    ``cells``: (B, h, w, D), each cell of the feature grid projected into the joint space
+    (what :meth:`RegionMedCLIP.patch_embeddings` gives), only when asked for."""
 
     global_: torch.Tensor
     fused: torch.Tensor
     roi: torch.Tensor | None = None
     roi_mask: torch.Tensor | None = None
+    cells: torch.Tensor | None = None
 
 
 def plan_text_chunks(
@@ -123,7 +127,7 @@ class RegionMedCLIP(nn.Module):
     """CLIP-style model aligning images and their regions with text.
 
     Module groups (the names stages use for ``trainable``): ``image_tower``,
-    ``text_tower``, ``roi_processor``, ``projections``, ``logit_scale``.
+    ``text_tower``, ``roi_processor``, ``dense_head``, ``projections``, ``logit_scale``.
     """
 
     def __init__(self, cfg: ModelConfig, text_source: str | None = None):
@@ -146,6 +150,7 @@ class RegionMedCLIP(nn.Module):
             raise ConfigError(f"model.roi.roi_size is {cfg.roi.roi_size}: ROI crops go through {cfg.image.name!r}, which "
                               f"takes sides that are multiples of its patch size {multiple}")
         self.roi_processor = ROIProcessor(self.image_tower.width, cfg.roi) if cfg.roi.mode != "none" else None
+        self.dense_head = DenseHead(self.image_tower.width, cfg.dense) if cfg.dense.head != "none" else None
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         # The image/text preprocessing (an immutable Preprocessor): derived from cfg here,
         # replaced by the folder's preprocess.json in from_pretrained.
@@ -157,6 +162,7 @@ class RegionMedCLIP(nn.Module):
             "image_tower": list(self.image_tower.parameters()),
             "text_tower": list(self.text_tower.parameters()),
             "roi_processor": list(self.roi_processor.parameters()) if self.roi_processor is not None else [],
+            "dense_head": list(self.dense_head.parameters()) if self.dense_head is not None else [],
             "projections": list(self.projections.parameters()),
             "logit_scale": [self.logit_scale],
         }
@@ -178,6 +184,20 @@ class RegionMedCLIP(nn.Module):
         return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
 
     # -- encoders --------------------------------------------------------------------
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) normalised -> the tower's pooled feature (B, C) and the feature
+        grid (B, C, h, w) after the grid head (:class:`~regionmed.model.dense.DenseHead`, when
+        the model has one): the grid every region-level path reads."""
+        pooled, grid = self.image_tower(images)
+        if self.dense_head is not None:
+            grid = self.dense_head(grid)
+        return pooled, grid
+
+    def project_cells(self, grid: torch.Tensor) -> torch.Tensor:
+        """A feature grid (B, C, h, w) -> each cell projected into the joint space, (B, h, w, D),
+        L2-normalised."""
+        return F.normalize(self.projections["image"](grid.permute(0, 2, 3, 1)), dim=-1)
+
     def encode_image(
         self,
         images: torch.Tensor,
@@ -185,6 +205,7 @@ class RegionMedCLIP(nn.Module):
         roi_mask: torch.Tensor | None = None,
         roi_crops: torch.Tensor | None = None,
         use_rois: bool = True,
+        cells: bool = False,
     ) -> ImageEmbeddings:
         """images (B, 3, S, S) normalised; boxes (B, K, 4) in [0, 1]; roi_mask (B, K);
         roi_crops (N_valid, 3, r, r) in the order of ``roi_mask.nonzero()`` (crop mode).
@@ -194,12 +215,15 @@ class RegionMedCLIP(nn.Module):
         ``roi.grid_context`` plus the global pass's feature grid ``(B, C, h, w)`` RoIAlign-pooled
         over each box (``align_roi_features``, ``roi.align_output``), so the token also holds what
         the whole image shows at the box's place (which lung field, next to the heart...); align
-        mode, the RoIAlign features alone."""
-        pooled, grid = self.image_tower(images)
+        mode, the RoIAlign features alone. The grid is the grid head's output when the model has
+        one (:meth:`image_features`). ``cells``: also return the projected grid (``.cells``),
+        from the same pass (the ``grounding`` loss term reads it)."""
+        pooled, grid = self.image_features(images)
         proj = self.projections["image"]
         global_ = F.normalize(proj(pooled), dim=-1)
+        cell_emb = self.project_cells(grid) if cells else None
         if not use_rois or self.roi_processor is None or boxes is None or roi_mask is None:
-            return ImageEmbeddings(global_, global_)
+            return ImageEmbeddings(global_, global_, cells=cell_emb)
         roi_mask = roi_mask.bool()
         if self.cfg.roi.mode == "crop":
             if roi_crops is None:
@@ -215,14 +239,13 @@ class RegionMedCLIP(nn.Module):
         fused, rois = self.roi_processor(pooled, grid, roi_feats, boxes, roi_mask)
         fused_emb = F.normalize(proj(fused), dim=-1)
         roi_emb = F.normalize(proj(rois), dim=-1) * roi_mask.unsqueeze(-1)
-        return ImageEmbeddings(global_, fused_emb, roi_emb, roi_mask)
+        return ImageEmbeddings(global_, fused_emb, roi_emb, roi_mask, cell_emb)
 
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Each cell of the image tower's patch grid projected into the joint space:
-        (B, h, w, D), L2-normalised (for patch–text similarity maps, grounding)."""
-        _, grid = self.image_tower(images)
-        cells = grid.permute(0, 2, 3, 1)
-        return F.normalize(self.projections["image"](cells), dim=-1)
+        """Each cell of the feature grid (after the grid head, when there is one) projected
+        into the joint space: (B, h, w, D), L2-normalised (for patch–text similarity maps,
+        grounding)."""
+        return self.project_cells(self.image_features(images)[1])
 
     def encode_text(
         self, texts: list[str], batch_size: int | None = None, pad_slack: float = 0.25, max_tokens: int | None = None

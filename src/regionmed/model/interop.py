@@ -254,12 +254,22 @@ def convert_open_clip_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelCo
     return {k: v.to(expected[k].dtype) for k, v in out.items()}
 
 
-def _load_global_path(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, with_roi: bool = False) -> None:
+# The region-level parts of a regionmed model, which open_clip has no counterpart of.
+REGION_PARTS = ("roi_processor.", "dense_head.")
+
+
+def _global_path(key: str) -> bool:
+    return not key.startswith(REGION_PARTS)
+
+
+def _load_global_path(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                      with_parts: tuple[str, ...] = ()) -> None:
     """Load ``state`` (regionmed names) into ``model``: every tensor of the towers,
-    projections and temperature must be there (and the ROI processor's when ``with_roi``)."""
-    target = {k: v for k, v in model.state_dict().items() if with_roi or not k.startswith("roi_processor.")}
+    projections and temperature must be there (and those of the region parts named in
+    ``with_parts``, e.g. ``("roi_processor.",)``)."""
+    target = {k: v for k, v in model.state_dict().items() if _global_path(k) or k.startswith(with_parts)}
     own = model.state_dict()
-    # tensors of the model outside ``target`` (the ROI processor) are left alone, not "unexpected"
+    # tensors of the model outside ``target`` (new region parts) are left alone, not "unexpected"
     check_state_dict({k: v for k, v in state.items() if k in target or k not in own}, target, source)
     model.load_state_dict({k: state[k] for k in target}, strict=False)
 
@@ -298,7 +308,7 @@ def import_open_clip(checkpoint: str | Path, config: str | Path, text_dir: str |
             model = RegionMedCLIP(cfg, text_source=tmp)
         except ConfigError as err:
             raise InteropError(f"{config}: the regionmed model cannot be built: {err}") from err
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("roi_processor.")}
+    expected = {k: v for k, v in model.state_dict().items() if _global_path(k)}
     converted = convert_open_clip_state_dict(state, cfg, expected, str(checkpoint))
     _load_global_path(model, converted, str(checkpoint))
     return model.eval()
@@ -330,7 +340,7 @@ def export_open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     inverse = [(new, old) for old, new in _rename_rules(cfg)]
     out = {}
     for key, value in model.state_dict().items():
-        if key.startswith("roi_processor."):
+        if not _global_path(key):
             continue
         for new, old in inverse:
             if key == new or (new.endswith(".") and key.startswith(new)):
@@ -398,7 +408,7 @@ def init_from_folder(cfg: ModelConfig) -> "RegionMedCLIP":  # noqa: F821
                           "weights files; keep one")
     mine_flat, their_flat = _flat(to_dict(cfg)), _flat(to_dict(theirs))
     for key in sorted(set(mine_flat) | set(their_flat)):
-        if key.startswith("roi.") or key in _FREE_FIELDS:
+        if key.startswith(("roi.", "dense.")) or key in _FREE_FIELDS:
             continue
         if mine_flat.get(key) != their_flat.get(key):
             raise ConfigError(f"model.{key} is {mine_flat.get(key)!r} but model.init_from's {config_path} has "
@@ -410,9 +420,10 @@ def init_from_folder(cfg: ModelConfig) -> "RegionMedCLIP":  # noqa: F821
     model = RegionMedCLIP(cfg, text_source=str(text_dir))
     weights = folder / WEIGHTS_NAME
     with_roi = dataclasses.asdict(theirs.roi) == dataclasses.asdict(cfg.roi) and cfg.roi.mode != "none"
-    if not with_roi:
-        state = {k: v for k, v in state.items() if not k.startswith("roi_processor.")}
-    _load_global_path(model, state, f"model.init_from: {weights}", with_roi=with_roi)
-    log.info("model.init_from %s: towers, projections and temperature loaded; ROI processor %s", folder,
-             "loaded" if with_roi else "new")
+    with_dense = dataclasses.asdict(theirs.dense) == dataclasses.asdict(cfg.dense) and cfg.dense.head != "none"
+    parts = tuple(p for p, kept in (("roi_processor.", with_roi), ("dense_head.", with_dense)) if kept)
+    state = {k: v for k, v in state.items() if _global_path(k) or k.startswith(parts)}
+    _load_global_path(model, state, f"model.init_from: {weights}", with_parts=parts)
+    log.info("model.init_from %s: towers, projections and temperature loaded; ROI processor %s; grid head %s", folder,
+             "loaded" if with_roi else "new", "loaded" if with_dense else ("new" if cfg.dense.head != "none" else "none"))
     return model

@@ -88,6 +88,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at stage ends and the end
     keep_checkpoints: int = 2
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    # The grounding term (a stage's losses: {grounding: w}; regionmed.losses.grounding_loss): what each
+    # boxed region is grounded as ("label": its label, lower-cased, or its caption when it has none;
+    # "caption": its caption) and the loss shape ("softmax" over the image's cells, or "binary" per cell).
+    grounding_text: Literal["label", "caption"] = "label"
+    grounding_mode: Literal["softmax", "binary"] = "softmax"
     tensorboard: bool = True  # used when the tensorboard package is installed
 
 
@@ -99,6 +104,18 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Validation in the loop (apps/train/validation.py): off unless validation.every > 0.
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def stage_reads_grid(stage: StageConfig, has_roi_path: bool) -> bool:
+    """Whether a stage's losses read the feature grid (where a grid head sits): the
+    ``grounding`` term, or the ROI processor (its context; ``align`` ROIs and grid context)."""
+    return stage.losses.get("grounding", 0) > 0 or (stage.use_rois and has_roi_path)
+
+
+def uses_boxes(cfg: RunConfig) -> bool:
+    """Whether training reads the datasets' boxes: a model with an ROI path, or a stage with
+    the ``grounding`` term (its targets are the boxes)."""
+    return cfg.model.roi.mode != "none" or any(st.losses.get("grounding", 0) > 0 for st in cfg.train.stages)
 
 
 def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
@@ -186,6 +203,8 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
         trained = set(MODULE_NAMES) if "all" in st.trainable else set(st.trainable)
         if not (st.use_rois and has_roi_path):
             trained.discard("roi_processor")  # it takes no part in a stage without ROIs
+        if cfg.model.dense.head == "none" or not stage_reads_grid(st, has_roi_path):
+            trained.discard("dense_head")  # no grid head, or nothing of this stage reads the grid
         need(bool(trained), f"{where}.trainable",
              f"is {st.trainable}: nothing to train in this stage (the ROI processor only trains when use_rois is true "
              "and model.roi.mode is not 'none')")
@@ -206,6 +225,8 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
             )
         need(not st.use_rois or cfg.model.roi.max_rois >= 1, "model.roi.max_rois",
              f"is 0 but {where} ('{st.name}') uses ROIs: give at least 1 ROI slot")
+        need(st.losses.get("grounding", 0) <= 0 or cfg.model.roi.max_rois >= 1, "model.roi.max_rois",
+             f"is 0 but {where} ('{st.name}') has the 'grounding' loss, whose targets are the boxes: give at least 1 box slot")
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
