@@ -88,6 +88,9 @@ class TrainingTask(nn.Module):
         self.grounding_mode = grounding_mode
         self.weights: dict[str, float] = {"global": 1.0}
         self.use_rois = False
+        # A locked text tower's features (regionmed.features.TextFeatureCache): texts are projected
+        # from it instead of running the tower.
+        self.text_cache = None
 
     def set_stage(self, losses: Mapping[str, float], use_rois: bool) -> None:
         """The active loss terms (name → weight) and whether the ROI processor runs."""
@@ -147,7 +150,7 @@ class TrainingTask(nn.Module):
             raise ValueError("the grounding term needs each image's content box (Batch.content): batches from "
                              "regionmed.data.loader.collate carry it")
         img = model.encode_image(batch.images, batch.boxes, batch.roi_mask, batch.roi_crops, use_rois=use_rois,
-                                 cells=need_grounding)
+                                 cells=need_grounding, features=batch.features)
         need_region = use_rois and bool(active & set(REGION_LOSSES))
         need_hn = "hard_negative" in active
         b = len(batch)
@@ -165,7 +168,10 @@ class TrainingTask(nn.Module):
         texts += phrases
         unique = list(dict.fromkeys(texts))
         row = {t: i for i, t in enumerate(unique)}
-        emb = model.encode_text(unique)  # (U, D), each distinct text once
+        if self.text_cache is not None:  # a locked text tower's cached features
+            emb = model.project_text(self.text_cache.lookup(unique, model.text_features).to(model.logit_scale.device))
+        else:
+            emb = model.encode_text(unique)  # (U, D), each distinct text once
         device = emb.device
         ids = text_ids(unique).to(device)
         # One zero row (id -1) at index U stands for every padding slot.
@@ -287,7 +293,10 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
         k0, k1 = int(sum(per_row[:r0])), int(sum(per_row[:r1]))
         out.append(dataclasses.replace(
             batch,
-            images=batch.images[r0:r1], boxes=batch.boxes[r0:r1], roi_mask=batch.roi_mask[r0:r1],
+            images=None if batch.images is None else batch.images[r0:r1], boxes=batch.boxes[r0:r1], roi_mask=batch.roi_mask[r0:r1],
+            features=None if batch.features is None else type(batch.features)(
+                batch.features.pooled[r0:r1], batch.features.grid[r0:r1],
+                None if batch.features.crops is None else batch.features.crops[k0:k1]),
             roi_crops=None if batch.roi_crops is None else batch.roi_crops[k0:k1],
             reports=batch.reports[r0:r1], summaries=batch.summaries[r0:r1], captions=batch.captions[k0:k1],
             roi_negatives=batch.roi_negatives[k0:k1], image_negatives=batch.image_negatives[r0:r1], ids=batch.ids[r0:r1],
@@ -377,7 +386,7 @@ def accumulate(runner: nn.Module, task: TrainingTask, micro_batches: Sequence[Ba
     """
     if not micro_batches:
         raise ValueError("no micro-batch to accumulate")
-    device = micro_batches[0].images.device
+    device = micro_batches[0].device
     buffers = _batchnorm_buffers(task)
     saved_buffers = [b.detach().clone() for b in buffers]
     rng: list[tuple] = []

@@ -27,7 +27,7 @@ from regionmed.data.shards import (
     counts_from_stats,
     unreadable_from_stats,
 )
-from regionmed.data.transforms import Preprocessor
+from regionmed.data.transforms import ImageFeatures, Preprocessor
 from regionmed.errors import RegionmedError
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, S, S)
+    images: torch.Tensor | None  # (B, 3, S, S); None when ``features`` holds the image tower's outputs instead
     boxes: torch.Tensor  # (B, K, 4) in [0, 1]
     roi_mask: torch.Tensor  # (B, K) bool
     roi_crops: torch.Tensor | None  # (N_valid, 3, r, r), order of roi_mask.nonzero()
@@ -48,6 +48,7 @@ class Batch:
     roi_negative_rules: list[list[str]] = field(default_factory=list)  # N_valid lists, parallel to roi_negatives
     region_labels: list[str] = field(default_factory=list)  # N_valid region labels ("" when a region has none)
     content: torch.Tensor | None = None  # (B, 4) where each image lies in its letterboxed square (normalised xyxy)
+    features: ImageFeatures | None = None  # a locked image tower's cached outputs, in place of images and roi_crops
     # Unreadable samples met while making this batch: (dataset index, "<shard>:<key>", reason).
     # Training replaced each by the next readable one; evaluation left it out.
     bad_samples: list[tuple[int, str, str]] = field(default_factory=list)
@@ -55,8 +56,15 @@ class Batch:
     # Streaming reader only: {"rank/worker": shards fully delivered} after this batch (resume point).
     stream_state: dict = field(default_factory=dict)
 
+    @property
+    def device(self) -> torch.device:
+        return (self.images if self.images is not None else self.features.pooled).device
+
     def to(self, device: torch.device | str) -> "Batch":
-        self.images = self.images.to(device, non_blocking=True)
+        if self.images is not None:
+            self.images = self.images.to(device, non_blocking=True)
+        if self.features is not None:
+            self.features = self.features.to(device, non_blocking=True)
         self.boxes = self.boxes.to(device, non_blocking=True)
         self.roi_mask = self.roi_mask.to(device, non_blocking=True)
         if self.roi_crops is not None:
@@ -67,7 +75,10 @@ class Batch:
 
     def pin_memory(self) -> "Batch":
         """Page-locked copies of the tensors (called by the DataLoader's pin-memory thread)."""
-        self.images = self.images.pin_memory()
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        if self.features is not None:
+            self.features = self.features.pin_memory()
         self.boxes = self.boxes.pin_memory()
         self.roi_mask = self.roi_mask.pin_memory()
         if self.roi_crops is not None:
@@ -77,7 +88,7 @@ class Batch:
         return self
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.ids)
 
 
 BAD_SAMPLE_POLICIES = ("raise", "substitute", "drop")
@@ -115,6 +126,9 @@ class RegionSampleDataset(Dataset):
         self.use_rois = use_rois
         self.on_bad = on_bad
         self.unreadable_records: list[tuple[str, str]] = []  # filled by audit()
+        # A locked image tower's outputs for every sample (regionmed.features.ImageFeatureCache): when
+        # set, samples carry them instead of pixels and no image is decoded.
+        self.features = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -147,13 +161,17 @@ class RegionSampleDataset(Dataset):
         """Sample ``index`` as tensors and texts; raises :class:`SampleError` naming its shard
         and key when it cannot be read or prepared."""
         try:
-            image, record = self.data[index]
+            if self.features is not None:
+                image, record = None, self.data.record(index)
+                feats = self.features.row(index)
+            else:
+                (image, record), feats = self.data[index], None
         except SampleError:
             raise
         except _SAMPLE_FAULTS as err:
             raise _sample_error(self.data.where(index), err) from err
         sample = prepare_sample(image, record, self.pre, self.use_rois, self.max_negatives, self.max_image_negatives,
-                                self.data.where(index))
+                                self.data.where(index), features=feats)
         if self.source:
             sample["source"] = self.source
         return sample
@@ -203,19 +221,30 @@ def _sample_error(where: str, err: BaseException) -> SampleError:
     return SampleError(where, f"{reason} ({type(err).__name__})")
 
 
-def prepare_sample(image: Image.Image, record: dict, pre: Preprocessor, use_rois: bool, max_negatives: int,
-                   max_image_negatives: int, where: str) -> dict:
+def prepare_sample(image: Image.Image | None, record: dict, pre: Preprocessor, use_rois: bool, max_negatives: int,
+                   max_image_negatives: int, where: str, features: dict | None = None) -> dict:
     """One decoded sample (image and validated record) as tensors and texts, for
-    :func:`collate`: the same for the indexed and the streaming reader. Raises
-    :class:`SampleError` naming ``where`` when it cannot be prepared."""
+    :func:`collate`: the same for the indexed and the streaming reader. With ``features``
+    (a locked image tower's cached ``{"pooled", "grid", "crops"}``) instead of ``image``,
+    the boxes are placed from the record's size and the sample carries the features.
+    Raises :class:`SampleError` naming ``where`` when it cannot be prepared."""
     try:
         regions = sanitize_regions(record)[0][: pre.max_rois] if use_rois else []
-        out = pre(image, [r["box"] for r in regions])
+        if features is None:
+            out = pre(image, [r["box"] for r in regions])
+        else:
+            boxes, content = pre.place(record["width"], record["height"], [r["box"] for r in regions])
+            out = {"image": None, "boxes": boxes, "crops": None, "content": content}
+            crops = features.get("crops")
+            if pre.roi_mode == "crop" and (crops is None or crops.shape[0] != len(regions)):
+                raise RecordError(f"the feature cache holds {None if crops is None else crops.shape[0]} ROI crop features "
+                                  f"for the sample's {len(regions)} region(s): a stale cache")
     except _SAMPLE_FAULTS as err:
         raise _sample_error(where, err) from err
     return {
         "id": record["id"],
         "image": out["image"],
+        "features": features,
         "boxes": out["boxes"],
         "crops": out["crops"],
         "report": record["report"],
@@ -270,8 +299,15 @@ def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
                      roi_mask=torch.zeros(0, max_rois or 0, dtype=torch.bool), roi_crops=None, reports=[], summaries=[],
                      captions=[], roi_negatives=[], image_negatives=[], ids=[], bad_samples=bad)
     boxes, mask, crops = pad_rois(samples, max_rois)
+    features = None
+    if samples[0].get("features") is not None:
+        crop_feats = [s["features"]["crops"] for s in samples if s["features"].get("crops") is not None]
+        features = ImageFeatures(pooled=torch.stack([s["features"]["pooled"] for s in samples]),
+                                 grid=torch.stack([s["features"]["grid"] for s in samples]),
+                                 crops=torch.cat(crop_feats) if crop_feats else None)
     return Batch(
-        images=torch.stack([s["image"] for s in samples]),
+        images=None if features is not None else torch.stack([s["image"] for s in samples]),
+        features=features,
         boxes=boxes,
         roi_mask=mask,
         roi_crops=crops,

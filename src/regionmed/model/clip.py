@@ -15,7 +15,7 @@ from torch import nn
 
 from regionmed import __version__
 from regionmed.config import ConfigError, from_dict, to_dict
-from regionmed.data.transforms import PREPROCESS_FILE, Preprocessor
+from regionmed.data.transforms import PREPROCESS_FILE, ImageFeatures, Preprocessor
 from regionmed.io import read_json, write_json_atomic
 from regionmed.model.config import ModelConfig, ProjectionConfig, validate_model_config
 from regionmed.model.dense import DenseHead
@@ -184,11 +184,13 @@ class RegionMedCLIP(nn.Module):
         return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
 
     # -- encoders --------------------------------------------------------------------
-    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, S, S) normalised -> the tower's pooled feature (B, C) and the feature
-        grid (B, C, h, w) after the grid head (:class:`~regionmed.model.dense.DenseHead`, when
-        the model has one): the grid every region-level path reads."""
-        pooled, grid = self.image_tower(images)
+    def image_features(self, images: torch.Tensor | None, features: ImageFeatures | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) normalised (or the tower's outputs as ``features``) -> the
+        tower's pooled feature (B, C) and the feature grid (B, C, h, w) after the grid head
+        (:class:`~regionmed.model.dense.DenseHead`, when the model has one): the grid every
+        region-level path reads."""
+        pooled, grid = (features.pooled, features.grid) if features is not None else self.image_tower(images)
         if self.dense_head is not None:
             grid = self.dense_head(grid)
         return pooled, grid
@@ -206,6 +208,7 @@ class RegionMedCLIP(nn.Module):
         roi_crops: torch.Tensor | None = None,
         use_rois: bool = True,
         cells: bool = False,
+        features: ImageFeatures | None = None,
     ) -> ImageEmbeddings:
         """images (B, 3, S, S) normalised; boxes (B, K, 4) in [0, 1]; roi_mask (B, K);
         roi_crops (N_valid, 3, r, r) in the order of ``roi_mask.nonzero()`` (crop mode).
@@ -217,8 +220,10 @@ class RegionMedCLIP(nn.Module):
         the whole image shows at the box's place (which lung field, next to the heart...); align
         mode, the RoIAlign features alone. The grid is the grid head's output when the model has
         one (:meth:`image_features`). ``cells``: also return the projected grid (``.cells``),
-        from the same pass (the ``grounding`` loss term reads it)."""
-        pooled, grid = self.image_features(images)
+        from the same pass (the ``grounding`` loss term reads it). ``features``: the image tower's
+        outputs (:class:`ImageFeatures`, e.g. a locked tower's cache) instead of ``images`` and
+        ``roi_crops``; the rest of the model runs as from pixels."""
+        pooled, grid = self.image_features(images, features)
         proj = self.projections["image"]
         global_ = F.normalize(proj(pooled), dim=-1)
         cell_emb = self.project_cells(grid) if cells else None
@@ -226,11 +231,17 @@ class RegionMedCLIP(nn.Module):
             return ImageEmbeddings(global_, global_, cells=cell_emb)
         roi_mask = roi_mask.bool()
         if self.cfg.roi.mode == "crop":
-            if roi_crops is None:
+            if features is not None:
+                if features.crops is None or features.crops.shape[0] != int(roi_mask.sum()):
+                    have = None if features.crops is None else features.crops.shape[0]
+                    raise ValueError(f"features.crops has {have} crop features for {int(roi_mask.sum())} valid boxes")
+                valid = features.crops
+            elif roi_crops is None:
                 raise ValueError("ROI mode 'crop' needs roi_crops (see regionmed.data.transforms.Preprocessor)")
-            if roi_crops.shape[0] != int(roi_mask.sum()):
+            elif roi_crops.shape[0] != int(roi_mask.sum()):
                 raise ValueError(f"roi_crops has {roi_crops.shape[0]} crops for {int(roi_mask.sum())} valid boxes")
-            valid = self.image_tower.encode_crops(roi_crops)
+            else:
+                valid = self.image_tower.encode_crops(roi_crops)
             if self.cfg.roi.grid_context:
                 valid = valid + align_roi_features(grid, boxes, roi_mask, self.cfg.roi.align_output).to(valid.dtype)
         else:
@@ -250,7 +261,16 @@ class RegionMedCLIP(nn.Module):
     def encode_text(
         self, texts: list[str], batch_size: int | None = None, pad_slack: float = 0.25, max_tokens: int | None = None
     ) -> torch.Tensor:
-        """L2-normalised text embeddings (N, D), one row per text of ``texts``.
+        """L2-normalised text embeddings (N, D), one row per text of ``texts``:
+        :meth:`project_text` of :meth:`text_features`."""
+        if not texts:
+            return self.logit_scale.new_zeros(0, self.cfg.embed_dim)
+        return self.project_text(self.text_features(texts, batch_size, pad_slack, max_tokens))
+
+    def text_features(
+        self, texts: list[str], batch_size: int | None = None, pad_slack: float = 0.25, max_tokens: int | None = None
+    ) -> torch.Tensor:
+        """The text tower's pooled features (N, W), one row per text of ``texts`` (before the projection).
 
         Identical texts are encoded once. The unique texts are sorted by token length
         and encoded in chunks planned by :func:`plan_text_chunks`: at most
@@ -258,24 +278,28 @@ class RegionMedCLIP(nn.Module):
         per chunk, and padding bounded — in every chunk, hence in the whole call,
         padded tokens <= ``(1 + pad_slack)`` x real tokens (default 1.25 x), so a
         short caption is never padded to the length of a report. Padding is masked, so
-        the embeddings do not depend on the chunking (beyond float rounding)."""
+        the features do not depend on the chunking (beyond float rounding)."""
         unique = list(dict.fromkeys(texts))
-        if not unique:
-            return self.logit_scale.new_zeros(0, self.cfg.embed_dim)
         device = self.logit_scale.device
+        if not unique:
+            return self.logit_scale.new_zeros(0, self.text_tower.width)
         tokenizer = self.text_tower.tokenizer
         ids = tokenizer.ids(unique)
         plan = plan_text_chunks([len(x) for x in ids], pad_slack, batch_size or 64, max_tokens)
         chunks, placed = [], []
         for part in plan:
             input_ids, mask = tokenizer.pad([ids[i] for i in part])
-            feats = self.text_tower(input_ids.to(device), mask.to(device))
-            chunks.append(F.normalize(self.projections["text"](feats), dim=-1))
+            chunks.append(self.text_tower(input_ids.to(device), mask.to(device)))
             placed += part
-        emb = torch.cat(chunks)
+        feats = torch.cat(chunks)
         row_of = {u: r for r, u in enumerate(placed)}
         position = {t: row_of[i] for i, t in enumerate(unique)}
-        return emb[torch.tensor([position[t] for t in texts], device=emb.device)]
+        return feats[torch.tensor([position[t] for t in texts], device=feats.device)]
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        """The text tower's pooled features (N, W) -> L2-normalised text embeddings (N, D) (what
+        :meth:`encode_text` does after the tower; a locked tower's cached features go here)."""
+        return F.normalize(self.projections["text"](features), dim=-1)
 
     # -- folder format ---------------------------------------------------------------
     def preprocess_config(self) -> dict:

@@ -40,6 +40,7 @@ from regionmed.apps.train.checkpoint import (
     step_folders,
 )
 from regionmed.apps.train.config import RunConfig, stage_reads_grid, trajectory_changes, uses_boxes, validate_run_config
+from regionmed.apps.train.feature_cache import attach_feature_caches, set_locked_modes
 from regionmed.apps.train.metrics import MetricsLogger
 from regionmed.apps.train.schedule import StagePlan, learning_rate, plan_stages, stage_at
 from regionmed.apps.train.validation import Validator
@@ -209,6 +210,9 @@ class Trainer:
         self.counts_from = "none"
         self.audit = self._data_counts()
         self.validator = self._validator()
+        if self.data is not None:  # the indexed reader: locked towers read their outputs from the feature cache
+            self.notes += attach_feature_caches(self.model, self.data, self.task, cfg.train.lock, cfg.train.output_dir,
+                                                self.dist, cfg.data.max_negatives, cfg.data.max_image_negatives, progress)
         if resume_folder is not None:
             self._resume(resume_folder)
 
@@ -367,6 +371,8 @@ class Trainer:
             wanted.discard("roi_processor")
         if not stage_reads_grid(st, self.model.roi_processor is not None):
             wanted.discard("dense_head")  # the same for the grid head when nothing reads the grid
+        lock = self.cfg.train.lock
+        wanted -= {name for name, on in (("image_tower", lock.image), ("text_tower", lock.text)) if on}
         self.model.set_trainable(sorted(wanted))
         self.task.set_stage(st.losses, st.use_rois)
         if self.dist.world_size > 1:
@@ -447,6 +453,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * st.lr_scale.get(group["module"], 1.0)
         self.model.train()
+        set_locked_modes(self.model, self.cfg.train.lock)
         batch = batch.to(self.device)
         backward = None
         if self.cfg.train.accum_freq > 1:
