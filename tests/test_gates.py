@@ -49,3 +49,22 @@ def test_gate_scale_must_be_positive():
     cfg.roi.gate_scale = 0.0
     with pytest.raises(ConfigError, match="model.roi.gate_scale"):
         validate_model_config(cfg, "test")
+
+
+def test_context_grid_attends_to_the_pooled_grid():
+    """model.roi.context_grid: the context is the grid average-pooled first, so a processor with
+    context_grid=1 on a 3x3 grid gives what the plain processor gives on the grid's mean; a grid
+    already no finer than context_grid is left as it is."""
+    torch.manual_seed(0)
+    pooled = ROIProcessor(16, RoiConfig(gate_init=0.5, context_grid=1))
+    torch.manual_seed(0)
+    plain = ROIProcessor(16, RoiConfig(gate_init=0.5))
+    g, grid, rois, boxes, mask = inputs()
+    mean = grid.mean(dim=(-2, -1), keepdim=True)
+    for x, y in zip(pooled(g, grid, rois, boxes, mask), plain(g, mean, rois, boxes, mask)):
+        torch.testing.assert_close(x, y)
+    torch.manual_seed(0)
+    coarse = ROIProcessor(16, RoiConfig(gate_init=0.5, context_grid=3))
+    for x, y in zip(coarse(g, grid, rois, boxes, mask), plain(g, grid, rois, boxes, mask)):
+        torch.testing.assert_close(x, y)
+    assert not torch.allclose(pooled(g, grid, rois, boxes, mask)[1], plain(g, grid, rois, boxes, mask)[1])

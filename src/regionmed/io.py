@@ -109,6 +109,22 @@ def _write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync and a rename:
+    a reader (or a build resumed after a kill) sees the whole file or none."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_json_atomic(path: str | Path, data: Any, *, sort_keys: bool = True) -> None:
     """Write ``data`` as indented UTF-8 JSON to ``path`` through a temporary file and a rename
     (``sort_keys``: key order sorted, the default, or as given)."""

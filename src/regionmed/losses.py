@@ -10,7 +10,11 @@ Terms (see docs METHOD.md, "Losses"):
   beat its near-miss variants as well as the rest of the batch; the term is the
   mean of the ROI part and the image part, of those that have rows and at least
   one negative slot (with no slot a part would be plain InfoNCE, not a hard-negative
-  term, so it is left out).
+  term, so it is left out);
+* ``grounding``     dense, per image: each boxed phrase against the cells of its own
+  image's projected feature grid, so that the cells inside its box win
+  (:func:`grounding_loss`; it trains the grid that the patch map, ``align`` ROIs and
+  ``regionmed ground`` read).
 
 Identical texts in a batch are positives, not negatives: texts carry ids
 (:func:`text_ids`, a stable hash), and every column whose text id equals the
@@ -43,10 +47,13 @@ __all__ = [
     "multi_positive_infonce",
     "compute_losses",
     "local_infonce",
+    "grounding_loss",
+    "GROUNDING_MODES",
     "text_ids",
 ]
 
-LOSS_NAMES = ("global", "summary", "region", "hard_negative")
+LOSS_NAMES = ("global", "summary", "region", "hard_negative", "grounding")
+GROUNDING_MODES = ("softmax", "binary")
 
 _ID_MASK = (1 << 63) - 1
 
@@ -75,6 +82,15 @@ class LossInputs:
     roi_negatives_mask: Tensor | None = None  # (B, K, N) bool, True = a real negative
     image_negatives: Tensor | None = None  # (B, M, D): each image's own negative reports
     image_negatives_mask: Tensor | None = None  # (B, M) bool
+    # grounding: the projected grid, which cells lie inside the image (not letterbox padding),
+    # P phrase slots per image with their cell targets (the share of each cell their boxes cover)
+    cells: Tensor | None = None  # (B, h, w, D)
+    cell_valid: Tensor | None = None  # (B, h, w) bool
+    phrases: Tensor | None = None  # (B, P, D)
+    phrase_mask: Tensor | None = None  # (B, P) bool, True = a real phrase slot
+    phrase_target: Tensor | None = None  # (B, P, h, w) in [0, 1]
+    grounding_scale: Tensor | None = None  # scalar, the grid head's temperature (already exp()'d)
+    grounding_mode: str = "softmax"  # one of GROUNDING_MODES (not a tensor: the same for every part)
 
 
 def text_ids(texts: list[str]) -> Tensor:
@@ -246,6 +262,53 @@ def local_infonce(
     return loss / n_total
 
 
+def grounding_loss(cells: Tensor, cell_valid: Tensor, phrases: Tensor, phrase_mask: Tensor, target: Tensor,
+                   scale: Tensor | float, n_total: Tensor | float, mode: str = "softmax") -> Tensor:
+    """The dense grounding term: each phrase against the cells of its own image.
+
+    ``cells`` (B, h, w, D) and ``phrases`` (B, P, D) L2-normalised; ``cell_valid`` (B, h, w)
+    the cells inside the image (letterbox padding False: never a target, never a competitor);
+    ``phrase_mask`` (B, P) the real phrase slots; ``target`` (B, P, h, w) the share of each
+    cell that the phrase's boxes cover (:func:`regionmed.model.dense.cell_coverage`). A slot
+    counts when it is real and covers some valid cell. Returns ``sum over counted slots /
+    n_total`` (``n_total``: the counted slots of the whole batch, all ranks: the local loss).
+
+    ``mode``:
+
+    * ``"softmax"`` (default): cross-entropy between the spatial softmax of ``scale x cos`` over
+      the image's valid cells and the target normalised to a distribution (the box's cells
+      share the mass by their covered area). It trains *where* in the image the phrase is,
+      which is what the pointing game and a map's arg-max read, and it is indifferent to the
+      phrase's overall similarity level (which the contrastive terms own). Each row involves one
+      image only: no collective is needed, and the local loss is exact.
+    * ``"binary"``: mean over valid cells of the binary cross-entropy of ``scale x cos - scale / 2``
+      against the covered share (a cell-level presence term, as segmentation heads use): it
+      also pushes cells outside the box down in absolute terms, at the cost of a fixed
+      threshold (cosine 0.5 is even odds).
+
+    A presence term against other images' cells (GLoRIA/FILIP-style) needs their cells
+    gathered; it would be a third mode here. Raises ``ValueError`` for an unknown mode.
+    """
+    if mode not in GROUNDING_MODES:
+        raise ValueError(f"grounding mode {mode!r} is not one of {list(GROUNDING_MODES)}")
+    valid = cell_valid.to(torch.bool)[:, None]  # (B, 1, h, w)
+    tgt = target.to(cells.dtype) * valid
+    counted = phrase_mask.to(torch.bool) & (tgt.flatten(2).sum(-1) > 0)  # (B, P)
+    logits = scale * torch.einsum("bhwd,bpd->bphw", cells, phrases)
+    if mode == "softmax":
+        flat = logits.masked_fill(~valid, -math.inf).flatten(2)
+        log_prob = flat.log_softmax(-1)
+        q = tgt.flatten(2)
+        q = q / q.sum(-1, keepdim=True).clamp_min(1e-12)
+        # where() rather than a product: 0 * -inf (a padding cell) would give NaN.
+        per_row = -torch.where(q > 0, q * log_prob, torch.zeros_like(log_prob)).sum(-1)
+    else:
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits - 0.5 * scale, tgt.clamp(0, 1), reduction="none")
+        per_row = (bce * valid).flatten(2).sum(-1) / valid.flatten(2).sum(-1).clamp_min(1)
+    per_row = torch.where(counted, per_row, torch.zeros_like(per_row))
+    return per_row.sum() / n_total
+
+
 def _flat(x: Tensor | None) -> Tensor | None:
     """(B, K, ...) -> (B*K, ...)."""
     return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
@@ -323,6 +386,14 @@ def compute_losses(inputs: LossInputs, weights: Mapping[str, float], distributed
             ))
         if parts:
             terms["hard_negative"] = torch.stack(parts).mean()
+
+    if w["grounding"] > 0 and inputs.cells is not None and inputs.phrases is not None:
+        valid = inputs.cell_valid.to(torch.bool)[:, None]
+        counted = inputs.phrase_mask.to(torch.bool) & ((inputs.phrase_target * valid).flatten(2).sum(-1) > 0)
+        n_phrases = gather_ids(counted.sum().reshape(1)).sum()  # every rank's counted slots: the local loss
+        if bool(n_phrases > 0):  # the same on every rank: it comes from gathered data
+            terms["grounding"] = grounding_loss(inputs.cells, inputs.cell_valid, inputs.phrases, inputs.phrase_mask,
+                                                inputs.phrase_target, inputs.grounding_scale, n_phrases, inputs.grounding_mode)
 
     # A zero tied to the graph, so backward() works even when no term is active.
     total = s.sum() * 0.0

@@ -43,12 +43,21 @@ import torch
 from torch import Tensor, nn
 
 from regionmed.data.loader import Batch
-from regionmed.losses import LOSS_NAMES, LossInputs, compute_losses, text_ids
+from regionmed.losses import GROUNDING_MODES, LOSS_NAMES, LossInputs, compute_losses, text_ids
 from regionmed.model.clip import RegionMedCLIP
+from regionmed.model.dense import cell_centres_inside, cell_coverage
 
-__all__ = ["TrainingTask", "REGION_LOSSES", "Accumulation", "accumulate", "concat_loss_inputs", "split_batch"]
+__all__ = ["TrainingTask", "REGION_LOSSES", "GROUNDING_TEXTS", "Accumulation", "accumulate", "concat_loss_inputs",
+           "grounding_phrase", "split_batch"]
 
 REGION_LOSSES = ("region", "hard_negative")
+GROUNDING_TEXTS = ("label", "caption")
+
+
+def grounding_phrase(label: str) -> str:
+    """The phrase a region label is grounded as, in training and in evaluation alike: the label,
+    stripped and lower-cased (``"Left Lung"`` -> ``"left lung"``)."""
+    return " ".join(str(label).split()).lower()
 
 
 class TrainingTask(nn.Module):
@@ -56,17 +65,32 @@ class TrainingTask(nn.Module):
 
     ``max_negatives`` / ``max_image_negatives``: the negative slots per ROI / per
     image (the data config's values; a batch holding more raises ``ValueError``).
+
+    ``grounding_text``: what the ``grounding`` term grounds for each boxed region: ``"label"``
+    (:func:`grounding_phrase` of its label; a region without a label uses its caption) or
+    ``"caption"``. Regions of one image with the same phrase are one target (the union of their
+    boxes). ``grounding_mode``: see :func:`regionmed.losses.grounding_loss`.
     """
 
-    def __init__(self, model: RegionMedCLIP, max_negatives: int, max_image_negatives: int):
+    def __init__(self, model: RegionMedCLIP, max_negatives: int, max_image_negatives: int,
+                 grounding_text: str = "label", grounding_mode: str = "softmax"):
         super().__init__()
         if max_negatives < 0 or max_image_negatives < 0:
             raise ValueError("max_negatives and max_image_negatives must be >= 0")
+        if grounding_text not in GROUNDING_TEXTS:
+            raise ValueError(f"grounding_text {grounding_text!r} is not one of {list(GROUNDING_TEXTS)}")
+        if grounding_mode not in GROUNDING_MODES:
+            raise ValueError(f"grounding_mode {grounding_mode!r} is not one of {list(GROUNDING_MODES)}")
         self.model = model
         self.max_negatives = max_negatives
         self.max_image_negatives = max_image_negatives
+        self.grounding_text = grounding_text
+        self.grounding_mode = grounding_mode
         self.weights: dict[str, float] = {"global": 1.0}
         self.use_rois = False
+        # A locked text tower's features (regionmed.features.TextFeatureCache): texts are projected
+        # from it instead of running the tower.
+        self.text_cache = None
 
     def set_stage(self, losses: Mapping[str, float], use_rois: bool) -> None:
         """The active loss terms (name → weight) and whether the ROI processor runs."""
@@ -103,8 +127,12 @@ class TrainingTask(nn.Module):
                 raise ValueError("mode 'accumulate' needs cache (the micro-batches' features) and part (an index into it)")
             fresh = self.loss_inputs(batch)
             parts = [fresh if i == part else c for i, c in enumerate(cache)]
+            # The temperatures carry gradient in part 0 only, so the passes' gradients sum to the large batch's once.
             scale = fresh.logit_scale if part == 0 else fresh.logit_scale.detach()
-            return compute_losses(concat_loss_inputs(parts, logit_scale=scale), self.weights)
+            g_scale = fresh.grounding_scale
+            if g_scale is not None and part != 0:
+                g_scale = g_scale.detach()
+            return compute_losses(concat_loss_inputs(parts, logit_scale=scale, grounding_scale=g_scale), self.weights)
         raise ValueError(f"unknown mode {mode!r}: 'loss', 'features' or 'accumulate'")
 
     def loss_from_cache(self, cache: Sequence[LossInputs]) -> dict[str, Tensor]:
@@ -117,7 +145,12 @@ class TrainingTask(nn.Module):
         """Encode ``batch`` and lay out what the active terms need, at fixed shapes."""
         model, active = self.model, self.active
         use_rois = self.use_rois
-        img = model.encode_batch(batch, use_rois=use_rois, check_finite=False)  # a non-finite loss is skipped by the step
+        need_grounding = "grounding" in active
+        if need_grounding and batch.content is None:
+            raise ValueError("the grounding term needs each image's content box (Batch.content): batches from "
+                             "regionmed.data.loader.collate carry it")
+        # a non-finite loss is skipped by the step
+        img = model.encode_batch(batch, use_rois=use_rois, check_finite=False, cells=need_grounding)
         need_region = use_rois and bool(active & set(REGION_LOSSES))
         need_hn = "hard_negative" in active
         b = len(batch)
@@ -131,9 +164,14 @@ class TrainingTask(nn.Module):
                 texts += [t for neg in batch.roi_negatives for t in neg]
         if need_hn:
             texts += [t for neg in batch.image_negatives for t in neg]
+        phrases = self._grounding_phrases(batch) if need_grounding else []
+        texts += phrases
         unique = list(dict.fromkeys(texts))
         row = {t: i for i, t in enumerate(unique)}
-        emb = model.encode_text(unique)  # (U, D), each distinct text once
+        if self.text_cache is not None:  # a locked text tower's cached features
+            emb = model.project_text(self.text_cache.lookup(unique, model.text_features).to(model.logit_scale.device))
+        else:
+            emb = model.encode_text(unique)  # (U, D), each distinct text once
         device = emb.device
         ids = text_ids(unique).to(device)
         # One zero row (id -1) at index U stands for every padding slot.
@@ -174,7 +212,42 @@ class TrainingTask(nn.Module):
         if need_hn:
             img_idx = _slot_indices(batch.image_negatives, self.max_image_negatives, row, pad, device, "negatives per image")
             inputs.image_negatives, inputs.image_negatives_mask = emb_pad[img_idx], img_idx != pad
+        if need_grounding:
+            self._grounding_inputs(inputs, batch, img.cells, phrases, index(phrases), emb_pad, pad)
         return inputs
+
+    def _grounding_phrases(self, batch: Batch) -> list[str]:
+        """The phrase of every valid ROI of ``batch`` (``roi_mask.nonzero()`` order)."""
+        if len(batch.captions) != int(batch.roi_mask.sum()):
+            raise ValueError(f"batch has {len(batch.captions)} region captions for {int(batch.roi_mask.sum())} valid boxes")
+        if self.grounding_text == "caption":
+            return list(batch.captions)
+        labels = batch.region_labels or [""] * len(batch.captions)
+        return [grounding_phrase(lab) or cap for lab, cap in zip(labels, batch.captions)]
+
+    def _grounding_inputs(self, inputs: LossInputs, batch: Batch, cells: Tensor, phrases: list[str], phrase_rows: Tensor,
+                          emb_pad: Tensor, pad: int) -> None:
+        """Fill the grounding fields of ``inputs``: one phrase slot per ROI slot, ``K`` per image;
+        slots of one image with the same phrase merge into its first (the union of their boxes,
+        as the cell-wise maximum of their coverages), the others are masked."""
+        device = cells.device
+        roi_mask = batch.roi_mask.to(device).bool()
+        bsz, k = roi_mask.shape
+        h, w = cells.shape[1:3]
+        idx = torch.full((bsz, k), pad, dtype=torch.long, device=device)
+        idx[roi_mask.nonzero(as_tuple=True)] = phrase_rows
+        same = (idx[:, :, None] == idx[:, None, :]) & roi_mask[:, :, None] & roi_mask[:, None, :]  # (B, K, K)
+        cover = cell_coverage(batch.boxes.to(device).to(cells.dtype), h, w)  # (B, K, h, w)
+        merged = (same[..., None, None].to(cover.dtype) * cover[:, None]).amax(2)  # (B, K, h, w)
+        earlier = torch.ones(k, k, dtype=torch.bool, device=device).tril(-1)  # [a, b]: b comes before a
+        duplicate = (same & earlier).any(-1)
+        inputs.cells = cells
+        inputs.cell_valid = cell_centres_inside(batch.content.to(device).to(cells.dtype), h, w)
+        inputs.phrases = emb_pad[idx]
+        inputs.phrase_mask = roi_mask & ~duplicate
+        inputs.phrase_target = merged * inputs.phrase_mask[..., None, None]
+        inputs.grounding_scale = self.model.dense_head.scale() if self.model.dense_head is not None else self.model.scale()
+        inputs.grounding_mode = self.grounding_mode
 
 
 def _slot_indices(lists: list[list[str]], slots: int, row: dict[str, int], pad: int, device, what: str) -> Tensor:
@@ -220,27 +293,34 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
         k0, k1 = int(sum(per_row[:r0])), int(sum(per_row[:r1]))
         out.append(dataclasses.replace(
             batch,
-            images=batch.images[r0:r1], boxes=batch.boxes[r0:r1], roi_mask=batch.roi_mask[r0:r1],
+            images=None if batch.images is None else batch.images[r0:r1], boxes=batch.boxes[r0:r1], roi_mask=batch.roi_mask[r0:r1],
+            features=None if batch.features is None else type(batch.features)(
+                batch.features.pooled[r0:r1], batch.features.grid[r0:r1],
+                None if batch.features.crops is None else batch.features.crops[k0:k1]),
             roi_crops=None if batch.roi_crops is None else batch.roi_crops[k0:k1],
             reports=batch.reports[r0:r1], summaries=batch.summaries[r0:r1], captions=batch.captions[k0:k1],
             roi_negatives=batch.roi_negatives[k0:k1], image_negatives=batch.image_negatives[r0:r1], ids=batch.ids[r0:r1],
             roi_negative_rules=batch.roi_negative_rules[k0:k1] if batch.roi_negative_rules else [],
+            region_labels=batch.region_labels[k0:k1] if batch.region_labels else [],
+            content=None if batch.content is None else batch.content[r0:r1],
             bad_samples=list(batch.bad_samples) if p == 0 else [],
             **({"sources": batch.sources[r0:r1]} if getattr(batch, "sources", None) else {}),
         ))
     return out
 
 
-def concat_loss_inputs(parts: Sequence[LossInputs], logit_scale: Tensor | None = None) -> LossInputs:
-    """Row-wise concatenation of micro-batches' :class:`LossInputs` (every field is
-    ``(B, ...)`` with fixed trailing shapes). The temperature is ``logit_scale`` when
-    given, else the first part's. Raises ``ValueError`` when parts disagree on which
-    fields they hold."""
+def concat_loss_inputs(parts: Sequence[LossInputs], logit_scale: Tensor | None = None,
+                       grounding_scale: Tensor | None = None) -> LossInputs:
+    """Row-wise concatenation of micro-batches' :class:`LossInputs` (every tensor field is
+    ``(B, ...)`` with fixed trailing shapes). The temperatures are ``logit_scale`` /
+    ``grounding_scale`` when given, else the first part's. Raises ``ValueError`` when parts
+    disagree on which fields they hold."""
     if not parts:
         raise ValueError("no micro-batch to concatenate")
-    values = {}
+    values = {"grounding_scale": parts[0].grounding_scale if grounding_scale is None else grounding_scale,
+              "grounding_mode": parts[0].grounding_mode}
     for f in dataclasses.fields(LossInputs):
-        if f.name == "logit_scale":
+        if f.name in ("logit_scale", "grounding_scale", "grounding_mode"):
             continue
         items = [getattr(p, f.name) for p in parts]
         present = [x is not None for x in items]
@@ -306,7 +386,7 @@ def accumulate(runner: nn.Module, task: TrainingTask, micro_batches: Sequence[Ba
     """
     if not micro_batches:
         raise ValueError("no micro-batch to accumulate")
-    device = micro_batches[0].images.device
+    device = micro_batches[0].device
     buffers = _batchnorm_buffers(task)
     saved_buffers = [b.detach().clone() for b in buffers]
     rng: list[tuple] = []

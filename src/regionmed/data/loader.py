@@ -29,7 +29,7 @@ from regionmed.data.shards import (
     trusted_stats,
     unreadable_from_stats,
 )
-from regionmed.data.transforms import Preprocessor
+from regionmed.data.transforms import ImageFeatures, Preprocessor
 from regionmed.errors import RegionmedError
 
 log = logging.getLogger(__name__)
@@ -39,39 +39,57 @@ log = logging.getLogger(__name__)
 class ImageBatch:
     """The image side of a batch: what :meth:`RegionMedCLIP.encode_batch
     <regionmed.model.clip.RegionMedCLIP.encode_batch>` takes, in training, evaluation and
-    inference alike (a training :class:`Batch` is one). Built by :meth:`from_samples`."""
+    inference alike (a training :class:`Batch` is one). Built by :meth:`from_samples`.
 
-    images: torch.Tensor  # (B, 3, S, S)
+    With a locked image tower (``train.lock.image``) ``images`` and ``roi_crops`` are None
+    and ``features`` holds the tower's cached outputs instead (:mod:`regionmed.features`)."""
+
+    images: torch.Tensor | None  # (B, 3, S, S); None when ``features`` holds the image tower's outputs instead
     boxes: torch.Tensor  # (B, K, 4) in [0, 1]
     roi_mask: torch.Tensor  # (B, K) bool
     roi_crops: torch.Tensor | None  # (N_valid, 3, r, r), order of roi_mask.nonzero()
+    # (B, 4) where each image lies in its letterboxed square (normalised xyxy); None when unknown
+    content: torch.Tensor | None = field(default=None, kw_only=True)
+    # a locked image tower's cached outputs, in place of images and roi_crops
+    features: ImageFeatures | None = field(default=None, kw_only=True)
 
     @classmethod
     def from_samples(cls, samples: list[dict], max_rois: int | None = None) -> "ImageBatch":
-        """Stack the ``image`` of prepared samples (:class:`~regionmed.data.transforms.Preprocessor`
-        outputs) and pad their ``boxes`` / ``crops`` (:func:`pad_rois`)."""
+        """Stack the ``image`` (or cached ``features``) of prepared samples
+        (:class:`~regionmed.data.transforms.Preprocessor` outputs), their ``content`` boxes,
+        and pad their ``boxes`` / ``crops`` (:func:`pad_rois`)."""
         boxes, mask, crops = pad_rois(samples, max_rois)
-        return cls(torch.stack([s["image"] for s in samples]), boxes, mask, crops)
+        features = None
+        if samples[0].get("features") is not None:
+            crop_feats = [s["features"]["crops"] for s in samples if s["features"].get("crops") is not None]
+            features = ImageFeatures(pooled=torch.stack([s["features"]["pooled"] for s in samples]),
+                                     grid=torch.stack([s["features"]["grid"] for s in samples]),
+                                     crops=torch.cat(crop_feats) if crop_feats else None)
+        content = torch.stack([s["content"] for s in samples]) if all("content" in s for s in samples) else None
+        images = None if features is not None else torch.stack([s["image"] for s in samples])
+        return cls(images, boxes, mask, crops, content=content, features=features)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.images if self.images is not None else self.features.pooled).device
+
+    def _apply(self, fn) -> None:
+        for name in ("images", "boxes", "roi_mask", "roi_crops", "content", "features"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, fn(value))
 
     def to(self, device: torch.device | str) -> "ImageBatch":
-        self.images = self.images.to(device, non_blocking=True)
-        self.boxes = self.boxes.to(device, non_blocking=True)
-        self.roi_mask = self.roi_mask.to(device, non_blocking=True)
-        if self.roi_crops is not None:
-            self.roi_crops = self.roi_crops.to(device, non_blocking=True)
+        self._apply(lambda t: t.to(device, non_blocking=True))
         return self
 
     def pin_memory(self) -> "ImageBatch":
         """Page-locked copies of the tensors (called by the DataLoader's pin-memory thread)."""
-        self.images = self.images.pin_memory()
-        self.boxes = self.boxes.pin_memory()
-        self.roi_mask = self.roi_mask.pin_memory()
-        if self.roi_crops is not None:
-            self.roi_crops = self.roi_crops.pin_memory()
+        self._apply(lambda t: t.pin_memory())
         return self
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.boxes.shape[0]
 
 
 @dataclass
@@ -85,6 +103,7 @@ class Batch(ImageBatch):
     image_negatives: list[list[str]]  # B lists
     ids: list[str]
     roi_negative_rules: list[list[str]] = field(default_factory=list)  # N_valid lists, parallel to roi_negatives
+    region_labels: list[str] = field(default_factory=list)  # N_valid region labels ("" when a region has none)
     # Unreadable samples met while making this batch: (dataset index, "<shard>:<key>", reason).
     # Training replaced each by the next readable one; evaluation left it out.
     bad_samples: list[tuple[int, str, str]] = field(default_factory=list)
@@ -129,6 +148,9 @@ class RegionSampleDataset(Dataset):
         self.use_rois = use_rois
         self.on_bad = on_bad
         self.unreadable_records: list[tuple[str, str]] = []  # filled by audit()
+        # A locked image tower's outputs for every sample (regionmed.features.ImageFeatureCache): when
+        # set, samples carry them instead of pixels and no image is decoded.
+        self.features = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -161,13 +183,17 @@ class RegionSampleDataset(Dataset):
         """Sample ``index`` as tensors and texts; raises :class:`SampleError` naming its shard
         and key when it cannot be read or prepared."""
         try:
-            image, record = self.data[index]
+            if self.features is not None:
+                image, record = None, self.data.record(index)
+                feats = self.features.row(index)
+            else:
+                (image, record), feats = self.data[index], None
         except (SampleError, StaleShardError):  # a stale shard stops the run: its index describes other bytes
             raise
         except _SAMPLE_FAULTS as err:
             raise _sample_error(self.data.where(index), err) from err
         sample = prepare_sample(image, record, self.pre, self.use_rois, self.max_negatives, self.max_image_negatives,
-                                self.data.where(index))
+                                self.data.where(index), features=feats)
         if self.source:
             sample["source"] = self.source
         return sample
@@ -218,24 +244,37 @@ def _sample_error(where: str, err: BaseException) -> SampleError:
     return SampleError(where, f"{reason} ({type(err).__name__})")
 
 
-def prepare_sample(image: Image.Image, record: dict, pre: Preprocessor, use_rois: bool, max_negatives: int,
-                   max_image_negatives: int, where: str) -> dict:
+def prepare_sample(image: Image.Image | None, record: dict, pre: Preprocessor, use_rois: bool, max_negatives: int,
+                   max_image_negatives: int, where: str, features: dict | None = None) -> dict:
     """One decoded sample (image and validated record) as tensors and texts, for
-    :func:`collate`: the same for the indexed and the streaming reader. Raises
-    :class:`SampleError` naming ``where`` when it cannot be prepared."""
+    :func:`collate`: the same for the indexed and the streaming reader. With ``features``
+    (a locked image tower's cached ``{"pooled", "grid", "crops"}``) instead of ``image``,
+    the boxes are placed from the record's size and the sample carries the features.
+    Raises :class:`SampleError` naming ``where`` when it cannot be prepared."""
     try:
         regions = sanitize_regions(record)[0][: pre.max_rois] if use_rois else []
-        out = pre(image, [r["box"] for r in regions])
+        if features is None:
+            out = pre(image, [r["box"] for r in regions])
+        else:
+            boxes, content = pre.place(record["width"], record["height"], [r["box"] for r in regions])
+            out = {"image": None, "boxes": boxes, "crops": None, "content": content}
+            crops = features.get("crops")
+            if pre.roi_mode == "crop" and (crops is None or crops.shape[0] != len(regions)):
+                raise RecordError(f"the feature cache holds {None if crops is None else crops.shape[0]} ROI crop features "
+                                  f"for the sample's {len(regions)} region(s): a stale cache")
     except _SAMPLE_FAULTS as err:
         raise _sample_error(where, err) from err
     return {
         "id": record["id"],
         "image": out["image"],
+        "features": features,
         "boxes": out["boxes"],
         "crops": out["crops"],
         "report": record["report"],
         "summary": record["summary"],
         "captions": [r["caption"] for r in regions],
+        "labels": [str(r.get("label") or "") for r in regions],
+        "content": out["content"],
         "roi_negatives": [[n["text"] for n in r.get("negatives", [])][: max_negatives] for r in regions],
         "roi_negative_rules": [[n.get("rule", "unknown") for n in r.get("negatives", [])][: max_negatives] for r in regions],
         "image_negatives": [n["text"] for n in record.get("negatives", [])][: max_image_negatives],
@@ -285,6 +324,8 @@ def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
     images = ImageBatch.from_samples(samples, max_rois)
     return Batch(
         images=images.images,
+        features=images.features,
+        content=images.content,
         boxes=images.boxes,
         roi_mask=images.roi_mask,
         roi_crops=images.roi_crops,
@@ -295,6 +336,7 @@ def collate(samples: list[dict], max_rois: int | None = None) -> Batch:
         image_negatives=[s["image_negatives"] for s in samples],
         ids=[s["id"] for s in samples],
         roi_negative_rules=[n for s in samples for n in s["roi_negative_rules"]],
+        region_labels=[lab for s in samples for lab in s.get("labels", [""] * len(s["captions"]))],
         bad_samples=bad,
         sources=[s.get("source", "") for s in samples],
     )

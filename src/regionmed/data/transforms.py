@@ -80,6 +80,29 @@ def _is_triple(value) -> bool:
     return isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))
 
 
+@dataclass
+class ImageFeatures:
+    """What the image tower outputs, given to the model instead of pixels (a locked tower's
+    cached outputs, :mod:`regionmed.features`; ``RegionMedCLIP.encode_image(features=...)``): ``pooled`` (B, C), ``grid`` (B, C, h, w) (before the grid
+    head) and, in ``crop`` mode, ``crops`` (N_valid, C), the ROI crops' pooled features in
+    ``roi_mask.nonzero()`` order."""
+
+    pooled: torch.Tensor
+    grid: torch.Tensor
+    crops: torch.Tensor | None = None
+
+    def to(self, device, non_blocking: bool = False) -> "ImageFeatures":
+        return ImageFeatures(self.pooled.to(device, non_blocking=non_blocking), self.grid.to(device, non_blocking=non_blocking),
+                             None if self.crops is None else self.crops.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "ImageFeatures":
+        return ImageFeatures(self.pooled.pin_memory(), self.grid.pin_memory(),
+                             None if self.crops is None else self.crops.pin_memory())
+
+    def __len__(self) -> int:
+        return self.pooled.shape[0]
+
+
 # How each field is stored in preprocess.json: (check, what the check expects).
 _FIELD_TYPES = {
     "image_size": (_is_int, "an integer"),
@@ -195,21 +218,34 @@ class Preprocessor:
     def __call__(self, image: Image.Image, boxes: list | None = None) -> dict:
         """image: PIL image; boxes: pixel xyxy boxes (already sanitised, at most max_rois).
 
-        Returns ``{"image": (3, S, S), "boxes": (n, 4) in [0, 1], "crops": (n, 3, r, r) or None}``."""
+        Returns ``{"image": (3, S, S), "boxes": (n, 4) in [0, 1], "crops": (n, 3, r, r) or None,
+        "content": (4,)}``: ``content`` is where the image lies in the square (normalised xyxy; the
+        rest is letterbox padding)."""
         image = to_rgb(image)
         boxes = list(boxes or [])
-        square, scale, ox, oy = self.letterbox(image)
-        norm = torch.tensor(
-            [[(b[0] * scale + ox), (b[1] * scale + oy), (b[2] * scale + ox), (b[3] * scale + oy)] for b in boxes],
-            dtype=torch.float32,
-        ).reshape(-1, 4) / self.image_size
+        square, _, _, _ = self.letterbox(image)
+        norm, content = self.place(image.size[0], image.size[1], boxes)
         crops = None
         if self.roi_mode == "crop":
             w, h = image.size
             crops = torch.stack(
                 [self._normalise(image.crop(self.crop_box(b, w, h)).resize((self.roi_size, self.roi_size), Image.BILINEAR)) for b in boxes]
             ) if boxes else torch.zeros(0, 3, self.roi_size, self.roi_size)
-        return {"image": self._normalise(square), "boxes": norm.clamp(0, 1), "crops": crops}
+        return {"image": self._normalise(square), "boxes": norm, "crops": crops, "content": content}
+
+    def place(self, width: int, height: int, boxes: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a ``width`` x ``height`` image and its pixel xyxy ``boxes`` land in the letterboxed
+        square, without its pixels: ``(boxes (n, 4), content (4,))`` normalised to [0, 1], as
+        :meth:`__call__` returns them (``content``: the image's own part of the square)."""
+        scale = self.image_size / max(width, height)
+        nw, nh = max(1, round(width * scale)), max(1, round(height * scale))
+        ox, oy = (self.image_size - nw) // 2, (self.image_size - nh) // 2
+        norm = torch.tensor(
+            [[(b[0] * scale + ox), (b[1] * scale + oy), (b[2] * scale + ox), (b[3] * scale + oy)] for b in boxes or []],
+            dtype=torch.float32,
+        ).reshape(-1, 4) / self.image_size
+        content = torch.tensor([ox, oy, ox + nw, oy + nh], dtype=torch.float32) / self.image_size
+        return norm.clamp(0, 1), content
 
     def prepare(self, image: Image.Image, boxes: list | None = None, on_invalid: str = "raise") -> dict:
         """Model-ready batch of one: the keyword arguments of ``model.encode_image``.

@@ -19,13 +19,14 @@ from torch import nn
 from regionmed import __version__
 from regionmed.config import ConfigError, from_dict, to_dict
 from regionmed.data.loader import ImageBatch
-from regionmed.data.transforms import PREPROCESS_FILE, Preprocessor
+from regionmed.data.transforms import PREPROCESS_FILE, ImageFeatures, Preprocessor
 from regionmed.finite import require_finite
 from regionmed.io import read_json, write_json_atomic
 from regionmed.model.config import ModelConfig, ProjectionConfig, validate_model_config
+from regionmed.model.dense import DenseHead
 from regionmed.model.roi import ROIProcessor, align_roi_features, scatter_rois
 from regionmed.model.towers import ImageTower, TextTower
-from regionmed.model.weights import WeightsError, load_global_path, load_weights
+from regionmed.model.weights import WeightsError, is_global_key, load_global_path, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,15 @@ class ImageEmbeddings:
     """L2-normalised image-side embeddings.
 
     ``global_``: whole image (B, D); ``fused``: after the ROI processor (== global_
-    when ROIs are off or absent); ``roi``: (B, K, D) or None; ``roi_mask``: (B, K)."""
+    when ROIs are off or absent); ``roi``: (B, K, D) or None; ``roi_mask``: (B, K);
+    ``cells``: (B, h, w, D), each cell of the feature grid projected into the joint space
+    (what :meth:`RegionMedCLIP.patch_embeddings` gives), only when asked for."""
 
     global_: torch.Tensor
     fused: torch.Tensor
     roi: torch.Tensor | None = None
     roi_mask: torch.Tensor | None = None
+    cells: torch.Tensor | None = None
 
 
 def plan_text_chunks(
@@ -130,7 +134,7 @@ class RegionMedCLIP(nn.Module):
     """CLIP-style model aligning images and their regions with text.
 
     Module groups (the names stages use for ``trainable``): ``image_tower``,
-    ``text_tower``, ``roi_processor``, ``projections``, ``logit_scale``.
+    ``text_tower``, ``roi_processor``, ``dense_head``, ``projections``, ``logit_scale``.
     """
 
     def __init__(self, cfg: ModelConfig, text_source: str | None = None):
@@ -153,6 +157,7 @@ class RegionMedCLIP(nn.Module):
             raise ConfigError(f"model.roi.roi_size is {cfg.roi.roi_size}: ROI crops go through {cfg.image.name!r}, which "
                               f"takes sides that are multiples of its patch size {multiple}")
         self.roi_processor = ROIProcessor(self.image_tower.width, cfg.roi) if cfg.roi.mode != "none" else None
+        self.dense_head = DenseHead(self.image_tower.width, cfg.dense) if cfg.dense.head != "none" else None
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         # The image/text preprocessing (an immutable Preprocessor): derived from cfg here,
         # replaced by the folder's preprocess.json in from_pretrained.
@@ -164,6 +169,7 @@ class RegionMedCLIP(nn.Module):
             "image_tower": list(self.image_tower.parameters()),
             "text_tower": list(self.text_tower.parameters()),
             "roi_processor": list(self.roi_processor.parameters()) if self.roi_processor is not None else [],
+            "dense_head": list(self.dense_head.parameters()) if self.dense_head is not None else [],
             "projections": list(self.projections.parameters()),
             "logit_scale": [self.logit_scale],
         }
@@ -185,6 +191,22 @@ class RegionMedCLIP(nn.Module):
         return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
 
     # -- encoders --------------------------------------------------------------------
+    def image_features(self, images: torch.Tensor | None, features: ImageFeatures | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) normalised (or the tower's outputs as ``features``) -> the
+        tower's pooled feature (B, C) and the feature grid (B, C, h, w) after the grid head
+        (:class:`~regionmed.model.dense.DenseHead`, when the model has one): the grid every
+        region-level path reads."""
+        pooled, grid = (features.pooled, features.grid) if features is not None else self.image_tower(images)
+        if self.dense_head is not None:
+            grid = self.dense_head(grid)
+        return pooled, grid
+
+    def project_cells(self, grid: torch.Tensor) -> torch.Tensor:
+        """A feature grid (B, C, h, w) -> each cell projected into the joint space, (B, h, w, D),
+        L2-normalised."""
+        return F.normalize(self.projections["image"](grid.permute(0, 2, 3, 1)), dim=-1)
+
     def encode_image(
         self,
         images: torch.Tensor,
@@ -192,6 +214,8 @@ class RegionMedCLIP(nn.Module):
         roi_mask: torch.Tensor | None = None,
         roi_crops: torch.Tensor | None = None,
         use_rois: bool = True,
+        cells: bool = False,
+        features: ImageFeatures | None = None,
     ) -> ImageEmbeddings:
         """images (B, 3, S, S) normalised; boxes (B, K, 4) in [0, 1]; roi_mask (B, K);
         roi_crops (N_valid, 3, r, r) in the order of ``roi_mask.nonzero()`` (crop mode).
@@ -201,19 +225,30 @@ class RegionMedCLIP(nn.Module):
         ``roi.grid_context`` plus the global pass's feature grid ``(B, C, h, w)`` RoIAlign-pooled
         over each box (``align_roi_features``, ``roi.align_output``), so the token also holds what
         the whole image shows at the box's place (which lung field, next to the heart...); align
-        mode, the RoIAlign features alone."""
-        pooled, grid = self.image_tower(images)
+        mode, the RoIAlign features alone. The grid is the grid head's output when the model has
+        one (:meth:`image_features`). ``cells``: also return the projected grid (``.cells``),
+        from the same pass (the ``grounding`` loss term reads it). ``features``: the image tower's
+        outputs (:class:`ImageFeatures`, e.g. a locked tower's cache) instead of ``images`` and
+        ``roi_crops``; the rest of the model runs as from pixels."""
+        pooled, grid = self.image_features(images, features)
         proj = self.projections["image"]
         global_ = F.normalize(proj(pooled), dim=-1)
+        cell_emb = self.project_cells(grid) if cells else None
         if not use_rois or self.roi_processor is None or boxes is None or roi_mask is None:
-            return ImageEmbeddings(global_, global_)
+            return ImageEmbeddings(global_, global_, cells=cell_emb)
         roi_mask = roi_mask.bool()
         if self.cfg.roi.mode == "crop":
-            if roi_crops is None:
+            if features is not None:
+                if features.crops is None or features.crops.shape[0] != int(roi_mask.sum()):
+                    have = None if features.crops is None else features.crops.shape[0]
+                    raise ValueError(f"features.crops has {have} crop features for {int(roi_mask.sum())} valid boxes")
+                valid = features.crops
+            elif roi_crops is None:
                 raise ValueError("ROI mode 'crop' needs roi_crops (see regionmed.data.transforms.Preprocessor)")
-            if roi_crops.shape[0] != int(roi_mask.sum()):
+            elif roi_crops.shape[0] != int(roi_mask.sum()):
                 raise ValueError(f"roi_crops has {roi_crops.shape[0]} crops for {int(roi_mask.sum())} valid boxes")
-            valid = self.image_tower.encode_crops(roi_crops)
+            else:
+                valid = self.image_tower.encode_crops(roi_crops)
             if self.cfg.roi.grid_context:
                 valid = valid + align_roi_features(grid, boxes, roi_mask, self.cfg.roi.align_output).to(valid.dtype)
         else:
@@ -222,36 +257,49 @@ class RegionMedCLIP(nn.Module):
         fused, rois = self.roi_processor(pooled, grid, roi_feats, boxes, roi_mask)
         fused_emb = F.normalize(proj(fused), dim=-1)
         roi_emb = F.normalize(proj(rois), dim=-1) * roi_mask.unsqueeze(-1)
-        return ImageEmbeddings(global_, fused_emb, roi_emb, roi_mask)
+        return ImageEmbeddings(global_, fused_emb, roi_emb, roi_mask, cell_emb)
 
-    def encode_batch(self, batch: ImageBatch, use_rois: bool = True, check_finite: bool = True) -> ImageEmbeddings:
+    def encode_batch(self, batch: ImageBatch, use_rois: bool = True, check_finite: bool = True,
+                     cells: bool = False) -> ImageEmbeddings:
         """:meth:`encode_image` on a collated :class:`~regionmed.data.loader.ImageBatch` (a training
         :class:`~regionmed.data.loader.Batch` is one), moved to the model's device: the one image
         encoder of training-time validation, evaluation and inference. Crops are passed in crop
         mode only; ``use_rois=False`` (or a model without an ROI path) gives the whole image.
+        A batch of cached tower outputs (``batch.features``, a locked image tower) is encoded
+        from them; ``cells`` also returns the projected grid (the ``grounding`` term).
         With ``check_finite`` (evaluation, inference) raises
         :class:`~regionmed.finite.NonFiniteEmbeddingError` when an embedding holds NaN or inf
         (damaged or diverged weights); training leaves that to its loss (a non-finite step is skipped)."""
         device = self.logit_scale.device
-        images = batch.images.to(device)
+        images = None if batch.images is None else batch.images.to(device)
+        features = None if batch.features is None else batch.features.to(device)
         if not use_rois:
-            emb = self.encode_image(images, use_rois=False)
+            emb = self.encode_image(images, use_rois=False, cells=cells, features=features)
         else:
             crops = batch.roi_crops.to(device) if (batch.roi_crops is not None and self.cfg.roi.mode == "crop") else None
-            emb = self.encode_image(images, batch.boxes.to(device), batch.roi_mask.to(device), crops, use_rois=True)
+            emb = self.encode_image(images, batch.boxes.to(device), batch.roi_mask.to(device), crops, use_rois=True,
+                                    cells=cells, features=features)
         return require_finite(emb) if check_finite else emb
 
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Each cell of the image tower's patch grid projected into the joint space:
-        (B, h, w, D), L2-normalised (for patch–text similarity maps, grounding)."""
-        _, grid = self.image_tower(images)
-        cells = grid.permute(0, 2, 3, 1)
-        return F.normalize(self.projections["image"](cells), dim=-1)
+        """Each cell of the feature grid (after the grid head, when there is one) projected
+        into the joint space: (B, h, w, D), L2-normalised (for patch–text similarity maps,
+        grounding)."""
+        return self.project_cells(self.image_features(images)[1])
 
     def encode_text(
         self, texts: list[str], batch_size: int | None = None, pad_slack: float = 0.25, max_tokens: int | None = None
     ) -> torch.Tensor:
-        """L2-normalised text embeddings (N, D), one row per text of ``texts``.
+        """L2-normalised text embeddings (N, D), one row per text of ``texts``:
+        :meth:`project_text` of :meth:`text_features`."""
+        if not texts:
+            return self.logit_scale.new_zeros(0, self.cfg.embed_dim)
+        return self.project_text(self.text_features(texts, batch_size, pad_slack, max_tokens))
+
+    def text_features(
+        self, texts: list[str], batch_size: int | None = None, pad_slack: float = 0.25, max_tokens: int | None = None
+    ) -> torch.Tensor:
+        """The text tower's pooled features (N, W), one row per text of ``texts`` (before the projection).
 
         Identical texts are encoded once. The unique texts are sorted by token length
         and encoded in chunks planned by :func:`plan_text_chunks`: at most
@@ -259,24 +307,28 @@ class RegionMedCLIP(nn.Module):
         per chunk, and padding bounded — in every chunk, hence in the whole call,
         padded tokens <= ``(1 + pad_slack)`` x real tokens (default 1.25 x), so a
         short caption is never padded to the length of a report. Padding is masked, so
-        the embeddings do not depend on the chunking (beyond float rounding)."""
+        the features do not depend on the chunking (beyond float rounding)."""
         unique = list(dict.fromkeys(texts))
-        if not unique:
-            return self.logit_scale.new_zeros(0, self.cfg.embed_dim)
         device = self.logit_scale.device
+        if not unique:
+            return self.logit_scale.new_zeros(0, self.text_tower.width)
         tokenizer = self.text_tower.tokenizer
         ids = tokenizer.ids(unique)
         plan = plan_text_chunks([len(x) for x in ids], pad_slack, batch_size or 64, max_tokens)
         chunks, placed = [], []
         for part in plan:
             input_ids, mask = tokenizer.pad([ids[i] for i in part])
-            feats = self.text_tower(input_ids.to(device), mask.to(device))
-            chunks.append(F.normalize(self.projections["text"](feats), dim=-1))
+            chunks.append(self.text_tower(input_ids.to(device), mask.to(device)))
             placed += part
-        emb = torch.cat(chunks)
+        feats = torch.cat(chunks)
         row_of = {u: r for r, u in enumerate(placed)}
         position = {t: row_of[i] for i, t in enumerate(unique)}
-        return emb[torch.tensor([position[t] for t in texts], device=emb.device)]
+        return feats[torch.tensor([position[t] for t in texts], device=feats.device)]
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        """The text tower's pooled features (N, W) -> L2-normalised text embeddings (N, D) (what
+        :meth:`encode_text` does after the tower; a locked tower's cached features go here)."""
+        return F.normalize(self.projections["text"](features), dim=-1)
 
     # -- folder format ---------------------------------------------------------------
     def preprocess_config(self) -> dict:
@@ -460,8 +512,8 @@ def init_from_folder(cfg: ModelConfig) -> RegionMedCLIP:
     """Build the model of ``cfg`` with the weights of the regionmed folder ``cfg.init_from``.
 
     The towers, projections and temperature come from the folder (its ``text/`` gives the
-    text tower's config and tokenizer), the ROI processor too when the folder's ``roi``
-    settings equal ``cfg.roi``, otherwise it starts new. Every tower/projection/preprocessing
+    text tower's config and tokenizer), the ROI processor (grid head) too when the folder's
+    ``roi`` (``dense``) settings equal ``cfg.roi`` (``cfg.dense``), otherwise it starts new. Every tower/projection/preprocessing
     field of ``cfg`` (all but ``pretrained``, ``grad_checkpointing``, ``crop_batchnorm``,
     ``text.name``, ``text.config_overrides``, ``logit_scale_*``) must equal the folder's:
     otherwise :class:`~regionmed.config.ConfigError` names the first differing field with
@@ -474,7 +526,7 @@ def init_from_folder(cfg: ModelConfig) -> RegionMedCLIP:
                           "weights files; keep one")
     mine_flat, their_flat = _flat(to_dict(cfg)), _flat(to_dict(theirs))
     for key in sorted(set(mine_flat) | set(their_flat)):
-        if key.startswith("roi.") or key in _FREE_FIELDS:
+        if key.startswith(("roi.", "dense.")) or key in _FREE_FIELDS:
             continue
         if mine_flat.get(key) != their_flat.get(key):
             raise ConfigError(f"model.{key} is {mine_flat.get(key)!r} but model.init_from's {config_path} has "
@@ -486,10 +538,11 @@ def init_from_folder(cfg: ModelConfig) -> RegionMedCLIP:
     model = RegionMedCLIP(cfg, text_source=str(text_dir))
     weights = folder / WEIGHTS_NAME
     with_roi = dataclasses.asdict(theirs.roi) == dataclasses.asdict(cfg.roi) and cfg.roi.mode != "none"
-    if not with_roi:
-        state = {k: v for k, v in state.items() if not k.startswith("roi_processor.")}
-    load_global_path(model, state, f"model.init_from: {weights}", with_roi=with_roi)
-    log.info("model.init_from %s: towers, projections and temperature loaded; ROI processor %s", folder,
-             "loaded" if with_roi else "new")
+    with_dense = dataclasses.asdict(theirs.dense) == dataclasses.asdict(cfg.dense) and cfg.dense.head != "none"
+    parts = tuple(p for p, kept in (("roi_processor.", with_roi), ("dense_head.", with_dense)) if kept)
+    state = {k: v for k, v in state.items() if is_global_key(k) or k.startswith(parts)}
+    load_global_path(model, state, f"model.init_from: {weights}", with_parts=parts)
+    log.info("model.init_from %s: towers, projections and temperature loaded; ROI processor %s; grid head %s", folder,
+             "loaded" if with_roi else "new", "loaded" if with_dense else ("new" if cfg.dense.head != "none" else "none"))
     return model
 

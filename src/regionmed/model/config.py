@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from regionmed.config import ConfigError
 
-MODULE_NAMES = ("image_tower", "text_tower", "roi_processor", "projections", "logit_scale")
+MODULE_NAMES = ("image_tower", "text_tower", "roi_processor", "dense_head", "projections", "logit_scale")
 
 
 # Weights that install offline and are named in ``model.image.pretrained`` (their files are found
@@ -131,6 +131,35 @@ class RoiConfig:
     # plus the global pass's features at the box's place (which lung field, next to the heart...),
     # so a token without box geometry can still tell side and zone from pixels.
     grid_context: bool = False
+    # The ROI processor's context (region <- context attention over the feature grid): the grid
+    # average-pooled to at most context_grid x context_grid cells first. Its keys and values are
+    # projected at the tower's width for every context cell, the dearest part of the processor
+    # (at 16 x 16 cells and width 1280 about 50 GFLOP a batch of 32): a finer grid for grounding
+    # need not make the context finer. null = the whole grid (as before this field existed).
+    context_grid: int | None = None
+
+
+@dataclass
+class DenseConfig:
+    """The grid head (:class:`~regionmed.model.dense.DenseHead`): a residual layer between the image
+    tower's feature grid and everything that reads the grid (the patch–text map of grounding,
+    ``align`` ROIs, ``roi.grid_context``, the ROI processor's context), trained by the ``grounding``
+    loss term. ``head: none`` (the default, and what folders saved before it existed load as):
+    no head, the grid is the tower's own and no grounding term can train it.
+
+    ``conv``: ``grid + expand(GELU(h))`` with ``h`` = a 1x1 convolution of the grid to ``width``
+    channels, plus a learned position embedding (``position``; a ``position_grid`` square table
+    resized bilinearly to the grid), then ``layers`` residual ``3x3`` convolutions with GELU;
+    ``expand`` (1x1 back to the tower's width) starts at zero, so a new head leaves the grid
+    unchanged. ``logit_scale_init``: the grounding term's temperature, ``exp`` of a learned
+    scalar of the head (ln 10: a spatial softmax over a few hundred cells of cosines)."""
+
+    head: Literal["none", "conv"] = "none"
+    width: int = 128
+    layers: int = 2
+    position: bool = True
+    position_grid: int = 16
+    logit_scale_init: float = 2.302585  # ln(10)
 
 
 @dataclass
@@ -139,6 +168,7 @@ class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     roi: RoiConfig = field(default_factory=RoiConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
     logit_scale_init: float = 2.6593  # ln(1/0.07)
     logit_scale_max: float = 100.0
     # A regionmed model folder (e.g. written by `regionmed import-open-clip`) whose towers,
@@ -221,6 +251,11 @@ def validate_model_config(cfg: ModelConfig, source: str = "<config>") -> None:
     need(not cfg.roi.grid_context or cfg.roi.mode == "crop", "model.roi.grid_context",
          f"is for ROI mode 'crop' (a crop's feature + the grid's RoIAlign feature); mode {cfg.roi.mode!r} has no crops: "
          "set grid_context false")
+    need(cfg.roi.context_grid is None or cfg.roi.context_grid >= 1, "model.roi.context_grid", "must be >= 1 or null")
     need(cfg.roi.gate_scale > 0, "model.roi.gate_scale", f"is {cfg.roi.gate_scale}: must be > 0 (1 = a plain gate)")
     need(cfg.logit_scale_max > 0, "model.logit_scale_max", "must be > 0")
+    need(cfg.dense.width >= 1, "model.dense.width", "must be >= 1")
+    need(cfg.dense.layers >= 0, "model.dense.layers", "must be >= 0")
+    need(cfg.dense.position_grid >= 1, "model.dense.position_grid", "must be >= 1")
+    need(abs(cfg.dense.logit_scale_init) <= 20, "model.dense.logit_scale_init", "must be in [-20, 20] (it is a log)")
     need(abs(cfg.logit_scale_init) <= 20, "model.logit_scale_init", "must be in [-20, 20] (it is a log: exp(20) = 4.9e8)")

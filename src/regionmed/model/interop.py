@@ -57,7 +57,7 @@ from regionmed.io import read_json
 from regionmed.model.clip import RegionMedCLIP
 from regionmed.model.config import ImageTowerConfig, ModelConfig, ProjectionConfig, RoiConfig, TextTowerConfig
 from regionmed.model.towers import check_tokenizer
-from regionmed.model.weights import WeightsError, check_state_dict, load_global_path, read_state_dict
+from regionmed.model.weights import WeightsError, check_state_dict, is_global_key, load_global_path, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def import_open_clip(checkpoint: str | Path, config: str | Path, text_dir: str |
             model = RegionMedCLIP(cfg, text_source=tmp)
         except ConfigError as err:
             raise InteropError(f"{config}: the regionmed model cannot be built: {err}") from err
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("roi_processor.")}
+    expected = {k: v for k, v in model.state_dict().items() if is_global_key(k)}
     converted = convert_open_clip_state_dict(state, cfg, expected, str(checkpoint))
     load_global_path(model, converted, str(checkpoint))
     return model.eval()
@@ -384,7 +384,7 @@ def export_open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     inverse = [(new, old) for old, new in _rename_rules(cfg)]
     out = {}
     for key, value in model.state_dict().items():
-        if key.startswith("roi_processor."):
+        if not is_global_key(key):
             continue
         for new, old in inverse:
             if key == new or (new.endswith(".") and key.startswith(new)):

@@ -62,6 +62,8 @@ class ROIProcessor(nn.Module):
     rate per step whatever its gradient's size, so the gate moves ``gate_scale`` times
     faster; as a per-parameter learning-rate multiplier, without an optimizer change).
     Padded ROIs are masked; an image with no ROI gets ``fused == global`` exactly.
+    With ``cfg.context_grid`` the context is the grid average-pooled to at most that many
+    cells a side (the attention's keys and values cost a tower-width projection per cell).
 
     With ``cfg.box_geometry`` (default) each ROI token first gets ``geometry(box features)``
     added (:func:`box_geometry_features`); without it there is no ``geometry`` module and the
@@ -78,6 +80,7 @@ class ROIProcessor(nn.Module):
         self.context_norm = nn.LayerNorm(width)
         self.region_from_context = nn.MultiheadAttention(width, heads, batch_first=True)
         self.gate_scale = float(cfg.gate_scale)
+        self.context_grid = cfg.context_grid
         self.region_gate = nn.Parameter(torch.tensor(float(cfg.gate_init) / self.gate_scale))
         self.global_norm = nn.LayerNorm(width)
         self.region_kv_norm = nn.LayerNorm(width)
@@ -99,6 +102,9 @@ class ROIProcessor(nn.Module):
         rois = roi_feats
         if self.geometry is not None:
             rois = rois + self.geometry(box_geometry_features(boxes).to(roi_feats.dtype))
+        if self.context_grid is not None and (grid.shape[-2] > self.context_grid or grid.shape[-1] > self.context_grid):
+            grid = torch.nn.functional.adaptive_avg_pool2d(
+                grid, (min(grid.shape[-2], self.context_grid), min(grid.shape[-1], self.context_grid)))
         context = self.context_norm(grid.flatten(2).transpose(1, 2))
         attn, _ = self.region_from_context(self.roi_norm(rois), context, context, need_weights=False)
         rois = (rois + torch.tanh(self.gate_scale * self.region_gate) * attn) * mask.unsqueeze(-1)

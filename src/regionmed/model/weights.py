@@ -25,7 +25,8 @@ from torch import nn
 from regionmed.errors import RegionmedError
 from regionmed.finite import nonfinite_tensors
 
-__all__ = ["WeightsError", "check_state_dict", "load_global_path", "load_weights", "read_state_dict"]
+__all__ = ["REGION_PARTS", "WeightsError", "check_state_dict", "is_global_key", "load_global_path", "load_weights",
+           "read_state_dict"]
 
 
 class WeightsError(RegionmedError, RuntimeError):
@@ -103,11 +104,23 @@ def load_weights(model: nn.Module, path: str | Path, device: str = "cpu") -> Non
         raise WeightsError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf values (e.g. {bad[:3]}): the weights are unusable")
 
 
-def load_global_path(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, with_roi: bool = False) -> None:
+# The region-level parts of a regionmed model (which open_clip has no counterpart of).
+REGION_PARTS = ("roi_processor.", "dense_head.")
+
+
+def is_global_key(key: str) -> bool:
+    """True for a state-dict key of the towers, projections or temperature (the global path),
+    False for one of the region parts (:data:`REGION_PARTS`)."""
+    return not key.startswith(REGION_PARTS)
+
+
+def load_global_path(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                     with_parts: tuple[str, ...] = ()) -> None:
     """Load ``state`` (regionmed names) into ``model``: every tensor of the towers,
-    projections and temperature must be there (and the ROI processor's when ``with_roi``)."""
-    target = {k: v for k, v in model.state_dict().items() if with_roi or not k.startswith("roi_processor.")}
+    projections and temperature must be there (and those of the region parts named in
+    ``with_parts``, e.g. ``("roi_processor.",)``). Raises :class:`WeightsError` naming ``source``."""
+    target = {k: v for k, v in model.state_dict().items() if is_global_key(k) or k.startswith(with_parts)}
     own = model.state_dict()
-    # tensors of the model outside ``target`` (the ROI processor) are left alone, not "unexpected"
+    # tensors of the model outside ``target`` (new region parts) are left alone, not "unexpected"
     check_state_dict({k: v for k, v in state.items() if k in target or k not in own}, target, source)
     model.load_state_dict({k: state[k] for k in target}, strict=False)

@@ -74,6 +74,29 @@ class StageConfig:
 
 
 @dataclass
+class LockConfig:
+    """Locked towers (LiT, Zhai et al., CVPR 2022; open_clip's ``--lock-image`` / ``--lock-text``).
+
+    A locked tower never trains (it is left out of every stage's trainable groups, and a stage
+    that names it is an error) and runs in eval mode (BatchNorm statistics and dropout frozen).
+    ``cache``: compute the locked towers' outputs on the training split once and read them back
+    at every step (:mod:`regionmed.features`): the projections, the grid head, the ROI processor
+    and the temperature then train at a fraction of a tower pass per step. The cache lives in
+    ``cache_dir`` (default ``<output_dir>/../.feature-cache``, shared by runs side by side), is
+    keyed by the tower weights, the preprocessing and the data, stays within ``cache_max_gb``
+    (least recently used caches there are removed) and is resumable after a kill. ``cache_dtype``:
+    ``float16`` halves the disk; ``float32`` makes cached training equal uncached training to float
+    rounding."""
+
+    image: bool = False
+    text: bool = False
+    cache: bool = True
+    cache_dir: str | None = None
+    cache_max_gb: float = 20.0
+    cache_dtype: Literal["float16", "float32"] = "float16"
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 32  # global batch (split across ranks)
     # Gradient accumulation (open_clip's name): each step takes accum_freq * batch_size samples
@@ -89,6 +112,12 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at stage ends and the end
     keep_checkpoints: int = 2
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    # The grounding term (a stage's losses: {grounding: w}; regionmed.losses.grounding_loss): what each
+    # boxed region is grounded as ("label": its label, lower-cased, or its caption when it has none;
+    # "caption": its caption) and the loss shape ("softmax" over the image's cells, or "binary" per cell).
+    grounding_text: Literal["label", "caption"] = "label"
+    grounding_mode: Literal["softmax", "binary"] = "softmax"
+    lock: LockConfig = field(default_factory=LockConfig)
     tensorboard: bool = True  # used when the tensorboard package is installed
 
 
@@ -100,6 +129,18 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Validation in the loop (apps/train/validation.py): off unless validation.every > 0.
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def stage_reads_grid(stage: StageConfig, has_roi_path: bool) -> bool:
+    """Whether a stage's losses read the feature grid (where a grid head sits): the
+    ``grounding`` term, or the ROI processor (its context; ``align`` ROIs and grid context)."""
+    return stage.losses.get("grounding", 0) > 0 or (stage.use_rois and has_roi_path)
+
+
+def uses_boxes(cfg: RunConfig) -> bool:
+    """Whether training reads the datasets' boxes: a model with an ROI path, or a stage with
+    the ``grounding`` term (its targets are the boxes)."""
+    return cfg.model.roi.mode != "none" or any(st.losses.get("grounding", 0) > 0 for st in cfg.train.stages)
 
 
 def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
@@ -167,6 +208,10 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
     need(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = keep all)")
     need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
     has_roi_path = cfg.model.roi.mode != "none"
+    locked = {name for name, on in (("image_tower", t.lock.image), ("text_tower", t.lock.text)) if on}
+    need(t.lock.cache_max_gb > 0, "train.lock.cache_max_gb", "must be > 0")
+    need(not (t.lock.cache and locked and cfg.data.reader == "streaming"), "train.lock.cache",
+         "needs data.reader: indexed (the cache holds one row per sample of a split): set it false for streaming")
     names = set()
     for i, st in enumerate(t.stages):
         where = f"train.stages[{i}]"
@@ -184,9 +229,14 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
         for module in st.trainable:
             need(module == "all" or module in MODULE_NAMES, f"{where}.trainable",
                  f"names unknown module {module!r} (known: all, {', '.join(MODULE_NAMES)})")
-        trained = set(MODULE_NAMES) if "all" in st.trainable else set(st.trainable)
+        named_locked = sorted(locked & set(st.trainable))
+        need(not named_locked, f"{where}.trainable", f"names {', '.join(named_locked)}, which train.lock locks: "
+             "leave it out (a locked tower never trains)")
+        trained = (set(MODULE_NAMES) if "all" in st.trainable else set(st.trainable)) - locked
         if not (st.use_rois and has_roi_path):
             trained.discard("roi_processor")  # it takes no part in a stage without ROIs
+        if cfg.model.dense.head == "none" or not stage_reads_grid(st, has_roi_path):
+            trained.discard("dense_head")  # no grid head, or nothing of this stage reads the grid
         need(bool(trained), f"{where}.trainable",
              f"is {st.trainable}: nothing to train in this stage (the ROI processor only trains when use_rois is true "
              "and model.roi.mode is not 'none')")
@@ -207,6 +257,8 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
             )
         need(not st.use_rois or cfg.model.roi.max_rois >= 1, "model.roi.max_rois",
              f"is 0 but {where} ('{st.name}') uses ROIs: give at least 1 ROI slot")
+        need(st.losses.get("grounding", 0) <= 0 or cfg.model.roi.max_rois >= 1, "model.roi.max_rois",
+             f"is 0 but {where} ('{st.name}') has the 'grounding' loss, whose targets are the boxes: give at least 1 box slot")
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None,

@@ -39,7 +39,8 @@ from regionmed.apps.train.checkpoint import (
     save_model_folder,
     step_folders,
 )
-from regionmed.apps.train.config import RunConfig, trajectory_changes, validate_run_config
+from regionmed.apps.train.config import RunConfig, stage_reads_grid, trajectory_changes, uses_boxes, validate_run_config
+from regionmed.apps.train.feature_cache import attach_feature_caches, set_locked_modes
 from regionmed.apps.train.metrics import MetricsLogger
 from regionmed.apps.train.schedule import StagePlan, learning_rate, plan_stages, stage_at
 from regionmed.apps.train.validation import Validator
@@ -171,7 +172,7 @@ class Trainer:
         self.stream_sources: list[StreamSource] = []
         self.data: RegionSampleDataset | MixedSampleDataset | None = None
         if cfg.data.reader == "indexed":
-            parts = [RegionSampleDataset(path, split, self.pre, cfg.data.max_negatives, use_rois=cfg.model.roi.mode != "none",
+            parts = [RegionSampleDataset(path, split, self.pre, cfg.data.max_negatives, use_rois=uses_boxes(cfg),
                                          max_image_negatives=cfg.data.max_image_negatives, on_bad="substitute",
                                          max_open_files=cfg.data.max_open_files, source=name if len(self.sources) > 1 else "")
                      for name, path, _, _, split in self.sources]
@@ -205,7 +206,8 @@ class Trainer:
         self.plans = plan_stages(cfg.train.stages, self.steps_per_epoch)
         self.total_steps = self.plans[-1].end
         self.optimizer = build_optimizer(self.model, cfg)
-        self.task = TrainingTask(self.model, cfg.data.max_negatives, cfg.data.max_image_negatives)
+        self.task = TrainingTask(self.model, cfg.data.max_negatives, cfg.data.max_image_negatives,
+                                 grounding_text=cfg.train.grounding_text, grounding_mode=cfg.train.grounding_mode)
         self.runner: torch.nn.Module = self.task  # the DDP wrapper of the current stage, under torchrun
         self.guard = GuardedStep(cfg.train.precision, cfg.train.grad_clip, cfg.train.max_nonfinite)
         self.step = 0
@@ -216,6 +218,9 @@ class Trainer:
         self.counts_from = "none"
         self.audit = self._data_counts()
         self.validator = self._validator()
+        if self.data is not None:  # the indexed reader: locked towers read their outputs from the feature cache
+            self.notes += attach_feature_caches(self.model, self.data, self.task, cfg.train.lock, cfg.train.output_dir,
+                                                self.dist, cfg.data.max_negatives, cfg.data.max_image_negatives, progress)
         if resume_folder is not None:
             self._resume(resume_folder)
 
@@ -234,7 +239,7 @@ class Trainer:
             rows = v.batch_size or self.cfg.train.batch_size * self.cfg.train.accum_freq
             validator = Validator(v, root, self.pre, rows, self.cfg.model.roi.max_rois,
                                   self.cfg.data.max_negatives, self.cfg.data.max_image_negatives,
-                                  use_rois=self.cfg.model.roi.mode != "none")
+                                  use_rois=uses_boxes(self.cfg))
         except (RegionmedError, OSError) as err:
             raise ConfigError(f"the run config: validation.split {v.split!r} of {root} cannot be read: {err}") from err
         if not len(validator):
@@ -372,6 +377,10 @@ class Trainer:
             # Unused in this stage: it gets no gradient (AdamW skips it, as in one process),
             # and DDP needs every parameter it reduces to take part in the loss.
             wanted.discard("roi_processor")
+        if not stage_reads_grid(st, self.model.roi_processor is not None):
+            wanted.discard("dense_head")  # the same for the grid head when nothing reads the grid
+        lock = self.cfg.train.lock
+        wanted -= {name for name, on in (("image_tower", lock.image), ("text_tower", lock.text)) if on}
         self.model.set_trainable(sorted(wanted))
         self.task.set_stage(st.losses, st.use_rois)
         if self.dist.world_size > 1:
@@ -452,6 +461,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * st.lr_scale.get(group["module"], 1.0)
         self.model.train()
+        set_locked_modes(self.model, self.cfg.train.lock)
         batch = batch.to(self.device)
         backward = None
         if self.cfg.train.accum_freq > 1:
@@ -674,7 +684,7 @@ class Trainer:
         stream = MedRegionStream(
             self.stream_sources, self.pre, self.step_batch // self.dist.world_size, seed=cfg.seed, rank=self.dist.rank,
             world=self.dist.world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-            use_rois=cfg.model.roi.mode != "none", max_negatives=d.max_negatives, max_image_negatives=d.max_image_negatives,
+            use_rois=uses_boxes(cfg), max_negatives=d.max_negatives, max_image_negatives=d.max_image_negatives,
             resume=self.stream_resume if self.step else None)
         self.resume_guarantee = stream.resume_guarantee
         self.stream_state = StreamState(stream.n_slots, stream.initial_state())
@@ -726,6 +736,8 @@ class Trainer:
             missing: dict[str, str] = {}
             if "region" in active and not a.get("regions"):
                 missing["region"] = "no regions (usable boxes with captions)"
+            if "grounding" in active and not a.get("regions"):
+                missing["grounding"] = "no regions (boxes with a label or caption to ground)"
             if "hard_negative" in active:
                 region_negs = st.use_rois and a.get("regions") and a.get("region_negatives")
                 if not region_negs and not a.get("image_negatives"):
