@@ -190,3 +190,36 @@ def test_a_resumed_build_whose_staged_image_changed_starts_over(tmp_path):
     build(config(root, out2), log=lines.append)
     assert any(line.startswith("not resuming") for line in lines)
     assert "clear lungs without effusion" in {r["report"] for r in read_all_records(out2)}
+
+
+VOC = """<annotation><filename>a.jpg</filename><size><width>80</width><height>60</height></size>
+<object><name>lesion</name><bndbox><xmin>{x0}</xmin><ymin>10</ymin><xmax>{x1}</xmax><ymax>30</ymax></bndbox></object>
+</annotation>"""
+
+
+@pytest.mark.parametrize("labels", ["yolo", "voc"])
+def test_a_changed_label_file_of_a_detection_export_stops_the_rebuild(tmp_path, labels):
+    """Label files are build inputs as much as tables: YOLO text (read through the tables module)
+    and VOC XML (parsed from bytes) alike."""
+    root, out = tmp_path / "src", tmp_path / "out"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.jpg").write_bytes(jpeg_bytes((80, 60), seed=1))
+    if labels == "yolo":
+        (root / "labels").mkdir()
+        (root / "classes.txt").write_text("lesion\n")
+        label = root / "labels" / "a.txt"
+        label.write_text("0 0.5 0.5 0.25 0.25\n")
+        new = "0 0.25 0.5 0.25 0.25\n"
+    else:
+        (root / "Annotations").mkdir()
+        label = root / "Annotations" / "a.xml"
+        label.write_text(VOC.format(x0=10, x1=30))
+        new = VOC.format(x0=40, x1=70)
+    cfg = BuildConfig(out=str(out), workers=0, progress=False, sources=[SourceSpec("detection", str(root))])
+    build(cfg, log=lambda s: None)
+    assert build(cfg, log=lambda s: None).up_to_date
+    label.write_text(new)
+    _later(label)
+    with pytest.raises(BuildError) as err:
+        build(cfg, log=lambda s: None)
+    assert label.name in str(err.value) and "--force" in str(err.value)

@@ -68,11 +68,11 @@ def _load_build_config(path: Path):
 
 
 def _model_config(tmp_path: Path) -> Path:
-    from conftest import TINY_MODEL
+    from conftest import tiny_model_mapping
 
     (tmp_path / "m").mkdir()
     path = tmp_path / "m" / "config.json"
-    path.write_text(json.dumps({"model": TINY_MODEL, "note": "modèle"}), encoding="utf-8")
+    path.write_text(json.dumps({"model": tiny_model_mapping(), "note": "modèle"}), encoding="utf-8")
     return path
 
 

@@ -70,6 +70,12 @@ def recording(note: Callable[[Path], None]):
         _RECORDER.reset(token)
 
 
+def note_read(path: str | Path) -> None:
+    """Tell the :func:`recording` block (when there is one) that ``path`` is read: for a source
+    that reads a file without this module's readers (e.g. XML)."""
+    _read(Path(path))
+
+
 def _read(path: Path) -> None:
     note = _RECORDER.get()
     if note is not None:

@@ -62,7 +62,7 @@ import yaml
 from regionmed.apps.curation.items import RawBox
 from regionmed.apps.curation.sources.base import SourceError
 from regionmed.apps.curation.sources.coco import path_shape
-from regionmed.apps.curation.tables import TableError, read_text
+from regionmed.apps.curation.tables import TableError, note_read, read_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom")
 LABEL_SUFFIX = {"yolo": ".txt", "voc": ".xml"}
@@ -241,6 +241,7 @@ def read_voc(path: Path, rel: str, ref: str, classes: set[str] | None = None, or
              difficult: str = "keep") -> LabelFile:
     """The boxes of one Pascal VOC XML file (pixels; see the module docstring for the convention)."""
     out = LabelFile(rel, ref)
+    note_read(path)  # an input of the build (build-inputs.jsonl): a changed XML file is noticed on a re-run
     try:
         root = ET.fromstring(path.read_bytes())
     except ET.ParseError as err:
