@@ -140,3 +140,19 @@ def test_a_stage_that_trains_a_locked_tower_is_refused(phantom_data, tmp_path):
     cfg.train.stages[0].trainable = ["image_tower", "projections"]
     with pytest.raises(ConfigError, match=r"train.stages\[0\].trainable names image_tower, which train.lock locks"):
         validate_run_config(cfg)
+
+
+def test_module_digest_reads_every_buffer_and_sees_a_change():
+    """BatchNorm's num_batches_tracked is a 0-dim int64 buffer: the digest reads it (it crashed on
+    0-dim tensors) and any change of a parameter or buffer changes the digest."""
+    from regionmed.features import module_digest
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    before = module_digest(net)
+    assert before == module_digest(net)
+    net[1].num_batches_tracked += 1
+    after = module_digest(net)
+    assert after != before
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] += 1e-3
+    assert module_digest(net) != after

@@ -78,7 +78,7 @@ def module_digest(module: torch.nn.Module) -> str:
     for name, t in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim buffers too
     return h.hexdigest()
 
 
