@@ -24,6 +24,7 @@ from regionmed.apps.evaluate.tasks.grounding import GroundingOptions
 from regionmed.apps.evaluate.tasks.vqa import VQAOptions
 from regionmed.data.shards import MedRegionDataset
 from regionmed.eval.grounding import location_prior, score_prediction
+from regionmed.eval.images import open_image
 from regionmed.eval.prompts import PromptError, load_prompts
 from regionmed.model.clip import RegionMedCLIP
 
@@ -235,3 +236,73 @@ def test_retrieval_on_a_real_build_follows_rois(tiny_model, public_build, tmp_pa
     assert none["rois"] == "none" and given["rois"] == "given"
     assert none["n_images"] == given["n_images"] == n_images - none["n_skipped"] > 0
     assert "region_captions" in none and given["region_captions"] != none["region_captions"]
+
+
+def test_grounding_reports_cnr_kinds_the_most_covered_point_phrase_blind_and_best_and_worst_overlays(tiny_model, phantom_data, tmp_path):
+    from regionmed.eval.grounding import coverage_prior
+
+    opts = EvalOptions(tasks=["grounding"], data=EvalData(data_root=str(tmp_path / "no-builtin-data"), medregion=str(phantom_data)),
+                       n_boot=100, task_options={"grounding": GroundingOptions(overlays=4, readouts=["patch"])})
+    res = evaluate(tiny_model, opts, tmp_path / "out")
+    g = res["tasks"]["grounding"]
+    o = g["overall"]
+    refs, keys, _ = MedRegionSet(phantom_data).grounding_items("test")
+    # the most-covered point of each label's TRAIN boxes, scored on the test boxes, recomputed here
+    cover = coverage_prior(MedRegionSet(phantom_data).prior_items("train"))
+    hits = []
+    for r in refs:
+        for lab in dict.fromkeys(r.box_labels):
+            pc = cover.get(keys[r.key][lab])
+            if pc is None:
+                continue
+            w, h = open_image(r).size
+            gt = [b for b, l2 in zip(r.boxes, r.box_labels) if l2 == lab]
+            hits.append(score_prediction((pc[0] * w, pc[1] * h), [0, 0, 0, 0], gt)["hit"])
+    assert o["references"]["most_covered_prior"]["pointing_game"] == pytest.approx(np.mean(hits))
+    # the phrase-blind map is scored for every phrase, with a paired difference and its interval
+    assert o["references"]["phrase_blind"]["n"] == o["n"]
+    d = o["differences"]["phrase_blind"]
+    assert d["ci"][0] <= d["pointing_game"] <= d["ci"][1]
+    # CNR and IoU at three levels; every phrase in exactly one kind
+    assert o["cnr"] is not None and {"iou@0.1", "iou@0.3", "iou@0.5"} <= set(o)
+    assert sum(v["n"] for v in g["per_kind"].values()) == o["n"] == sum(g["kinds"].values())
+    # overlays: the best two and the worst two
+    names = sorted(p.name for p in (tmp_path / "out" / "grounding_overlays").iterdir())
+    assert len([n for n in names if n.startswith("patch_best")]) == 2 and len([n for n in names if n.startswith("patch_worst")]) == 2
+    from regionmed.apps.evaluate.report import markdown_report
+
+    text = markdown_report(res)
+    assert "most-covered prior" in text and "phrase-blind" in text and "| all |" in text
+
+
+def test_region_zeroshot_scores_each_labelled_box_by_its_roi_embedding_and_by_its_crop(tiny_model, phantom_data, tmp_path):
+    from collections import Counter
+
+    from regionmed.eval.embed import embed_split
+    from regionmed.eval.prompts import load_prompts
+    from regionmed.eval.zeroshot import class_scores
+
+    opts = EvalOptions(tasks=["region_zeroshot"], data=EvalData(data_root=str(tmp_path / "none"), medregion=str(phantom_data)),
+                       n_boot=100)
+    res = evaluate(tiny_model, opts, tmp_path / "out")
+    r = res["tasks"]["region_zeroshot"]
+    emb = embed_split(tiny_model, MedRegionDataset(phantom_data, "test"), progress=False)
+    counts = Counter(lab for lab in emb.region_labels if lab)
+    classes = sorted(c for c, n in counts.items() if n >= 5)
+    assert r["classes"] == classes and len(classes) >= 2 and r["regions"] == len(emb.region_labels)
+    rows = [i for i, lab in enumerate(emb.region_labels) if lab in classes]
+    y = np.array([classes.index(emb.region_labels[i]) for i in rows])
+    scores = class_scores(tiny_model, emb.region_emb[rows], classes, load_prompts(None, "medregion"), "softmax")
+    from sklearn.metrics import roc_auc_score
+
+    macro = np.mean([roc_auc_score(y == c, scores[:, c]) for c in range(len(classes))])
+    assert r["roi"]["n_images"] == len(rows) and r["roi"]["macro_auc"]["auc"] == pytest.approx(macro)
+    assert r["crop"]["n_images"] == len(rows)
+    d = r["roi_minus_crop"]
+    assert d["auc"] == pytest.approx(r["roi"]["macro_auc"]["auc"] - r["crop"]["macro_auc"]["auc"])
+    assert d["ci"][0] <= d["auc"] <= d["ci"][1]
+    # a global-only model has no region embedding: only the crop read-out
+    torch.manual_seed(0)
+    glob = RegionMedCLIP(tiny_model_config(mode="none")).eval()
+    g = evaluate(glob, opts, tmp_path / "out2")["tasks"]["region_zeroshot"]
+    assert g["roi"] is None and g["crop"]["n_images"] == len(rows)

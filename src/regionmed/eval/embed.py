@@ -28,6 +28,7 @@ class SplitEmbeddings:
     crop_emb: torch.Tensor | None  # (R, D) each ROI crop embedded as a whole image (crop mode data)
     captions: list[str]
     caption_emb: torch.Tensor  # (R, D)
+    region_labels: list[str]  # R region labels ("" when a region has none)
     negatives: list[list[str]]  # R lists
     negative_rules: list[list[str]]
     negative_emb: list[torch.Tensor]  # R tensors (n_r, D)
@@ -57,7 +58,7 @@ def embed_split(
     split = data.data.split
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
     out = {k: [] for k in ("g", "f", "roi", "crop", "rimg")}
-    ids, reports, captions, negatives, rules = [], [], [], [], []
+    ids, reports, captions, negatives, rules, labels = [], [], [], [], [], []
     offset = 0
     skipped: list[tuple[str, str]] = []
     for batch in tqdm(loader, desc=f"embed {split}", disable=not progress, leave=False):
@@ -78,6 +79,7 @@ def embed_split(
         ids += batch.ids
         reports += batch.reports
         captions += batch.captions
+        labels += batch.region_labels or [""] * len(batch.captions)
         negatives += batch.roi_negatives
         rules += batch.roi_negative_rules
     if not ids:
@@ -102,6 +104,7 @@ def embed_split(
         crop_emb=torch.cat(out["crop"]) if out["crop"] else None,
         captions=captions,
         caption_emb=caption_emb,
+        region_labels=labels,
         negatives=negatives,
         negative_rules=rules,
         negative_emb=negative_emb,

@@ -41,6 +41,8 @@ class ImageRef:
     boxes: list[list[float]] = field(default_factory=list)  # pixel xyxy, given boxes
     box_labels: list[str] = field(default_factory=list)
     opener: object = None  # picklable callable returning a PIL image (e.g. a MedRegion sample)
+    # per box, "anatomy" | "finding" | "" (unknown): the region's label kind (regionmed.data.schema.REGION_KINDS)
+    box_kinds: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -70,11 +70,11 @@ def auc_with_ci(scores, labels, counts: np.ndarray) -> dict:
     return {"auc": auc, "ci": _ci(weighted_auc(scores, labels, counts)), "n_pos": n_pos, "n_neg": n_neg}
 
 
-def macro_auc_with_ci(score_matrix: np.ndarray, label_matrix: np.ndarray, counts: np.ndarray) -> dict:
-    """Mean AUC over the classes that have both positives and negatives, with a CI
-    from the same resamples for every class (per resample, the mean over the
-    classes defined in it). Labels of -1 (unknown) leave that example out of that
-    class's AUC only."""
+def macro_auc_resamples(score_matrix: np.ndarray, label_matrix: np.ndarray, counts: np.ndarray) -> tuple[float | None, np.ndarray, int]:
+    """``(macro AUC, its value on each resample (B,), classes)``: the mean AUC over the classes that
+    have both positives and negatives; per resample, the mean over the classes defined in it
+    (NaN where none is). Labels of -1 (unknown) leave that example out of that class's AUC only.
+    Two score matrices on the same ``counts`` give paired resamples (their difference's CI)."""
     score_matrix = np.asarray(score_matrix)
     label_matrix = np.asarray(label_matrix).astype(int)
     counts = np.asarray(counts)
@@ -86,12 +86,21 @@ def macro_auc_with_ci(score_matrix: np.ndarray, label_matrix: np.ndarray, counts
             per.append(float(roc_auc_score(y, score_matrix[known, c])))
             boots.append(weighted_auc(score_matrix[known, c], y, counts[:, known]))
     if not per:
-        return {"auc": None, "ci": [None, None], "classes": 0}
+        return None, np.full(counts.shape[0], np.nan), 0
     stacked = np.vstack(boots)  # (C, B)
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(stacked)
         mean = np.where(valid.any(0), np.nansum(stacked, 0) / np.maximum(valid.sum(0), 1), np.nan)
-    return {"auc": float(np.mean(per)), "ci": _ci(mean), "classes": len(per)}
+    return float(np.mean(per)), mean, len(per)
+
+
+def macro_auc_with_ci(score_matrix: np.ndarray, label_matrix: np.ndarray, counts: np.ndarray) -> dict:
+    """Mean AUC over the classes that have both positives and negatives, with a CI
+    from the same resamples for every class (:func:`macro_auc_resamples`)."""
+    auc, boot, n = macro_auc_resamples(score_matrix, label_matrix, counts)
+    if auc is None:
+        return {"auc": None, "ci": [None, None], "classes": 0}
+    return {"auc": auc, "ci": _ci(boot), "classes": n}
 
 
 def mean_with_ci(values, counts: np.ndarray) -> dict:

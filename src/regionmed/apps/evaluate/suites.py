@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from regionmed.apps.curation.sources.slake import SLAKE_FINDING_CLASSES, slake_kind
 from regionmed.apps.curation.tables import Table, TableError
 from regionmed.data.shards import MedRegionDataset, read_manifest
 from regionmed.errors import RegionmedError
@@ -34,10 +35,7 @@ VQA_RAD_SPLITS = {"train": "trainset.json", "test": "testset.json"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # SLAKE box classes that are findings (the rest are organs / structures).
-SLAKE_FINDINGS = frozenset({
-    "Brain Edema", "Brain Enhancing Tumor", "Brain Non-enhancing Tumor", "Liver Cancer", "Cardiomegaly", "Atelectasis",
-    "Pneumonia", "Nodule", "Mass", "Effusion", "Lung Cancer", "Pneumothorax", "Infiltrate",
-})
+SLAKE_FINDINGS = SLAKE_FINDING_CLASSES  # SLAKE's box classes that name a finding (the rest name anatomy)
 
 
 class SuiteError(RegionmedError, ValueError):
@@ -118,7 +116,8 @@ class SlakeSet:
             boxes, labels, has = slake_boxes(folder)
             if has:
                 boxed.add(key)
-            refs.append(ImageRef(key, str(folder / "source.jpg"), boxes=boxes, box_labels=labels))
+            refs.append(ImageRef(key, str(folder / "source.jpg"), boxes=boxes, box_labels=labels,
+                                 box_kinds=[slake_kind(lab) or "" for lab in labels]))
         return refs, boxed
 
     def split_keys(self, split: str) -> list[str]:
@@ -337,7 +336,7 @@ class MedRegionSet:
         notes = {"dataset": self.name, "split": split, "phrase": phrase, "images": len(ds),
                  "regions": 0, "proposed_regions_left_out": 0, "images_without_annotated_region": 0}
         for i, rec in enumerate(records):
-            boxes, phrases, keys = [], [], {}
+            boxes, phrases, kinds, keys = [], [], [], {}
             for reg in rec.get("regions", []):
                 if str(reg.get("source", "annotation")) in PROPOSAL_SOURCES:
                     notes["proposed_regions_left_out"] += 1
@@ -347,13 +346,15 @@ class MedRegionSet:
                     continue
                 boxes.append([float(v) for v in reg["box"]])
                 phrases.append(text)
+                kinds.append(str(reg.get("kind") or ""))
                 keys[text] = " ".join(str(reg.get("label") or text).split()).lower()
             if not boxes:
                 notes["images_without_annotated_region"] += 1
                 continue
             notes["regions"] += len(boxes)
             key = f"medregion/{rec['id']}"
-            refs.append(ImageRef(key, opener=_MedRegionOpener(ds, i), boxes=boxes, box_labels=phrases))
+            refs.append(ImageRef(key, opener=_MedRegionOpener(ds, i), boxes=boxes, box_labels=phrases,
+                                 box_kinds=kinds))
             prior_keys[key] = keys
         if not refs:
             raise SuiteError(f"{self.root} split {split!r}: no annotated region to ground (regions proposed at build time "

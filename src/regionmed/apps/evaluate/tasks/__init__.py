@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from regionmed.apps.evaluate.tasks.base import EvalTask, NoOptions, option_field
 from regionmed.apps.evaluate.tasks.grounding import Grounding
+from regionmed.apps.evaluate.tasks.region_zeroshot import RegionZeroShot
 from regionmed.apps.evaluate.tasks.retrieval import Retrieval
 from regionmed.apps.evaluate.tasks.slake_vqa import SlakeVQA
 from regionmed.apps.evaluate.tasks.vqa import QuestionFileVQA
@@ -53,5 +54,5 @@ def get_task(name: str) -> EvalTask:
         raise KeyError(f"unknown evaluation task {name!r} (known: {', '.join(_REGISTRY)})") from None
 
 
-for _task in (ZeroShot, VqaRadVQA, SlakeVQA, Grounding, Retrieval, QuestionFileVQA):
+for _task in (ZeroShot, VqaRadVQA, SlakeVQA, Grounding, RegionZeroShot, Retrieval, QuestionFileVQA):
     register_task(_task)

@@ -2,10 +2,14 @@
 
 Scores the annotated regions of a MedRegion split (``--medregion``; each region's label, or
 caption with ``--grounding-phrase caption``, is a phrase; regions proposed at build time are
-left out) or, with the built-in sets, SLAKE test boxes. Pointing game, IoU>=0.3/0.5 (bootstrap
-95% CIs over phrases) of two read-outs, the thresholded patch-text similarity map (``patch``)
-and sliding windows embedded as regions (``windows``); beside them the centre point and a
-location prior (each label's mean box over the SAME dataset's train split); overlay PNGs.
+left out) or, with the built-in sets, SLAKE test boxes. Pointing game, IoU hit rates at
+0.1/0.3/0.5 and the contrast-to-noise ratio (BioViL's CNR) of two read-outs, the patch-text
+similarity map (``patch``) and sliding windows embedded as regions (``windows``), overall and
+per label kind (anatomy / finding / unknown: the region's ``kind``); bootstrap 95% CIs over
+phrases. Beside them the references that see no pixels (the centre point; two location priors
+of the SAME dataset's train split, per label: the centre of the mean box and the point its
+boxes cover most often) and one that sees no phrase (the model's mean map over the split's
+phrases), with paired differences. Overlay PNGs of the best and the worst cases.
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ from regionmed.apps.evaluate.suites import GROUNDING_PHRASES
 from regionmed.apps.evaluate.tasks.base import EvalTask, option_field
 from regionmed.data.decode import displayed_size
 from regionmed.data.transforms import Preprocessor
-from regionmed.eval.grounding import location_prior, save_overlay, score_prediction, summarise, window_boxes
+from regionmed.eval.grounding import (
+    contrast_to_noise,
+    coverage_prior,
+    location_prior,
+    save_overlay,
+    score_prediction,
+    summarise,
+    window_boxes,
+)
 from regionmed.eval.images import ImageRef, open_image
 from regionmed.eval.readout import ground_image
 
@@ -41,7 +53,8 @@ class GroundingOptions:
                                   "subtract from each phrase's map the mean map over all phrases of the suite")
     readouts: list[str] = option_field(list(READOUTS), "--grounding-readouts",
                                        "comma-separated grounding read-outs: patch, windows (default both)")
-    overlays: int = option_field(8, "--overlays", "grounding overlay PNGs to write (default 8)")
+    overlays: int = option_field(8, "--overlays", "grounding overlay PNGs to write per read-out, half of them the best "
+                                                  "cases and half the worst (default 8)")
     window_scales: tuple[float, ...] = (0.25, 0.4, 0.6)
 
 
@@ -59,13 +72,14 @@ class GroundingSuite:
     prior_source: str
     prior_keys: dict[str, dict[str, str]] = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
+    cover: dict[str, list[float]] = field(default_factory=dict)  # prior key -> most-covered relative point [x, y]
 
     def prior_key(self, image_key: str, phrase: str) -> str:
         return self.prior_keys.get(image_key, {}).get(phrase, phrase)
 
 
-def _slake_location_prior(data: Datasets, problems: Problems) -> dict[str, list[float]]:
-    """Mean relative box per class over the SLAKE *train* boxes (the prior baseline)."""
+def _slake_prior_items(data: Datasets, problems: Problems) -> list:
+    """The SLAKE *train* boxes, as :func:`location_prior` and :func:`coverage_prior` read them."""
     items = []
     for ref in data.slake.grounding_items("train"):
         try:
@@ -74,7 +88,7 @@ def _slake_location_prior(data: Datasets, problems: Problems) -> dict[str, list[
             problems.add("grounding", f"train image {ref.key} not readable for the location prior ({type(err).__name__}); skipped")
             continue
         items.append((ref.boxes, ref.box_labels, size))
-    return location_prior(items)
+    return items
 
 
 def grounding_suite(data: Datasets, phrase: str, problems: Problems) -> GroundingSuite:
@@ -83,30 +97,46 @@ def grounding_suite(data: Datasets, phrase: str, problems: Problems) -> Groundin
     if data.data.medregion:
         split = data.data.medregion_split
         refs, prior_keys, notes = data.medregion.grounding_items(split, phrase)
-        prior, source = {}, "none: the dataset has no train split"
+        prior, cover, source = {}, {}, "none: the dataset has no train split"
         if split == "train":
             problems.add("grounding", "grounding on the train split: the location prior is fitted on the same boxes it is "
                                       "scored on (an optimistic reference)", "note")
         try:
-            prior = location_prior(data.medregion.prior_items("train"))
-            source = f"{notes['dataset']} train regions, mean relative box per label"
+            items = data.medregion.prior_items("train")
+            prior, cover = location_prior(items), coverage_prior(items)
+            source = f"{notes['dataset']} train regions, per label"
         except INPUT_ERRORS as err:  # no train split: the prior is left out, said so
             problems.add("grounding", f"no location prior: {err}", "note")
-        return GroundingSuite(f"{notes['dataset']} {split}", refs, prior, source, prior_keys, notes)
+        return GroundingSuite(f"{notes['dataset']} {split}", refs, prior, source, prior_keys, notes, cover)
     refs = data.slake.grounding_items("test")
     if not refs:
         raise ValueError("no SLAKE test image with boxes")
-    return GroundingSuite("slake test", refs, _slake_location_prior(data, problems), "SLAKE train boxes, mean relative box per class")
+    items = _slake_prior_items(data, problems)
+    return GroundingSuite("slake test", refs, location_prior(items), "SLAKE train boxes, per class", cover=coverage_prior(items))
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
+KINDS = ("anatomy", "finding", "unknown")
+
+
+def _kind_of(ref: ImageRef, label: str) -> str:
+    kinds = {k for lab, k in zip(ref.box_labels, ref.box_kinds) if lab == label and k}
+    return kinds.pop() if len(kinds) == 1 else "unknown"
+
+
+def _score(res: dict, gt: list, w: int, h: int) -> dict:
+    return {**score_prediction(res["point"], res["box"], gt, ties=res.get("ties")),
+            "cnr": contrast_to_noise(res["map"], gt, w, h)}
+
+
 class Grounding(EvalTask):
-    """Pointing game, IoU>=0.3/0.5 (bootstrap 95% CIs over phrases) of the patch and windows
-    read-outs, beside the centre point and a location prior of the same dataset's train split;
-    overlay PNGs."""
+    """Pointing game, IoU hit rates at 0.1/0.3/0.5 and CNR (bootstrap 95% CIs over phrases) of the
+    patch and windows read-outs, overall and per label kind, beside the centre point, two location
+    priors of the same dataset's train split (mean box, most-covered point) and the phrase-blind
+    map; overlay PNGs of the best and worst cases."""
 
     name = "grounding"
     datasets = ("--medregion: the annotated regions of its split (each region's label, or caption with --grounding-phrase "
@@ -115,6 +145,7 @@ class Grounding(EvalTask):
     headline = (
         ("pointing (patch)", ("overall", "pointing_game")),
         ("IoU≥0.3 (patch)", ("overall", "iou@0.3")),
+        ("CNR (patch)", ("overall", "cnr")),
         ("pointing (windows)", ("windows", "overall", "pointing_game")),
         ("IoU≥0.3 (windows)", ("windows", "overall", "iou@0.3")),
     )
@@ -135,16 +166,19 @@ class Grounding(EvalTask):
         problems = ctx.problems
         suite = grounding_suite(ctx.datasets, options.phrase, problems)
         refs = ctx.limit_images(suite.refs)
-        prior = suite.prior
+        prior, cover = suite.prior, suite.cover
         pre = Preprocessor.from_model(model)  # windows are prepared as the model prepares ROIs (crops in crop mode)
         device = model.logit_scale.device
         phrases = sorted({lab for r in refs for lab in r.box_labels})
         text = model.encode_text([p.lower() for p in phrases])
+        # The phrase-blind reference: every score is linear in the phrase's embedding, so the mean
+        # map over the split's phrases is the map of their mean embedding (one more row).
+        blind = None if options.contrast else len(phrases)
+        text_all = text if blind is None else torch.cat([text, text.mean(0, keepdim=True)])
         pidx = {p: i for i, p in enumerate(phrases)}
-        rows: dict[str, list] = {r: [] for r in options.readouts}
-        per_class: dict[str, dict] = {r: {} for r in options.readouts}
-        n_overlay, n_windows = 0, []
-        odir = ctx.out / "grounding_overlays"
+        readouts = [r for r in READOUTS if r in options.readouts]
+        rows: dict[str, list] = {r: [] for r in readouts}
+        n_windows = []
         for ref in tqdm(refs, desc="grounding", leave=False, disable=None):  # no bar when not a terminal
             try:
                 image = open_image(ref)
@@ -153,31 +187,30 @@ class Grounding(EvalTask):
                 continue
             labels = list(dict.fromkeys(ref.box_labels))
             w, h = image.size
+            select = [pidx[lab] for lab in labels] + ([blind] if blind is not None else [])
             found = {}
-            select = [pidx[lab] for lab in labels]
-            for readout in [r for r in READOUTS if r in rows]:  # the Predictor's read-outs too
-                found[readout] = ground_image(model, pre, image, text, readout, threshold=options.threshold,
+            for readout in readouts:
+                found[readout] = ground_image(model, pre, image, text_all, readout, threshold=options.threshold,
                                               contrast=options.contrast, select=select, window_scales=options.window_scales)
                 if readout == "windows":
                     n_windows.append(len(window_boxes(w, h, options.window_scales)))
             for i, lab in enumerate(labels):
                 gt = [b for b, l2 in zip(ref.boxes, ref.box_labels) if l2 == lab]
+                key = suite.prior_key(ref.key, lab)
                 base = score_prediction((w / 2, h / 2), [0, 0, w, h], gt)
-                pb = prior.get(suite.prior_key(ref.key, lab))
-                pri = score_prediction(((pb[0] + pb[2]) / 2 * w, (pb[1] + pb[3]) / 2 * h), [pb[0] * w, pb[1] * h, pb[2] * w, pb[3] * h], gt) if pb else None
+                pb, pc = prior.get(key), cover.get(key)
+                pri = score_prediction(((pb[0] + pb[2]) / 2 * w, (pb[1] + pb[3]) / 2 * h),
+                                       [pb[0] * w, pb[1] * h, pb[2] * w, pb[3] * h], gt) if pb else None
+                cov = score_prediction((pc[0] * w, pc[1] * h), [0, 0, 0, 0], gt) if pc else None
                 for readout, res_list in found.items():
                     res = res_list[i]
-                    sc = score_prediction(res["point"], res["box"], gt)
-                    row = {"image": ref.key, "phrase": lab.lower(), **sc, "base_hit": base["hit"], "base_iou": base["iou"],
-                           "prior_hit": pri["hit"] if pri else None, "prior_iou": pri["iou"] if pri else None}
-                    rows[readout].append(row)
-                    per_class[readout].setdefault(lab, []).append(row)
-                    if n_overlay < options.overlays:
-                        odir.mkdir(parents=True, exist_ok=True)
-                        save_overlay(image, res, gt, f"{ref.key}: {lab.lower()} ({readout})",
-                                     odir / f"{n_overlay:02d}_{_safe(ref.key)}_{_safe(lab)[:40]}_{readout}.png")
-                if n_overlay < options.overlays:
-                    n_overlay += 1
+                    blind_hit = score_prediction(res_list[-1]["point"], res_list[-1]["box"], gt,
+                                                 ties=res_list[-1].get("ties"))["hit"] if blind is not None else None
+                    rows[readout].append({
+                        "image": ref.key, "label": lab, "phrase": lab.lower(), "kind": _kind_of(ref, lab), **_score(res, gt, w, h),
+                        "base_hit": base["hit"], "base_iou": base["iou"],
+                        "prior_hit": pri["hit"] if pri else None, "prior_iou": pri["iou"] if pri else None,
+                        "cover_hit": cov["hit"] if cov else None, "blind_hit": blind_hit})
         out: dict = {
             "dataset": suite.dataset,
             "rois": "none (patch: the whole-image patch grid; windows: sliding windows as ROIs)",
@@ -188,37 +221,102 @@ class Grounding(EvalTask):
             "prior": {"source": suite.prior_source, "classes": len(prior),
                       "test_phrases_without_prior": sorted({lab for r in refs for lab in r.box_labels
                                                             if suite.prior_key(r.key, lab) not in prior})},
-            "overlays": str(odir) if n_overlay else None,
+            "kinds": {k: sum(r["kind"] == k for r in rows[readouts[0]]) for k in KINDS} if readouts else {},
         }
         if suite.notes:
             out["notes"] = suite.notes
         for readout in rows:
+            per_class: dict[str, list] = {}
+            per_kind: dict[str, list] = {}
+            for r in rows[readout]:
+                per_class.setdefault(r["label"], []).append(r)
+                per_kind.setdefault(r["kind"], []).append(r)
             block = {"overall": summarise(rows[readout], ctx.opts.n_boot, ctx.opts.seed),
-                     "per_class": {c: summarise(r) for c, r in sorted(per_class[readout].items())}}
+                     "per_kind": {k: summarise(per_kind[k], ctx.opts.n_boot, ctx.opts.seed) for k in KINDS if k in per_kind},
+                     "per_class": {c: summarise(r) for c, r in sorted(per_class.items())}}
             if readout == "windows":
                 block.update(scales=list(options.window_scales), windows_per_image=float(np.mean(n_windows)) if n_windows else 0.0,
                              embedding="ROI path (given windows as boxes)" if model.roi_processor is not None else "window crop as a whole image")
             out[readout] = block
         if "patch" in rows:  # the issue's read-out stays the headline
-            out.update(overall=out["patch"]["overall"], per_class=out["patch"]["per_class"])
+            out.update(overall=out["patch"]["overall"], per_kind=out["patch"]["per_kind"], per_class=out["patch"]["per_class"])
+        odir = ctx.out / "grounding_overlays"
+        written = self._overlays(model, pre, suite, refs, text, pidx, rows, options, odir)
+        out["overlays"] = str(odir) if written else None
         return out
+
+    def _overlays(self, model, pre, suite, refs, text, pidx, rows, options, odir: Path) -> int:
+        """Overlay PNGs of the best half (hit, highest IoU) and the worst half (missed, lowest
+        IoU, ties by lower CNR) of ``options.overlays`` cases per read-out; the images are read
+        and grounded again (nothing of the maps is kept over the whole split)."""
+        if options.overlays <= 0:
+            return 0
+        by_key = {r.key: r for r in refs}
+        written = 0
+        for readout, rs in rows.items():
+            def goodness(r):
+                c = r["cnr"]
+                return (r["hit"], r["iou"], c if np.isfinite(c) else -np.inf)
+            ranked = sorted(rs, key=goodness)
+            n_best = (options.overlays + 1) // 2
+            best = ranked[::-1][:n_best]
+            worst = [r for r in ranked[: options.overlays - n_best] if r not in best]
+            for tag, chosen in (("best", best), ("worst", worst)):
+                for k, r in enumerate(chosen):
+                    ref = by_key[r["image"]]
+                    try:
+                        image = open_image(ref)
+                    except INPUT_ERRORS:
+                        continue
+                    res = ground_image(model, pre, image, text, readout, threshold=options.threshold,
+                                       contrast=options.contrast, select=[pidx[r["label"]]],
+                                       window_scales=options.window_scales)[0]
+                    gt = [b for b, l2 in zip(ref.boxes, ref.box_labels) if l2 == r["label"]]
+                    odir.mkdir(parents=True, exist_ok=True)
+                    save_overlay(image, res, gt, f"{ref.key}: {r['phrase']} ({readout}, {tag})",
+                                 odir / f"{readout}_{tag}{k:02d}_{_safe(ref.key)}_{_safe(r['label'])[:40]}.png")
+                    written += 1
+        return written
 
     def report(self, r: dict) -> list[str]:
         lines = [f"## Grounding ({r.get('dataset', 'slake test')})", "",
-                 f"Read-outs: **patch** = patch–text map over the {r.get('grid')} patch grid, thresholded at {r['threshold']}; "
-                 "**windows** = sliding windows embedded as regions, best window = box, mean-score map = point "
+                 f"Read-outs: **patch** = the patch–text map over the {r.get('grid')} grid, point = centre of its maximal "
+                 f"cell inside the image, box = component around it at threshold {r['threshold']}; **windows** = sliding "
+                 "windows embedded as regions, point = centre of the best lattice point "
                  f"(contrast, mean over phrases subtracted: {r.get('contrast', False)}). Test-time ROIs: {r['rois']}.",
-                 "References that see no pixels: the centre point / whole-image box, and the class's mean box over the "
-                 f"training boxes of the same dataset (location prior: {(r.get('prior') or {}).get('source', 'SLAKE train boxes')}). "
-                 "Brackets: bootstrap 95% CI over phrases.", "",
-                 "| read-out | phrases | pointing game | IoU≥0.3 | IoU≥0.5 | mean IoU | centre pointing | prior pointing | prior IoU≥0.3 | prior IoU≥0.5 |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "References: the centre point; two location priors per label from the training boxes of the same dataset "
+                 f"({(r.get('prior') or {}).get('source', 'SLAKE train boxes')}): the centre of the mean box and the point "
+                 "its boxes cover most often; and the phrase-blind map (the mean map over the split's phrases). Brackets: "
+                 "bootstrap 95% CI over phrases; Δ = pointing minus the reference, paired.", ""]
         for readout in r.get("readouts", ["patch"]):
-            o = (r.get(readout) or {}).get("overall") or (r["overall"] if readout == "patch" else {})
-            if o.get("n"):
-                lines.append(f"| {readout} | {o['n']} | {rate_ci(o, 'pointing_game')} | {rate_ci(o, 'iou@0.3')} | {pct(o['iou@0.5'])} | "
-                             f"{o['mean_iou']:.3f} | {rate_ci(o, 'baseline_centre_pointing')} | {rate_ci(o, 'baseline_prior_pointing')} | "
-                             f"{pct(o.get('baseline_prior_iou@0.3'))} | {pct(o.get('baseline_prior_iou@0.5'))} |")
+            block = r.get(readout) or {}
+            groups = [("all", block.get("overall") or (r.get("overall") if readout == "patch" else None) or {})]
+            groups += [(k, v) for k, v in (block.get("per_kind") or {}).items()]
+            lines += [f"### {readout}", "",
+                      "| labels | phrases | pointing game | IoU≥0.1 | IoU≥0.3 | IoU≥0.5 | CNR | centre | mean-box prior | "
+                      "most-covered prior | phrase-blind | Δ most-covered |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for name, o in groups:
+                if not o.get("n"):
+                    continue
+                refs = o.get("references") or {}
+                iv = o.get("intervals") or {}
+
+                def ref_rate(key: str, o=o, refs=refs, iv=iv) -> str:
+                    if key not in refs:
+                        return "–"
+                    ci = iv.get(f"{key}_pointing")
+                    return pct(refs[key]["pointing_game"]) + (f" [{pct(ci[0])}–{pct(ci[1])}]" if ci else "")
+
+                d = (o.get("differences") or {}).get("most_covered_prior")
+                delta = f"{100 * d['pointing_game']:+.1f} [{100 * d['ci'][0]:+.1f}–{100 * d['ci'][1]:+.1f}]" if d else "–"
+                cnr = "–" if o.get("cnr") is None else f"{o['cnr']:.2f}" + (
+                    f" [{iv['cnr'][0]:.2f}–{iv['cnr'][1]:.2f}]" if iv.get("cnr") else "")
+                lines.append(f"| {name} | {o['n']} | {rate_ci(o, 'pointing_game')} | {pct(o.get('iou@0.1'))} | "
+                             f"{rate_ci(o, 'iou@0.3')} | {pct(o.get('iou@0.5'))} | {cnr} | {rate_ci(o, 'baseline_centre_pointing')} | "
+                             f"{ref_rate('mean_box_prior')} | {ref_rate('most_covered_prior')} | {ref_rate('phrase_blind')} | {delta} |")
+            lines.append("")
         if r.get("overlays"):
-            lines += ["", f"Overlays (green: annotated, red: predicted box and point): `{Path(r['overlays']).name}/`"]
+            lines += [f"Overlays of the best and worst cases (green: annotated, red: predicted box and point): "
+                      f"`{Path(r['overlays']).name}/`"]
         return lines
