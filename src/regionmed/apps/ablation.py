@@ -93,7 +93,11 @@ class AblationError(RegionmedError, RuntimeError):
 
 @dataclass
 class AblationBuild:
+    # folders of data_root; each is read by the source of its name unless source_options says otherwise
     sources: list[str] = field(default_factory=lambda: ["slake", "vqa_rad", "covid_cxr"])
+    # per folder: {"source": adapter name (default: the folder's name), other keys: that source's
+    # options}, e.g. {"tbx11k": {"source": "detection", "modality": "xray", "body": "chest", "kind": "finding"}}
+    source_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     limit: int | None = None  # items per source (smoke runs)
     workers: int = 2
 
@@ -167,6 +171,9 @@ def _checked_ablation_config(cfg: AblationConfig, path: Path) -> AblationConfig:
             raise ConfigError(f"{path}: {field_name} names unknown task(s) {unknown} (known: {', '.join(t.name for t in tasks())})")
     if cfg.train.steps < 4:
         raise ConfigError(f"{path}: train.steps must be >= 4 (the progressive variant has four stages)")
+    stray = sorted(set(cfg.build.source_options) - set(cfg.build.sources))
+    if stray:
+        raise ConfigError(f"{path}: build.source_options names folders that are not in build.sources: {stray}")
     if cfg.seed is not None:
         cfg.seeds = [cfg.seed]
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
@@ -181,6 +188,14 @@ def _data_root(cfg: AblationConfig) -> Path:
 # --------------------------------------------------------------------------- data
 
 
+def source_spec(b: AblationBuild, folder: str, root: Path) -> SourceSpec:
+    """The build source of ``root / folder``: the source named in ``b.source_options[folder]``
+    (``source``; default: the folder's own name) with the rest of that mapping as its options."""
+    options = dict(b.source_options.get(folder) or {})
+    name = str(options.pop("source", folder))
+    return SourceSpec(name, str(root / folder), limit=b.limit, options=options)
+
+
 def build_training_data(cfg: AblationConfig, out: Path, log=print) -> Path:
     """Build the MedRegion dataset (all images, so that near-duplicates of held-out
     images are pushed out of train) and check its train split."""
@@ -189,7 +204,7 @@ def build_training_data(cfg: AblationConfig, out: Path, log=print) -> Path:
     if missing:
         raise AblationError(f"data root {root} lacks {missing} (set data_root or REGIONMED_DATA)")
     bcfg = BuildConfig(out=str(out), workers=cfg.build.workers, progress=cfg.progress,
-                       sources=[SourceSpec(s, str(root / s), limit=cfg.build.limit) for s in cfg.build.sources])
+                       sources=[source_spec(cfg.build, s, root) for s in cfg.build.sources])
     summary = build(bcfg, log=log)
     assert_training_only(out, root)
     return Path(summary.out)
