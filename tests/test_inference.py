@@ -312,6 +312,22 @@ def test_ground_gives_maps_at_the_image_size(predictor):
     assert predictor.ground(path, "heart")[0].read_out == "windows"  # auto: the region path
 
 
+def test_auto_read_out_is_the_patch_map_for_a_model_with_a_grid_head():
+    """A grid head is what the grounding term trains: 'auto' reads its patch map, even with a region path."""
+    from conftest import tiny_model_config
+    from regionmed.model.clip import RegionMedCLIP
+    from regionmed.model.config import DenseConfig
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config()
+    plain = Predictor(RegionMedCLIP(cfg).eval())
+    cfg.dense = DenseConfig(head="conv", width=8, layers=1)
+    headed = Predictor(RegionMedCLIP(cfg).eval())
+    assert plain.has_region_path and plain.auto_read_out == "windows"
+    assert headed.has_region_path and headed.auto_read_out == "patch"
+    assert headed.ground(slake_image(0), "liver")[0].read_out == "patch"
+
+
 def test_ground_bad_phrases(predictor):
     path = slake_image(0)
     with pytest.raises(TextInputError, match="phrase list is empty"):

@@ -738,7 +738,9 @@ class Predictor:
         windows covering each pixel, the box the best window); ``"patch"`` — the
         patch–text cosine map (the box bounds the connected component around the
         maximum of the map thresholded at ``min + threshold * (max - min)``);
-        ``"auto"``: ``windows`` for a model with a region path, else ``patch``.
+        ``"auto"``: ``patch`` for a model with a grid head (``model.dense``: the grid the
+        ``grounding`` loss term trains), else ``windows`` for a model with a region path, else
+        ``patch`` (:attr:`auto_read_out`).
         The read-out runs on the image scaled down to :attr:`ground_side` when it is
         larger (memory bounded whatever the image's pixel count); results are in the
         image's own pixels.
@@ -759,7 +761,7 @@ class Predictor:
         sx, sy = w / work.width, h / work.height
         del image
         text = self._embed_texts(phrases, True, "phrase", warn=False)
-        mode = ("windows" if self.has_region_path else "patch") if read_out == "auto" else read_out
+        mode = self.auto_read_out if read_out == "auto" else read_out
         locs = ground_image(self.model, self.preprocessor, work, text, mode, threshold=threshold)
         out = []
         for phrase, loc in zip(phrases, locs):
@@ -768,6 +770,15 @@ class Predictor:
             peak = (float(loc["point"][0]) * sx, float(loc["point"][1]) * sy)
             out.append(Grounding(phrase, np.asarray(loc["map"], dtype=np.float32), peak, box, float(loc["peak"]), mode, (w, h)))
         return out
+
+    @property
+    def auto_read_out(self) -> str:
+        """The read-out ``"auto"`` stands for: ``patch`` when the model has a grid head (trained by
+        the ``grounding`` term: the patch map is what it trains), else ``windows`` when it has a
+        region path, else ``patch``."""
+        if getattr(self.model, "dense_head", None) is not None:
+            return "patch"
+        return "windows" if self.has_region_path else "patch"
 
     @property
     def ground_side(self) -> int:

@@ -757,7 +757,8 @@ def add_infer_parsers(sub) -> None:
     p.add_argument("--phrase", action="append", help="a phrase to ground (repeatable)")
     p.add_argument("--phrases-file", help="a text file with one phrase a line")
     p.add_argument("--read-out", choices=("auto", "windows", "patch"), default="auto",
-                   help="windows (region path), patch (patch-text map), auto: windows when the model has a region path")
+                   help="windows (region path), patch (patch-text map), auto: patch when the model has a grid head "
+                        "(model.dense, trained by the grounding term), else windows when it has a region path")
     p.add_argument("--threshold", type=float, default=0.5, help="patch read-out: box threshold between the map's min and max (default 0.5)")
     p.add_argument("--opacity", type=float, default=0.45, help="heatmap opacity in the overlays (default 0.45)")
     p.add_argument("--max-side", type=int, default=OVERLAY_MAX_SIDE,
