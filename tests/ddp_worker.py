@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from regionmed.distributed import all_reduce_sum, cleanup_distributed, gather_tensor, gather_with_grad, init_distributed
 from regionmed.losses import LOSS_NAMES, LossInputs, compute_losses, text_ids
 
-WEIGHTS = {"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 0.7}
+WEIGHTS = {"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 0.7, "grounding": 0.6}
+GRID, PHRASES = 4, 2  # a 4x4 cell grid per image, 2 phrase slots per image
 
 # The union batch: 6 images, 3 per rank, K = 3 ROI slots each; 7 ROIs, rank 0
 # holds 6 and rank 1 holds 1 (ragged, and images without regions). Texts repeat
@@ -83,6 +84,17 @@ def union_batch() -> dict[str, torch.Tensor]:
     neg_mask[1, 2] = neg_mask[4, 1:] = neg_mask[6, 0] = False  # ragged negatives
     img_mask = torch.ones(n_img, N_IMG_NEG, dtype=torch.bool)
     img_mask[3, 1] = False
+    # grounding: letterbox rows of image 1 invalid; phrase slots ragged (image 3 none, image 5 one
+    # whose box lies in the padding only: it counts nowhere); targets = covered shares
+    cell_valid = torch.ones(n_img, GRID, GRID, dtype=torch.bool)
+    cell_valid[1, :1] = cell_valid[1, -1:] = False
+    phrase_mask = torch.tensor([[True, True], [True, False], [True, True], [False, False], [True, False], [True, False]])
+    target = torch.zeros(n_img, PHRASES, GRID, GRID)
+    target[:, 0, 1:3, 1:3] = 1.0
+    target[:, 1, 0:2, 2:4] = 0.5
+    target[5, 0] = 0.0
+    target[5, 0, 0] = 1.0
+    cell_valid[5, 0] = False
     return {
         "images": torch.randn(n_img, IMG_DIM, generator=gen),
         "report_feat": texts_tensor(REPORTS),
@@ -97,6 +109,11 @@ def union_batch() -> dict[str, torch.Tensor]:
         "roi_neg_mask": per_slot(neg_mask),
         "img_neg_feat": torch.stack([texts_tensor(n) for n in img_negs]),
         "img_neg_mask": img_mask,
+        "cell_feat": torch.randn(n_img, GRID, GRID, IMG_DIM, generator=gen),
+        "cell_valid": cell_valid,
+        "phrase_feat": torch.stack([texts_tensor([f"{c} phrase {k}" for k in range(PHRASES)]) for c in REPORTS]),
+        "phrase_mask": phrase_mask,
+        "phrase_target": target,
     }
 
 
@@ -112,7 +129,9 @@ class Towers(nn.Module):
         self.image_global = nn.Linear(IMG_DIM, EMB_DIM)
         self.text = nn.Linear(TXT_DIM, EMB_DIM)
         self.roi = nn.Linear(IMG_DIM, EMB_DIM)
+        self.cell = nn.Linear(IMG_DIM, EMB_DIM)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.grounding_log_scale = nn.Parameter(torch.tensor(math.log(5.0)))
 
     def forward(self, b: dict[str, torch.Tensor], distributed: bool = True) -> dict[str, torch.Tensor]:
         return compute_losses(self.features(b), WEIGHTS, distributed)
@@ -137,6 +156,12 @@ class Towers(nn.Module):
             roi_negatives_mask=b["roi_neg_mask"],
             image_negatives=text(b["img_neg_feat"]),
             image_negatives_mask=b["img_neg_mask"],
+            cells=F.normalize(self.cell(b["cell_feat"]), dim=-1),
+            cell_valid=b["cell_valid"],
+            phrases=text(b["phrase_feat"]),
+            phrase_mask=b["phrase_mask"],
+            phrase_target=b["phrase_target"],
+            grounding_scale=self.grounding_log_scale.exp(),
         )
 
 

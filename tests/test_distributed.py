@@ -71,7 +71,7 @@ def test_ddp_local_loss_equals_single_process(worker_results):
     for rank, r in enumerate(worker_results):
         res = r["losses"]
         assert res["local_rois"] == (6, 1)[rank]
-        assert res["terms"] == sorted([*r["loss_names"], "total"])  # all four terms active
+        assert res["terms"] == sorted([*r["loss_names"], "total"])  # every term active, grounding included
         assert res["weights_err"] == 0.0  # DDP broadcast rank 0's weights at wrap
         assert res["loss_err"] < TOL, (res["loss"], res["ref_loss"])
         assert res["grad_err"] < TOL

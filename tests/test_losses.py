@@ -215,7 +215,7 @@ def test_bad_shapes_raise():
 def test_compute_losses_terms_and_total():
     inp = make_inputs()
     out = compute_losses(inp, ALL_WEIGHTS)
-    assert set(out) == {*LOSS_NAMES, "total"}
+    assert set(out) == {*ALL_WEIGHTS, "total"} and set(LOSS_NAMES) - set(ALL_WEIGHTS) == {"grounding"}  # its own tests
     s = inp.logit_scale
     torch.testing.assert_close(
         out["global"], multi_positive_infonce(inp.image_fused, inp.report, None, inp.report_ids, s)
@@ -236,7 +236,7 @@ def test_compute_losses_terms_and_total():
         inp.image_negatives_mask, symmetric=False,
     )  # fmt: skip
     torch.testing.assert_close(out["hard_negative"], 0.5 * (roi_part + img_part))
-    expected_total = sum(ALL_WEIGHTS[k] * out[k] for k in LOSS_NAMES)
+    expected_total = sum(ALL_WEIGHTS[k] * out[k] for k in ALL_WEIGHTS)
     torch.testing.assert_close(out["total"], expected_total)
 
 

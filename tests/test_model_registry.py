@@ -96,7 +96,8 @@ def test_every_named_model_runs_forward_backward_and_round_trips(name, tmp_path)
 def test_packaged_run_configs_use_named_models():
     """Every packaged run config names its model (no model section of its own) and resolves to it."""
     run_configs = [p for p in sorted(CONFIGS.glob("*.yaml")) if "model" in yaml.safe_load(p.read_text())]
-    assert {p.name for p in run_configs} == {"cpu_pretrained.yaml", "demo.yaml", "demo_global.yaml", "full_scale.yaml"}
+    assert {p.name for p in run_configs} == {"cpu_grounding.yaml", "cpu_pretrained.yaml", "demo.yaml", "demo_global.yaml",
+                                              "full_scale.yaml"}
     for path in run_configs:
         section = yaml.safe_load(path.read_text())["model"]
         assert section["name"] in list_models(), path
