@@ -20,6 +20,7 @@ from conftest_build import data_dir, public_build  # noqa: F401
 from regionmed.apps.train.config import StageConfig
 from regionmed.apps.train.metrics import read_metrics
 from regionmed.config import to_dict
+from regionmed.model.config import DenseConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,15 +89,16 @@ def test_two_processes_on_real_data_through_every_stage(public_build, tmp_path):
     cfg = tiny_run_config(str(out), "unused", batch_size=8)
     cfg.data.max_negatives = 4
     cfg.data.max_image_negatives = 3
-    # The four stages of the method (configs/demo.yaml), short.
+    cfg.model.dense = DenseConfig(head="conv", width=8, layers=1)  # the grid head the grounding term trains
+    # The four stages of the method (configs/demo.yaml), short, with the grounding term from "region" on.
     cfg.train.stages = [
         StageConfig(name="warmup", steps=1, lr=1e-3, trainable=["image_tower", "projections", "logit_scale"],
                     losses={"global": 1.0}),
         StageConfig(name="refine", steps=1, lr=1e-3, lr_scale={"text_tower": 0.1}, losses={"global": 1.0, "summary": 0.5}),
         StageConfig(name="region", steps=4, lr=1e-3, use_rois=True,
-                    losses={"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 1.0}),
+                    losses={"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 1.0, "grounding": 1.0}),
         StageConfig(name="joint", steps=1, lr=5e-4, use_rois=True,
-                    losses={"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 1.0}),
+                    losses={"global": 1.0, "summary": 0.5, "region": 1.0, "hard_negative": 1.0, "grounding": 0.5}),
         # A stage whose only term never reaches the fused embedding: parameters of the ROI
         # processor get no gradient (DDP must accept it, as one process does).
         StageConfig(name="region_only", steps=1, lr=5e-4, use_rois=True, losses={"region": 1.0}),
@@ -105,4 +107,5 @@ def test_two_processes_on_real_data_through_every_stage(public_build, tmp_path):
     assert sorted(single) == list(range(8))
     assert {single[s]["stage"] for s in single} == {"warmup", "refine", "region", "joint", "region_only"}
     assert all("loss.region" in single[s] and "loss.hard_negative" in single[s] for s in (2, 3, 4, 5, 6))
+    assert all("loss.grounding" in single[s] for s in (2, 3, 4, 5, 6))  # real boxes and labels reach the term
     _assert_equal_runs(single, ddp, tmp_path)
