@@ -17,6 +17,7 @@ from regionmed.apps.train.config import validate_run_config
 from regionmed.apps.train.metrics import read_metrics
 from regionmed.apps.train.trainer import train
 from regionmed.config import ConfigError, to_dict
+from regionmed.model.config import DenseConfig
 
 
 def events(out: Path, kind: str) -> dict[int, dict]:
@@ -32,8 +33,15 @@ def assert_same_losses(a: dict[int, dict], b: dict[int, dict], tol: float = 1e-5
             assert abs(a[step][k] - b[step][k]) <= tol * max(1.0, abs(a[step][k])), (step, k, a[step][k], b[step][k])
 
 
+def with_grounding(cfg):
+    """A grid head and the grounding term in the last stage (beside the region terms)."""
+    cfg.model.dense = DenseConfig(head="conv", width=8, layers=1)
+    cfg.train.stages[-1].losses = {**cfg.train.stages[-1].losses, "grounding": 1.0}
+    return cfg
+
+
 def run(phantom_data, out: Path, batch_size: int, accum: int = 1, val_every: int = 0) -> dict:
-    cfg = tiny_run_config(str(phantom_data), str(out), steps=(2, 2), batch_size=batch_size)
+    cfg = with_grounding(tiny_run_config(str(phantom_data), str(out), steps=(2, 2), batch_size=batch_size))
     cfg.train.accum_freq = accum
     cfg.validation.every = val_every
     cfg.validation.split = "test"
@@ -47,7 +55,7 @@ def test_accumulation_trains_as_the_large_batch(phantom_data, tmp_path):
     run(phantom_data, tmp_path / "large", batch_size=16)
     run(phantom_data, tmp_path / "accum", batch_size=8, accum=2)
     large, accum = events(tmp_path / "large", "step"), events(tmp_path / "accum", "step")
-    assert "loss.region" in large[3]
+    assert "loss.region" in large[3] and "loss.grounding" in large[3]
     assert_same_losses(large, accum)
     data = next(r for r in read_metrics(tmp_path / "accum" / "metrics.jsonl") if r["event"] == "data")
     assert data["samples_per_step"] == 16
@@ -90,7 +98,7 @@ def test_two_processes_with_accumulation_equal_one_process_without(phantom_data,
     outs = {}
     for name, batch, accum, launcher in (("single", 8, 1, []),
                                          ("ddp", 4, 2, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
-        cfg = tiny_run_config(str(phantom_data), str(tmp_path / name), steps=(2, 2), batch_size=batch)
+        cfg = with_grounding(tiny_run_config(str(phantom_data), str(tmp_path / name), steps=(2, 2), batch_size=batch))
         cfg.train.accum_freq = accum
         config = tmp_path / f"{name}.yaml"
         config.write_text(yaml.safe_dump(to_dict(cfg)))
@@ -99,6 +107,7 @@ def test_two_processes_with_accumulation_equal_one_process_without(phantom_data,
         proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         outs[name] = tmp_path / name
+    assert "loss.grounding" in events(outs["single"], "step")[3]
     assert_same_losses(events(outs["single"], "step"), events(outs["ddp"], "step"))
     a = load_file(str(outs["single"] / "model" / "model.safetensors"))
     b = load_file(str(outs["ddp"] / "model" / "model.safetensors"))
