@@ -606,7 +606,7 @@ class Trainer:
         self._enter_stage(plan, logger)
         last: dict[str, float] = {}
         last_val: dict = {}
-        t_last = time.perf_counter()
+        t_last, c_last = time.perf_counter(), time.process_time()
         try:
             for batch in loader:
                 if self.step >= self.total_steps:  # the streaming loader is endless
@@ -619,8 +619,9 @@ class Trainer:
                     self.stream_state.update(batch)
                 self._count_sources(batch)
                 losses = self.train_step(batch, plan)
-                now = time.perf_counter()
+                now, cpu_now = time.perf_counter(), time.process_time()
                 dt, t_last = now - t_last, now
+                dcpu, c_last = cpu_now - c_last, cpu_now
                 if losses is None:
                     logger.write("skip", step=self.step, stage=plan.name)
                 else:
@@ -631,7 +632,7 @@ class Trainer:
                             record["source_samples"] = {n: self.counters[f"source.{n}"] for n, *_ in self.sources}
                         record.update(step=self.step, stage=plan.name, lr=learning_rate(plan, self.step),
                                       samples_per_s=self.step_batch / dt, samples_per_s_per_rank=per_rank / dt,
-                                      step_time_s=dt, logit_scale=float(self.model.scale().detach()))
+                                      step_time_s=dt, step_cpu_s=dcpu, logit_scale=float(self.model.scale().detach()))
                         if self.model.roi_processor is not None:
                             gate_global, gate_region = self.model.roi_processor.gates()
                             record["gate.global"], record["gate.region"] = float(gate_global.detach()), float(gate_region.detach())
@@ -641,11 +642,11 @@ class Trainer:
                 bar.update(1)
                 if cfg.validation.every and (self.step % cfg.validation.every == 0 or self.step == self.total_steps):
                     last_val = self._validate(logger) or last_val
-                    t_last = time.perf_counter()  # validation time is not step time
+                    t_last, c_last = time.perf_counter(), time.process_time()  # validation time is not step time
                 every = cfg.train.checkpoint_every
                 if self.step == plan.end or (every and self.step % every == 0):
                     self._checkpoint(plan)
-                    t_last = time.perf_counter()  # checkpoint time is not step time
+                    t_last, c_last = time.perf_counter(), time.process_time()  # checkpoint time is not step time
         finally:
             bar.close()
         self._sync_truncated()
