@@ -43,6 +43,7 @@ class ImageRef:
     opener: object = None  # picklable callable returning a PIL image (e.g. a MedRegion sample)
     # per box, "anatomy" | "finding" | "" (unknown): the region's label kind (regionmed.data.schema.REGION_KINDS)
     box_kinds: list[str] = field(default_factory=list)
+    source: str = ""  # the dataset an image comes from (a MedRegion record's ``source``), "" when unknown
 
 
 @dataclass

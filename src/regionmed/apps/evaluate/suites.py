@@ -354,7 +354,7 @@ class MedRegionSet:
             notes["regions"] += len(boxes)
             key = f"medregion/{rec['id']}"
             refs.append(ImageRef(key, opener=_MedRegionOpener(ds, i), boxes=boxes, box_labels=phrases,
-                                 box_kinds=kinds))
+                                 box_kinds=kinds, source=str(rec.get("source") or "")))
             prior_keys[key] = keys
         if not refs:
             raise SuiteError(f"{self.root} split {split!r}: no annotated region to ground (regions proposed at build time "

@@ -207,7 +207,8 @@ class Grounding(EvalTask):
                     blind_hit = score_prediction(res_list[-1]["point"], res_list[-1]["box"], gt,
                                                  ties=res_list[-1].get("ties"))["hit"] if blind is not None else None
                     rows[readout].append({
-                        "image": ref.key, "label": lab, "phrase": lab.lower(), "kind": _kind_of(ref, lab), **_score(res, gt, w, h),
+                        "image": ref.key, "source": ref.source, "label": lab, "phrase": lab.lower(), "kind": _kind_of(ref, lab),
+                        **_score(res, gt, w, h),
                         "base_hit": base["hit"], "base_iou": base["iou"],
                         "prior_hit": pri["hit"] if pri else None, "prior_iou": pri["iou"] if pri else None,
                         "cover_hit": cov["hit"] if cov else None, "blind_hit": blind_hit})
@@ -228,12 +229,19 @@ class Grounding(EvalTask):
         for readout in rows:
             per_class: dict[str, list] = {}
             per_kind: dict[str, list] = {}
+            per_source: dict[str, list] = {}
             for r in rows[readout]:
                 per_class.setdefault(r["label"], []).append(r)
                 per_kind.setdefault(r["kind"], []).append(r)
+                per_source.setdefault(r["source"], []).append(r)
             block = {"overall": summarise(rows[readout], ctx.opts.n_boot, ctx.opts.seed),
                      "per_kind": {k: summarise(per_kind[k], ctx.opts.n_boot, ctx.opts.seed) for k in KINDS if k in per_kind},
                      "per_class": {c: summarise(r) for c, r in sorted(per_class.items())}}
+            if len(per_source) > 1:  # a dataset built from several sources: each one on its own too
+                block["per_source"] = {src: {"overall": summarise(rs, ctx.opts.n_boot, ctx.opts.seed),
+                                             "per_kind": {k: summarise(g, ctx.opts.n_boot, ctx.opts.seed)
+                                                          for k in KINDS if (g := [r for r in rs if r["kind"] == k])}}
+                                       for src, rs in sorted(per_source.items())}
             if readout == "windows":
                 block.update(scales=list(options.window_scales), windows_per_image=float(np.mean(n_windows)) if n_windows else 0.0,
                              embedding="ROI path (given windows as boxes)" if model.roi_processor is not None else "window crop as a whole image")
@@ -292,6 +300,8 @@ class Grounding(EvalTask):
             block = r.get(readout) or {}
             groups = [("all", block.get("overall") or (r.get("overall") if readout == "patch" else None) or {})]
             groups += [(k, v) for k, v in (block.get("per_kind") or {}).items()]
+            for src, b in (block.get("per_source") or {}).items():
+                groups += [(f"{src}", b["overall"])] + [(f"{src}: {k}", v) for k, v in b["per_kind"].items()]
             lines += [f"### {readout}", "",
                       "| labels | phrases | pointing game | IoU≥0.1 | IoU≥0.3 | IoU≥0.5 | CNR | centre | mean-box prior | "
                       "most-covered prior | phrase-blind | Δ most-covered |",
