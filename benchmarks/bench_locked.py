@@ -54,14 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--skip", type=int, default=5, help="first steps left out of the median (warm-up)")
     p.add_argument("--out", default="runs/bench_locked")
+    p.add_argument("--cache", help="an existing feature cache folder of this data to reuse (its build is then not timed)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    cache = out / "cache"
-    if cache.exists():
-        sys.exit(f"{cache} exists: give a fresh --out so that the cache build is timed")
-    # the locked recipe: the first run builds the cache (timed as a whole), the second reads it
-    build_s = _train(CONFIGS / "cpu_grounding.yaml", args.data, out / "locked_build", 1, {**FULL, "grounding": 1.0},
-                     ["--set", f"train.lock.cache_dir={cache}"])
+    cache = Path(args.cache) if args.cache else out / "cache"
+    build_s = None
+    if not args.cache:
+        if cache.exists():
+            sys.exit(f"{cache} exists: give a fresh --out so that the cache build is timed")
+        # the locked recipe: the first run builds the cache (timed as a whole), the second reads it
+        build_s = _train(CONFIGS / "cpu_grounding.yaml", args.data, out / "locked_build", 1, {**FULL, "grounding": 1.0},
+                         ["--set", f"train.lock.cache_dir={cache}"])
     _train(CONFIGS / "cpu_grounding.yaml", args.data, out / "locked", args.steps, {**FULL, "grounding": 1.0},
            ["--set", f"train.lock.cache_dir={cache}"])
     _train(CONFIGS / "cpu_pretrained.yaml", args.data, out / "trainable", args.steps, FULL, [])
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'cpu_pretrained.yaml (towers train, 128 px)':<44} {base_cpu:>10.3f} {base_wall:>11.3f} {60 / base_cpu:>14.1f}")
     print(f"{'cpu_grounding.yaml (locked + cache, 256 px)':<44} {locked_cpu:>10.3f} {locked_wall:>11.3f} {60 / locked_cpu:>14.1f}")
     print(f"ratio (locked / trainable steps per CPU-minute): {base_cpu / locked_cpu:.2f}x")
-    print(f"feature cache build (once per model, data and preprocessing; includes one step): {build_s:.0f} s wall")
+    if build_s is not None:
+        print(f"feature cache build (once per model, data and preprocessing; includes one step): {build_s:.0f} s wall")
     return 0
 
 

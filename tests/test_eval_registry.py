@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def test_every_task_declares_name_datasets_options_and_run():
-    assert task_names() == ["zeroshot", "vqa_rad", "slake_vqa", "grounding", "retrieval", "vqa"]
+    assert task_names() == ["zeroshot", "vqa_rad", "slake_vqa", "grounding", "region_zeroshot", "retrieval", "vqa"]
     for task in tasks():
         assert get_task(task.name) is task and task.datasets and task.__doc__
         assert dataclasses.is_dataclass(task.Options) and type(task).run is not EvalTask.run
@@ -45,8 +45,8 @@ def test_every_task_declares_name_datasets_options_and_run():
 def test_each_task_says_which_datasets_it_can_score():
     none, medregion, folder = EvalData(builtin=False), EvalData(medregion="m"), EvalData(class_folder="c")
     assert plan_tasks(task_names(), medregion).unsupported.keys() == {"vqa"}
-    assert set(plan_tasks(task_names(), folder).unsupported) == {"grounding", "retrieval", "vqa"}
-    assert set(plan_tasks(task_names(), none).unsupported) == {"zeroshot", "grounding", "retrieval", "vqa"}
+    assert set(plan_tasks(task_names(), folder).unsupported) == {"grounding", "region_zeroshot", "retrieval", "vqa"}
+    assert set(plan_tasks(task_names(), none).unsupported) == {"zeroshot", "grounding", "region_zeroshot", "retrieval", "vqa"}
     plan = plan_tasks(["grounding", "bogus", "zeroshot"], folder)
     assert plan.run == ["zeroshot"] and plan.unknown == ["bogus"] and "--medregion" in plan.unsupported["grounding"]
 

@@ -69,7 +69,9 @@ def test_eval_command_end_to_end_with_bad_inputs(data_dir, tmp_path):  # noqa: F
     assert tasks["grounding"]["dataset"] == "slake test" and res["builtin_sets"] is True
     g = tasks["grounding"]
     assert g["overall"]["n"] > 0 and g["windows"]["overall"]["n"] == g["overall"]["n"]
-    assert sorted(p.name.rsplit("_", 1)[1] for p in (out / "grounding_overlays").glob("*.png")) == ["patch.png", "patch.png", "windows.png", "windows.png"]
+    # --overlays 2: per read-out the best case and the worst case
+    assert sorted(p.name.split("_")[0] + "_" + p.name.split("_")[1][:-2] for p in (out / "grounding_overlays").glob("*.png")) == \
+        ["patch_best", "patch_worst", "windows_best", "windows_worst"]
     assert (out / "roc_slake_modality.png").is_file()
     # the empty class folder is a counted problem, not a crash
     assert any("class list is empty" in m for m in res["problems"]["messages"])

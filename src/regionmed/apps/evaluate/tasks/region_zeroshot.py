@@ -52,6 +52,10 @@ class RegionZeroShot(EvalTask):
     def unsupported(self, data: EvalData) -> str | None:
         return None if data.medregion else "region zero-shot needs labelled boxes: --medregion DIR (its split's regions)"
 
+    def default(self, data: EvalData) -> bool:
+        """Opt-in (``--tasks region_zeroshot``): it embeds the split once more, as retrieval does."""
+        return False
+
     def uses_data_root(self, data: EvalData) -> bool:
         return False
 
