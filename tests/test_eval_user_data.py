@@ -292,7 +292,10 @@ def test_region_zeroshot_scores_each_labelled_box_by_its_roi_embedding_and_by_it
     assert r["classes"] == classes and len(classes) >= 2 and r["regions"] == len(emb.region_labels)
     rows = [i for i, lab in enumerate(emb.region_labels) if lab in classes]
     y = np.array([classes.index(emb.region_labels[i]) for i in rows])
-    scores = class_scores(tiny_model, emb.region_emb[rows], classes, load_prompts(None, "medregion"), "softmax")
+    from regionmed.data.schema import label_words
+
+    scores = class_scores(tiny_model, emb.region_emb[rows], [label_words(c) for c in classes], load_prompts(None, "medregion"),
+                          "softmax")
     from sklearn.metrics import roc_auc_score
 
     macro = np.mean([roc_auc_score(y == c, scores[:, c]) for c in range(len(classes))])

@@ -177,3 +177,15 @@ def test_loss_inputs_without_grounding_hold_no_cells():
     inputs = LossInputs(logit_scale=torch.tensor(1.0), image_fused=torch.zeros(1, 2), image_global=torch.zeros(1, 2),
                         report=torch.zeros(1, 2), report_ids=torch.zeros(1, dtype=torch.long))
     assert "grounding" not in compute_losses(inputs, {"global": 1.0, "grounding": 1.0})
+
+
+@pytest.mark.parametrize("label, phrase", [("Left Lung", "left lung"), ("ActiveTuberculosis", "active tuberculosis"),
+                                           ("obsolete_pulmonary_tuberculosis", "obsolete pulmonary tuberculosis"),
+                                           ("Brain Non-enhancing Tumor", "brain non-enhancing tumor")])
+def test_a_label_is_grounded_as_the_words_of_its_captions(label, phrase):
+    """Training, evaluation and the builder's captions read a label by one rule (CamelCase and
+    snake_case class names of detection exports become words)."""
+    from regionmed.apps.curation.captions import label_words as caption_words
+    from regionmed.task import grounding_phrase
+
+    assert grounding_phrase(label) == caption_words(label) == phrase

@@ -162,3 +162,40 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path):
     with writer_lock(tmp_path / "x"), writer_lock(tmp_path / "x"), replace_folder(tmp_path / "x") as tmp:
         (tmp / "f").write_text("1")
     assert (tmp_path / "x" / "f").read_text() == "1"
+
+
+def test_build_eval_and_train_never_write_into_their_inputs(tmp_path, phantom_data):
+    """The builder (out inside a source folder), evaluation (--out inside the --medregion dataset or
+    the model folder) and training (output_dir inside data.train) refuse before writing anything."""
+    from conftest import tiny_run_config
+    from regionmed.apps.cli import main
+    from regionmed.apps.curation.builder import build
+    from regionmed.apps.curation.config import BuildConfig, SourceSpec
+    from regionmed.apps.train.trainer import Trainer
+
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "images" / "a.jpg").write_bytes(b"not read: refused first")
+    before = sorted(p.name for p in src.rglob("*"))
+    cfg = BuildConfig(out=str(src / "out"), workers=0, progress=False, sources=[SourceSpec("detection", str(src))])
+    with pytest.raises(OutputError, match="never writes into its own input"):
+        build(cfg, log=lambda s: None)
+    assert sorted(p.name for p in src.rglob("*")) == before
+    # the command line: one line, exit 2
+    assert main(["build", "--source", "detection", "--input", str(src), "--out", str(src / "out"), "--no-progress"]) == 2
+    assert not (src / "out").exists()
+    # evaluation into its dataset or into its model folder
+    data_before = sorted(p.name for p in phantom_data.rglob("*"))
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(OutputError, match="lies inside the --medregion dataset"):
+        check_output(str(phantom_data / "eval"), inputs=[("the --medregion dataset", str(phantom_data))])
+    assert main(["eval", str(model), "--medregion", str(phantom_data), "--out", str(phantom_data / "eval")]) == 2
+    assert not (phantom_data / "eval").exists()
+    assert main(["eval", str(model), "--medregion", str(phantom_data), "--out", str(model / "eval")]) == 2
+    assert not (model / "eval").exists()
+    # training into its data
+    run = tiny_run_config(str(phantom_data), str(phantom_data / "run"))
+    with pytest.raises(OutputError, match="train.output_dir"):
+        Trainer(run, progress=False)
+    assert sorted(p.name for p in phantom_data.rglob("*")) == data_before

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from regionmed.data.loader import Batch
+from regionmed.data.schema import label_words
 from regionmed.losses import GROUNDING_MODES, LOSS_NAMES, LossInputs, compute_losses, text_ids
 from regionmed.model.clip import RegionMedCLIP
 from regionmed.model.dense import cell_centres_inside, cell_coverage
@@ -55,9 +56,10 @@ GROUNDING_TEXTS = ("label", "caption")
 
 
 def grounding_phrase(label: str) -> str:
-    """The phrase a region label is grounded as, in training and in evaluation alike: the label,
-    stripped and lower-cased (``"Left Lung"`` -> ``"left lung"``)."""
-    return " ".join(str(label).split()).lower()
+    """The phrase a region label is grounded as, in training and in evaluation alike: the label as
+    lower-case words (:func:`regionmed.data.schema.label_words`: ``"Left Lung"`` -> ``"left lung"``,
+    ``"ActiveTuberculosis"`` -> ``"active tuberculosis"``), the rule of the builder's captions."""
+    return label_words(label)
 
 
 class TrainingTask(nn.Module):

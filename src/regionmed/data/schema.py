@@ -47,6 +47,7 @@ clipped, boxes outside or of zero area are dropped, and both are counted.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,16 @@ FORMAT_NAME = "medregion"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 REGION_KINDS = ("anatomy", "finding")  # values of a region's optional "kind"
+
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def label_words(label: str) -> str:
+    """A class name as lower-case words: ``ActiveTuberculosis``, ``active_tuberculosis`` and
+    ``Active Tuberculosis`` all give ``"active tuberculosis"`` (detection exports often write
+    class names in CamelCase or snake_case). The one rule by which a region label becomes
+    text: the builder's captions, the grounding term's phrases and evaluation's phrases."""
+    return " ".join(_CAMEL.sub(" ", str(label)).replace("_", " ").split()).lower()
 
 
 class RecordError(RegionmedError, ValueError):

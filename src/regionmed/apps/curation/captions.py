@@ -25,6 +25,7 @@ import unicodedata
 from dataclasses import dataclass, field
 
 from regionmed.apps.curation.tables import is_missing
+from regionmed.data.schema import label_words  # noqa: F401 - the one rule, used here and re-exported
 
 # Confusable findings / organs: each term may be swapped for one of its list.
 DEFAULT_CONFUSABLES: dict[str, list[str]] = {
@@ -229,16 +230,6 @@ def location(box, width: int, height: int, modality: str, cfg: CaptionConfig) ->
     r = ((cx - 0.5) ** 2 + (cy - 0.5) ** 2) ** 0.5 / (0.5 * 2**0.5)
     radial = "central" if r < cfg.central_radius else "peripheral"
     return {"side": side, "vertical": vertical, "radial": radial}
-
-
-_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
-
-
-def label_words(label: str) -> str:
-    """A class name as lower-case words: ``ActiveTuberculosis``, ``active_tuberculosis`` and
-    ``Active Tuberculosis`` all give ``"active tuberculosis"`` (detection exports often write
-    class names in CamelCase or snake_case)."""
-    return " ".join(_CAMEL.sub(" ", str(label)).replace("_", " ").split()).lower()
 
 
 def _label_text(label: str) -> str:

@@ -38,6 +38,7 @@ from regionmed.eval.grounding import (
 )
 from regionmed.eval.images import ImageRef, open_image
 from regionmed.eval.readout import ground_image
+from regionmed.task import grounding_phrase
 
 READOUTS = ("patch", "windows")
 
@@ -170,7 +171,7 @@ class Grounding(EvalTask):
         pre = Preprocessor.from_model(model)  # windows are prepared as the model prepares ROIs (crops in crop mode)
         device = model.logit_scale.device
         phrases = sorted({lab for r in refs for lab in r.box_labels})
-        text = model.encode_text([p.lower() for p in phrases])
+        text = model.encode_text([grounding_phrase(p) for p in phrases])  # as the grounding term trains them
         # The phrase-blind reference: every score is linear in the phrase's embedding, so the mean
         # map over the split's phrases is the map of their mean embedding (one more row).
         blind = None if options.contrast else len(phrases)
@@ -207,7 +208,7 @@ class Grounding(EvalTask):
                     blind_hit = score_prediction(res_list[-1]["point"], res_list[-1]["box"], gt,
                                                  ties=res_list[-1].get("ties"))["hit"] if blind is not None else None
                     rows[readout].append({
-                        "image": ref.key, "source": ref.source, "label": lab, "phrase": lab.lower(), "kind": _kind_of(ref, lab),
+                        "image": ref.key, "source": ref.source, "label": lab, "phrase": grounding_phrase(lab), "kind": _kind_of(ref, lab),
                         **_score(res, gt, w, h),
                         "base_hit": base["hit"], "base_iou": base["iou"],
                         "prior_hit": pri["hit"] if pri else None, "prior_iou": pri["iou"] if pri else None,

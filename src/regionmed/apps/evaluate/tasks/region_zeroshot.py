@@ -25,6 +25,7 @@ import numpy as np
 from regionmed.apps.evaluate.context import EvalContext, EvalData
 from regionmed.apps.evaluate.markdown import with_ci
 from regionmed.apps.evaluate.tasks.base import EvalTask, option_field
+from regionmed.data.schema import label_words
 from regionmed.eval.embed import embed_split
 from regionmed.eval.prompts import load_prompts
 from regionmed.eval.stats import bootstrap_counts, macro_auc_resamples
@@ -76,7 +77,11 @@ class RegionZeroShot(EvalTask):
                                         f"({dict(counts)}); nothing to classify", "task_failed")
             return out
         rows = np.array([i for i, lab in enumerate(labels) if lab in classes], dtype=int)
-        task = ZeroShotTask(f"{data.medregion.name}:regions", classes, np.array([classes.index(labels[i]) for i in rows]),
+        # each class in words, as its boxes' captions and the grounding term say it ("ActiveTuberculosis"
+        # -> "active tuberculosis"); the labels themselves where two would read alike
+        words = [label_words(c) for c in classes]
+        names = words if len(set(words)) == len(words) else classes
+        task = ZeroShotTask(f"{data.medregion.name}:regions", names, np.array([classes.index(labels[i]) for i in rows]),
                             [str(i) for i in rows], "softmax")
         prompts = load_prompts(ctx.opts.prompts, "medregion")
         counts_boot = bootstrap_counts(len(rows), ctx.opts.n_boot, ctx.opts.seed)
