@@ -150,7 +150,8 @@ def _arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--image-feature", choices=("auto", "global", "fused", "roi"), default="auto",
                    help="image embedding for zero-shot and VQA: auto = fused for ROI models, global otherwise")
     p.add_argument("--prompts", help="prompt-template YAML laid over the packaged eval/prompts/default.yaml (keys: see above)")
-    p.add_argument("--medregion", help="a built MedRegion dataset: zero-shot on its labels, grounding on its regions, retrieval")
+    p.add_argument("--medregion", help="a built MedRegion dataset: zero-shot on its labels, grounding on its regions, retrieval, "
+                                           "region_zeroshot on its labelled boxes (opt-in)")
     p.add_argument("--medregion-split", default="test", help="split of --medregion (default test); the location prior uses its train split")
     p.add_argument("--class-folder", help="zero-shot on a folder per class (ROOT/<class>/<image>)")
     p.add_argument("--class-names", help="words for the classes' prompts: NAME=TEXT,... (notumor=\"no tumor\") or a YAML/JSON mapping file")

@@ -288,15 +288,22 @@ class Grounding(EvalTask):
         return written
 
     def report(self, r: dict) -> list[str]:
+        readouts = r.get("readouts", ["patch"])
+        described = []
+        if "patch" in readouts:
+            described.append(f"**patch** = the patch–text map over the {r.get('grid')} grid, point = centre of its maximal cell "
+                             f"inside the image, box = component around it at threshold {r['threshold']}")
+        if "windows" in readouts:
+            described.append("**windows** = sliding windows embedded as regions, point = centre of the best lattice point, "
+                             "box = the best window")
         lines = [f"## Grounding ({r.get('dataset', 'slake test')})", "",
-                 f"Read-outs: **patch** = the patch–text map over the {r.get('grid')} grid, point = centre of its maximal "
-                 f"cell inside the image, box = component around it at threshold {r['threshold']}; **windows** = sliding "
-                 "windows embedded as regions, point = centre of the best lattice point "
-                 f"(contrast, mean over phrases subtracted: {r.get('contrast', False)}). Test-time ROIs: {r['rois']}.",
+                 "Read-outs: " + "; ".join(described) + f" (contrast, mean over phrases subtracted: {r.get('contrast', False)}). "
+                 f"Test-time ROIs: {r['rois']}.",
                  "References: the centre point; two location priors per label from the training boxes of the same dataset "
                  f"({(r.get('prior') or {}).get('source', 'SLAKE train boxes')}): the centre of the mean box and the point "
                  "its boxes cover most often; and the phrase-blind map (the mean map over the split's phrases). Brackets: "
-                 "bootstrap 95% CI over phrases; Δ = pointing minus the reference, paired.", ""]
+                 "bootstrap 95% CI over phrases; Δ = pointing minus the reference, paired. A phrase is a label in one image "
+                 "(its boxes there scored together).", ""]
         for readout in r.get("readouts", ["patch"]):
             block = r.get(readout) or {}
             groups = [("all", block.get("overall") or (r.get("overall") if readout == "patch" else None) or {})]
@@ -320,11 +327,11 @@ class Grounding(EvalTask):
                     return pct(refs[key]["pointing_game"]) + (f" [{pct(ci[0])}–{pct(ci[1])}]" if ci else "")
 
                 d = (o.get("differences") or {}).get("most_covered_prior")
-                delta = f"{100 * d['pointing_game']:+.1f} [{100 * d['ci'][0]:+.1f}–{100 * d['ci'][1]:+.1f}]" if d else "–"
+                delta = f"{100 * d['pointing_game']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]" if d else "–"
                 cnr = "–" if o.get("cnr") is None else f"{o['cnr']:.2f}" + (
                     f" [{iv['cnr'][0]:.2f}–{iv['cnr'][1]:.2f}]" if iv.get("cnr") else "")
-                lines.append(f"| {name} | {o['n']} | {rate_ci(o, 'pointing_game')} | {pct(o.get('iou@0.1'))} | "
-                             f"{rate_ci(o, 'iou@0.3')} | {pct(o.get('iou@0.5'))} | {cnr} | {rate_ci(o, 'baseline_centre_pointing')} | "
+                lines.append(f"| {name} | {o['n']} | {rate_ci(o, 'pointing_game')} | {rate_ci(o, 'iou@0.1')} | "
+                             f"{rate_ci(o, 'iou@0.3')} | {rate_ci(o, 'iou@0.5')} | {cnr} | {rate_ci(o, 'baseline_centre_pointing')} | "
                              f"{ref_rate('mean_box_prior')} | {ref_rate('most_covered_prior')} | {ref_rate('phrase_blind')} | {delta} |")
             lines.append("")
         if r.get("overlays"):

@@ -106,7 +106,8 @@ class RegionZeroShot(EvalTask):
     def report(self, r: dict) -> list[str]:
         lines = [f"## Region-level zero-shot ({r.get('dataset')} {r.get('split')})", "",
                  f"{r.get('regions', 0)} regions; classes: labels with at least {r.get('min_positives')} boxes "
-                 f"({len(r.get('classes') or [])}); softmax over the classes' prompt ensembles. **roi**: the model's region "
+                 f"({len(r.get('classes') or [])}: {', '.join((r.get('classes') or [])[:12])}"
+                 f"{' ...' if len(r.get('classes') or []) > 12 else ''}); softmax over the classes' prompt ensembles. **roi**: the model's region "
                  "embedding of the box; **crop**: the box's crop embedded as a whole image.", "",
                  "| read-out | boxes | macro AUC [95% CI] | accuracy [95% CI] |", "|---|---|---|---|"]
         for name in ("roi", "crop"):
@@ -118,5 +119,5 @@ class RegionZeroShot(EvalTask):
         d = r.get("roi_minus_crop")
         if d and d.get("ci"):
             lines += ["", f"roi − crop, macro AUC, paired over boxes: {100 * d['auc']:+.1f} "
-                          f"[{100 * d['ci'][0]:+.1f}–{100 * d['ci'][1]:+.1f}]"]
+                          f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"]
         return lines
