@@ -55,6 +55,7 @@ def test_build_config_errors_exit_2(tmp_path, capsys):
     cfg.write_text("out: x\nsources: []\nbogus: 1\n")
     assert run(["build", "--config", str(cfg)]) == 2
     assert "unknown key bogus" in capsys.readouterr().err
-    assert run(["build", "--source", "nope", "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "in").mkdir()
+    assert run(["build", "--source", "nope", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o")]) == 2
     assert "unknown source" in capsys.readouterr().err
     assert run(["stats", str(tmp_path / "missing")]) == 2

@@ -631,7 +631,8 @@ def test_eval_cli_reports_a_damaged_model_folder_without_traceback(model_dir, tm
     from regionmed.apps.cli import main
 
     folder = _damaged(model_dir, tmp_path, "truncated weights")
-    assert main(["eval", str(folder), "--tasks", "retrieval", "--medregion", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "data").mkdir()
+    assert main(["eval", str(folder), "--tasks", "retrieval", "--medregion", str(tmp_path / "data"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "Traceback" not in err
 

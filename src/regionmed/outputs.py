@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - Windows: filelock's exclusive lock ins
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OutputError", "check_output", "read_folder", "replace_file", "replace_folder", "writer_lock"]
+__all__ = ["OutputError", "check_output", "read_folder", "refuse_inside_inputs", "replace_file", "replace_folder", "writer_lock"]
 
 
 class OutputError(RegionmedError, ValueError):
@@ -76,6 +76,25 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def refuse_inside_inputs(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]] = (),
+                         flag: str = "--out") -> Path:
+    """``out`` as a :class:`Path`, after checking that it is none of ``inputs`` (``(what, path)``
+    pairs; None entries are skipped) and lies inside none of them, symbolic links resolved: a
+    command never writes into its own input. For outputs that are added to or resumed (a build,
+    a training run, an evaluation folder); :func:`check_output` adds the rules of outputs that
+    are replaced as a whole. Raises :class:`OutputError` naming ``flag``, ``out`` and the input."""
+    real = _real(out)
+    for role, given in inputs:
+        if given is None:
+            continue
+        other = _real(given)
+        if _within(real, other):
+            where = "is" if real == other else "lies inside"
+            raise OutputError(f"{flag} {out} {where} {role} {given}: a command never writes into its own input; "
+                              "write somewhere else")
+    return Path(out)
+
+
 def check_output(out: str | os.PathLike, *, kind: str = "folder", inputs: Iterable[tuple[str, str | os.PathLike]] = (),
                  flag: str = "--out", owned: Callable[[Path], bool] | None = None, what: str = "output folder") -> Path:
     """Check the output ``out`` before any work is done; return it as a :class:`Path`.
@@ -95,14 +114,11 @@ def check_output(out: str | os.PathLike, *, kind: str = "folder", inputs: Iterab
     if kind == "file" and path.is_dir():
         raise OutputError(f"{flag} {out} is an existing folder, not a file: give a file name")
     real = _real(path)
+    refuse_inside_inputs(out, inputs, flag)
     for role, given in inputs:
         if given is None:
             continue
         other = _real(given)
-        if _within(real, other):
-            where = "is" if real == other else "lies inside"
-            raise OutputError(f"{flag} {out} {where} {role} {given}: a command never writes into its own input; "
-                              "write somewhere else")
         if kind == "folder" and _within(other, real):
             raise OutputError(f"{flag} {out} holds {role} {given}: the output folder is replaced as a whole, which "
                               "would remove it; write somewhere else")

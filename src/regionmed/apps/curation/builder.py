@@ -61,7 +61,7 @@ from regionmed.data.schema import SCHEMA_VERSION, sanitize_box
 from regionmed.data.shards import MANIFEST_NAME, MedRegionWriter, write_json_atomic, write_manifest
 from regionmed.errors import RegionmedError
 from regionmed.io import read_json
-from regionmed.outputs import check_output
+from regionmed.outputs import refuse_inside_inputs
 
 STAGING = ".staging"
 REJECTS_NAME = "rejects.jsonl"
@@ -324,7 +324,7 @@ def build(
     cfg.validate()
     if not cfg.out:
         raise ConfigError("no output folder (out) given")
-    out = check_output(cfg.out, inputs=[(f"the folder of source {s.name!r}", s.root) for s in cfg.sources], flag="out")
+    out = refuse_inside_inputs(cfg.out, inputs=[(f"the folder of source {s.name!r}", s.root) for s in cfg.sources], flag="out")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists() and not (out / STAGING).exists():
         raise BuildError(f"{out} is not empty and holds no MedRegion dataset: choose an empty or new folder")
     created = not out.exists()

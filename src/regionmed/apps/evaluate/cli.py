@@ -24,7 +24,7 @@ from regionmed.apps.evaluate.tasks import task_names, tasks
 from regionmed.apps.evaluate.tasks.base import add_option_arguments, options_from_args
 from regionmed.eval.prompts import load_prompts
 from regionmed.model.clip import load
-from regionmed.outputs import check_output
+from regionmed.outputs import refuse_inside_inputs
 
 EVAL_HELP = """\
 Evaluate a saved model folder (regionmed.load) and write OUT/results.json and
@@ -106,7 +106,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.prompts:
         load_prompts(args.prompts)  # a bad prompt file stops the run before the model is loaded
     data = opts.data  # before the model is loaded: never into an input
-    check_output(args.out, inputs=[("the model folder", args.model), ("the --medregion dataset", data.medregion),
+    refuse_inside_inputs(args.out, inputs=[("the model folder", args.model), ("the --medregion dataset", data.medregion),
                                    ("the --class-folder", data.class_folder), ("the --questions file", data.questions)])
     model = load(args.model)
     torch.manual_seed(args.seed)

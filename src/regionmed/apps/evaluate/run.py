@@ -23,7 +23,7 @@ import torch
 from regionmed.apps.evaluate.context import Datasets, EvalContext, EvalData, EvalOptions, Problems
 from regionmed.apps.evaluate.tasks import get_task, task_names, tasks
 from regionmed.errors import RegionmedError
-from regionmed.outputs import check_output
+from regionmed.outputs import refuse_inside_inputs
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def evaluate(model, opts: EvalOptions, out_dir: str | Path) -> dict:
     absent), sharing one :class:`~.context.Datasets` (each dataset opened once) and one
     :class:`~.context.Problems`; figures are written under ``out_dir``."""
     data = opts.data
-    out = check_output(out_dir, inputs=[("the --medregion dataset", data.medregion), ("the --class-folder", data.class_folder),
+    out = refuse_inside_inputs(out_dir, inputs=[("the --medregion dataset", data.medregion), ("the --class-folder", data.class_folder),
                                         ("the --questions file", data.questions), ("the data root", data.data_root)])
     out.mkdir(parents=True, exist_ok=True)
     problems = Problems()

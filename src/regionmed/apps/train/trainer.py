@@ -78,7 +78,7 @@ from regionmed.finite import nonfinite_tensors
 from regionmed.io import read_json
 from regionmed.model.clip import RegionMedCLIP, create_model
 from regionmed.optim import GuardedStep, NonFiniteError, NonFiniteWeightsError
-from regionmed.outputs import check_output
+from regionmed.outputs import refuse_inside_inputs
 from regionmed.task import REGION_LOSSES, TrainingTask, accumulate, split_batch
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class Trainer:
             raise ConfigError(f"the run config: train.batch_size = {cfg.train.batch_size} is not divisible by the "
                               f"{self.dist.world_size} processes: every process takes an equal share of the batch")
         self.device = self.dist.device
-        self.out = check_output(cfg.train.output_dir, flag="train.output_dir", inputs=[
+        self.out = refuse_inside_inputs(cfg.train.output_dir, flag="train.output_dir", inputs=[
             ("data.train", cfg.data.train or None), *((f"data.sources {src.name or src.path!r}", src.path or None) for src in cfg.data.sources),
             ("model.init_from", cfg.model.init_from)])
         self.progress = progress and self.dist.is_main
