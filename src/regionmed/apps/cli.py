@@ -11,6 +11,8 @@ import sys
 from regionmed import __version__
 from regionmed.config import ConfigError, parse_override
 from regionmed.errors import RegionmedError
+from regionmed.threads import ENV as THREADS_ENV
+from regionmed.threads import ThreadsError, set_threads
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -80,6 +82,10 @@ DELEGATED = {
 }
 
 
+# The dataset builder's commands: no torch in the main process, so no thread choice at start.
+BUILDER_COMMANDS = ("synth", "build", "check-source", "stats", "check-leakage", "preview", "index-shards")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="regionmed",
@@ -87,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"regionmed {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads per process, for this command and the processes it starts (sets "
+                             "REGIONMED_THREADS; default: the cores this process has, shared among torchrun's local "
+                             "ranks, less the cores other processes keep busy; a run config's train.threads wins)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("synth", help="write synthetic region-annotated phantoms as a MedRegion dataset",
@@ -209,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ThreadsError(f"--threads must be >= 1, got {args.threads}")
+            os.environ[THREADS_ENV] = str(args.threads)  # inherited by the processes the command starts
+        if args.command not in BUILDER_COMMANDS:  # those start without torch (their workers: one thread each)
+            set_threads()
         if args.command in DELEGATED:
             return importlib.import_module(DELEGATED[args.command][0]).main(args.argv)
         return args.func(args)

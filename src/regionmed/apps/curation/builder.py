@@ -62,6 +62,7 @@ from regionmed.data.shards import MANIFEST_NAME, MedRegionWriter, write_json_ato
 from regionmed.errors import RegionmedError
 from regionmed.io import read_json
 from regionmed.outputs import refuse_inside_inputs
+from regionmed.threads import one_thread
 
 STAGING = ".staging"
 REJECTS_NAME = "rejects.jsonl"
@@ -79,7 +80,9 @@ class BuildError(RegionmedError, RuntimeError):
 _CTX: dict[str, Any] = {}
 
 
-def _init_worker(cfg: BuildConfig) -> None:
+def _init_worker(cfg: BuildConfig, pool: bool = False) -> None:
+    if pool:  # one of cfg.workers processes: one torch thread each (regionmed.threads)
+        one_thread()
     _CTX["cfg"] = cfg
     _CTX["proposer"] = make_proposer(cfg.proposer)
 
@@ -419,7 +422,7 @@ def build(
             pool = None
         else:
             ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-            pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
+            pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, True))
             results = pool.imap(process_item, feed(), chunksize=cfg.chunksize)
         try:
             for res in results:

@@ -119,6 +119,10 @@ class TrainConfig:
     grounding_mode: Literal["softmax", "binary"] = "softmax"
     lock: LockConfig = field(default_factory=LockConfig)
     tensorboard: bool = True  # used when the tensorboard package is installed
+    # Intra-op torch threads per process; 0 = chosen from the cores, the local ranks and the cores
+    # other processes keep busy (regionmed.threads.choose_threads; REGIONMED_THREADS or
+    # OMP_NUM_THREADS, when set, win over the automatic choice, and this field over both).
+    threads: int = 0
 
 
 @dataclass
@@ -161,6 +165,7 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
     d = cfg.data
     need(d.split in SPLITS, "data.split", f"is {d.split!r}: must be one of {list(SPLITS)}")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.train.threads >= 0, "train.threads", f"is {cfg.train.threads}: must be >= 0 (0 = chosen from the cores)")
     need(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 = no shuffle buffer)")
     need(d.max_open_files >= 1, "data.max_open_files", "must be >= 1")
     need(d.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
@@ -289,7 +294,7 @@ RESUME_NEUTRAL_FIELDS = (
     "data.train", "data.num_workers", "data.max_bad_samples", "data.max_bad_shards", "data.max_open_files", "data.audit", "data.pin_memory",
     "data.prefetch_factor",
     "train.output_dir", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.max_nonfinite", "train.tensorboard",
+    "train.max_nonfinite", "train.tensorboard", "train.threads",
     "model.image.pretrained", "model.image.grad_checkpointing", "model.text.grad_checkpointing",
     # Validation reads the weights and restores every random state: it never changes them.
     "validation.every", "validation.data", "validation.split", "validation.max_samples", "validation.batch_size",

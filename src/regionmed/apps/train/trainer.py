@@ -80,6 +80,7 @@ from regionmed.model.clip import RegionMedCLIP, create_model
 from regionmed.optim import GuardedStep, NonFiniteError, NonFiniteWeightsError
 from regionmed.outputs import refuse_inside_inputs
 from regionmed.task import REGION_LOSSES, TrainingTask, accumulate, split_batch
+from regionmed.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class Trainer:
                               "or data.sources / data.urls")
         self.cfg = cfg
         self.dist = dist or init_distributed()
+        self.threads = set_threads(cfg.train.threads or None)
         if cfg.train.batch_size % self.dist.world_size:
             raise ConfigError(f"the run config: train.batch_size = {cfg.train.batch_size} is not divisible by the "
                               f"{self.dist.world_size} processes: every process takes an equal share of the batch")
