@@ -104,7 +104,94 @@ def test_missing_and_damaged_folders(predictors, tmp_path):
     with pytest.raises(IndexNotFoundError, match="image.faiss is missing"):
         EmbeddingIndex.load(folder)
     info = json.loads((folder / "index.json").read_text())
-    assert info["faiss_type"] == "IndexFlatIP" and info["model_id"] == p.model_id
+    assert info["faiss_type"] == {"image": "IndexFlatIP", "region": "IndexFlatIP"} and info["model_id"] == p.model_id
     (folder / "index.json").write_text('{"model_id": ', encoding="utf-8")
     with pytest.raises(IndexMismatchError, match=r"index\.json: not valid JSON \(the index description\)"):
+        EmbeddingIndex.load(folder)
+
+
+# -- approximate search (ivf) --------------------------------------------------------------------
+def _clustered(n: int, d: int = 32, centres: int = 40, seed: int = 0) -> np.ndarray:
+    """Unit vectors around ``centres`` random directions (embeddings have such structure; uniform
+    random vectors have none, and no index can find their neighbours cheaply)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, d))
+    x = c[rng.integers(0, centres, n)] + 0.35 * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _rows(n: int, start: int = 0) -> list[dict]:
+    return [{"id": f"v{i}"} for i in range(start, start + n)]
+
+
+def test_ivf_meets_its_recorded_recall_and_survives_save_load_and_add(tmp_path):
+    x = _clustered(6000)
+    index = EmbeddingIndex.create("m", dim=32, search="ivf")
+    index.add(x[:5000], _rows(5000), "region")
+    index.add(x[:10], _rows(10), "image")  # too few vectors for cells: stays exact
+    folder = index.save(tmp_path / "idx")
+    info = json.loads((folder / "index.json").read_text())
+    assert info["faiss_type"] == {"image": "IndexFlatIP", "region": "IndexIVFFlat"} and info["search"] == "ivf"
+    approx = info["approximate"]["region"]
+    assert approx["recall_at_10"] >= 0.95 and approx["queries"] == 250 and approx["nprobe"] < approx["nlist"]
+    # the recorded recall holds for queries it never saw: new vectors against an exact index of the same data
+    exact = EmbeddingIndex.create("m", dim=32, search="exact")
+    exact.add(x[:5000], _rows(5000), "region")
+    loaded = EmbeddingIndex.load(folder)
+    assert loaded.faiss_type("region") == "IndexIVFFlat" and loaded._indexes["region"].nprobe == approx["nprobe"]
+    queries = x[5000:5200]
+    got = [[h.id for h in hits] for hits in loaded.search(queries, 10, "region")]
+    want = [[h.id for h in hits] for hits in exact.search(queries, 10, "region")]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)]) >= 0.9
+    # --add: new vectors go to their cells, are found, and the recall is measured again
+    loaded.add(x[5000:6000], _rows(1000, 5000), "region")
+    assert loaded.search(x[5500], 1, "region")[0][0].id == "v5500"
+    loaded.save(folder)
+    again = json.loads((folder / "index.json").read_text())["approximate"]["region"]
+    assert again["measured_at"] == 6000 and again["trained_on"] == 5000 and again["recall_at_10"] >= 0.95
+    assert EmbeddingIndex.load(folder).count("region") == 6000
+
+
+def test_auto_is_exact_below_its_threshold_and_modes_convert_both_ways(tmp_path, monkeypatch):
+    import regionmed.index as index_module
+
+    monkeypatch.setattr(index_module, "EXACT_BELOW", 3000)
+    x = _clustered(4000, seed=1)
+    index = EmbeddingIndex.create("m", dim=32)  # auto
+    index.add(x[:2000], _rows(2000), "region")
+    index.save(tmp_path / "idx")
+    assert index.faiss_type("region") == "IndexFlatIP" and "region" not in index.approximate
+    before = [h.id for h in index.search(x[0], 5, "region")[0]]
+    index.add(x[2000:3500], _rows(1500, 2000), "region")
+    index.save(tmp_path / "idx")
+    assert index.faiss_type("region") == "IndexIVFFlat" and index.approximate["region"]["recall_at_10"] >= 0.95
+    assert index.search(x[0], 1, "region")[0][0].id == "v0"
+    index.search_mode = "exact"  # back to exact: the same vectors, in the same rows
+    index.save(tmp_path / "idx")
+    loaded = EmbeddingIndex.load(tmp_path / "idx")
+    assert loaded.faiss_type("region") == "IndexFlatIP" and loaded.approximate == {}
+    np.testing.assert_array_equal(loaded._indexes["region"].reconstruct_n(0, 3500), x[:3500])
+    assert [h.id for h in loaded.search(x[0], 5, "region")[0]][:1] == before[:1]
+
+
+def test_ivf_cells_are_trained_again_after_the_kind_grows(tmp_path):
+    x = _clustered(5000, seed=2)
+    index = EmbeddingIndex.create("m", dim=32, search="ivf")
+    index.add(x[:1000], _rows(1000), "region")
+    index.save(tmp_path / "idx")
+    first = dict(index.approximate["region"])
+    index.add(x[1000:5000], _rows(4000, 1000), "region")
+    index.save(tmp_path / "idx")
+    assert first["trained_on"] == 1000 and index.approximate["region"]["trained_on"] == 5000
+    assert index.approximate["region"]["nlist"] > first["nlist"]
+
+
+def test_a_bad_search_mode_is_refused(tmp_path):
+    with pytest.raises(IndexInputError, match="search 'hnsw' is not one of"):
+        EmbeddingIndex.create("m", dim=8, search="hnsw")
+    index = EmbeddingIndex.create("m", dim=8)
+    folder = index.save(tmp_path / "idx")
+    info = json.loads((folder / "index.json").read_text())
+    (folder / "index.json").write_text(json.dumps({**info, "search": "fast"}))
+    with pytest.raises(IndexMismatchError, match="search 'fast'"):
         EmbeddingIndex.load(folder)

@@ -15,13 +15,21 @@ indexed images are compared on the same footing whatever boxes were indexed) and
 ``region`` (one vector per box: its ROI embedding, which carries the region-aware
 part); ``kind="both"`` searches both and merges by score.
 
-**FAISS index type**: ``IndexFlatIP`` (exact inner product). It needs no training,
-so adding to an existing index is exact and order-independent, and its results are
-the true top-k. Its cost is linear: ``4 * D`` bytes per vector (2 GiB for 1M
-vectors of D = 512) and one pass over them per query batch. ``benchmarks/bench_infer.py``
-measures the query latency at 1M vectors on this machine against an IVF index; see
-the README ("Using a trained model") for the figures and when IVF is worth its
-approximate results.
+**FAISS index type** (``search``, per kind): ``exact`` is ``IndexFlatIP`` (exact inner
+product): no training, adding is exact and order-independent, the results are the true
+top-k, and its cost is linear (one pass over every vector per query batch: about 0.5 s per
+query at 1M vectors of D = 512 on a 2-core CPU). ``ivf`` is ``IndexIVFFlat`` (inverted file
+over k-means cells, Jégou et al. 2011, as FAISS implements it): a query scans only the
+``nprobe`` cells nearest to it. ``auto`` (the default) is ``exact`` below
+:data:`EXACT_BELOW` vectors of a kind and ``ivf`` from there on. An ``ivf`` kind is built at
+save time from the vectors (``nlist`` ≈ 2·√N cells, k-means on the vectors less a held-out
+sample), and its ``nprobe`` is the smallest power of two whose **recall@10 against exact
+search** reaches :data:`TARGET_RECALL` on those held-out vectors used as queries (each
+query's own row left out of both result lists); nprobe, recall and the number of queries are
+recorded in ``index.json`` (``approximate``) and measured again at every save (``--add``
+included: new vectors go to the cells they fall in; the cells are trained again once a kind
+has grown 4x since they were). ``benchmarks/bench_index.py`` measures recall and latency at
+1M vectors.
 
 Folder layout (``save`` / ``load``): ``index.json`` (format version, model id,
 embedding size, counts, FAISS type), ``image.faiss`` / ``region.faiss`` (FAISS's own
@@ -54,6 +62,11 @@ INDEX_FILE = "index.json"
 KINDS = ("image", "region")
 SEARCH_KINDS = ("both", "image", "region")
 FAISS_TYPE = "IndexFlatIP"
+SEARCH_MODES = ("auto", "exact", "ivf")
+EXACT_BELOW = 100_000  # `auto`: exact search below this many vectors of a kind (~50 ms a query at D = 512 here)
+TARGET_RECALL = 0.95  # recall@10 against exact search that an ivf kind's nprobe must reach
+RECALL_QUERIES = 500  # held-out vectors used as queries to measure it
+RETRAIN_GROWTH = 4.0  # an ivf kind is trained again once it holds this many times the vectors it was trained on
 
 
 class IndexNotFoundError(RegionmedError, FileNotFoundError):
@@ -112,9 +125,15 @@ class EmbeddingIndex:
     """
 
     def __init__(self, model_id: str, dim: int, _indexes: dict | None = None, _meta: dict | None = None,
-                 folder: str | Path | None = None, extra: dict | None = None):
+                 folder: str | Path | None = None, extra: dict | None = None, search: str = "auto",
+                 _approximate: dict | None = None):
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
+        if search not in SEARCH_MODES:
+            raise IndexInputError(f"search {search!r} is not one of {list(SEARCH_MODES)}")
+        self.search_mode = search
+        # per ivf kind: nlist, nprobe, recall_at_10, queries, trained_on, measured_at (index.json "approximate")
+        self.approximate: dict[str, dict] = dict(_approximate or {})
         self.model_id = str(model_id)
         self.dim = int(dim)
         faiss = _faiss()
@@ -127,17 +146,55 @@ class EmbeddingIndex:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def create(cls, predictor_or_model_id, dim: int | None = None) -> "EmbeddingIndex":
+    def create(cls, predictor_or_model_id, dim: int | None = None, search: str = "auto") -> "EmbeddingIndex":
         """An empty index for a :class:`~regionmed.inference.Predictor` (its ``model_id``
-        and ``embed_dim``), or for a model id string and ``dim``."""
+        and ``embed_dim``), or for a model id string and ``dim``. ``search``: ``auto``,
+        ``exact`` or ``ivf`` (module docstring)."""
         if isinstance(predictor_or_model_id, str):
             if dim is None:
                 raise ValueError("EmbeddingIndex.create(model_id, dim): dim is required with a model id")
-            return cls(predictor_or_model_id, dim)
+            return cls(predictor_or_model_id, dim, search=search)
         p = predictor_or_model_id
         if dim is not None and int(dim) != p.embed_dim:
             raise IndexMismatchError(f"dim {dim} differs from the model's embedding size {p.embed_dim}")
-        return cls(p.model_id, p.embed_dim)
+        return cls(p.model_id, p.embed_dim, search=search)
+
+    def faiss_type(self, kind: str) -> str:
+        """The FAISS index class of ``kind`` now (``IndexFlatIP`` or ``IndexIVFFlat``)."""
+        _check_kind(kind, KINDS)
+        return type(self._indexes[kind]).__name__
+
+    def settle(self) -> None:
+        """Bring each kind to the index type its ``search`` mode asks for at its size (building
+        or training the ivf cells again where due) and measure each ivf kind's recall@10 and
+        nprobe; :meth:`save` calls it. See the module docstring."""
+        for kd in KINDS:
+            n = self.count(kd)
+            want_ivf = self.search_mode == "ivf" or (self.search_mode == "auto" and n >= EXACT_BELOW)
+            want_ivf = want_ivf and n >= _MIN_IVF
+            index = self._indexes[kd]
+            is_ivf = self.faiss_type(kd) == "IndexIVFFlat"
+            info = self.approximate.get(kd, {})
+            if not want_ivf:
+                if is_ivf:
+                    self._indexes[kd] = _flat(self.dim, _vectors(index))
+                self.approximate.pop(kd, None)
+                continue
+            stale = not is_ivf or n >= RETRAIN_GROWTH * max(1, int(info.get("trained_on", n)))
+            if not stale and info.get("measured_at") == n:
+                continue
+            rng = np.random.default_rng(0)
+            vectors = _vectors(index)
+            held = rng.choice(n, size=min(RECALL_QUERIES, max(1, n // 20)), replace=False)
+            if stale:
+                train_rows = np.setdiff1d(np.arange(n), held)
+                index, nlist = _build_ivf(vectors, train_rows, rng)
+                self._indexes[kd] = index
+                info = {"nlist": nlist, "trained_on": n}
+            nprobe, recall = _tune_nprobe(self._indexes[kd], vectors, held)
+            self._indexes[kd].nprobe = nprobe
+            self.approximate[kd] = {**info, "nprobe": nprobe, "recall_at_10": round(recall, 4), "queries": int(len(held)),
+                                    "target_recall": TARGET_RECALL, "measured_at": n}
 
     def __len__(self) -> int:
         return sum(self.count(k) for k in KINDS)
@@ -317,10 +374,13 @@ class EmbeddingIndex:
         no atomic swap: :meth:`save` writes a user's folder)."""
         faiss = _faiss()
         folder = Path(folder)
+        self.settle()
         for kd in KINDS:
             faiss.write_index(self._indexes[kd], str(folder / f"{kd}.faiss"))
             write_jsonl_atomic(folder / f"{kd}.jsonl", self._meta[kd])
-        info = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "dim": self.dim, "faiss_type": FAISS_TYPE,
+        info = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "dim": self.dim,
+                "faiss_type": {kd: self.faiss_type(kd) for kd in KINDS}, "search": self.search_mode,
+                "approximate": self.approximate,
                 "metric": "inner product of L2-normalised vectors (cosine)",
                 "vectors": {"image": "global embedding", "region": "ROI embedding of the box"},
                 "counts": {kd: self.count(kd) for kd in KINDS}, "extra": self.extra}
@@ -381,7 +441,81 @@ class EmbeddingIndex:
                                          f"{INDEX_FILE} says {counts[kd]}: the folder is damaged or half written")
             indexes[kd], meta[kd] = index, rows
         extra = info.get("extra") if isinstance(info.get("extra"), dict) else {}
-        return cls(model_id, dim, indexes, meta, folder, extra)
+        search = info.get("search", "auto")  # folders written before the choice existed: exact, which auto keeps below EXACT_BELOW
+        approximate = info.get("approximate") if isinstance(info.get("approximate"), dict) else {}
+        if search not in SEARCH_MODES:
+            raise IndexMismatchError(f"{info_path}: search {search!r} is not one of {list(SEARCH_MODES)}")
+        for kd, index in indexes.items():
+            if type(index).__name__ not in ("IndexFlatIP", "IndexIVFFlat"):
+                raise IndexMismatchError(f"{folder / (kd + '.faiss')}: a FAISS {type(index).__name__}, not one regionmed writes")
+            if type(index).__name__ == "IndexIVFFlat":
+                try:
+                    index.nprobe = int(approximate[kd]["nprobe"])
+                except (KeyError, TypeError, ValueError) as err:
+                    raise IndexMismatchError(f"{info_path}: the ivf {kd} index has no nprobe in 'approximate'") from err
+        return cls(model_id, dim, indexes, meta, folder, extra, search, approximate)
+
+
+_MIN_IVF = 1_000  # fewer vectors than this: exact whatever the mode (k-means needs points per cell)
+_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _flat(dim: int, vectors: np.ndarray):
+    index = _faiss().IndexFlatIP(dim)
+    if len(vectors):
+        index.add(np.ascontiguousarray(vectors))
+    return index
+
+
+def _vectors(index) -> np.ndarray:
+    """Every vector of a flat or ivf (direct-mapped) index, in row order: (N, D) float32."""
+    n = int(index.ntotal)
+    return index.reconstruct_n(0, n) if n else np.zeros((0, index.d), np.float32)
+
+
+def _build_ivf(vectors: np.ndarray, train_rows: np.ndarray, rng: np.random.Generator):
+    """An IndexIVFFlat over ``vectors`` (inner product), its cells trained by k-means on at most
+    64 points per cell drawn from ``train_rows``; returns (index, nlist). nlist: the power of
+    two nearest 2·√N (2,048 at 1M vectors), with at least 39 training points per cell (FAISS's
+    own minimum)."""
+    faiss = _faiss()
+    n, d = vectors.shape
+    nlist = int(2 ** round(np.log2(2 * np.sqrt(n))))
+    nlist = max(1, min(nlist, len(train_rows) // 39, 65536))
+    sample = rng.choice(train_rows, size=min(len(train_rows), 64 * nlist), replace=False)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(vectors[np.sort(sample)]))
+    index.make_direct_map()  # row -> vector, for reconstruct (rebuilds, recall)
+    index.add(np.ascontiguousarray(vectors))
+    return index, nlist
+
+
+def _without_self(rows: np.ndarray, own: np.ndarray, k: int) -> list[np.ndarray]:
+    return [r[(r != o) & (r >= 0)][:k] for r, o in zip(rows, own)]
+
+
+def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray, k: int = 10) -> float:
+    """Mean over queries of ``|approx top-k ∩ exact top-k| / k`` (each a row of result ids)."""
+    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) / k for a, e in zip(approx_rows, exact_rows)]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def _tune_nprobe(index, vectors: np.ndarray, held: np.ndarray, k: int = 10) -> tuple[int, float]:
+    """The smallest nprobe in 1, 2, 4, ... whose recall@k against exact search on the held-out
+    rows (each query's own row left out) reaches TARGET_RECALL; (nlist, its recall) if none does."""
+    faiss = _faiss()
+    queries = np.ascontiguousarray(vectors[held])
+    _, exact = faiss.knn(queries, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    exact = _without_self(exact, held, k)
+    nlist = int(index.nlist)
+    recall = 0.0
+    for nprobe in [p for p in _NPROBES if p < nlist] + [nlist]:
+        index.nprobe = nprobe
+        _, rows = index.search(queries, k + 1)
+        recall = recall_at_k(_without_self(rows, held, k), exact, k)
+        if recall >= TARGET_RECALL:
+            return nprobe, recall
+    return nlist, recall
 
 
 # metadata fields that search results and `regionmed index --add` read, with the types they need
