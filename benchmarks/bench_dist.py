@@ -326,7 +326,7 @@ def launch(args, procs: int, out: Path) -> dict:
     if args.model:
         cmd.append("--model")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               KINETO_LOG_LEVEL="5")
+               KINETO_LOG_LEVEL="5", TMPDIR=str(out.parent))  # torchrun's torchelastic_* folder: removed with it
     for attempt in (1, 2):
         t = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -84,10 +84,13 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp / "gradio"))  # uploads and downloads: removed with tmp
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp / "gradio"))  # the server's and the client's files
+    (tmp / "tmp").mkdir()
+    tempfile.tempdir = str(tmp / "tmp")  # gradio_client's upload folders (tempfile.gettempdir()): removed with tmp
     try:
         return measure(args, tmp)
     finally:
+        tempfile.tempdir = None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
