@@ -138,7 +138,10 @@ else:  # step: what training consumes
 
 def child(data: Path, reader: str, mode: str, workers: int = 0, seconds: float = 8.0) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT / "src"))
-    with tempfile.TemporaryDirectory(prefix="bench_loader_run_") as out:  # the trainer's output folder
+    # the trainer's output folder, and the child's TMPDIR (its multiprocessing pymp-* folders are left behind, so
+    # removed with it; a short name: a Unix socket's path in it must stay under 108 bytes, or the loader hangs)
+    with tempfile.TemporaryDirectory(prefix="bench_loader_run_") as out, tempfile.TemporaryDirectory(prefix="bl") as tmp:
+        env["TMPDIR"] = tmp
         start = time.time()
         proc = subprocess.run([sys.executable, "-c", CHILD, str(data), reader, str(out), MODEL, mode, str(workers),
                                str(seconds)], capture_output=True, text=True, env=env, timeout=1800)

@@ -1,8 +1,8 @@
 """Every benchmark runs: ``benchmarks/bench_*.py --smoke`` end to end, in seconds, printing its table.
 
 The smoke settings shrink sizes only (figures meaningless); the code paths are the full
-runs'. Each script runs as a subprocess with one thread, its working directory and
-``TMPDIR`` in the test's tmp_path; it must exit 0, print the lines its table is made of
+runs'. Each script runs as a subprocess with one thread, its working directory in the
+test's tmp_path and ``TMPDIR`` a fresh folder; it must exit 0, print the lines its table is made of
 (``CHECKS``: one real property of each output, not just the exit code) and leave nothing
 behind in ``TMPDIR`` or its working directory. A new benchmark without ``--smoke`` or without an entry in ``CHECKS``
 fails here. Those that read the shared data (``$REGIONMED_DATA``) fail, as the builder
@@ -14,8 +14,10 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,8 +148,9 @@ def test_benchmark_smoke(script: Path, tmp_path):
             pytest.fail(f"{script.name} reads {list(datasets)}: {root} lacks {missing}. Set {DATA_ENV} to the shared "
                         "data folder (see ../shared/data/README.md).", pytrace=False)
         env[DATA_ENV] = str(root.resolve())
-    tmpdir = tmp_path / "tmp"
-    tmpdir.mkdir()
+    # a short TMPDIR of its own (not under tmp_path: Unix socket paths in it, such as multiprocessing's, must stay
+    # under 108 bytes), checked empty at the end
+    tmpdir = Path(tempfile.mkdtemp(prefix="bench-"))
     env["TMPDIR"] = str(tmpdir)
     work = tmp_path / "cwd"
     work.mkdir()
@@ -155,8 +158,11 @@ def test_benchmark_smoke(script: Path, tmp_path):
     try:
         proc = subprocess.run([sys.executable, str(script), "--smoke"], cwd=work, env=env, capture_output=True,
                               text=True, timeout=TIMEOUT_S)
+        left = sorted(p.name for p in tmpdir.iterdir())
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"{script.name} --smoke ran past {TIMEOUT_S} s; stderr tail:\n{_tail(err.stderr or '')}", pytrace=False)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     wall = time.perf_counter() - t0
     print(f"{script.name} --smoke: {wall:.1f} s")
     if proc.returncode != 0:
@@ -167,7 +173,6 @@ def test_benchmark_smoke(script: Path, tmp_path):
     except AssertionError as err:
         pytest.fail(f"{script.name} --smoke exited 0 but its output lacks its table ({err}); stdout:\n{_tail(proc.stdout)}"
                     f"\nstderr tail:\n{_tail(proc.stderr, 1500)}", pytrace=False)
-    left = sorted(p.name for p in tmpdir.iterdir())
     assert not left, f"{script.name} --smoke left temporary files behind in TMPDIR: {left}"
     written = sorted(p.name for p in work.iterdir())
     assert not written, f"{script.name} --smoke wrote into its working directory: {written}"
