@@ -9,6 +9,10 @@
 Each build runs in a fresh subprocess so that peak RSS is its own.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_build.py [--workers 2] [--repeats 1 4] [--recall-limit N]
+                                                                 [--limit N] [--smoke]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless): the first 16
+SLAKE items built at 1x and 2x with one worker, recall of up to 8 proposals on 16 items.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ import time
 from pathlib import Path
 
 
-def _child(repeat: int, workers: int, out: str) -> None:
+def _child(repeat: int, workers: int, out: str, limit: int | None = None) -> None:
     from regionmed.apps import data_root
     from regionmed.apps.curation.builder import build
     from regionmed.apps.curation.config import BuildConfig, SourceSpec
 
     cfg = BuildConfig(out=out, workers=workers, progress=False,
-                      sources=[SourceSpec("slake", str(data_root() / "slake"), repeat=repeat)])
+                      sources=[SourceSpec("slake", str(data_root() / "slake"), limit=limit, repeat=repeat)])
     t0 = time.perf_counter()
     s = build(cfg, log=lambda _: None)
     dt = time.perf_counter() - t0
@@ -87,17 +91,24 @@ def main() -> int:
     ap.add_argument("--recall-limit", type=int, default=None, help="SLAKE items for the recall figure (default all)")
     ap.add_argument("--proposals", type=int, nargs="+", default=[8, 20], help="max proposals per image for the recall figures")
     ap.add_argument("--skip-recall", action="store_true")
+    ap.add_argument("--limit", type=int, default=None, help="SLAKE items per build, before the repeats (default all)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run for CI: tiny sizes, figures meaningless (--limit 16 --repeats 1 2 --workers 1 "
+                         "--recall-limit 16 --proposals 8)")
     ap.add_argument("--_child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke:
+        args.limit, args.repeats, args.workers, args.recall_limit, args.proposals = 16, [1, 2], 1, 16, [8]
     if args._child:
-        _child(args._child, args.workers, args._out)
+        _child(args._child, args.workers, args._out, args.limit)
         return 0
     print(f"CPU cores: {os.cpu_count()}, workers: {args.workers}")
     for r in args.repeats:
         with tempfile.TemporaryDirectory() as tmp:
+            limit = ["--limit", str(args.limit)] if args.limit else []
             res = subprocess.run([sys.executable, __file__, "--_child", str(r), "--workers", str(args.workers),
-                                  "--_out", str(Path(tmp) / "ds")], capture_output=True, text=True, check=True)
+                                  "--_out", str(Path(tmp) / "ds"), *limit], capture_output=True, text=True, check=True)
             row = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"slake x{row['repeat']}: {row['inputs']} images ({row['regions']} regions) in {row['seconds']:.1f} s = "
               f"{row['images_per_s']:.1f} images/s; peak RSS main {row['main_peak_rss_mb']:.0f} MB, "

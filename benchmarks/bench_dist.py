@@ -2,6 +2,11 @@
 
     python benchmarks/bench_dist.py [--procs 1,2,4] [--per-rank-batch 32] [--rois 4] [--steps 10] [--warmup 2]
     python benchmarks/bench_dist.py --model [--procs 1,2,4] [--model-batch 8] [--steps 4] [--warmup 1]
+    python benchmarks/bench_dist.py --smoke [--model]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless): two processes
+(``--procs 2``), per-rank batch 4 with K = 2 (``--model``: 2 phantoms), one warm-up and
+one timed step, one profiled step per scheme.
 
 For each world size P the script launches itself under
 ``python -m torch.distributed.run --standalone --nproc_per_node P`` (gloo, CPU, one
@@ -321,7 +326,7 @@ def launch(args, procs: int, out: Path) -> dict:
     if args.model:
         cmd.append("--model")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               KINETO_LOG_LEVEL="5")
+               KINETO_LOG_LEVEL="5", TMPDIR=str(out.parent))  # torchrun's torchelastic_* folder: removed with it
     for attempt in (1, 2):
         t = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -402,7 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-batch", type=int, default=8, help="images per rank with --model")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run for CI: tiny sizes, figures meaningless (--procs 2 --per-rank-batch 4 --rois 2 "
+                         "--steps 1 --warmup 1 --mem-repeats 1 --model-batch 2)")
     args = ap.parse_args(argv)
+    if args.smoke and not args.worker:
+        args.procs, args.per_rank_batch, args.rois, args.steps, args.warmup = "2", 4, 2, 1, 1
+        args.mem_repeats, args.model_batch = 1, 2
     if args.worker:
         return worker(args)
     procs = [int(p) for p in args.procs.split(",") if p.strip()]

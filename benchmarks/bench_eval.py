@@ -1,6 +1,9 @@
 """Evaluation speed: embedding throughput and retrieval at scale.
 
-    python benchmarks/bench_eval.py [--images 256] [--rounds 3] [--retrieval-n 100000] [--dim 256] [--chunk 256]
+    python benchmarks/bench_eval.py [--images 256] [--rounds 3] [--retrieval-n 100000] [--dim 256] [--chunk 256] [--smoke]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless): 8 images in
+batches of 4, one round, retrieval on 2,000 x 2,000 in chunks of 256.
 
 1. **Embedding throughput** with the demo recipe's model (resnet18 @128 px, crop ROIs,
    MiniLM; random image weights: speed does not depend on them) on SLAKE images from
@@ -140,7 +143,11 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--skip", choices=("embedding", "retrieval"), action="append", default=[])
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds-long run for CI: tiny sizes, figures meaningless (8 images, batch 4, 1 round, retrieval N 2000)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.images, args.batch, args.rounds, args.retrieval_n, args.chunk = 8, 4, 1, 2000, 256
     if "retrieval" not in args.skip:  # first: its peak RSS is not inflated by the model
         r = bench_retrieval(args)
         print(f"retrieval {r['n']:,} x {r['n']:,} (dim {r['dim']}, chunk {r['chunk']}): {r['wall_s']:.1f} s, "

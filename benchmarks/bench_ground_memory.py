@@ -1,6 +1,9 @@
 """Peak memory of grounding against the image's pixel count: ``regionmed ground`` and the web demo's ground.
 
-    python benchmarks/bench_ground_memory.py [--sides 1000,2000,4000,8000] [--phrases 2] [--path cli|serve]
+    python benchmarks/bench_ground_memory.py [--sides 1000,2000,4000,8000] [--phrases 2] [--path cli|serve] [--smoke]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless): one side of 256
+besides the floor, the model at 64 px.
 
 For each side S an S x S grayscale PNG (a smooth gradient with a few discs: a small file,
 as a scanned film or a mostly empty export is) is grounded with ``--phrases`` phrases by a
@@ -70,7 +73,7 @@ def make_png(path: Path, side: int) -> None:
     img.save(path, optimize=True)
 
 
-def make_model(folder: Path) -> None:
+def make_model(folder: Path, image_size: int = 224) -> None:
     import torch
 
     from regionmed.config import from_dict
@@ -78,7 +81,7 @@ def make_model(folder: Path) -> None:
     from regionmed.model.config import ModelConfig
 
     torch.manual_seed(0)
-    cfg = from_dict(ModelConfig, {"embed_dim": 64, "image": {"name": "vit_tiny_patch16_224", "image_size": 224,
+    cfg = from_dict(ModelConfig, {"embed_dim": 64, "image": {"name": "vit_tiny_patch16_224", "image_size": image_size,
                                                              "kwargs": {"depth": 2}},
                                   "text": {"name": "minilm", "pretrained": False, "context_length": 32,
                                            "config_overrides": {"num_hidden_layers": 2}},
@@ -100,10 +103,14 @@ def main() -> None:
     ap.add_argument("--sides", default="1000,2000,4000,8000")
     ap.add_argument("--phrases", type=int, default=2)
     ap.add_argument("--path", choices=("cli", "serve"), default="cli")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run for CI: tiny sizes, figures meaningless (--sides 256, the model at 64 px)")
     args = ap.parse_args()
+    if args.smoke:
+        args.sides = "256"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_model(tmp / "model")
+        make_model(tmp / "model", 64 if args.smoke else 224)
         make_png(tmp / "floor.png", 64)
         floor = run(tmp / "floor.png", tmp / "model", args.phrases, args.path, tmp / "out0")
         print(f"path {args.path}, {args.phrases} phrases; floor (64 x 64 image): {floor['peak_mb']:.0f} MB, "

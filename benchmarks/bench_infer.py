@@ -1,7 +1,11 @@
 """Inference speed: ``regionmed embed``'s code path vs plain model inference, and search at 1M vectors.
 
     python benchmarks/bench_infer.py [--images 64] [--batch 32] [--model full|demo] [--vectors 1000000]
-                                     [--repeats 3] [--skip-embed] [--skip-search] [--threads N]
+                                     [--repeats 3] [--skip-embed] [--skip-search] [--threads N] [--nlist 1024]
+                                     [--smoke]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless): 4 images in
+batches of 2 with the demo model, one repeat, search over 5,000 vectors with nlist 16.
 
 **Embedding throughput.** ``--images`` real chest radiographs (``covid_cxr``, up to
 1024 px, JPEG) embedded by a model of the shape ``--model`` names (``full``: the
@@ -28,7 +32,7 @@ Gaussian noise (a near-duplicate exists, so recall is meaningful). Printed: the
 index's memory (vectors and the metadata sidecar, from the process's resident
 memory), the latency of one query (median of 50) and of a batch of 100 queries,
 through the wrapper and raw FAISS, with k = 10. For comparison a FAISS
-``IndexIVFFlat`` (nlist = 1024, trained on 65,536 of the vectors) at nprobe 8 and 32:
+``IndexIVFFlat`` (``--nlist``, default 1024, trained on up to 65,536 of the vectors) at nprobe 8 and 32:
 its latency and recall@10 against the exact result.
 """
 
@@ -178,7 +182,7 @@ def bench_search(args) -> None:
     print(f"  flat: one query {statistics.median(single) * 1000:.1f} ms (median of 50); 100 queries {batch_t * 1000:.0f} ms "
           f"via EmbeddingIndex, {raw_batch * 1000:.0f} ms raw faiss; the perturbed source ranked first: {found:.0%}")
 
-    nlist = 1024
+    nlist = args.nlist
     quant = faiss.IndexFlatIP(d)
     ivf = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
     t0 = time.perf_counter()
@@ -213,7 +217,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-embed", action="store_true")
     ap.add_argument("--skip-search", action="store_true")
+    ap.add_argument("--nlist", type=int, default=1024, help="IVF lists of the approximate index (default 1024)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run for CI: tiny sizes, figures meaningless (4 images, batch 2, demo model, "
+                         "1 repeat, 5000 vectors, nlist 16)")
     args = ap.parse_args()
+    if args.smoke:
+        args.images, args.batch, args.model, args.repeats, args.vectors, args.nlist = 4, 2, "demo", 1, 5000, 16
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.skip_embed:

@@ -7,7 +7,10 @@
 2. Opens each split of the result: the shard check at open (a stat and two 64 KiB reads
    per shard, :func:`regionmed.data.shards.verify_shards`) against loading the index alone.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_inputs.py [--workers 2] [--shard-count 50]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_inputs.py [--workers 2] [--shard-count 50] [--limit N] [--smoke]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless): the first 12
+items of each source, shards of 4, one worker, 2 repetitions of each open.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shard-count", type=int, default=50, help="samples per shard (small: many shards to check)")
+    ap.add_argument("--limit", type=int, default=None, help="items per source (default all)")
+    ap.add_argument("--reps", type=int, default=20, help="repetitions of each timed open (default 20)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run for CI: tiny sizes, figures meaningless (--limit 12 --shard-count 4 "
+                         "--workers 1 --reps 2)")
     args = ap.parse_args()
+    if args.smoke:
+        args.limit, args.shard_count, args.workers, args.reps = 12, 4, 1, 2
 
     from regionmed.apps import data_root
     from regionmed.apps.curation.builder import build
@@ -33,7 +43,7 @@ def main() -> None:
     root = data_root()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = BuildConfig(out=str(Path(tmp) / "ds"), workers=args.workers, progress=False,
-                          sources=[SourceSpec(n, str(root / n)) for n in ("slake", "vqa_rad", "covid_cxr")])
+                          sources=[SourceSpec(n, str(root / n), limit=args.limit) for n in ("slake", "vqa_rad", "covid_cxr")])
         cfg.shards.max_count = args.shard_count
         t0 = time.perf_counter()
         summary = build(cfg, log=lambda _: None)
@@ -59,7 +69,7 @@ def main() -> None:
               f"SHA-256 all {hash_s:.2f} s ({size / 1e6 / hash_s:.0f} MB/s)")
         out = Path(cfg.out)
         for split, info in read_manifest(out)["splits"].items():
-            reps = 20
+            reps = args.reps
             t0 = time.perf_counter()
             for _ in range(reps):
                 verify_shards(out, split, info["shards"])

@@ -1,6 +1,11 @@
 """Start-up, memory and loader throughput of the two readers, against the dataset size.
 
     python benchmarks/bench_loader.py [--sizes 10000 100000] [--cache /tmp/regionmed_bench_loader] [--workers 1]
+                                      [--repeats 2] [--seconds 8] [--smoke]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless): one dataset of
+200 samples, made in a temporary folder (not the cache) and removed, one first-step run
+per reader, loader throughput over 1 s.
 
 Generates (once, cached under ``--cache``) synthetic MedRegion datasets of each size
 with :class:`regionmed.data.shards.MedRegionWriter`: 32 px grayscale PNGs (64
@@ -34,6 +39,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,7 +93,7 @@ from regionmed.apps.train.trainer import Trainer
 from regionmed.model.registry import model_config
 
 data, reader, out, model, mode = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-workers = int(sys.argv[6])
+workers, seconds = int(sys.argv[6]), float(sys.argv[7])
 cfg = RunConfig(seed=0, model=model_config(model))
 cfg.data.train, cfg.data.reader, cfg.data.num_workers, cfg.data.shuffle_buffer = data, reader, workers, 256
 cfg.train.batch_size, cfg.train.output_dir, cfg.train.tensorboard = 32, out, False
@@ -117,7 +123,7 @@ elif mode == "loader":
     for _ in range(3):
         next(loader)  # workers started, buffers filled
     t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 8:
+    while time.perf_counter() - t0 < seconds:
         n += len(next(loader))
     print(json.dumps({"samples_per_s": n / (time.perf_counter() - t0)}))
 else:  # step: what training consumes
@@ -130,12 +136,15 @@ else:  # step: what training consumes
 """
 
 
-def child(data: Path, reader: str, mode: str, workers: int = 0) -> dict:
-    out = Path(f"/tmp/bench_loader_run_{os.getpid()}")
+def child(data: Path, reader: str, mode: str, workers: int = 0, seconds: float = 8.0) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT / "src"))
-    start = time.time()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(data), reader, str(out), MODEL, mode, str(workers)],
-                          capture_output=True, text=True, env=env, timeout=1800)
+    # the trainer's output folder, and the child's TMPDIR (its multiprocessing pymp-* folders are left behind, so
+    # removed with it; a short name: a Unix socket's path in it must stay under 108 bytes, or the loader hangs)
+    with tempfile.TemporaryDirectory(prefix="bench_loader_run_") as out, tempfile.TemporaryDirectory(prefix="bl") as tmp:
+        env["TMPDIR"] = tmp
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(data), reader, str(out), MODEL, mode, str(workers),
+                               str(seconds)], capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"{reader} {mode} on {data} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -150,8 +159,20 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/regionmed_bench_loader")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers for the throughput figure")
     ap.add_argument("--repeats", type=int, default=2, help="first-step runs per (reader, size); the median is shown")
+    ap.add_argument("--seconds", type=float, default=8.0, help="seconds of loading for the throughput figure")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run for CI: tiny sizes, figures meaningless (--sizes 200 --repeats 1 --seconds 1, "
+                         "the dataset in a temporary folder)")
     args = ap.parse_args()
-    cache = Path(args.cache)
+    if args.smoke:
+        args.sizes, args.repeats, args.seconds = [200], 1, 1.0
+        with tempfile.TemporaryDirectory(prefix="bench_loader_smoke_") as tmp:
+            run(args, Path(tmp))
+    else:
+        run(args, Path(args.cache))
+
+
+def run(args, cache: Path) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     sizes = sorted(args.sizes)
     datasets = {}
@@ -180,7 +201,7 @@ def main() -> None:
     step = child(big, "indexed", "step")["samples_per_s"]
     print(f"\none training step consumes {step:.0f} samples/s (tiny model, batch 32, ROIs on, 1 thread)")
     for reader in ("indexed", "streaming"):
-        rate = child(big, reader, "loader", args.workers)["samples_per_s"] / max(1, args.workers)
+        rate = child(big, reader, "loader", args.workers, args.seconds)["samples_per_s"] / max(1, args.workers)
         print(f"  {reader:<10} loader: {rate:.0f} samples/s per worker ({args.workers} worker(s)); "
               f"{math.ceil(step / rate)} worker(s) keep the step fed")
 

@@ -15,7 +15,10 @@ and skews splits. This measures, on real chest films of distinct patients
 2. **recall**: each film against a re-encoded (JPEG q70), half-size, contrast x1.2
    and gamma 0.8 copy of itself: the share within the threshold.
 
-    .venv/bin/python benchmarks/bench_near_dup.py [--data DIR] [--threshold N] [--every K]
+    .venv/bin/python benchmarks/bench_near_dup.py [--data DIR] [--threshold N] [--every K] [--limit N] [--smoke]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless): the first 60
+films by file name (``--limit 60``), recall on every 4th.
 """
 
 from __future__ import annotations
@@ -62,13 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="folder holding covid_cxr/ (default: $REGIONMED_DATA)")
     ap.add_argument("--threshold", type=int, default=NEAR_DUP_THRESHOLD, help=f"threshold to report for the builder's hash (default {NEAR_DUP_THRESHOLD})")
     ap.add_argument("--every", type=int, default=1, help="recall on every K-th film (default 1: all)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N films by file name (default all)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run for CI: tiny sizes, figures meaningless (--limit 60 --every 4)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.limit, args.every = 60, 4
     root = (Path(args.data) if args.data else data_root()) / "covid_cxr"
     rows: dict[str, dict] = {}
     with open(root / "metadata.csv", newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             rows.setdefault(row["filename"], row)
-    files = sorted(p.name for p in (root / "images").iterdir() if p.is_file())
+    files = sorted(p.name for p in (root / "images").iterdir() if p.is_file())[: args.limit]
     patient = [(rows.get(f, {}).get("patientid") or "").strip() for f in files]
     images = [decode_image(root / "images" / f)[0].convert("L") for f in files]
     thumbs = np.stack([np.asarray(im.resize((64, 64), Image.BILINEAR), dtype=np.float64).ravel() for im in images])

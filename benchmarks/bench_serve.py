@@ -1,6 +1,9 @@
 """``regionmed serve``: time to first heatmap for a 2048 x 2048 radiograph on this CPU.
 
-    python benchmarks/bench_serve.py [--model runs/demo/region/model] [--size 2048] [--repeats 3] [--threads 2]
+    python benchmarks/bench_serve.py [--model runs/demo/region/model] [--size 2048] [--repeats 3] [--threads 2] [--smoke]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless): a tiny random
+model (unless ``--model``), a 256 x 256 image, one repeat, one thread.
 
 The image: a real chest radiograph from ``$REGIONMED_DATA/covid_cxr`` (default
 ../shared/data) scaled up to SIZE x SIZE (bicubic, grey scale), stored once as PNG and
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,25 +74,41 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--phrase", default="right lower zone opacity")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run for CI: tiny sizes, figures meaningless (a tiny random model, --size 256 "
+                         "--repeats 1 --threads 1)")
     args = ap.parse_args()
+    if args.smoke:
+        args.size, args.repeats, args.threads = 256, 1, 1
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp / "gradio"))  # the server's and the client's files
+    (tmp / "tmp").mkdir()
+    tempfile.tempdir = str(tmp / "tmp")  # gradio_client's upload folders (tempfile.gettempdir()): removed with tmp
+    try:
+        return measure(args, tmp)
+    finally:
+        tempfile.tempdir = None
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def measure(args, tmp: Path) -> int:
     from gradio_client import Client, handle_file
 
     from infer_helpers import free_port
     from regionmed.apps.serve import DemoBackend, GroundState, ServeLimits, build_app, launch_app
     from regionmed.inference import Predictor
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     demo = ROOT / "runs" / "demo" / "region" / "model"
     if args.model:
         model, what = Path(args.model), args.model
-    elif (demo / "config.json").is_file():
+    elif (demo / "config.json").is_file() and not args.smoke:
         model, what = demo, "runs/demo/region/model (make demo)"
     else:
-        model, what = _tiny_model(tmp / "tiny"), "a tiny random model (no runs/demo/region/model: run make demo)"
+        model = _tiny_model(tmp / "tiny")
+        what = "a tiny random model" + (" (--smoke)" if args.smoke else " (no runs/demo/region/model: run make demo)")
     predictor = Predictor.from_pretrained(model)
     cfg = predictor.model.cfg
     print(f"model: {what}: {cfg.image.name} at {cfg.image.image_size} px, region path: {predictor.has_region_path}; "

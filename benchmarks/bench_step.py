@@ -1,6 +1,9 @@
 """Train-step time at the demo recipe: global-only vs ROI modes `align` and `crop`.
 
-    python benchmarks/bench_step.py [--rounds 5] [--batch 32] [--rois 4] [--threads 1] [--clock cpu]
+    python benchmarks/bench_step.py [--rounds 5] [--batch 32] [--rois 4] [--threads 1] [--clock cpu] [--smoke]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless):
+one round, batch 2, K = 2, two variants (align with the same losses, crop with the full method).
 
 K ROIs per image, ROI crops at half the image size, one process. Two comparisons,
 both measured in the same run, modes interleaved round by round (the machine is
@@ -253,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against", metavar="REV", default=None,
                     help="also time git revision REV's own bench_step (temporary worktree), interleaved; print new/old")
     ap.add_argument("--repeats", type=int, default=2, help="with --against: runs of each side, alternating")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run for CI: tiny sizes, figures meaningless (--rounds 1 --batch 2 --rois 2, two variants)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.batch, args.rois, args.repeats = 1, 2, 2, 1
+        args.only = args.only or ["align, same losses", "crop, full method"]  # both ROI modes, both loss sets
     if args.against:
         return against(args)
     if args.threads:

@@ -1,6 +1,9 @@
 """Text encoding: fixed chunks of 64 (the old plan) vs bounded-padding chunks (the new one).
 
-    python benchmarks/bench_text.py [--repeats 7] [--slack 0.25] [--threads 1] [--clock wall|cpu]
+    python benchmarks/bench_text.py [--repeats 7] [--slack 0.25] [--threads 1] [--clock wall|cpu] [--smoke]
+
+``--smoke``: a seconds-long run for CI (tiny sizes, figures meaningless): one repeat,
+4 records, 10 captions.
 
 Texts like one training batch of the demo (``configs/demo.yaml``: batch 32, the
 pretrained MiniLM-L6 text tower, context length 64), built from phantom records
@@ -135,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall time, or this process's CPU time (steadier on a shared machine; use with --threads 1)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long run for CI: tiny sizes, figures meaningless (--repeats 1 --batch 4 --captions 10)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.batch, args.captions = 1, 4, 10
     torch.set_num_threads(args.threads)
     cfg = load_run_config(CONFIG)
     torch.manual_seed(0)
