@@ -103,6 +103,19 @@ def _check_text(out: str) -> None:
     assert all(float(diff) < 1e-4 for _, diff in rows)  # old and new plans give the same embeddings
 
 
+def _check_threads(out: str) -> None:  # alone and beside another one-thread job, the auto policy
+    m = re.search(r"^\| auto \(regionmed\.threads\) \| (\d+) \| ([0-9.]+) \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \|", out, re.MULTILINE)
+    assert m, "no auto row"
+    assert int(m.group(3)) <= int(m.group(1))  # never more threads beside a busy job than alone
+    assert float(m.group(5)) == pytest.approx(float(m.group(4)) / float(m.group(2)), abs=0.01)
+
+
+def _check_index(out: str) -> None:
+    assert re.search(r"^ivf build .*; \d+ cells; nprobe \d+ \(recorded recall@10 ([0-9.]+)", out, re.MULTILINE)
+    assert _num(r"recorded recall@10 ([0-9.]+)", out) >= 0.95  # the tuning reached its target
+    assert 0 <= _num(r"^\| ivf \(IndexIVFFlat\) \| [0-9.]+ \| ([0-9.]+) \|", out) <= 1
+
+
 # script -> (datasets under $REGIONMED_DATA it reads, the check of its output)
 CHECKS = {
     "bench_build": (("slake",), _check_build),
@@ -117,6 +130,8 @@ CHECKS = {
     "bench_serve": (("covid_cxr",), _check_serve),
     "bench_step": ((), _check_step),
     "bench_text": ((), _check_text),
+    "bench_threads": ((), _check_threads),
+    "bench_index": (("covid_cxr",), _check_index),
 }
 
 
