@@ -9,9 +9,9 @@ and a verdict (``ok``, ``FAIL`` or ``skipped`` with the reason):
 1. ``device``: PyTorch, CUDA, the GPUs and whether they do bf16.
 2. ``nccl``: a one-process nccl group (TCP store on 127.0.0.1): init, all-reduce, destroy
    (dry run: gloo).
-3. ``bf16 vs fp32``: one training step's loss and gradients (every loss term, ROI mode
-   ``align``, the demo recipe's resnet18 @ 128 px + MiniLM, random weights) in fp32 and under
-   bf16 autocast on the same batch: the loss's relative difference (ok below 2 %) and the
+3. ``bf16 vs fp32``: one training step's loss and gradients (the global, summary, region and
+   hard-negative terms, ROI mode ``align``, the demo recipe's resnet18 @ 128 px from random
+   weights + the offline MiniLM, dropout off) in fp32 and under bf16 autocast on the same batch: the loss's relative difference (ok below 2 %) and the
    cosine between the two gradients, all parameters as one vector (ok above 0.99).
 4. ``SyncBatchNorm``: the trainer's conversion (:func:`regionmed.distributed.prepare_batchnorm`)
    of the resnet18 tower for 2 processes, and a train-mode forward with it inside the nccl
@@ -119,8 +119,20 @@ def _grad_vector(model) -> torch.Tensor:
     return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
 
 
+BF16_MODEL = ("resnet18-minilm", {"roi": {"mode": "align", "grid_context": False}})
+THROUGHPUT_MODEL = "vit-b16-biomedbert"
+
+
+def _no_dropout(model) -> None:
+    """Dropout off (BatchNorm stays in train mode): the two passes must differ in precision only."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) or "Dropout" in type(m).__name__:
+            m.eval()
+
+
 def check_bf16(device: torch.device, dry: bool) -> dict:
-    model = _model("resnet18-minilm", dry, roi={"mode": "align"}).to(device).train()
+    model = _model(BF16_MODEL[0], dry, **BF16_MODEL[1]).to(device).train()
+    _no_dropout(model)
     cfg = model.cfg
     batch = _batch(2 if dry else 16, 2 if dry else 4, cfg.image.image_size, cfg.image.image_size // 2, False).to(device)
     task = _task(model, EVERY_TERM, True)
@@ -186,7 +198,7 @@ def timed_steps(device: torch.device, dry: bool, batch_size: int, steps: int, fu
     roi = {"mode": "crop", "max_rois": 4} if full else {"mode": "none"}
     overrides = {"roi": roi} if dry else {"roi": roi, "text": {"name": "minilm", "pretrained": False,
                                                                "config_overrides": BERT_BASE, "context_length": 256}}
-    model = _model("vit-b16-biomedbert", dry, **overrides).to(device).train()
+    model = _model(THROUGHPUT_MODEL, dry, **overrides).to(device).train()
     cfg = model.cfg
     batch = _batch(batch_size, 4, cfg.image.image_size, cfg.roi.roi_size, full).to(device)
     task = _task(model, EVERY_TERM if full else {"global": 1.0, "summary": 0.5}, full)
@@ -224,17 +236,20 @@ def check_ddp_equality(dry: bool) -> dict:
         raise Skip(f"{n} GPU(s): needs two")
     import yaml
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import tiny_run_config
+    from regionmed.apps.train.config import RunConfig, StageConfig
     from regionmed.apps.train.metrics import read_metrics
     from regionmed.config import to_dict
+    from regionmed.model.registry import model_config
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_ddp_") as tmp:
         tmp = Path(tmp)
         env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="0,1")
         subprocess.run([sys.executable, "-m", "regionmed", "synth", "--out", str(tmp / "data"), "--train", "64", "--test", "8",
                         "--image-size", "64"], check=True, env=env, capture_output=True)
-        cfg = tiny_run_config(str(tmp / "data"), str(tmp / "run"), steps=(3, 3), batch_size=8)
+        cfg = RunConfig(seed=0, model=model_config("tiny-vit-minilm", {"roi": {"mode": "crop"}}))
+        cfg.data.train, cfg.train.batch_size, cfg.train.tensorboard = str(tmp / "data"), 8, False
+        cfg.train.stages = [StageConfig(name="global", steps=3, lr=1e-3, losses={"global": 1.0}),
+                            StageConfig(name="region", steps=3, lr=1e-3, use_rois=True, losses=dict(EVERY_TERM))]
         (tmp / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
         common = ["-m", "regionmed", "train", "--config", str(tmp / "run.yaml"), "--no-progress"]
         one = subprocess.run([sys.executable, *common, "--output-dir", str(tmp / "one")], env=env, capture_output=True, text=True)

@@ -143,8 +143,10 @@ def test_predictor_on_another_device(tiny_grid_model):
     ref_emb = cpu.embed_images(images, boxes)
     ref_cls = cpu.classify(images, ["pneumonia", "normal"])
     ref_ground = {r: cpu.ground(images[1], ["left lung", "heart"], read_out=r) for r in ("patch", "windows")}
-    with DeviceCheck() as device:
+    check = DeviceCheck()
+    with check as device:
         on = Predictor(tiny_grid_model, device=device, batch_size=2)
+        assert on.device == device and tiny_grid_model.logit_scale.device == device
         try:
             emb = on.embed_images(images, boxes)
             cls = on.classify(images, ["pneumonia", "normal"])
@@ -152,6 +154,7 @@ def test_predictor_on_another_device(tiny_grid_model):
             texts = on.embed_texts(["left lung"])
         finally:
             tiny_grid_model.to("cpu")
+    assert {"aten.convolution.default", "aten.mm.default"} & check.ops  # the towers ran on the device
     assert texts.device.type == "cpu" and type(texts) is torch.Tensor  # results come back on the CPU
     for f in dataclasses.fields(ref_emb):
         a, b = getattr(emb, f.name), getattr(ref_emb, f.name)

@@ -43,3 +43,21 @@ def test_without_a_gpu_it_asks_for_the_dry_run(capsys):
         sys.path.remove(str(SCRIPT.parent))
     assert gpu_check.main(["--out", "unused.json"]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_the_models_of_a_real_run_are_valid_configs():
+    """The dry run swaps in the tiny model; the models a GPU run builds must at least be valid."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from regionmed.model.registry import model_config
+
+    name, overrides = gpu_check.BF16_MODEL
+    assert model_config(name, overrides).roi.mode == "align"
+    for roi in ({"mode": "none"}, {"mode": "crop", "max_rois": 4}):
+        cfg = model_config(gpu_check.THROUGHPUT_MODEL, {"roi": roi, "text": {"name": "minilm", "pretrained": False,
+                                                                           "config_overrides": gpu_check.BERT_BASE,
+                                                                           "context_length": 256}})
+        assert cfg.image.image_size == 224 and cfg.text.config_overrides["hidden_size"] == 768

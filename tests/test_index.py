@@ -195,3 +195,23 @@ def test_a_bad_search_mode_is_refused(tmp_path):
     (folder / "index.json").write_text(json.dumps({**info, "search": "fast"}))
     with pytest.raises(IndexMismatchError, match="search 'fast'"):
         EmbeddingIndex.load(folder)
+
+
+def test_a_folder_from_before_the_modes_stays_exact(tmp_path, monkeypatch):
+    """index.json without 'search' (written when every index was exact): loaded as exact, and an
+    --add past the auto threshold keeps it exact."""
+    import regionmed.index as index_module
+
+    monkeypatch.setattr(index_module, "EXACT_BELOW", 1500)
+    x = _clustered(3000, seed=3)
+    index = EmbeddingIndex.create("m", dim=32, search="exact")
+    index.add(x[:1000], _rows(1000), "region")
+    folder = index.save(tmp_path / "idx")
+    info = json.loads((folder / "index.json").read_text())
+    old = {k: v for k, v in info.items() if k not in ("search", "approximate")} | {"faiss_type": "IndexFlatIP"}
+    (folder / "index.json").write_text(json.dumps(old))
+    loaded = EmbeddingIndex.load(folder)
+    assert loaded.search_mode == "exact"
+    loaded.add(x[1000:3000], _rows(2000, 1000), "region")
+    loaded.save(folder)
+    assert EmbeddingIndex.load(folder).faiss_type("region") == "IndexFlatIP"

@@ -30,6 +30,13 @@ def test_the_option_then_the_environment_then_the_cores():
     assert choose_threads(environ={}, local_ranks=3, cores=2, busy=0).threads == 1
     plan = choose_threads(environ={}, cores=16, busy=2.0)
     assert plan.threads == 14 and "16 core(s) available" in plan.describe()
+    # torchrun sets OMP_NUM_THREADS=1 for every rank when nproc_per_node > 1: its default, not a choice
+    torchrun = {"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert choose_threads(environ=torchrun, cores=8).threads == 4
+    assert choose_threads(environ={**torchrun, "OMP_NUM_THREADS": "3"}, cores=8).threads == 3  # a user's value
+    assert choose_threads(environ={**torchrun, ENV: "1"}, cores=8).threads == 1
+    with pytest.raises(ThreadsError, match="LOCAL_WORLD_SIZE='two'"):
+        choose_threads(environ={"LOCAL_WORLD_SIZE": "two"}, cores=8)
 
 
 @pytest.mark.parametrize("env, match", [({ENV: "two"}, "REGIONMED_THREADS='two' is not a whole number"),
@@ -81,8 +88,13 @@ def test_busy_cores_sees_another_process_and_not_this_one():
     assert during < before + 0.6
 
 
-def test_a_worker_gets_one_thread_without_importing_torch():
-    code = ("import sys; from regionmed.threads import one_thread; one_thread(); assert 'torch' not in sys.modules; "
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_a_worker_gets_one_thread(torch_first):
+    """A pool worker that has not imported torch does not import it for this; one forked from a
+    parent that had (the builder's fork) gets torch.set_num_threads(1)."""
+    before = "import torch; torch.set_num_threads(2); " if torch_first else ""
+    check = "" if torch_first else "assert 'torch' not in sys.modules; "
+    code = (f"import sys; {before}from regionmed.threads import one_thread; one_thread(); {check}"
             "import torch; print(torch.get_num_threads())")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", ENV)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -100,6 +112,13 @@ def test_the_cli_option_sets_this_process_and_its_children(monkeypatch, capsys):
         os.environ.pop(ENV, None)
     assert main(["--threads", "0", "models"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    # a child process started by a command inherits the choice
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", ENV)}
+    code = ("import os, torch; from regionmed.apps.cli import main; main(['--threads', '1', 'models']); "
+            "import subprocess, sys; print(subprocess.run([sys.executable, '-c', 'import torch; from regionmed.threads "
+            "import set_threads; print(set_threads().threads)'], capture_output=True, text=True).stdout.strip())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "1"
 
 
 def test_train_threads_is_checked_and_free_on_resume(tmp_path):

@@ -27,9 +27,11 @@ sample), and its ``nprobe`` is the smallest power of two whose **recall@10 again
 search** reaches :data:`TARGET_RECALL` on those held-out vectors used as queries (each
 query's own row left out of both result lists); nprobe, recall and the number of queries are
 recorded in ``index.json`` (``approximate``) and measured again at every save (``--add``
-included: new vectors go to the cells they fall in; the cells are trained again once a kind
-has grown 4x since they were). ``benchmarks/bench_index.py`` measures recall and latency at
-1M vectors.
+included: new vectors go to the cells they fall in and join the queries, which were never in
+the k-means sample; the cells are trained again once a kind has grown 4x since they were).
+A kind under 1,000 vectors is exact whatever the mode. Index folders written before the modes
+existed load as ``exact``. ``benchmarks/bench_index.py`` measures recall and latency at 1M
+vectors.
 
 Folder layout (``save`` / ``load``): ``index.json`` (format version, model id,
 embedding size, counts, FAISS type), ``image.faiss`` / ``region.faiss`` (FAISS's own
@@ -63,7 +65,7 @@ KINDS = ("image", "region")
 SEARCH_KINDS = ("both", "image", "region")
 FAISS_TYPE = "IndexFlatIP"
 SEARCH_MODES = ("auto", "exact", "ivf")
-EXACT_BELOW = 100_000  # `auto`: exact search below this many vectors of a kind (~50 ms a query at D = 512 here)
+EXACT_BELOW = 100_000  # `auto`: exact search below this many vectors of a kind (~13 ms a query at D = 256 on a 2-core CPU)
 TARGET_RECALL = 0.95  # recall@10 against exact search that an ivf kind's nprobe must reach
 RECALL_QUERIES = 500  # held-out vectors used as queries to measure it
 RETRAIN_GROWTH = 4.0  # an ivf kind is trained again once it holds this many times the vectors it was trained on
@@ -183,14 +185,17 @@ class EmbeddingIndex:
             stale = not is_ivf or n >= RETRAIN_GROWTH * max(1, int(info.get("trained_on", n)))
             if not stale and info.get("measured_at") == n:
                 continue
-            rng = np.random.default_rng(0)
             vectors = _vectors(index)
-            held = rng.choice(n, size=min(RECALL_QUERIES, max(1, n // 20)), replace=False)
+            trained_on = n if stale else int(info["trained_on"])
+            held = _held_out(trained_on)  # never in the k-means sample: drawn again from the same seed
             if stale:
                 train_rows = np.setdiff1d(np.arange(n), held)
-                index, nlist = _build_ivf(vectors, train_rows, rng)
+                index, nlist = _build_ivf(vectors, train_rows, np.random.default_rng(1))
                 self._indexes[kd] = index
                 info = {"nlist": nlist, "trained_on": n}
+            elif n > trained_on:  # rows added since (--add) were never trained on either: they join the queries
+                added = np.random.default_rng(2).permutation(np.arange(trained_on, n))
+                held = np.concatenate([held, added])[: max(RECALL_QUERIES, len(held))]
             nprobe, recall = _tune_nprobe(self._indexes[kd], vectors, held)
             self._indexes[kd].nprobe = nprobe
             self.approximate[kd] = {**info, "nprobe": nprobe, "recall_at_10": round(recall, 4), "queries": int(len(held)),
@@ -441,7 +446,7 @@ class EmbeddingIndex:
                                          f"{INDEX_FILE} says {counts[kd]}: the folder is damaged or half written")
             indexes[kd], meta[kd] = index, rows
         extra = info.get("extra") if isinstance(info.get("extra"), dict) else {}
-        search = info.get("search", "auto")  # folders written before the choice existed: exact, which auto keeps below EXACT_BELOW
+        search = info.get("search", "exact")  # folders written before the choice existed were exact, and stay so
         approximate = info.get("approximate") if isinstance(info.get("approximate"), dict) else {}
         if search not in SEARCH_MODES:
             raise IndexMismatchError(f"{info_path}: search {search!r} is not one of {list(SEARCH_MODES)}")
@@ -460,6 +465,12 @@ _MIN_IVF = 1_000  # fewer vectors than this: exact whatever the mode (k-means ne
 _NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def _held_out(trained_on: int) -> np.ndarray:
+    """The rows held out of an ivf kind's k-means sample (its recall queries): a seeded draw of
+    ``min(RECALL_QUERIES, N / 20)`` of the ``trained_on`` rows the cells were trained with."""
+    return np.random.default_rng(0).choice(trained_on, size=min(RECALL_QUERIES, max(1, trained_on // 20)), replace=False)
+
+
 def _flat(dim: int, vectors: np.ndarray):
     index = _faiss().IndexFlatIP(dim)
     if len(vectors):
@@ -476,8 +487,8 @@ def _vectors(index) -> np.ndarray:
 def _build_ivf(vectors: np.ndarray, train_rows: np.ndarray, rng: np.random.Generator):
     """An IndexIVFFlat over ``vectors`` (inner product), its cells trained by k-means on at most
     64 points per cell drawn from ``train_rows``; returns (index, nlist). nlist: the power of
-    two nearest 2·√N (2,048 at 1M vectors), with at least 39 training points per cell (FAISS's
-    own minimum)."""
+    two nearest 2·√N (2,048 at 1M vectors), lowered where needed to keep at least 39 training
+    points per cell (FAISS's own minimum; then not a power of two)."""
     faiss = _faiss()
     n, d = vectors.shape
     nlist = int(2 ** round(np.log2(2 * np.sqrt(n))))

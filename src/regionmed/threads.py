@@ -7,11 +7,13 @@ to 17-22 s while another job ran). :func:`choose_threads` picks the count instea
 
 1. ``requested`` (the ``--threads`` option of the commands, ``train.threads`` of a run config);
 2. else the ``REGIONMED_THREADS`` environment variable, else ``OMP_NUM_THREADS`` (a user who set
-   it meant it);
+   it meant it; but ``1`` with several local ranks is torchrun's own default, which it sets
+   whenever ``nproc_per_node > 1``: then 3. applies);
 3. else the cores this process may use (:func:`cores_available`: its CPU affinity, capped by a
    cgroup CPU quota), shared among the local ranks (``LOCAL_WORLD_SIZE``, set by torchrun) and,
-   for a single process, less the cores other processes keep busy (:func:`busy_cores`, sampled
-   from ``/proc/stat`` when the process starts), at least 1.
+   for a single process, less the cores other processes keep busy on its CPUs (:func:`busy_cores`,
+   sampled from ``/proc/stat`` when the process starts; not under a cgroup quota, where other
+   containers' work shows there too), at least 1.
 
 Data-loader workers use one thread each: PyTorch's DataLoader sets that in its workers, and the
 builder's worker pool does the same (:func:`one_thread`).
@@ -85,16 +87,29 @@ def cores_available() -> int:
     return max(1, cores)
 
 
-def _cpu_times(stat: Path) -> tuple[int, int] | None:
+def _cpu_times(stat: Path, cpus: set[int] | None) -> tuple[int, int] | None:
+    """(total, idle) jiffies summed over the per-CPU lines ``cpuN`` of ``cpus`` (all when None)."""
     try:
-        fields = stat.read_text().splitlines()[0].split()
-    except (OSError, IndexError):
+        lines = stat.read_text().splitlines()
+    except OSError:
         return None
-    if not fields or fields[0] != "cpu":
-        return None
-    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    idle = values[3] + values[4]
-    return sum(values), idle
+    total = idle = 0
+    seen = False
+    for line in lines:
+        fields = line.split()
+        if not fields or not fields[0].startswith("cpu") or fields[0] == "cpu":
+            continue
+        try:
+            cpu = int(fields[0][3:])
+            values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        except ValueError:
+            continue
+        if cpus is not None and cpu not in cpus:
+            continue
+        seen = True
+        total += sum(values)
+        idle += values[3] + values[4]
+    return (total, idle) if seen else None
 
 
 def _own_cpu_ticks() -> int:
@@ -102,20 +117,29 @@ def _own_cpu_ticks() -> int:
     return int(round((t.user + t.system) * os.sysconf("SC_CLK_TCK")))
 
 
-def busy_cores(interval: float = 0.2, stat: Path = Path("/proc/stat")) -> float:
-    """Cores kept busy by other processes, sampled over ``interval`` seconds from ``/proc/stat``
-    (this process's own CPU time left out). 0.0 where ``/proc/stat`` cannot be read."""
-    first, own0 = _cpu_times(stat), _own_cpu_ticks()
+def _affinity() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_cores(interval: float = 0.2, stat: Path = Path("/proc/stat"), cpus: set[int] | None = None) -> float:
+    """Cores kept busy by other processes among the CPUs this process may run on (``cpus``;
+    default its affinity), sampled over ``interval`` seconds from the per-CPU lines of
+    ``/proc/stat`` (this process's own CPU time left out). 0.0 where it cannot be read."""
+    cpus = _affinity() if cpus is None else cpus
+    first, own0 = _cpu_times(stat, cpus), _own_cpu_ticks()
     if first is None:
         return 0.0
     time.sleep(interval)
-    second, own1 = _cpu_times(stat), _own_cpu_ticks()
+    second, own1 = _cpu_times(stat, cpus), _own_cpu_ticks()
     if second is None or second[0] <= first[0]:
         return 0.0
     total, idle = second[0] - first[0], second[1] - first[1]
-    cores = os.cpu_count() or 1
+    n = len(cpus) if cpus else (os.cpu_count() or 1)
     busy_ticks = max(0, total - idle - (own1 - own0))
-    return busy_ticks / total * cores
+    return busy_ticks / total * n
 
 
 def choose_threads(requested: int | None = None, *, local_ranks: int | None = None, environ=os.environ,
@@ -126,8 +150,15 @@ def choose_threads(requested: int | None = None, *, local_ranks: int | None = No
         if int(requested) < 1:
             raise ThreadsError(f"threads must be >= 1, got {requested}")
         return ThreadPlan(int(requested), "option", cores or 0)
+    raw_ranks = environ.get("LOCAL_WORLD_SIZE", "").strip()
+    try:
+        env_ranks = max(1, int(raw_ranks)) if raw_ranks else 1
+    except ValueError:
+        raise ThreadsError(f"LOCAL_WORLD_SIZE={raw_ranks!r} is not a whole number of processes") from None
     for name in (ENV, "OMP_NUM_THREADS"):
         raw = environ.get(name, "").strip()
+        if name == "OMP_NUM_THREADS" and raw == "1" and env_ranks > 1:
+            continue  # torchrun's own default for several local ranks, not a user's choice: share the cores instead
         if raw:
             try:
                 n = int(raw)
@@ -136,10 +167,14 @@ def choose_threads(requested: int | None = None, *, local_ranks: int | None = No
             if n < 1:
                 raise ThreadsError(f"{name} must be >= 1, got {n}")
             return ThreadPlan(n, name, cores or 0)
-    ranks = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)) if local_ranks is None else max(1, local_ranks)
+    ranks = env_ranks if local_ranks is None else max(1, local_ranks)
     cores = cores_available() if cores is None else cores
     if busy is None:  # siblings of a multi-rank launch are counted by `ranks`, not sampled
-        busy = busy_cores() if ranks == 1 else 0.0
+        quota = _cgroup_cpus()
+        affinity = _affinity()
+        capped = quota is not None and affinity is not None and quota < len(affinity)
+        # under a cgroup quota /proc/stat counts other containers' work on the same CPUs: not ours to leave
+        busy = busy_cores() if ranks == 1 and not capped else 0.0
     free = cores - int(round(busy)) if ranks == 1 else cores
     return ThreadPlan(max(1, free // ranks), "cores", cores, ranks, busy)
 

@@ -82,7 +82,7 @@ DELEGATED = {
 }
 
 
-# The dataset builder's commands: no torch in the main process, so no thread choice at start.
+# The dataset builder's commands: no torch computation in the main process, so no thread choice at start.
 BUILDER_COMMANDS = ("synth", "build", "check-source", "stats", "check-leakage", "preview", "index-shards")
 
 
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads per process, for this command and the processes it starts (sets "
                              "REGIONMED_THREADS; default: the cores this process has, shared among torchrun's local "
-                             "ranks, less the cores other processes keep busy; a run config's train.threads wins)")
+                             "ranks, less the cores other processes keep busy; a run config's train.threads wins; the "
+                             "dataset builder's workers use one thread each whatever it says)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("synth", help="write synthetic region-annotated phantoms as a MedRegion dataset",
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads < 1:
                 raise ThreadsError(f"--threads must be >= 1, got {args.threads}")
             os.environ[THREADS_ENV] = str(args.threads)  # inherited by the processes the command starts
-        if args.command not in BUILDER_COMMANDS:  # those start without torch (their workers: one thread each)
+        if args.command not in BUILDER_COMMANDS:  # they compute nothing with torch (their workers: one thread each)
             set_threads()
         if args.command in DELEGATED:
             return importlib.import_module(DELEGATED[args.command][0]).main(args.argv)

@@ -613,6 +613,8 @@ def _index_locked(args: argparse.Namespace, folder: Path, items: list[Item]) -> 
           f"({index.count('image')} / {index.count('region')} in {folder})"
           f"{f'; {len(skipped)} already indexed, left as they were' if skipped else ''}"
           f"{'; ' + _n(len(problems), 'problem') if problems else ''}")
+    if index.search_mode == "ivf" and not index.approximate:
+        print("exact search: ivf needs at least 1,000 vectors of a kind (k-means cells); it is built once a kind has them")
     for kd, a in index.approximate.items():
         print(f"{kd}: approximate search (IndexIVFFlat, {a['nlist']} cells, nprobe {a['nprobe']}): recall@10 "
               f"{a['recall_at_10']:.3f} against exact search on {a['queries']} held-out vectors")
@@ -788,7 +790,8 @@ def add_infer_parsers(sub) -> None:
     p.add_argument("--search", choices=("auto", "exact", "ivf"), default=None,
                    help="FAISS index per kind: exact (IndexFlatIP), ivf (IndexIVFFlat, nprobe tuned to recall@10 >= 0.95 "
                         "against exact search on held-out vectors, recorded in index.json) or auto: exact below 100,000 "
-                        "vectors of a kind, ivf from there (default: auto for a new index, the index's own with --add)")
+                        "vectors of a kind, ivf from there; a kind under 1,000 vectors is always exact (default: auto for a new "
+                        "index, the index's own with --add)")
     p.add_argument("--boxes", help="JSON {image id or path: [[x0,y0,x1,y1], ...] or [{box, label}]}")
     p.add_argument("--no-boxes", action="store_true", help="image level only")
     p.set_defaults(func=cmd_index)

@@ -119,9 +119,8 @@ class TrainConfig:
     grounding_mode: Literal["softmax", "binary"] = "softmax"
     lock: LockConfig = field(default_factory=LockConfig)
     tensorboard: bool = True  # used when the tensorboard package is installed
-    # Intra-op torch threads per process; 0 = chosen from the cores, the local ranks and the cores
-    # other processes keep busy (regionmed.threads.choose_threads; REGIONMED_THREADS or
-    # OMP_NUM_THREADS, when set, win over the automatic choice, and this field over both).
+    # Intra-op torch threads per process, set when the trainer starts; 0 = leave the process's own
+    # choice (the regionmed CLI makes it at start: regionmed.threads.choose_threads).
     threads: int = 0
 
 

@@ -146,7 +146,8 @@ class Trainer:
                               "or data.sources / data.urls")
         self.cfg = cfg
         self.dist = dist or init_distributed()
-        self.threads = set_threads(cfg.train.threads or None)
+        if cfg.train.threads:  # else the process's own choice stands (the CLI's automatic one, or the caller's)
+            set_threads(cfg.train.threads)
         if cfg.train.batch_size % self.dist.world_size:
             raise ConfigError(f"the run config: train.batch_size = {cfg.train.batch_size} is not divisible by the "
                               f"{self.dist.world_size} processes: every process takes an equal share of the batch")
