@@ -36,7 +36,7 @@ def worker_results(tmp_path_factory) -> list[dict]:
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ddp")
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.update(OMP_NUM_THREADS="1", REGIONMED_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)

@@ -59,7 +59,7 @@ def test_two_processes_train_from_shards_served_over_http(sharded, http_root, tm
     cfg.data.shuffle_buffer = 8
     cfg.train.checkpoint_every = 2
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", REGIONMED_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "regionmed", "train", "--config", str(tmp_path / "run.yaml"), "--no-progress"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

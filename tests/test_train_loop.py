@@ -94,7 +94,7 @@ def test_a_missing_validation_split_is_an_error_before_step_0(phantom_data, tmp_
 def test_two_processes_with_accumulation_equal_one_process_without(phantom_data, tmp_path):
     """torchrun, 2 ranks x accum_freq 2 x micro-batch 2 = one process with batch 8: DDP's
     no_sync passes and the gathered local loss compose with the recomputed micro-batches."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", REGIONMED_THREADS="1", HF_HUB_OFFLINE="1")
     outs = {}
     for name, batch, accum, launcher in (("single", 8, 1, []),
                                          ("ddp", 4, 2, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
