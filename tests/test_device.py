@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
+from conftest_build import data_dir, public_build  # noqa: F401
 from devicecheck import DeviceCheck, OnDevice, WrongDevice
 from infer_helpers import covid_images, slake_image
 from regionmed.data.loader import RegionSampleDataset, collate
@@ -83,6 +84,32 @@ def test_training_task_forward_and_backward_on_another_device(phantom_data, mode
         torch.testing.assert_close(_values(terms[name]).detach(), ref[name].detach(), rtol=1e-4, atol=1e-5)
     for name, g in ref_grads.items():
         torch.testing.assert_close(_values(grads[name]), g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_training_task_on_real_data_on_another_device(public_build):  # noqa: F811
+    """The build of the public data (SLAKE boxes, covid lung boxes, VQA-RAD images without any
+    box, ragged negatives): the whole train split's first batch, grounding included, on the device."""
+    out, _, _ = public_build
+    cfg = tiny_model_config(mode="align")
+    cfg.dense = DenseConfig(head="conv", width=8, layers=1)
+    torch.manual_seed(0)
+    model = RegionMedCLIP(cfg).train()
+    ds = RegionSampleDataset(str(out), "train", Preprocessor.from_model(model), 3, max_image_negatives=2)
+    picks = list(range(0, len(ds), max(1, len(ds) // 24)))[:24]  # spread over the sources
+    make = lambda: collate([ds[i] for i in picks], max_rois=ds.max_rois)  # noqa: E731
+    batch = make()
+    assert (~batch.roi_mask.any(1)).any() and batch.roi_mask.any(1).any()  # images with and without boxes
+    ragged = {len(n) for n in batch.roi_negatives} | {-1 - len(n) for n in batch.image_negatives}
+    assert len(ragged) > 2  # ragged negative counts
+    task = TrainingTask(model, 3, 2)
+    task.set_stage(EVERY_TERM, use_rois=True)
+    ref = {k: v.detach() for k, v in task(batch).items()}
+    with DeviceCheck() as device:
+        model.to(device)
+        terms = task(make().to(device))
+        terms["total"].backward()
+    for name in ref:
+        torch.testing.assert_close(_values(terms[name]).detach(), ref[name], rtol=1e-4, atol=1e-5)
 
 
 # -- evaluation encoders and the Predictor ----------------------------------------------------------

@@ -63,7 +63,6 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 KINDS = ("image", "region")
 SEARCH_KINDS = ("both", "image", "region")
-FAISS_TYPE = "IndexFlatIP"
 SEARCH_MODES = ("auto", "exact", "ivf")
 EXACT_BELOW = 100_000  # `auto`: exact search below this many vectors of a kind (~13 ms a query at D = 256 on a 2-core CPU)
 TARGET_RECALL = 0.95  # recall@10 against exact search that an ivf kind's nprobe must reach
